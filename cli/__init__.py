@@ -1,0 +1,1 @@
+"""The saekit command-line interface (typer). Thin: each command builds a config and calls the library."""
