@@ -17,8 +17,10 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its commands to `app`; keep this list in CLI order.
-    from cli import store_cmds
+    from cli import harvest_cmds, store_cmds, train_cmds
 
+    harvest_cmds.register(app)
+    train_cmds.register(app)
     store_cmds.register(app)
 
 
@@ -26,25 +28,13 @@ _register()
 
 
 def main() -> None:
+    # Standalone mode lets click handle --help, usage errors and typer.Exit; a SaekitError is a
+    # user-facing error: one line, non-zero exit, no traceback.
     try:
-        app(standalone_mode=False)
+        app()
     except SaekitError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except typer.Exit as e:  # raised by --help / explicit exits
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":
