@@ -1,0 +1,83 @@
+"""`saekit info` and `saekit verify`: look at an activation store without loading it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from saekit.errors import SaekitError
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown (remote store)"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def info(
+    store: Annotated[str, typer.Argument(help="Store directory (or fsspec URL, e.g. file:///path).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the store's attributes as JSON.")] = False,
+) -> None:
+    """Show a store's hooks, rows, d_model, dtype, size, provenance, content hash and completeness."""
+    from saekit.store import open_store
+
+    st = open_store(store, allow_incomplete=True)  # info is how you find out a store is incomplete
+    if as_json:
+        attrs = {k: v for k, v in st.attrs.items() if k != "stats"}  # mean vectors are long
+        typer.echo(json.dumps({**attrs, "path": str(st.path), "size_bytes": st.size_on_disk()}, indent=1))
+        return
+    lay = st.layout
+    lines = [
+        ("store", str(st.path)),
+        (
+            "complete",
+            "yes"
+            if st.complete
+            else f"NO: incomplete, {st.n_rows:,} rows in finished shards so far (resume the harvest with --resume)",
+        ),
+        ("rows", f"{st.n_rows:,}"),
+        ("hooks", ", ".join(f"{h} (d_model {d})" for h, d in lay.hooks.items())),
+        ("dtype", "bfloat16 (bit patterns stored as uint16); tokens and positions int32"),
+        ("layout", f"shards of {lay.shard_rows:,} rows, inner chunks of {lay.chunk_rows:,} rows, uncompressed"),
+        ("size", _human_bytes(st.size_on_disk())),
+        ("hash", st.content_hash or "(none until the store is complete)"),
+    ]
+    for h in st.hooks if st.n_rows else []:
+        s = st.stats(h)
+        lines.append(("stats", f"{h}: mean norm {float(s.mean.norm()):.4g}, mean squared norm {s.mean_sq_norm:.4g}"))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        typer.echo(f"{k:<{width}}  {v}")
+    typer.echo("provenance")
+    for k, v in st.meta.items():
+        typer.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+def verify(
+    store: Annotated[str, typer.Argument(help="Store directory (or fsspec URL).")],
+) -> None:
+    """Recompute every shard's checksum; exit non-zero naming each corrupt or missing shard."""
+    from saekit.store import open_store
+
+    st = open_store(store, allow_incomplete=True)
+    bad = st.verify(progress=sys.stderr.isatty())
+    for line in bad:
+        typer.echo(f"bad shard: {line}")
+    if bad:
+        raise SaekitError(
+            f"{len(bad)} bad shard file(s) in {store} (listed above); re-harvest into a new store or restore them from a copy"
+        )
+    what = "complete" if st.complete else "incomplete (finished shards only)"
+    typer.echo(f"ok: {st.n_shards} shard(s), {st.n_rows:,} rows verified; store {what}; {st.content_hash or 'no hash yet'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+    app.command("verify")(verify)
