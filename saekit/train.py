@@ -1,0 +1,864 @@
+"""`TrainConfig` + `run(cfg)`: train SAEs, encoders and dictionaries from the activation cache.
+
+One loop, three things it can train, each set by a small part:
+
+- a new TopK / Batch-TopK SAE (`build_sae` from sizes; encoder and decoder train);
+- a new encoder, linear or MLP, against a frozen dictionary (`--from-pretrained`; optionally
+  starting from that SAE's encoder, the skip-connection init);
+- the dictionary itself under nonlinear codes (`--codes pursuit|both`, or an MLP encoder with the
+  decoder training): `Objective` decides where the codes come from — the encoder (MSE + AuxK),
+  gradient pursuit against the current dictionary (codes without grad, MSE step on the decoder),
+  or both.
+
+Shared by all: shuffled batches from the store, Adam with linear warm-up and decay, unit-norm
+decoder rows, dead-latent tracking, held-out evaluation, checkpoints that resume bit for bit on
+the CPU, and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
+
+Losses are in the dictionary's normalized space and divided by the store's total variance there,
+so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saekit import dist
+from saekit.errors import SaekitError
+from saekit.metrics import FiringTracker, ReconstructionStats
+from saekit.sae import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
+
+CODES = ("encoder", "pursuit", "both")
+TRAIN_ACTIVATIONS = ("topk", "batchtopk")
+# Set SAEKIT_DENSE_DECODE=1 to decode TopK codes with a dense [b, n] @ [n, d] matmul instead of
+# gathering the k chosen atoms (the eager reference path; same math, slower for k << n).
+DENSE_DECODE = os.environ.get("SAEKIT_DENSE_DECODE", "") not in ("", "0")
+
+# Fields that must match the run being resumed: they decide the model and the data stream.
+# Others (lr, budget, eval and logging cadence, device) may change on resume (then the result
+# is no longer bitwise that of an uninterrupted run).
+IDENTITY = ("hook", "n_features", "k", "activation", "d_hidden", "n_hidden", "from_pretrained",
+            "init_encoder", "train_decoder", "codes", "normalize", "batch_size", "seed", "eval_rows")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything `saekit train` needs; each field is also a CLI flag (`n_features` -> `--n-features`)."""
+
+    store: str = ""
+    """Activation store written by `saekit harvest` (a directory or an fsspec URL)."""
+    out: str = ""
+    """Run directory: config, metrics.jsonl, checkpoint/, and the final sae/ and sae_lens/. Must not exist unless --resume."""
+    hook: str | None = None
+    """Hook to train on; default: the store's only hook."""
+
+    n_features: int = 0
+    """Latents (dictionary atoms) of a new SAE; 0: expansion_factor x d_in. Taken from the dictionary with --from-pretrained."""
+    expansion_factor: int = 0
+    """n_features = expansion_factor x d_in when --n-features is 0; 0 means 8."""
+    k: int = 32
+    """Active latents per token (TopK), or per token on average over a batch (Batch-TopK); also pursuit's k."""
+    activation: str = "topk"
+    """'topk' or 'batchtopk' (batch-level selection in training, a learned threshold at inference)."""
+    d_hidden: int = 0
+    """Width of the encoder's MLP path (added to the linear path, starting at zero); 0: a linear encoder."""
+    n_hidden: int = 0
+    """Hidden layers of the MLP path; 0 means 1 when --d-hidden is set."""
+    from_pretrained: str = ""
+    """Start from this dictionary: sae-lens RELEASE/ID, a local sae-lens dir, a saekit SAE dir or a saekit run dir."""
+    init_encoder: bool = False
+    """With --from-pretrained: start the encoder from that SAE's encoder (else from the decoder's transpose)."""
+    train_decoder: bool | None = None
+    """Train the dictionary too; default: yes for a new SAE or pursuit codes, frozen for --from-pretrained with encoder codes."""
+    codes: str = "encoder"
+    """Codes the loss decodes: 'encoder', 'pursuit' (gradient pursuit against the current dictionary; trains only the dictionary) or 'both'."""
+    normalize: bool = True
+    """Center and scale a new SAE's inputs by the store's statistics (E||x||^2 = d_in); kept in the SAE, folded into the sae-lens export."""
+
+    tokens: int = 0
+    """Training budget in activations (rows); 0: one pass over the training rows."""
+    batch_size: int = 4096
+    """Rows per optimizer step, summed over all ranks."""
+    lr: float = 0.0
+    """Adam learning rate; 0: 2e-4 / sqrt(n_features / 16384)."""
+    warmup_frac: float = 0.05
+    """Fraction of the steps over which the learning rate rises linearly from 0."""
+    decay_frac: float = 0.2
+    """Fraction of the steps, at the end, over which it falls linearly to 0."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss (dead latents reconstruct the residual); 0 turns it off."""
+    k_aux: int = 0
+    """Dead latents the AuxK loss uses per token; 0: d_in // 2."""
+    dead_tokens: int = 0
+    """A latent is dead after this many tokens without firing; 0: min(10M, tokens // 10)."""
+
+    eval_rows: int = 0
+    """Held-out rows at the end of the store (never trained on); 0: min(65536, rows // 10)."""
+    eval_every: int = 0
+    """Evaluate every N steps, and at the start and the end; 0: ten times per run."""
+    log_every: int = 10
+    """Write training loss to metrics.jsonl every N steps."""
+    checkpoint_every: int = 1000
+    """Checkpoint every N steps, and at the end; 0: only at the end."""
+    seed: int = 0
+    """Seed of the initialization and of the data order."""
+    resume: bool = False
+    """Continue the run in --out from its last checkpoint (or start it if it has none)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'; under torchrun each rank takes its local GPU."""
+    progress: bool = True
+    """Show a progress bar."""
+    wandb: bool = False
+    """Also log to Weights & Biases (when the wandb package is installed)."""
+    wandb_project: str = "saekit"
+    """wandb project name."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SaekitError(msg)
+
+        need(bool(self.store), "--store is required: the activation store to train on")
+        need(bool(self.out), "--out is required: the run directory to write")
+        need(self.activation in TRAIN_ACTIVATIONS, f"--activation {self.activation!r}: use one of {', '.join(TRAIN_ACTIVATIONS)}")
+        need(self.codes in CODES, f"--codes {self.codes!r}: use one of {', '.join(CODES)}")
+        need(self.k > 0, f"--k {self.k} must be positive")
+        need(self.n_features >= 0 and self.expansion_factor >= 0, "--n-features and --expansion-factor must be >= 0 (0 means auto)")
+        need(not (self.n_features and self.expansion_factor), "pass --n-features or --expansion-factor, not both")
+        need(not self.n_features or self.k <= self.n_features, f"--k {self.k} is larger than --n-features {self.n_features}: k must be <= n_features")
+        need(self.d_hidden >= 0 and self.n_hidden >= 0, "--d-hidden and --n-hidden must be >= 0")
+        need(not self.n_hidden or self.d_hidden, f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)")
+        need(not self.init_encoder or bool(self.from_pretrained), "--init-encoder needs --from-pretrained (the SAE whose encoder to start from)")
+        need(not (self.codes == "pursuit" and self.train_decoder is False), "--codes pursuit trains only the dictionary: drop --no-train-decoder")
+        need(self.tokens >= 0, f"--tokens {self.tokens} must be >= 0 (0: one pass over the store)")
+        need(self.batch_size > 0, f"--batch-size {self.batch_size} must be positive")
+        need(self.lr >= 0, f"--lr {self.lr} must be >= 0 (0: auto)")
+        need(0 <= self.warmup_frac <= 1 and 0 <= self.decay_frac <= 1, "--warmup-frac and --decay-frac must be in [0, 1]")
+        need(self.warmup_frac + self.decay_frac <= 1, "--warmup-frac plus --decay-frac must be <= 1")
+        need(self.auxk_coef >= 0 and self.k_aux >= 0 and self.dead_tokens >= 0, "--auxk-coef, --k-aux and --dead-tokens must be >= 0")
+        need(self.eval_rows >= 0 and self.eval_every >= 0 and self.checkpoint_every >= 0, "--eval-rows, --eval-every and --checkpoint-every must be >= 0")
+        need(self.log_every > 0, f"--log-every {self.log_every} must be positive")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Strict: an unknown key is an error naming it (a typo would otherwise be ignored)."""
+        names = {f.name for f in fields(cls)}
+        d = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SaekitError(f"{source} has unknown key(s) {', '.join(unknown)}; see `saekit train --help` for the names")
+        return cls(**d)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML (.toml), YAML (.yaml/.yml, needs pyyaml) or JSON file of TrainConfig fields, as a dict."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SaekitError(f"cannot read --config {path}: {e.strerror}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise SaekitError(f"--config {path} is YAML but pyyaml is not installed: pip install pyyaml, or use TOML") from None
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise SaekitError(f"--config {path}: use a .toml, .yaml/.yml or .json file")
+    except SaekitError:
+        raise
+    except Exception as e:  # tomllib / yaml / json parse errors
+        raise SaekitError(f"--config {path} does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SaekitError(f"--config {path} must hold a table of flag names and values")
+    return data
+
+
+def resolve(cfg: TrainConfig, *, hook: str, d_in: int, n_features: int, train_rows: int) -> TrainConfig:
+    """Fill the 0-means-auto fields from the store and the dictionary (saved as config.json)."""
+    tokens = cfg.tokens or train_rows
+    steps = tokens // cfg.batch_size
+    return replace(
+        cfg,
+        hook=hook,
+        n_features=n_features,
+        expansion_factor=0,
+        n_hidden=cfg.n_hidden or (1 if cfg.d_hidden else 0),
+        train_decoder=_train_decoder(cfg),
+        tokens=tokens,
+        lr=cfg.lr or 2e-4 / math.sqrt(n_features / 2**14),
+        k_aux=cfg.k_aux or max(1, d_in // 2),
+        dead_tokens=cfg.dead_tokens or max(1, min(10_000_000, tokens // 10)),
+        eval_every=cfg.eval_every or max(1, steps // 10),
+        resume=False,  # how a run was started is not part of what it is
+    )
+
+
+def _train_decoder(cfg: TrainConfig) -> bool:
+    if cfg.train_decoder is not None:
+        return cfg.train_decoder
+    return not cfg.from_pretrained or cfg.codes != "encoder"
+
+
+def lr_at(step: int, total: int, lr: float, warmup_frac: float, decay_frac: float) -> float:
+    """Learning rate of 0-based `step` of `total`: linear warm-up, constant, linear decay to 0."""
+    warm, decay = int(total * warmup_frac), int(total * decay_frac)
+    if warm and step < warm:
+        return lr * (step + 1) / warm
+    if decay and step >= total - decay:
+        return lr * (total - step) / decay
+    return lr
+
+
+# --------------------------------------------------------------------------------------------
+# What is trained
+# --------------------------------------------------------------------------------------------
+
+
+def load_dictionary(spec: str, device: Any = "cpu") -> SparseAutoencoder:
+    """An SAE from a saekit run dir (its sae/), a saekit SAE dir, a local sae-lens dir, or RELEASE/ID."""
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "sae" / CONFIG_FILE).is_file():
+            path = path / "sae"
+        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+            return SparseAutoencoder.load(path, device=device)
+        return SparseAutoencoder.from_pretrained(path, None, device=device)
+    release, _, sae_id = spec.partition("/")
+    return SparseAutoencoder.from_pretrained(release, sae_id or None, device=device)
+
+
+def build_sae(cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu") -> SparseAutoencoder:
+    """The SAE to train, on `device`, in train mode, with frozen parts marked not trainable.
+
+    New: sizes from cfg, inputs normalized by the store's statistics (mean [d_in], E||x||^2).
+    --from-pretrained: a new encoder (linear path = the dictionary's transpose, or the pretrained
+    encoder with --init-encoder; any MLP path starts at zero) over the pretrained decoder.
+    """
+    mlp = {"d_hidden": cfg.d_hidden or None, "n_hidden": cfg.n_hidden or (1 if cfg.d_hidden else 0)}
+    if cfg.from_pretrained:
+        src = load_dictionary(cfg.from_pretrained, device=device)
+        if src.d_in != d_in:
+            raise SaekitError(
+                f"--from-pretrained {cfg.from_pretrained} has d_in={src.d_in} but hook {cfg.hook} has d_model={d_in}: use the dictionary trained on this hook"
+            )
+        if cfg.n_features and cfg.n_features != src.n_features:
+            raise SaekitError(f"--n-features {cfg.n_features} differs from the pretrained dictionary's {src.n_features}: drop --n-features")
+        _check_k(cfg.k, src.n_features)
+        sae = SparseAutoencoder(decoder=src.decoder, k=cfg.k, activation=cfg.activation, **mlp)
+        if cfg.init_encoder:
+            _copy_matching_(sae.encoder, src.encoder)
+    else:
+        n = cfg.n_features or (cfg.expansion_factor or 8) * d_in
+        _check_k(cfg.k, n)
+        sae = SparseAutoencoder(d_in=d_in, n_features=n, k=cfg.k, activation=cfg.activation, **mlp)
+        if cfg.normalize:
+            sae.set_input_normalization(mean, mean_sq_norm)
+        else:
+            with torch.no_grad():  # start the bias at the data mean, as the normalized path does
+                sae.decoder.b_dec.copy_(mean)
+    sae.to(device).train()
+    sae.decoder.trainable = _train_decoder(cfg)
+    sae.encoder.trainable = cfg.codes != "pursuit"
+    return sae
+
+
+def _check_k(k: int, n_features: int) -> None:
+    if k > n_features:
+        raise SaekitError(f"--k {k} is larger than n_features {n_features}: k must be <= n_features")
+
+
+@torch.no_grad()
+def _copy_matching_(dst: nn.Module, src: nn.Module) -> None:
+    """Copy every tensor of src's state into dst where name and shape agree (W_enc, b_enc, ...)."""
+    mine = dst.state_dict()
+    for name, t in src.state_dict().items():
+        if name in mine and mine[name].shape == t.shape:
+            mine[name].copy_(t)
+
+
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]] (+ b_dec), differentiable in values and W_dec.
+
+    indices, values: [b, k]; W_dec: [n, d]; b_dec: [d] -> [b, d]. Touches k rows per token, not n.
+    """
+    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return out if b_dec is None else out + b_dec
+
+
+class Encoded(NamedTuple):
+    """The encoder's codes for a batch, as the loss needs them."""
+
+    sae_out: Tensor  # [b, d] reconstruction in the normalized space
+    pre_acts: Tensor  # [b, n] pre-activations (AuxK picks dead latents from them)
+    counts: Tensor  # [n] tokens on which each latent fired
+
+
+def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
+    """Encode normalized inputs [b, d] and decode them; TopK decodes only the chosen atoms."""
+    enc, dec = sae.encoder, sae.decoder
+    if enc.activation == "topk" and not DENSE_DECODE:
+        pre = enc.pre_activations(sae_in, dec.b_dec)
+        values, indices = pre.topk(int(enc.k), dim=-1, sorted=False)
+        values = values.relu()
+        counts = pre.new_zeros(pre.shape[-1]).index_add_(0, indices.flatten(), (values > 0).flatten().to(pre.dtype))
+        return Encoded(sparse_decode(indices, values, dec.W_dec, dec.b_dec), pre, counts)
+    codes, pre = enc(sae_in, dec.b_dec)  # Batch-TopK also updates its inference threshold here
+    return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype))
+
+
+def auxk_loss(pre_acts: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
+    """OpenAI's AuxK: the k_aux largest dead latents of each token reconstruct the main residual.
+
+    pre_acts: [b, n]; dead: [n] bool; residual: [b, d] (detached); W_dec: [n, d] -> scalar:
+    squared error over the residual's variance, scaled by min(n_dead / k_aux, 1).
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre_acts.new_zeros(())
+    values, indices = pre_acts.masked_fill(~dead, -math.inf).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    e_hat = sparse_decode(indices, values.relu(), W_dec)
+    variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return min(n_dead / k_aux, 1.0) * (e_hat - residual).pow(2).sum() / variance
+
+
+def pursuit_decode(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Gradient-pursuit codes against the current dictionary (no grad), decoded with grad.
+
+    sae_in: [b, d] normalized -> (reconstruction [b, d], counts [n] tokens each atom was used on).
+    """
+    from saekit.pursuit import gradient_pursuit
+
+    dec = sae.decoder
+    codes = gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec)
+    used = (codes.values > 0).to(sae_in.dtype)
+    counts = sae_in.new_zeros(dec.n_features).index_add_(0, codes.indices.flatten(), used.flatten())
+    return sparse_decode(codes.indices, codes.values, dec.W_dec, dec.b_dec), counts
+
+
+class Losses(NamedTuple):
+    """One batch's losses (scalars) and firing counts."""
+
+    loss: Tensor  # what backward() sees: fvu + auxk_coef * auxk + pursuit_fvu
+    fvu: Tensor  # encoder codes: squared error / total variance (0 with codes='pursuit')
+    auxk: Tensor
+    pursuit_fvu: Tensor  # pursuit codes' fvu (0 with codes='encoder')
+    counts: Tensor  # [n] tokens on which each latent fired (encoder codes, else pursuit codes)
+
+
+class Objective(nn.Module):
+    """The loss of one batch. DDP wraps this module, so all trained parameters are used in forward.
+
+    variance: E||x_n - mean||^2 over the store, in the dictionary's normalized space; dividing
+    the summed squared error by batch * variance makes the loss an FVU.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, codes: str, k: int, k_aux: int, auxk_coef: float, variance: float):
+        super().__init__()
+        self.sae = sae
+        self.codes, self.k, self.k_aux, self.auxk_coef, self.variance = codes, k, k_aux, auxk_coef, variance
+
+    def _fvu(self, sae_out: Tensor, sae_in: Tensor) -> Tensor:
+        return (sae_out - sae_in).pow(2).sum() / (sae_in.shape[0] * self.variance)
+
+    def forward(self, x: Tensor, dead: Tensor) -> Losses:
+        """x: [b, d] raw activations; dead: [n] bool latents for AuxK."""
+        sae_in = self.sae.decoder.normalize(x)
+        zero = sae_in.new_zeros(())
+        loss, fvu, aux, pfvu, counts = zero, zero, zero, zero, None
+        if self.codes != "pursuit":
+            enc = encode_decode(self.sae, sae_in)
+            fvu = self._fvu(enc.sae_out, sae_in)
+            if self.auxk_coef > 0:
+                residual = (sae_in - enc.sae_out).detach()
+                aux = auxk_loss(enc.pre_acts, dead, residual, self.sae.decoder.W_dec, self.k_aux)
+            loss, counts = fvu + self.auxk_coef * aux, enc.counts
+        if self.codes != "encoder":
+            recon, pcounts = pursuit_decode(self.sae, sae_in, self.k)
+            pfvu = self._fvu(recon, sae_in)
+            loss = loss + pfvu
+            counts = pcounts if counts is None else counts
+        return Losses(loss, fvu, aux, pfvu, counts)
+
+
+def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:
+    """Total variance of the store's activations in the SAE's normalized space (x - m) * s."""
+    variance = float(mean_sq_norm) - float(mean.double().pow(2).sum())
+    return max(variance, 1e-12) * float(sae.decoder.input_scale) ** 2
+
+
+class Firing(FiringTracker):
+    """FiringTracker fed with per-latent counts summed over ranks (codes never leave their rank)."""
+
+    @torch.no_grad()
+    def update_counts(self, counts: Tensor, n_tokens: int) -> None:
+        """counts: [n] tokens on which each latent fired, out of n_tokens."""
+        fired = counts.to(self.fire_counts.device) > 0
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+        self.fire_counts += counts.round().long().to(self.fire_counts.device)
+        self.window_tokens += n_tokens
+        if self.window_tokens >= self.window:
+            self.last_density = self.fire_counts.double() / self.window_tokens
+            self.fire_counts.zero_()
+            self.window_tokens = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Data, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class Position(NamedTuple):
+    """Where training stands: optimizer steps taken, and the next batch of which epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+def _batches_per_epoch(store, stop_row: int, local_batch: int, seed: int, epoch: int, world_size: int) -> int:
+    """Whole local batches every rank can cut from its share this epoch (ranks stay in lockstep)."""
+    from saekit.store import shuffle_plan
+
+    shares = [
+        sum(w.n_rows for w in shuffle_plan(stop_row, store.layout.chunk_rows, seed=seed, epoch=epoch, rank=r,
+                                           world_size=world_size, window_blocks=16))
+        for r in range(world_size)
+    ]  # fmt: skip
+    return min(shares) // local_batch
+
+
+def batches(store, hook: str, *, stop_row: int, local_batch: int, seed: int, start: Position,
+            rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Position]]:  # fmt: skip
+    """Endless shuffled local batches [local_batch, d] bf16, each with the position after it."""
+    epoch, first = start.epoch, start.batch
+    while True:
+        n = _batches_per_epoch(store, stop_row, local_batch, seed, epoch, world_size)
+        if n == 0:
+            raise SaekitError(
+                f"--batch-size {local_batch * world_size} is larger than the {stop_row} training rows; lower it or harvest more"
+            )
+        it = store.shuffled_batches(hook, local_batch, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                    start_batch=first, stop_row=stop_row, drop_last=True)  # fmt: skip
+        try:
+            for i, x in zip(range(first, n), it):
+                yield x, Position(0, epoch, i + 1)
+        finally:
+            it.close()  # stops its prefetch thread
+        epoch, first = epoch + 1, 0
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, batch_size: int,
+             codes: str, k: int) -> dict[str, float]:  # fmt: skip
+    """FVU (against the held-out set's mean) and L0 on rows [start, stop), in the normalized space."""
+    from saekit.pursuit import gradient_pursuit, to_dense
+
+    was_training = sae.training
+    sae.eval()
+    enc, pur = ReconstructionStats(), ReconstructionStats()
+    for x in store.iter_rows(hook, batch_size, start, stop):
+        out = sae(x.to(sae.device))
+        enc.update(out.sae_in, out.sae_out, out.codes)
+        if codes != "encoder":
+            dec = sae.decoder
+            pc = gradient_pursuit(out.sae_in, dec.W_dec, k, b_dec=dec.b_dec)
+            recon = sparse_decode(pc.indices, pc.values, dec.W_dec, dec.b_dec)
+            pur.update(out.sae_in, recon, to_dense(pc, dec.n_features))
+    sae.train(was_training)
+    m = enc.compute()
+    result = {"eval/fvu": m.fvu, "eval/l0": m.l0, "eval/cossim": m.cossim}
+    if codes != "encoder":
+        p = pur.compute()
+        result |= {"eval/pursuit_fvu": p.fvu, "eval/pursuit_l0": p.l0}
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for the rest (nothing is pickled)
+# --------------------------------------------------------------------------------------------
+
+CKPT = "checkpoint"
+
+
+def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: Firing, pos: Position) -> None:
+    """Write out/checkpoint/ aside and swap it in, so a crash leaves the previous one intact."""
+    from safetensors.torch import save_file
+
+    tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
+    names = {p: n for n, p in sae.named_parameters()}
+    opt_state = {f"{names[p]}/{key}": v.detach().contiguous().cpu() for p, s in opt.state.items() for key, v in s.items()}
+    save_file(opt_state, str(tmp / "optimizer.safetensors"))
+    fs = firing.state_dict()
+    state = {"firing/" + k: v.contiguous().cpu() for k, v in fs.items() if isinstance(v, Tensor)}
+    state["rng/cpu"] = torch.get_rng_state()
+    if sae.device.type == "cuda":
+        state["rng/cuda"] = torch.cuda.get_rng_state(sae.device)
+    save_file(state, str(tmp / "state.safetensors"))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
+    meta = {"position": pos._asdict(), "param_groups": groups, "firing_window_tokens": fs["window_tokens"]}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(out: Path) -> Path | None:
+    """The newest complete checkpoint in a run dir (the .old one if a swap was interrupted)."""
+    for name in (CKPT, f"{CKPT}.old"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
+def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: Firing) -> Position:
+    """Restore weights, optimizer, firing tracker and RNG from `ckpt`; returns the data position."""
+    from safetensors.torch import load_file
+
+    device = sae.device
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+        model = load_file(str(ckpt / "model.safetensors"), device=str(device))
+        opt_flat = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
+        state = load_file(str(ckpt / "state.safetensors"))
+    except Exception as e:
+        raise SaekitError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to restart, or restore it") from None
+    sae.load_state_dict(model)
+    index = {n: i for i, (n, p) in enumerate((n, p) for n, p in sae.named_parameters() if p.requires_grad)}
+    per_param: dict[int, dict[str, Tensor]] = {}
+    for key, v in opt_flat.items():
+        name, _, field = key.rpartition("/")
+        if name not in index:
+            raise SaekitError(f"checkpoint {ckpt} trains {name} but this run does not: resume with the same flags")
+        per_param.setdefault(index[name], {})[field] = v
+    groups = opt.state_dict()["param_groups"]
+    for g, saved in zip(groups, meta["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k in g})
+    opt.load_state_dict({"state": per_param, "param_groups": groups})
+    firing.load_state_dict({
+        "tokens_since_fired": state["firing/tokens_since_fired"], "fire_counts": state["firing/fire_counts"],
+        "window_tokens": meta["firing_window_tokens"], "last_density": state.get("firing/last_density"),
+    })  # fmt: skip
+    torch.set_rng_state(state["rng/cpu"])
+    if "rng/cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng/cuda"], device)
+    return Position(**meta["position"])
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+class _NoWandb:
+    def log(self, data: dict, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _wandb(cfg: TrainConfig, out: Path, run_id: str) -> Any:
+    """A wandb run (resumed by id), or a no-op stand-in when not asked for or not installed."""
+    if not cfg.wandb:
+        return _NoWandb()
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn("--wandb: the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
+        return _NoWandb()
+    try:
+        return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), config=asdict(cfg), id=run_id, resume="allow")
+    except Exception as e:  # no API key, no network, ...
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SaekitError(f"--wandb: wandb.init failed ({type(e).__name__}: {why}); run `wandb login`, set WANDB_MODE=offline, or drop --wandb") from None
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir, mirrored to wandb (rank 0 only). One JSON object per line."""
+
+    def __init__(self, out: Path, wandb_run: Any, main: bool, keep_until: int):
+        self.path = out / "metrics.jsonl"
+        self.main = main
+        self.wandb = wandb_run
+        if main and self.path.exists():
+            # Resuming: drop lines past the checkpoint, so the file reads as one uninterrupted run.
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until]
+            self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def log(self, step: int, tokens: int, data: dict[str, float]) -> None:
+        if not self.main:
+            return
+        record = {"step": step, "tokens": tokens, **{k: _num(v) for k, v in data.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.wandb.log(data, step=step)
+
+
+def _num(v: Any) -> Any:
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of a run's metrics.jsonl."""
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class RunResult(NamedTuple):
+    """What `run` returns (on every rank)."""
+
+    out: Path  # the run directory
+    sae: SparseAutoencoder  # the trained SAE, in eval mode (normalization kept in its buffers)
+    steps: int  # optimizer steps taken in total
+    eval: dict[str, float]  # the final held-out metrics (rank 0; {} elsewhere)
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse to reuse a run directory unless resuming one."""
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not cfg.resume:
+            raise SaekitError(f"run directory {out} already exists: pass --resume to continue it, or choose a new --out")
+        if not (out / "config.json").is_file():
+            raise SaekitError(f"--resume: {out} is not a saekit run directory (no config.json); choose a new --out")
+
+
+def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
+    saved = json.loads((out / "config.json").read_text())
+    diff = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in IDENTITY if saved.get(k) != getattr(cfg, k)]
+    if _run_info(out).get("store_hash", content_hash) != content_hash:
+        diff.append("the store's contents")
+    if diff:
+        raise SaekitError(f"--resume: {out} was started with different settings ({'; '.join(diff)}); use the same ones or a new --out")
+
+
+def _run_info(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+
+
+def run(cfg: TrainConfig) -> RunResult:
+    """Train as `cfg` says; under torchrun every rank calls this. See the module docstring."""
+    from saekit.store import open_store
+
+    d = dist.init(cfg.device)
+    try:
+        check_run_dir(cfg)
+        dist.barrier()  # every rank has checked before rank 0 creates anything
+        store = open_store(cfg.store)
+        hook = store.resolve_hook(cfg.hook)
+        d_in, stats = store.d_model(hook), store.stats(hook)
+        eval_rows = cfg.eval_rows or min(65536, store.n_rows // 10)
+        train_rows = store.n_rows - eval_rows
+        if eval_rows <= 0 or train_rows <= 0:
+            raise SaekitError(f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {store.n_rows}; change it")
+        if cfg.batch_size % d.world_size:
+            raise SaekitError(f"--batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
+
+        torch.manual_seed(cfg.seed)
+        sae = build_sae(replace(cfg, hook=hook), d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device)
+        cfg = replace(resolve(cfg, hook=hook, d_in=d_in, n_features=sae.n_features, train_rows=train_rows), eval_rows=eval_rows)
+        if cfg.tokens < cfg.batch_size:
+            raise SaekitError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size")
+        sae.metadata.update(_provenance(store, hook))
+        session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
+        return _loop(session)
+    finally:
+        dist.shutdown(d)
+
+
+def _provenance(store, hook: str) -> dict:
+    model = store.meta.get("model")
+    name = model.get("name") if isinstance(model, dict) else model
+    out = {"hook_name": hook, "store_hash": store.content_hash}
+    return out | ({"model_name": str(name)} if name else {})
+
+
+@dataclass
+class _Session:
+    """What the training loop works with (built by `_start`)."""
+
+    cfg: TrainConfig
+    out: Path
+    store: Any
+    d: dist.Dist
+    sae: SparseAutoencoder
+    model: nn.Module  # the Objective, DDP-wrapped with several ranks
+    opt: torch.optim.Optimizer
+    firing: Firing
+    log: MetricsLog
+    pos: Position
+    ckpt_step: int | None  # step of the last checkpoint written or loaded
+
+    @property
+    def total(self) -> int:
+        return self.cfg.tokens // self.cfg.batch_size
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, logged (rank 0; the others return {})."""
+        if not self.d.main:
+            return {}
+        c = self.cfg
+        m = evaluate(self.sae, self.store, c.hook, self.store.n_rows - c.eval_rows, self.store.n_rows, c.batch_size, c.codes, c.k)
+        m |= {"eval/dead_pct": 100 * self.firing.compute().frac_dead}
+        self.log.log(self.pos.step, self.pos.step * c.batch_size, m)
+        return m
+
+    def checkpoint(self) -> None:
+        if self.d.main:
+            save_checkpoint(self.out, self.sae, self.opt, self.firing, self.pos)
+        self.ckpt_step = self.pos.step
+        dist.barrier()
+
+
+def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: dist.Dist, variance: float) -> _Session:
+    """Open (or resume) the run directory, wrap the objective for DDP, restore the checkpoint."""
+    out = Path(cfg.out)
+    fresh = not (out / "config.json").is_file()
+    if not fresh:
+        _check_same_run(out, cfg, store.content_hash)
+    ckpt = None if fresh else checkpoint_dir(out)
+    dist.barrier()
+    wandb_run: Any = _NoWandb()
+    if d.main:
+        info = _run_info(out) | {"d_in": sae.d_in, "steps": cfg.tokens // cfg.batch_size, "world_size": d.world_size,
+                                  "store_hash": store.content_hash}  # fmt: skip
+        info.setdefault("wandb_id", os.urandom(6).hex())
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            wandb_run = _wandb(cfg, out, info["wandb_id"])
+        except SaekitError:
+            if fresh:  # leave no half-made run dir that would need --resume
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (out / "run.json").write_text(json.dumps(info, indent=1))
+
+    model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance)
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Buffers (normalization, Batch-TopK threshold) are not re-synced each forward: the
+        # normalization is identical on every rank, and rank 0's threshold is the one saved.
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{sync: False})
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
+    firing = Firing(sae.n_features, window=cfg.dead_tokens, device=d.device)
+    pos = load_checkpoint(ckpt, sae, opt, firing) if ckpt is not None else Position()
+    log = MetricsLog(out, wandb_run, d.main, keep_until=pos.step if ckpt is not None else -1)
+    return _Session(cfg, out, store, d, sae, model, opt, firing, log, pos, pos.step if ckpt is not None else None)
+
+
+def _loop(s: _Session) -> RunResult:
+    """Train from s.pos to the budget: step, log, evaluate, checkpoint; then publish the SAE."""
+    from tqdm import tqdm
+
+    cfg, d, total = s.cfg, s.d, s.total
+    bar = tqdm(total=total, initial=s.pos.step, unit="step", disable=not (d.main and cfg.progress), dynamic_ncols=True)
+    last_eval = s.evaluate() if s.pos.step == 0 else {}
+    data = batches(s.store, cfg.hook, stop_row=s.store.n_rows - cfg.eval_rows, local_batch=cfg.batch_size // d.world_size,
+                   seed=cfg.seed, start=s.pos, rank=d.rank, world_size=d.world_size)  # fmt: skip
+    try:
+        while s.pos.step < total:
+            x, after = next(data)
+            lr = lr_at(s.pos.step, total, cfg.lr, cfg.warmup_frac, cfg.decay_frac)
+            stats = train_step(s.model, s.sae, s.opt, s.firing, x.to(d.device, non_blocking=True), lr, d.world_size)
+            if not all(math.isfinite(v) for v in stats.values()):
+                raise SaekitError(_non_finite_message(stats["train/loss"], s))
+            s.pos = after._replace(step=s.pos.step + 1)
+            bar.update(1)
+            if s.pos.step % cfg.log_every == 0 or s.pos.step == total:
+                s.log.log(s.pos.step, s.pos.step * cfg.batch_size, {**stats, "train/lr": lr})
+                bar.set_postfix(fvu=f"{stats['train/fvu'] or stats['train/pursuit_fvu']:.4f}")
+            if s.pos.step % cfg.eval_every == 0 or s.pos.step == total:
+                last_eval = s.evaluate()
+            if (cfg.checkpoint_every and s.pos.step % cfg.checkpoint_every == 0) or s.pos.step == total:
+                s.checkpoint()
+    finally:
+        data.close()
+        bar.close()
+    s.sae.eval()
+    if d.main:
+        if not last_eval:  # resumed a run that had already finished: report its last evaluation
+            last_eval = {k: v for k, v in next(m for m in reversed(read_metrics(s.out)) if "eval/fvu" in m).items() if "/" in k}
+        _publish(s.out, s.sae)
+        s.log.wandb.finish()
+    dist.barrier()
+    return RunResult(s.out, s.sae, s.pos.step, last_eval)
+
+
+def _non_finite_message(loss: float, s: _Session) -> str:
+    if s.ckpt_step is None:
+        where = "no checkpoint was written yet"
+    else:
+        where = f"the last good checkpoint (step {s.ckpt_step}) is in {s.out / CKPT}"
+    return f"loss became {loss} at step {s.pos.step + 1}; stopped before applying it, {where}: lower --lr and --resume"
+
+
+def train_step(model: nn.Module, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: Firing,
+               x: Tensor, lr: float, world_size: int = 1) -> dict[str, float]:  # fmt: skip
+    """One optimizer step on local batch x [b, d]; returns the batch's losses averaged over ranks.
+
+    A non-finite loss returns before the optimizer step, so the weights stay the last good ones.
+    """
+    for g in opt.param_groups:
+        g["lr"] = lr
+    losses: Losses = model(x, firing.dead_mask())
+    losses.loss.backward()  # DDP averages the gradients over ranks here
+    # One all-reduce carries the losses for logging and the firing counts for dead latents.
+    packed = dist.all_reduce_(torch.cat([torch.stack(losses[:4]).detach().float(), losses.counts.detach().float()]))
+    values = (packed[:4] / world_size).tolist()
+    stats = dict(zip(("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu"), values))
+    if not math.isfinite(values[0]):
+        opt.zero_grad(set_to_none=True)
+        return stats
+    if sae.decoder.trainable:
+        sae.decoder.remove_parallel_grad_()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if sae.decoder.trainable:
+        sae.decoder.normalize_rows_()
+    firing.update_counts(packed[4:], x.shape[0] * world_size)
+    return stats
+
+
+def _publish(out: Path, sae: SparseAutoencoder) -> None:
+    """The final SAE in saekit format (sae/) and, where sae-lens has the architecture, sae_lens/."""
+    sae.save(out / "sae", overwrite=True)
+    if sae.encoder.mlp is None:
+        sae.export_sae_lens(out / "sae_lens", overwrite=True)

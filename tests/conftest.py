@@ -1,0 +1,16 @@
+"""Shared fixtures. Keep them small: the whole suite runs on 2 CPU cores."""
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def embedded_store(tmp_path_factory) -> Path:
+    """A store harvested from the embedded default model and corpus: 32,768 rows of
+    blocks.2.hook_resid_pre (d_model 128), small shards so shuffling has blocks to permute."""
+    from saekit.harvest import HarvestConfig, run
+
+    out = tmp_path_factory.mktemp("embedded") / "store"
+    run(HarvestConfig(out=str(out), tokens=32768, shard_rows=16384, chunk_rows=1024, device="cpu", progress=False))
+    return out

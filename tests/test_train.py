@@ -1,0 +1,327 @@
+"""`saekit train` on the embedded default's cache: the three things it trains (1a-1c), resume,
+two ranks, the CLI and config file, and every user-facing error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saekit import train as T
+from saekit.errors import SaekitError
+from saekit.sae import SparseAutoencoder
+from saekit.store import create_store, open_store
+from saekit.train import TrainConfig, read_metrics, run
+
+REPO = Path(__file__).resolve().parents[1]
+N_EVAL = 2048
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On 2 shared cores a second intra-op thread spin-waits: tiny matmuls get 10-20x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(store, out, **kw) -> TrainConfig:
+    base = dict(store=str(store), out=str(out), n_features=512, k=16, batch_size=256, tokens=256 * 200,
+                device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL)  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+def evals(run_dir) -> list[dict]:
+    return [m for m in read_metrics(run_dir) if "eval/fvu" in m]
+
+
+@pytest.fixture(scope="module")
+def sae_run(embedded_store, tmp_path_factory):
+    """1a: a new TopK SAE (d 128 -> 512 latents, k 16), 300 steps of 256 rows."""
+    return run(cfg(embedded_store, tmp_path_factory.mktemp("train") / "topk", tokens=256 * 300, dead_tokens=20_000))
+
+
+# --- 1a, 1b, 1c ---------------------------------------------------------------------------
+
+
+def test_new_topk_sae_clearly_beats_the_mean(sae_run):
+    first, last = evals(sae_run.out)[0], evals(sae_run.out)[-1]
+    assert (first["step"], last["step"]) == (0, 300)
+    assert last["eval/fvu"] < 0.5  # reconstructing every row by the mean gives FVU 1
+    assert last["eval/fvu"] < 0.6 * first["eval/fvu"]
+    assert last["eval/l0"] == pytest.approx(16)
+    saved = json.loads((sae_run.out / "config.json").read_text())
+    assert saved["hook"] == "blocks.2.hook_resid_pre" and saved["lr"] > 0  # resolved, not "auto"
+    assert TrainConfig.from_dict(saved).n_features == 512  # config.json is a valid --config file
+
+
+def test_saved_and_exported_sae_reconstruct_raw_activations(sae_run, embedded_store):
+    import sae_lens
+
+    from saekit.metrics import fvu
+
+    store = open_store(embedded_store)
+    x = store.rows(None, store.n_rows - N_EVAL, store.n_rows).float()  # the held-out rows
+    sae = SparseAutoencoder.load(sae_run.out / "sae")
+    assert float(sae.decoder.input_scale) != 1.0  # trained on normalized inputs...
+    with torch.no_grad():
+        ours = sae(x).reconstruction
+    # ...yet the saved SAE takes raw activations, and its held-out FVU is the one logged.
+    assert float(fvu(x, ours)) == pytest.approx(evals(sae_run.out)[-1]["eval/fvu"], rel=1e-3)
+    sl = sae_lens.SAE.load_from_disk(str(sae_run.out / "sae_lens"))  # normalization folded in
+    with torch.no_grad():
+        theirs = sl(x)
+    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3 * float(x.norm(dim=1).mean()))
+
+
+def test_mlp_encoder_beats_linear_on_the_same_frozen_dictionary(sae_run, embedded_store, tmp_path):
+    common = dict(from_pretrained=str(sae_run.out), tokens=256 * 200)
+    linear = run(cfg(embedded_store, tmp_path / "linear", **common))
+    mlp = run(cfg(embedded_store, tmp_path / "mlp", d_hidden=256, **common))
+    assert mlp.eval["eval/l0"] == linear.eval["eval/l0"] == pytest.approx(16)
+    assert mlp.eval["eval/fvu"] < linear.eval["eval/fvu"] - 0.005
+    frozen = SparseAutoencoder.load(sae_run.out / "sae").decoder.W_dec
+    assert torch.equal(mlp.sae.decoder.W_dec, frozen) and torch.equal(linear.sae.decoder.W_dec, frozen)
+    assert (tmp_path / "linear/sae_lens").is_dir() and not (tmp_path / "mlp/sae_lens").exists()
+
+
+def test_init_encoder_starts_exactly_at_the_pretrained_sae(sae_run, embedded_store, tmp_path):
+    # skip-connection init: pretrained linear path + an MLP path at zero = the pretrained SAE.
+    run(cfg(embedded_store, tmp_path / "skip", from_pretrained=str(sae_run.out), init_encoder=True,
+            d_hidden=64, tokens=256))  # fmt: skip
+    start = evals(tmp_path / "skip")[0]
+    assert start["step"] == 0
+    assert start["eval/fvu"] == pytest.approx(evals(sae_run.out)[-1]["eval/fvu"], rel=1e-5)
+
+
+def test_dictionary_trained_on_mlp_and_pursuit_codes_improves(embedded_store, tmp_path):
+    out = tmp_path / "dict"
+    run(cfg(embedded_store, out, codes="both", d_hidden=128, tokens=256 * 150))
+    first, last = evals(out)[0], evals(out)[-1]
+    assert last["eval/pursuit_fvu"] < 0.8 * first["eval/pursuit_fvu"]
+    assert last["eval/fvu"] < 0.8 * first["eval/fvu"]
+    assert last["eval/pursuit_l0"] <= 16
+
+
+# --- resume, two ranks ----------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(embedded_store, tmp_path, monkeypatch):
+    # k 4 of 512 latents and a 256-token dead window: AuxK is active, so its state must resume too.
+    kw = dict(k=4, d_hidden=64, tokens=256 * 60, checkpoint_every=20, eval_every=25, log_every=5,
+              dead_tokens=256, warmup_frac=0.1)  # fmt: skip
+    run(cfg(embedded_store, tmp_path / "full", **kw))
+    assert any(m.get("train/auxk", 0) > 0 for m in read_metrics(tmp_path / "full"))  # AuxK state matters
+
+    real, calls = T.train_step, []
+
+    def crash_at_step_31(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 31:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", crash_at_step_31)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(embedded_store, tmp_path / "cut", **kw))
+    monkeypatch.setattr(T, "train_step", real)
+    assert json.loads((tmp_path / "cut/checkpoint/state.json").read_text())["position"]["step"] == 20
+
+    with pytest.raises(SaekitError, match="already exists.*--resume"):
+        run(cfg(embedded_store, tmp_path / "cut", **kw))
+    run(cfg(embedded_store, tmp_path / "cut", resume=True, **kw))
+    for f in ("sae/sae.safetensors", "checkpoint/optimizer.safetensors", "checkpoint/state.safetensors", "metrics.jsonl"):
+        assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
+
+    with pytest.raises(SaekitError, match=r"different settings \(k: 4 -> 8\)"):
+        run(cfg(embedded_store, tmp_path / "cut", resume=True, **(kw | {"k": 8})))
+
+
+DDP_SCRIPT = """
+import hashlib, json, os, sys
+from saekit.train import TrainConfig, run
+res = run(TrainConfig(**json.loads(sys.argv[1])))
+digest = hashlib.sha256(res.sae.decoder.W_dec.detach().numpy().tobytes()).hexdigest()
+open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"]), "w").write(digest)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_follow_the_one_rank_loss_curve(embedded_store, tmp_path):
+    kw = dict(n_features=256, tokens=256 * 100, log_every=1, dead_tokens=5000)
+    run(cfg(embedded_store, tmp_path / "one", **kw))
+    two = cfg(embedded_store, tmp_path / "two", **kw)
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "ddp.py"), json.dumps(two.__dict__), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert json.loads((tmp_path / "two/run.json").read_text())["world_size"] == 2
+    # DDP keeps the replicas identical: both ranks end with the same dictionary.
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text()
+    curve = {r: torch.tensor([m["train/fvu"] for m in read_metrics(tmp_path / r) if "train/fvu" in m]) for r in ("one", "two")}
+    assert len(curve["one"]) == len(curve["two"]) == 100
+    # Same global batch, different rows per step (each rank reads its own blocks): compare the
+    # curves averaged over windows of 10 steps.
+    one, two_ = curve["one"].view(10, 10).mean(1), curve["two"].view(10, 10).mean(1)
+    assert torch.all((one - two_).abs() / one < 0.08), (one, two_)
+    assert evals(tmp_path / "two")[-1]["eval/fvu"] == pytest.approx(evals(tmp_path / "one")[-1]["eval/fvu"], rel=0.05)
+
+
+# --- errors: one line each ------------------------------------------------------------------
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    w = create_store(tmp_path / "partial", {"h": 8}, n_rows=128, meta={}, shard_rows=64, chunk_rows=16)
+    w.append({"h": torch.randn(128, 8)}, torch.zeros(128), torch.zeros(128))  # never finalized
+    with pytest.raises(SaekitError, match="incomplete") as e:
+        run(cfg(tmp_path / "partial", tmp_path / "run"))
+    _one_line(e)
+
+
+def test_missing_hook_is_named(embedded_store, tmp_path):
+    with pytest.raises(SaekitError, match="no hook 'blocks.9.hook_resid_pre'.*blocks.2.hook_resid_pre") as e:
+        run(cfg(embedded_store, tmp_path / "run", hook="blocks.9.hook_resid_pre"))
+    _one_line(e)
+
+
+def test_d_in_mismatch_is_refused(embedded_store, tmp_path):
+    SparseAutoencoder(d_in=64, n_features=128, k=8).save(tmp_path / "small")
+    with pytest.raises(SaekitError, match="d_in=64 but hook .* has d_model=128") as e:
+        run(cfg(embedded_store, tmp_path / "run", from_pretrained=str(tmp_path / "small"), n_features=0))
+    _one_line(e)
+
+
+def test_k_above_n_features_is_refused(sae_run, embedded_store, tmp_path):
+    with pytest.raises(SaekitError, match="--k 600 is larger than --n-features 512"):
+        cfg(embedded_store, tmp_path / "run", k=600)
+    with pytest.raises(SaekitError, match="--k 600 is larger than n_features 512"):
+        run(cfg(embedded_store, tmp_path / "run", k=600, n_features=0, from_pretrained=str(sae_run.out)))
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(embedded_store, tmp_path, monkeypatch):
+    real, calls = T.encode_decode, []
+
+    def poisoned_at_step_13(sae, sae_in):
+        calls.append(1)
+        out = real(sae, sae_in)
+        return out._replace(sae_out=out.sae_out * float("nan")) if len(calls) == 13 else out
+
+    monkeypatch.setattr(T, "encode_decode", poisoned_at_step_13)
+    out = tmp_path / "run"
+    with pytest.raises(SaekitError, match=r"loss became nan at step 13.*checkpoint \(step 10\)") as e:
+        run(cfg(embedded_store, out, n_features=256, tokens=256 * 30, checkpoint_every=5))
+    _one_line(e)
+    assert json.loads((out / "checkpoint/state.json").read_text())["position"]["step"] == 10
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint/model.safetensors")).values())
+    assert not (out / "sae").exists()
+
+
+def test_wandb_gets_the_metrics_and_a_failing_wandb_is_one_line(embedded_store, tmp_path, monkeypatch):
+    import types
+
+    logged = []
+    run_ = types.SimpleNamespace(log=lambda data, step: logged.append((step, data)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run_))
+    run(cfg(embedded_store, tmp_path / "ok", tokens=256 * 2, log_every=1, eval_every=2, wandb=True))
+    assert [step for step, data in logged if "eval/fvu" in data] == [0, 2]
+    assert [step for step, data in logged if "train/fvu" in data] == [1, 2]
+
+    def refuse(**kw):
+        raise RuntimeError("No API key configured.\nUse `wandb login`.")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
+    with pytest.raises(SaekitError, match="wandb.init failed .RuntimeError: No API key configured.*WANDB_MODE=offline") as e:
+        run(cfg(embedded_store, tmp_path / "no", wandb=True))
+    _one_line(e)
+    assert not (tmp_path / "no").exists()  # nothing left that would need --resume
+
+
+# --- pieces -------------------------------------------------------------------------------
+
+
+def test_sparse_topk_decode_matches_the_dense_reference(monkeypatch):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in=16, n_features=64, k=4)
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True  # AuxK active too
+
+    def loss_and_grads(dense: bool):
+        monkeypatch.setattr(T, "DENSE_DECODE", dense)
+        sae.zero_grad()
+        losses = T.Objective(sae, "encoder", k=4, k_aux=8, auxk_coef=1 / 32, variance=16.0)(x, dead)
+        losses.loss.backward()
+        return losses, [p.grad.clone() for p in sae.parameters()]
+
+    (a, grads_a), (b, grads_b) = loss_and_grads(False), loss_and_grads(True)
+    assert a.auxk > 0
+    torch.testing.assert_close(a.loss, b.loss)
+    assert torch.equal(a.counts, b.counts)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb)
+
+
+def test_lr_warms_up_then_decays_to_zero():
+    lrs = [T.lr_at(s, 100, 1.0, warmup_frac=0.1, decay_frac=0.2) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == lrs[50] == 1.0
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and 0 < lrs[-1] <= 0.05
+
+
+# --- CLI and config file ------------------------------------------------------------------
+
+
+def _cli(capsys, monkeypatch, *args) -> tuple[int, str]:
+    from cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["saekit", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+        raise SystemExit(0)
+    return e.value.code or 0, capsys.readouterr().err
+
+
+def test_cli_flags_override_the_config_file(embedded_store, tmp_path, capsys, monkeypatch):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'store = "{embedded_store}"\nn-features = 256\nk = 16\nbatch_size = 128\ntokens = 1280\n'
+                    f'eval_rows = {N_EVAL}\nprogress = false\ndevice = "cpu"\n')  # fmt: skip
+    code, err = _cli(capsys, monkeypatch, "train", "--config", toml, "--out", tmp_path / "run", "--k", 8)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    assert (saved["k"], saved["n_features"], saved["batch_size"]) == (8, 256, 128)
+    assert json.loads((tmp_path / "run/run.json").read_text())["steps"] == 10
+
+    # --resume alone continues with the run's saved settings (here: nothing left to do).
+    code, err = _cli(capsys, monkeypatch, "train", "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('kk = 3\n')
+    code, err = _cli(capsys, monkeypatch, "train", "--config", bad, "--store", "x", "--out", tmp_path / "r2")
+    assert code == 1 and err.strip() == f"error: --config {bad} has unknown key(s) kk; see `saekit train --help` for the names"
+
+
+def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for flag in ("--store", "--hook", "--out", "--k", "--n-features", "--tokens", "--batch-size", "--lr", "--seed",
+                 "--resume", "--config", "--from-pretrained", "--d-hidden", "--n-hidden", "--codes", "--auxk-coef", "--k-aux"):  # fmt: skip
+        assert flag in res.output, flag
