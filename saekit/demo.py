@@ -1,0 +1,132 @@
+"""`DemoConfig` + `run(cfg)`: the whole pipeline on the embedded default, end to end, offline.
+
+    harvest (embedded model + corpus) -> OUT/store
+    train a TopK SAE on it            -> OUT/train   (sae/, sae_lens/, checkpoints)
+    pursue gp and mp at several k     -> OUT/pursue  (codes.zarr, report.json/.md, fvu_vs_l0.png)
+
+Each stage is that stage's own `run(cfg)` with `resume` on, so a second demo run reuses what is
+finished (a complete store, the final checkpoint, finished code shards) and an interrupted one
+continues. One of the pursuit k's is the encoder's mean L0 (rounded down): the row of the report
+where gradient pursuit and the encoder are compared at the same sparsity.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from saekit.errors import SaekitError
+
+if TYPE_CHECKING:
+    from saekit.pursue import PursueResult
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; the defaults take about two minutes on two CPU cores."""
+
+    out: str = "cache/demo"
+    """Directory holding the three stages' outputs (store/, train/, pursue/)."""
+    tokens: int = 200_000
+    """Rows to harvest from the embedded model (middle layer's residual stream, d_model 128)."""
+    n_features: int = 1024
+    """Latents of the TopK SAE (8 x d_model)."""
+    k: int = 16
+    """TopK k of the SAE."""
+    steps: int = 2000
+    """Training steps."""
+    batch_size: int = 512
+    """Rows per training step."""
+    rows: int = 8192
+    """Rows the encoder and the pursuits are compared on (the store's first rows)."""
+    pursue_k: list[int] = field(default_factory=lambda: [4, 8, 32])
+    """Pursuit k's besides the encoder's L0 (which is always added)."""
+    methods: list[str] = field(default_factory=lambda: ["gp", "mp"])
+    """Pursuit methods."""
+    device: str = "cpu"
+    """Device for every stage: 'cpu' (the demo is sized for it), 'auto' or 'cuda'."""
+    progress: bool = True
+    """Progress bars and stage headers on stderr."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "n_features", "k", "steps", "batch_size", "rows"):
+            if getattr(self, name) <= 0:
+                raise SaekitError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
+        if self.k > self.n_features:
+            raise SaekitError(f"--k {self.k} is larger than --n-features {self.n_features}; k must be <= n_features")
+        bad = [k for k in self.pursue_k if not 0 < k <= self.n_features]
+        if bad:
+            raise SaekitError(f"pursuit k {bad[0]} must be between 1 and --n-features {self.n_features}")
+        if self.rows > self.tokens:
+            raise SaekitError(f"--rows {self.rows} is more than the --tokens {self.tokens} harvested; pass fewer")
+
+
+class DemoResult(NamedTuple):
+    """What `run` returns."""
+
+    store: Path
+    """The harvested store."""
+    train_dir: Path
+    """The training run directory (its sae/ is the SAE)."""
+    encoder_l0: float
+    """The SAE encoder's mean L0 on the compared rows."""
+    pursue: PursueResult
+    """The pursue stage's result (entries, table, out)."""
+
+    def headline(self) -> str:
+        """One line: gradient pursuit against the encoder at the encoder's L0."""
+        k = math.floor(self.encoder_l0 + 1e-9)
+        enc = next(e for e in self.pursue.entries if e.method == "encoder")
+        gp = next((e for e in self.pursue.entries if e.method == "gp" and e.k == k), None)
+        if gp is None:
+            return f"encoder: FVU {enc.fvu:.4f} at L0 {enc.l0:.2f}"
+        better = "lower" if gp.fvu < enc.fvu else "NOT lower"
+        return (
+            f"gradient pursuit at k={k} (the encoder's L0): FVU {gp.fvu:.4f} vs the encoder's {enc.fvu:.4f} "
+            f"({better}; {100 * (1 - gp.fvu / enc.fvu):.1f}% less unexplained variance)"
+        )
+
+
+def _stage(cfg: DemoConfig, i: int, what: str) -> None:
+    if cfg.progress:
+        print(f"[{i}/3] {what}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def encoder_l0(sae, store, hook: str, rows: int, batch_size: int = 4096) -> float:
+    """Mean nonzero codes per row of the SAE's encoder over the store's first `rows` rows."""
+    total = 0
+    for x in store.iter_rows(hook, batch_size, 0, rows):
+        total += int((sae.encode(x.to(sae.device)) != 0).sum())
+    return total / rows
+
+
+def run(cfg: DemoConfig) -> DemoResult:
+    """Harvest, train and pursue as `cfg` says (each stage resumed if it already ran)."""
+    from saekit import harvest, pursue, train
+    from saekit.store import open_store
+
+    out = Path(cfg.out)
+    _stage(cfg, 1, f"harvest {cfg.tokens:,} tokens of the embedded corpus -> {out / 'store'}")
+    store_dir = harvest.run(harvest.HarvestConfig(out=str(out / "store"), tokens=cfg.tokens, device=cfg.device,
+                                                  resume=True, progress=cfg.progress)).path  # fmt: skip
+
+    _stage(cfg, 2, f"train a TopK SAE ({cfg.n_features} latents, k={cfg.k}, {cfg.steps} steps) -> {out / 'train'}")
+    trained = train.run(train.TrainConfig(store=str(store_dir), out=str(out / "train"), n_features=cfg.n_features, k=cfg.k,
+                                          batch_size=cfg.batch_size, tokens=cfg.steps * cfg.batch_size,
+                                          device=cfg.device, resume=True, progress=cfg.progress))  # fmt: skip
+
+    store = open_store(store_dir)
+    sae = trained.sae.eval()
+    l0 = encoder_l0(sae, store, store.resolve_hook(None), cfg.rows)
+    ks = sorted({*cfg.pursue_k, max(1, math.floor(l0 + 1e-9))})
+    _stage(cfg, 3, f"pursue {', '.join(cfg.methods)} at k={ks} on {cfg.rows:,} rows -> {out / 'pursue'}")
+    result = pursue.run(pursue.PursueConfig(store=str(store_dir), sae=str(trained.out), out=str(out / "pursue"), k=ks,
+                                            methods=cfg.methods, rows=cfg.rows, device=cfg.device, resume=True,
+                                            progress=cfg.progress))  # fmt: skip
+    return DemoResult(store_dir, trained.out, l0, result)

@@ -1,0 +1,590 @@
+"""`PursueConfig` + `run(cfg)`: sparse codes for a whole activation cache, compared with the encoder.
+
+    store rows [0, N) ──► SAE encoder (+ extra encoders) ──► metrics only
+                      └─► pursuit method x k, against the SAE's dictionary ──► codes.zarr + metrics
+
+The language model is never loaded: rows are read in store order, shard by shard. Every entry of
+the report (the SAE's own encoder, each extra encoder, each pursuit method at each k) is measured
+on exactly the same rows, with FVU against the mean of all of them (`ReconstructionStats`).
+
+Output directory:
+
+    OUT/codes.zarr/               Zarr v3 group (format 'saekit-codes'), same shard layout as the store
+        rows                      [N] int64 store row of each code row (traces codes to text)
+        <method>_k<k>/indices     [N, k] int32 atom indices (unused slots hold value 0)
+        <method>_k<k>/values      [N, k] float32 coefficients, all >= 0
+        .saekit-shards/<array group>/shard-NNNNNN.json   per-shard completion record (crc32c)
+    OUT/report.json               list of entries: method, k, l0, fvu, explained_variance, ...
+    OUT/report.md                 the same as a table
+    OUT/fvu_vs_l0.png             FVU against L0: encoders as points, each method as a curve over k
+
+Shards are written whole (helpers from `saekit.store`), each followed by its record; a shard
+without a valid record is recomputed on `--resume`, so a killed run continues where it stopped and
+ends with the same bytes. Codes use the raw-space dictionary (`Decoder.raw_dictionary`), so they
+are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from saekit.errors import SaekitError
+from saekit.metrics import ReconstructionMetrics, ReconstructionStats
+from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
+from saekit.store import RECORDS_DIR, _crc, _shard_key, _write_json_atomic, _write_shard_file
+
+CODES_DIR = "codes.zarr"
+CODES_FORMAT = "saekit-codes"
+CODES_FORMAT_VERSION = 1
+ROWS = "rows"
+REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
+# What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
+# store and the SAE are identified by content (so either may move), and encoders, batch size and
+# device change only the report, so they may differ on resume.
+IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "rows")
+
+
+# --------------------------------------------------------------------------------------------
+# Config and results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PursueConfig:
+    """Everything `saekit pursue` needs; each field is a CLI flag (`batch_size` -> `--batch-size`)."""
+
+    store: str = ""
+    """Activation store written by `saekit harvest`."""
+    sae: str = ""
+    """The dictionary (and encoder): a saekit run dir (its sae/), a saekit SAE dir, a local sae-lens dir, or sae-lens RELEASE/ID."""
+    out: str = ""
+    """Output directory (codes.zarr, report.json, report.md, fvu_vs_l0.png). Must not exist unless --resume."""
+    k: list[int] = field(default_factory=list)
+    """Nonzeros per row for each pursuit; give several to trace FVU against L0."""
+    methods: list[str] = field(default_factory=lambda: ["gp", "mp"])
+    """Pursuit methods: gp (gradient), cgp (conjugate gradient), mp (matching), omp (orthogonal, slow)."""
+    hook: str | None = None
+    """Hook to read; default: the store's only hook."""
+    rows: int = 0
+    """Use the first N rows of the store; 0: all of them."""
+    encoders: list[str] = field(default_factory=list)
+    """Extra encoders to compare on the same rows (e.g. an MLP-encoder run dir); each is loaded like --sae."""
+    batch_size: int = 2048
+    """Rows per pursuit/encoder batch (the pursuit further chunks rows to bound memory)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."""
+    resume: bool = False
+    """Continue an interrupted run in --out (finished shards are kept; the report is rebuilt)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SaekitError(msg)
+
+        need(bool(self.store), "--store is required: the activation store to read")
+        need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
+        need(bool(self.out), "--out is required: the directory for codes and the report")
+        need(bool(self.k), "--k is required: nonzeros per row for the pursuit (repeat --k for several)")
+        bad_k = [k for k in self.k if k <= 0]
+        need(not bad_k, f"--k {bad_k[0] if bad_k else ''} must be positive (nonzeros per row)")
+        need(len(set(self.k)) == len(self.k), f"--k values repeat ({', '.join(map(str, self.k))}): give each once")
+        need(bool(self.methods), f"--method is required: one or more of {', '.join(METHODS)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
+        need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
+        need(self.rows >= 0, f"--rows {self.rows} must be >= 0 (0: all rows)")
+        need(self.batch_size > 0, f"--batch-size {self.batch_size} must be positive")
+
+
+class Entry(NamedTuple):
+    """One line of the report: one way of encoding, measured on the run's rows."""
+
+    method: str
+    """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), or a pursuit method."""
+    k: float | None
+    """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None for ReLU/JumpReLU encoders."""
+    l0: float
+    """Mean nonzero codes per row."""
+    fvu: float
+    """Fraction of variance unexplained, against the mean of all evaluated rows."""
+    explained_variance: float
+    """1 - fvu."""
+    mse: float
+    """Mean over rows of ||x - x_hat||^2 (raw activation space)."""
+    cossim: float
+    """Mean cosine similarity of each row and its reconstruction."""
+    l2_ratio: float
+    """Mean ||x_hat|| / ||x||."""
+    seconds: float
+    """Time spent computing the codes (pursuit or encoder forward), summed over shards."""
+    n_rows: int
+    """Rows evaluated."""
+    codes: str | None
+    """Group in codes.zarr holding the codes (pursuit entries), else None."""
+    source: str
+    """The SAE or encoder this entry used (as given on the command line)."""
+
+
+class PursueResult(NamedTuple):
+    """What `run` returns."""
+
+    out: Path
+    """The output directory."""
+    entries: list[Entry]
+    """The report's entries (also in report.json)."""
+    table: str
+    """The report table (markdown, also in report.md)."""
+
+
+def group_name(method: str, k: int) -> str:
+    """The codes.zarr group holding `method`'s codes at `k`."""
+    return f"{method}_k{k}"
+
+
+# --------------------------------------------------------------------------------------------
+# The codes store: whole-shard writes, a completion record per shard
+# --------------------------------------------------------------------------------------------
+
+
+class ShardRecord(NamedTuple):
+    """Completion marker of one shard of one array group (written after its data)."""
+
+    index: int
+    start: int
+    stop: int
+    crc32c: dict[str, int]  # array key -> crc32c of the valid rows' bytes
+    seconds: float  # compute time of this shard's codes (reported, not part of the data)
+
+
+class CodesStore:
+    """`OUT/codes.zarr`: the rows array and one (indices, values) group per (method, k).
+
+    Write with `CodesStore.create` + `write` + `finalize`; read with `open_codes`. Arrays share
+    the activation store's shard layout, so shard i of the codes covers the same rows as shard i
+    of the cache.
+    """
+
+    def __init__(self, root: Path, attrs: dict):
+        self.root = root
+        self.attrs = attrs
+        self.n_rows: int = int(attrs["n_rows"])
+        self.shard_rows: int = int(attrs["shard_rows"])
+        self.chunk_rows: int = int(attrs["chunk_rows"])
+        self.groups: dict[str, int] = {g: int(v["k"]) for g, v in attrs["groups"].items()}
+        """group name -> k"""
+        self.methods: dict[str, str] = {g: str(v["method"]) for g, v in attrs["groups"].items()}
+        """group name -> pursuit method"""
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_rows / self.shard_rows)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        return index * self.shard_rows, min((index + 1) * self.shard_rows, self.n_rows)
+
+    @staticmethod
+    def _keys(group: str) -> list[str]:
+        return [ROWS] if group == ROWS else [f"{group}/indices", f"{group}/values"]
+
+    def _record_path(self, group: str, index: int) -> Path:
+        return self.root / RECORDS_DIR / group / f"shard-{index:06d}.json"
+
+    @classmethod
+    def create(cls, root: Path, *, identity: dict, groups: dict[str, dict], n_rows: int, shard_rows: int, chunk_rows: int) -> CodesStore:
+        """A new, empty codes store at `root` (which must not exist). groups: name -> {method, k}."""
+        import zarr
+
+        attrs = {
+            "format": CODES_FORMAT, "format_version": CODES_FORMAT_VERSION, **identity, "groups": groups,
+            "n_rows": n_rows, "shard_rows": shard_rows, "chunk_rows": chunk_rows, "complete": False,
+        }  # fmt: skip
+        root.mkdir(parents=True)
+        zgroup = zarr.open_group(str(root), mode="w", zarr_format=3)
+
+        def array(name: str, shape: tuple[int, ...], dtype: str, **extra: Any) -> None:
+            a = zgroup.create_array(
+                name, shape=shape, dtype=dtype, shards=(shard_rows, *shape[1:]), chunks=(chunk_rows, *shape[1:]),
+                compressors=None, filters=None, fill_value=0,
+                # fixed inner-chunk offsets: the shard files saekit writes directly match zarr's own.
+                config={"write_empty_chunks": True},
+            )  # fmt: skip
+            a.attrs.update(extra)
+
+        array(ROWS, (n_rows,), "int64", description="store row of each code row")
+        for name, g in groups.items():
+            k = int(g["k"])
+            array(f"{name}/indices", (n_rows, k), "int32", method=g["method"], k=k, description="atom index of each nonzero slot")
+            array(f"{name}/values", (n_rows, k), "float32", method=g["method"], k=k, description="coefficient of each slot (>= 0)")
+        # attributes last: a directory without them is not (yet) a codes store.
+        zgroup.attrs.update(attrs)
+        (root / RECORDS_DIR).mkdir()
+        return cls(root, attrs)
+
+    def record(self, group: str, index: int) -> ShardRecord | None:
+        """The completion record of shard `index` of `group`, or None (then the shard is redone)."""
+        try:
+            return ShardRecord(**json.loads(self._record_path(group, index).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write(self, group: str, index: int, arrays: dict[str, np.ndarray], seconds: float) -> None:
+        """Write shard `index` of `group` whole. arrays: key -> [rows of the shard, ...] (unpadded)."""
+        start, stop = self.shard_range(index)
+        rec_path = self._record_path(group, index)
+        # drop an old record first: a crash mid-rewrite must not leave a record over torn data.
+        rec_path.unlink(missing_ok=True)
+        crc = {}
+        for key, v in arrays.items():
+            v = np.ascontiguousarray(v)
+            crc[key] = _crc(v)
+            if v.shape[0] < self.shard_rows:  # the last shard: zero-pad so every inner chunk exists
+                v = np.concatenate([v, np.zeros((self.shard_rows - v.shape[0], *v.shape[1:]), v.dtype)])
+            _write_shard_file(self.root / _shard_key(key, v.ndim, index), v, self.chunk_rows)
+        rec_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(rec_path, ShardRecord(index, start, stop, crc, float(seconds))._asdict())
+
+    def read(self, group: str, index: int) -> dict[str, np.ndarray] | None:
+        """Shard `index` of `group` (key -> valid rows), or None when it has no record or fails its checksum."""
+        import zarr
+
+        rec = self.record(group, index)
+        if rec is None:
+            return None
+        start, stop = self.shard_range(index)
+        out = {}
+        try:
+            for key in self._keys(group):
+                out[key] = np.asarray(zarr.open_array(str(self.root / key), mode="r")[start:stop])
+        except Exception:  # a torn or missing shard file: redo the shard
+            return None
+        if any(_crc(out[key]) != rec.crc32c.get(key) for key in out):
+            return None
+        return out
+
+    def finalize(self) -> None:
+        """Mark complete (every shard of every group has a record)."""
+        missing = [(g, i) for g in [ROWS, *self.groups] for i in range(self.n_shards) if self.record(g, i) is None]
+        if missing:
+            raise SaekitError(f"{self.root}: shard {missing[0][1]} of {missing[0][0]} is missing; rerun with --resume")
+        self.attrs["complete"] = True
+        doc = json.loads((self.root / "zarr.json").read_text())
+        doc["attributes"] = self.attrs
+        _write_json_atomic(self.root / "zarr.json", doc)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def rows(self) -> torch.Tensor:
+        """Store row of every code row: int64 [n_rows]."""
+        import zarr
+
+        return torch.from_numpy(np.asarray(zarr.open_array(str(self.root / ROWS), mode="r")[:]))
+
+    def codes(self, group: str, start: int = 0, stop: int | None = None) -> SparseCodes:
+        """Codes of rows [start, stop) of `group`: indices int64 [n, k], values float32 [n, k]."""
+        import zarr
+
+        if group not in self.groups:
+            raise SaekitError(f"{self.root} has no codes group {group!r}; it has: {', '.join(self.groups)}")
+        stop = self.n_rows if stop is None else stop
+        idx = np.asarray(zarr.open_array(str(self.root / group / "indices"), mode="r")[start:stop])
+        val = np.asarray(zarr.open_array(str(self.root / group / "values"), mode="r")[start:stop])
+        return SparseCodes(torch.from_numpy(idx).long(), torch.from_numpy(val))
+
+
+def _read_codes_attrs(root: Path) -> dict | None:
+    try:
+        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return attrs if isinstance(attrs, dict) and attrs.get("format") == CODES_FORMAT else None
+
+
+def open_codes(path: str | os.PathLike, allow_incomplete: bool = False) -> CodesStore:
+    """Open the codes written by `saekit pursue`: OUT or OUT/codes.zarr."""
+    root = Path(path)
+    if (root / CODES_DIR).is_dir():
+        root = root / CODES_DIR
+    attrs = _read_codes_attrs(root)
+    if attrs is None:
+        raise SaekitError(f"{path} holds no saekit codes; pass the --out directory of `saekit pursue`")
+    if int(attrs.get("format_version", 0)) > CODES_FORMAT_VERSION:
+        raise SaekitError(f"{root} has codes format {attrs['format_version']}; upgrade saekit to read it")
+    if not attrs.get("complete") and not allow_incomplete:
+        raise SaekitError(f"codes in {root} are incomplete (the run was interrupted); finish it with `saekit pursue ... --resume`")
+    return CodesStore(root, attrs)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading what is compared
+# --------------------------------------------------------------------------------------------
+
+
+def load_sae(spec: str, device: Any = "cpu") -> Any:
+    """An SAE from a run dir (its sae/), a saekit SAE dir, a local sae-lens dir, or RELEASE/ID (eval mode)."""
+    from saekit.train import load_dictionary
+
+    path = Path(spec).expanduser()
+    if not path.is_dir() and _looks_local(spec):
+        # a path that is not there is a typo, not a hub release: say so instead of asking the hub.
+        raise SaekitError(f"no SAE directory at {spec}; pass a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
+    return load_dictionary(str(path) if path.is_dir() else spec, device=device).eval()
+
+
+def _looks_local(spec: str) -> bool:
+    """True for specs that name the local filesystem rather than a sae-lens RELEASE/ID."""
+    first = spec.split("/", 1)[0]
+    return spec.startswith((".", "/", "~")) or Path(spec).exists() or (bool(first) and Path(first).is_dir())
+
+
+def dictionary_sha256(sae: Any) -> str:
+    """Hash of the raw-space dictionary (W_dec, b_dec) bytes: identifies the codes' dictionary."""
+    W, b = sae.decoder.raw_dictionary()
+    h = hashlib.sha256()
+    for t in (W, b):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _check_width(sae: Any, spec: str, d_model: int, hook: str) -> None:
+    if sae.d_in != d_model:
+        raise SaekitError(f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook")
+    meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
+    if meant and meant != hook:
+        warnings.warn(f"SAE {spec} was trained on {meant}, not {hook}; the comparison may be meaningless", stacklevel=3)
+
+
+def _encoder_k(sae: Any) -> float | None:
+    return sae.k if sae.activation in ("topk", "batchtopk") else None
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _now(device: torch.device) -> float:
+    """A clock for device work: waits for queued CUDA kernels so the times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _check_out(cfg: PursueConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not cfg.resume:
+            raise SaekitError(f"output {out} already exists: pass --resume to continue it, or choose a new --out")
+        if _read_codes_attrs(out / CODES_DIR) is None:
+            raise SaekitError(f"--resume: {out} is not a `saekit pursue` output (no {CODES_DIR}); choose a new --out")
+    return out
+
+
+def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: int, layout: Any) -> CodesStore:
+    root = out / CODES_DIR
+    attrs = _read_codes_attrs(root)
+    if attrs is None:
+        return CodesStore.create(root, identity=identity, groups=groups, n_rows=n_rows, shard_rows=layout.shard_rows, chunk_rows=layout.chunk_rows)
+    diff = [k for k in IDENTITY if attrs.get(k) != identity[k]]
+    if attrs.get("shard_rows") != layout.shard_rows:
+        diff.append("the store's shard layout")
+    if diff:
+        raise SaekitError(f"--resume: {out} was started with different settings (differs in: {', '.join(diff)}); use the same ones or a new --out")
+    return CodesStore(root, attrs)
+
+
+def run(cfg: PursueConfig) -> PursueResult:
+    """Encode and pursue the first `cfg.rows` rows of the store; write codes and the report."""
+    from saekit.sources import resolve_device
+    from saekit.store import open_store
+
+    out = _check_out(cfg)
+    device = resolve_device(cfg.device)
+    store = open_store(cfg.store)
+    hook = store.resolve_hook(cfg.hook)
+    d_model = store.d_model(hook)
+    n_rows = cfg.rows or store.n_rows
+    if n_rows > store.n_rows:
+        raise SaekitError(f"--rows {n_rows} is more than the store's {store.n_rows} rows; pass fewer (0: all)")
+
+    sae = load_sae(cfg.sae, device)
+    _check_width(sae, cfg.sae, d_model, hook)
+    too_big = [k for k in cfg.k if k > sae.n_features]
+    if too_big:
+        raise SaekitError(f"--k {too_big[0]} is larger than the SAE's n_features={sae.n_features}; k must be between 1 and n_features")
+    extras = []
+    for spec in cfg.encoders:
+        enc = load_sae(spec, device)
+        _check_width(enc, spec, d_model, hook)
+        name = f"encoder:{Path(spec).name or spec}"
+        if name in {"encoder", *(e[0] for e in extras)}:  # e.g. two runs' sae/ dirs: keep both
+            name = f"encoder:{spec}#{len(extras) + 1}"
+        extras.append((name, spec, enc))
+
+    identity = {
+        "store": str(cfg.store), "store_hash": store.content_hash, "hook": hook, "sae": cfg.sae,
+        "dictionary_sha256": dictionary_sha256(sae), "methods": cfg.methods, "k": sorted(cfg.k), "rows": n_rows,
+    }  # fmt: skip
+    groups = {group_name(m, k): {"method": m, "k": k} for m in cfg.methods for k in sorted(cfg.k)}
+    out.mkdir(parents=True, exist_ok=True)
+    codes = _open_or_create(out, identity, groups, n_rows, store.layout)
+
+    W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
+    stats = _stream(cfg, store, hook, codes, sae, extras, W, b, device)
+    codes.finalize()
+
+    entries = [_entry("encoder", _encoder_k(sae), stats["encoder"], None, cfg.sae)]
+    entries += [_entry(name, _encoder_k(enc), stats[name], None, spec) for name, spec, enc in extras]
+    for g, spec in groups.items():
+        secs = sum(codes.record(g, i).seconds for i in range(codes.n_shards))
+        entries.append(_entry(spec["method"], spec["k"], stats[g]._replace(seconds=secs), f"{CODES_DIR}/{g}", cfg.sae))
+    header = {"store": str(cfg.store), "hook": hook, "rows": n_rows, "sae": cfg.sae, "n_features": sae.n_features, "device": str(device)}
+    table = write_report(out, entries, header)
+    return PursueResult(out, entries, table)
+
+
+class _Measured(NamedTuple):
+    metrics: ReconstructionMetrics
+    seconds: float
+
+
+def _stream(cfg: PursueConfig, store: Any, hook: str, codes: CodesStore, sae: Any, extras: list, W: torch.Tensor,
+            b: torch.Tensor, device: torch.device) -> dict[str, _Measured]:  # fmt: skip
+    """One pass over the rows, shard by shard: encoders measured, pursuits run (or their finished
+    shards read back) and measured. Returns name -> metrics over all rows."""
+    encoders = [("encoder", sae), *[(name, enc) for name, _, enc in extras]]
+    stats = {name: ReconstructionStats() for name in [*(n for n, _ in encoders), *codes.groups]}
+    seconds = dict.fromkeys(stats, 0.0)
+    bar = tqdm(total=codes.n_rows, unit="row", unit_scale=True, desc="pursue", disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        for i in range(codes.n_shards):
+            start, stop = codes.shard_range(i)
+            if codes.record(ROWS, i) is None:
+                codes.write(ROWS, i, {ROWS: np.arange(start, stop, dtype=np.int64)}, 0.0)
+            done = {g: codes.read(g, i) for g in codes.groups}
+            todo = [g for g, v in done.items() if v is None]
+            fresh = {g: _empty_shard(g, stop - start, codes.groups[g]) for g in todo}
+            spent = dict.fromkeys(todo, 0.0)
+            x_shard = store.rows(hook, start, stop)
+            for b0 in range(0, stop - start, cfg.batch_size):
+                b1 = min(b0 + cfg.batch_size, stop - start)
+                x = x_shard[b0:b1].to(device).float()
+                with torch.no_grad():
+                    for name, enc in encoders:
+                        t0 = _now(device)
+                        res = enc(x)
+                        seconds[name] += _now(device) - t0
+                        stats[name].update(x, res.reconstruction, res.codes)
+                for g, k in codes.groups.items():
+                    if g in fresh:
+                        t0 = _now(device)
+                        c = pursuit(x, W, k, method=codes.methods[g], b_dec=b, dense=False)
+                        spent[g] += _now(device) - t0
+                        fresh[g][f"{g}/indices"][b0:b1] = c.indices.to("cpu", torch.int32).numpy()
+                        fresh[g][f"{g}/values"][b0:b1] = c.values.cpu().numpy()
+                        arrays = fresh[g]
+                    else:
+                        arrays = done[g]
+                    # Metrics always come from the stored form of the codes, so a resumed run
+                    # reports exactly what an uninterrupted one does.
+                    c = SparseCodes(
+                        torch.from_numpy(arrays[f"{g}/indices"][b0:b1]).long().to(device),
+                        torch.from_numpy(arrays[f"{g}/values"][b0:b1]).to(device),
+                    )
+                    stats[g].update(x, reconstruct(c, W, b), c.values)
+                bar.update(b1 - b0)
+            for g in todo:
+                codes.write(g, i, fresh[g], spent[g])
+    finally:
+        bar.close()
+    return {name: _Measured(s.compute(), seconds[name]) for name, s in stats.items()}
+
+
+def _empty_shard(group: str, n: int, k: int) -> dict[str, np.ndarray]:
+    return {f"{group}/indices": np.zeros((n, k), np.int32), f"{group}/values": np.zeros((n, k), np.float32)}
+
+
+def _entry(method: str, k: float | None, m: _Measured, codes: str | None, source: str) -> Entry:
+    r = m.metrics
+    return Entry(method, k, r.l0, r.fvu, r.explained_variance, r.mse, r.cossim, r.l2_ratio, m.seconds, r.n_tokens, codes, source)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(entries: Sequence[Entry]) -> str:
+    """The entries as a markdown table."""
+    lines = [
+        "| method | k | L0 | FVU | explained variance | MSE | cossim | seconds | rows/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        k = "" if e.k is None else (f"{e.k:g}")
+        rate = f"{e.n_rows / e.seconds:,.0f}" if e.seconds > 0 else ""
+        lines.append(
+            f"| {e.method} | {k} | {e.l0:.2f} | {e.fvu:.4f} | {e.explained_variance:.4f} | {e.mse:#.4g} | "
+            f"{e.cossim:.4f} | {e.seconds:.2f} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
+    """report.json, report.md and fvu_vs_l0.png in `out`; returns the table."""
+    _write_json_atomic(out / REPORT_JSON, [e._asdict() for e in entries])
+    table = format_table(entries)
+    head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
+    md = f"# saekit pursue report\n\n{head}\n\nFVU is against the mean of all {header['rows']} rows.\n\n{table}\n\n![FVU against L0]({PLOT})\n"
+    tmp = out / f".{REPORT_MD}.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, out / REPORT_MD)
+    plot_fvu_vs_l0(entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['rows']} rows")
+    return table
+
+
+def plot_fvu_vs_l0(entries: Sequence[Entry], path: Path, title: str = "") -> None:
+    """FVU against L0: each encoder a labelled point, each pursuit method a curve over k."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; also keeps the bytes independent of the backend
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    colors = plt.get_cmap("tab10").colors
+    methods = list(dict.fromkeys(e.method for e in entries if e.codes is not None))
+    for i, m in enumerate(methods):
+        pts = sorted((e.l0, e.fvu) for e in entries if e.method == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[i % 10], label=m)
+    # encoders: stars in black, then the palette's far end, so they never share a method's colour
+    star_colors = ["black", *reversed(colors)]
+    for i, e in enumerate(e for e in entries if e.codes is None):
+        ax.scatter([e.l0], [e.fvu], marker="*", s=180, zorder=3, color=star_colors[i % len(star_colors)], label=e.method)
+    ax.set_xlabel("L0 (mean nonzero codes per row)")
+    ax.set_ylabel("FVU (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,69 @@
+"""`saekit demo` at a tiny size: harvest -> train -> pursue on the embedded default, then a second
+run (through the CLI) that reuses every finished stage."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+import saekit.harvest
+import saekit.train
+from saekit.demo import DemoConfig, run
+from saekit.errors import SaekitError
+from saekit.pursue import CodesStore
+
+SIZES = {"tokens": 4096, "steps": 20, "rows": 1024}  # all exposed as CLI flags too
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small tensors on a busy 2-core machine: extra intra-op threads only add wake-up waits.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo"
+    res = run(DemoConfig(out=str(out), progress=False, **SIZES))
+    k_l0 = math.floor(res.encoder_l0 + 1e-9)
+    assert 0 < res.encoder_l0 <= 16  # a TopK(16) encoder
+    report = json.loads((out / "pursue" / "report.json").read_text())
+    assert report[0]["method"] == "encoder" and report[0]["n_rows"] == SIZES["rows"]
+    ks = sorted({4, 8, 32, k_l0})
+    assert [(e["method"], e["k"]) for e in report[1:]] == [(m, k) for m in ("gp", "mp") for k in ks]
+    assert all(e["n_rows"] == SIZES["rows"] for e in report)
+    assert (out / "pursue" / "fvu_vs_l0.png").stat().st_size > 5000
+    assert (out / "train" / "sae" / "config.json").is_file() and (out / "store" / "zarr.json").is_file()
+    assert f"gradient pursuit at k={k_l0} (the encoder's L0)" in res.headline()
+
+    # Again, through the CLI with the same sizes: nothing is harvested, trained or pursued again.
+    def never(*a, **kw):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(saekit.harvest, "forward_acts", never)
+    monkeypatch.setattr(saekit.train, "train_step", never)
+    monkeypatch.setattr(CodesStore, "write", never)
+    from cli.main import main
+
+    args = [f"--{k}={v}" for k, v in SIZES.items()]
+    monkeypatch.setattr(sys, "argv", ["saekit", "demo", "--out", str(out), *args])
+    with pytest.raises(SystemExit) as e:
+        main()  # typer exits 0 on success
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "| gp |" in printed and "(the encoder's L0)" in printed
+    again = json.loads((out / "pursue" / "report.json").read_text())
+    strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r]  # noqa: E731
+    assert strip(again) == strip(report)
+
+
+def test_demo_config_errors_name_the_flag():
+    with pytest.raises(SaekitError, match="--steps 0 must be positive"):
+        DemoConfig(steps=0)
+    with pytest.raises(SaekitError, match="--rows 5000 is more than the --tokens 4096"):
+        DemoConfig(tokens=4096, rows=5000)

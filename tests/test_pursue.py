@@ -1,0 +1,349 @@
+"""`saekit pursue`: codes and report over a store, resume, errors, the CLI, and the original promise
+(gradient pursuit at the encoder's L0 beats the encoder) on an SAE trained by saekit."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saekit.errors import SaekitError
+from saekit.metrics import fvu
+from saekit.pursue import CodesStore, PursueConfig, open_codes, run
+from saekit.pursuit import METHODS, gradient_pursuit, reconstruct, to_dense
+from saekit.sae import SparseAutoencoder
+from saekit.store import create_store, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+HOOK = "blocks.1.hook_resid_pre"
+D, N_ROWS, N_FEATURES = 16, 300, 64
+FIELDS = {"method", "k", "l0", "fvu", "explained_variance", "mse", "cossim", "seconds", "n_rows", "codes", "source"}
+
+
+def _store(path: Path, d: int = D, n: int = N_ROWS) -> Path:
+    # shards of 128 rows: 3 shards, the last one partial, so resume and padding are exercised.
+    w = create_store(path, {HOOK: d}, n_rows=n, meta={"model": "synthetic"}, shard_rows=128, chunk_rows=32)
+    g = torch.Generator().manual_seed(0)
+    # sparse nonnegative mixtures of a few directions plus noise and an offset: SAE-like data.
+    atoms = torch.randn(24, d, generator=g)
+    coef = torch.rand(n, 24, generator=g) * (torch.rand(n, 24, generator=g) < 0.15)
+    x = coef @ atoms + 0.05 * torch.randn(n, d, generator=g) + 3.0
+    w.append({HOOK: x}, torch.arange(n), torch.arange(n) % 16)
+    w.finalize()
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These tensors are tiny: with several intra-op threads on a busy 2-core machine, each op
+    # waits on thread wake-ups (~10 ms for a [50, 64] max) and the file takes minutes.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return _store(tmp_path_factory.mktemp("pursue") / "store")
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory, store) -> Path:
+    """A TopK SAE with input normalization (so raw vs normalized dictionary matters)."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in=D, n_features=N_FEATURES, k=4)
+    st = open_store(store).stats()
+    sae.set_input_normalization(st.mean, st.mean_sq_norm)
+    out = tmp_path_factory.mktemp("sae") / "run"
+    sae.save(out / "sae")  # a training run directory: the SAE lives in run/sae
+    return out
+
+
+def _cfg(tmp_path, store, sae_dir, **kw) -> PursueConfig:
+    base = dict(store=str(store), sae=str(sae_dir), out=str(tmp_path / "out"), k=[2, 6], methods=["gp", "mp"],
+                batch_size=50, progress=False)  # fmt: skip
+    return PursueConfig(**(base | kw))
+
+
+def _arrays(out: Path) -> dict[str, np.ndarray]:
+    c = open_codes(out)
+    arrays = {"rows": c.rows().numpy()}
+    for g in c.groups:
+        codes = c.codes(g)
+        arrays[g + "/indices"], arrays[g + "/values"] = codes.indices.numpy(), codes.values.numpy()
+    return arrays
+
+
+def _same_report(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (a, b))
+    drop = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r]  # noqa: E731
+    assert drop(ra) == drop(rb)
+
+
+# --------------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_compares_every_entry_on_the_same_rows(tmp_path, store, sae_dir):
+    # an extra encoder: an MLP encoder over the same dictionary, saved as a run directory
+    base = SparseAutoencoder.load(sae_dir / "sae")
+    torch.manual_seed(1)
+    mlp = SparseAutoencoder(decoder=base.decoder, k=3, d_hidden=8, n_hidden=1)
+    mlp.save(tmp_path / "mlp-run" / "sae")
+    res = run(_cfg(tmp_path, store, sae_dir, encoders=[str(tmp_path / "mlp-run")]))
+    report = json.loads((res.out / "report.json").read_text())
+    assert [(e["method"], e["k"]) for e in report] == [
+        ("encoder", 4), ("encoder:mlp-run", 3), ("gp", 2), ("gp", 6), ("mp", 2), ("mp", 6)
+    ]  # fmt: skip
+    assert report[1]["source"] == str(tmp_path / "mlp-run") and report[1]["l0"] <= 3
+    for e in report:
+        assert FIELDS <= set(e)
+        assert e["n_rows"] == N_ROWS
+        assert math.isclose(e["explained_variance"], 1 - e["fvu"], rel_tol=1e-9)
+        if e["codes"]:
+            assert e["l0"] <= e["k"] + 1e-9 and e["seconds"] > 0
+    # more nonzeros, less error; gradient pursuit at least as good as matching pursuit.
+    by = {(e["method"], e["k"]): e for e in report}
+    assert by["gp", 6]["fvu"] < by["gp", 2]["fvu"] and by["mp", 6]["fvu"] < by["mp", 2]["fvu"]
+    assert by["gp", 6]["fvu"] <= by["mp", 6]["fvu"] * (1 + 1e-6)
+    md = (res.out / "report.md").read_text()
+    assert "| gp | 6 |" in md and "| encoder | 4 |" in md and res.table in md
+    png = (res.out / "fvu_vs_l0.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_codes_are_the_pursuits_codes_and_the_report_measures_them(tmp_path, store, sae_dir):
+    res = run(_cfg(tmp_path, store, sae_dir, k=[5], methods=["gp"]))
+    codes = open_codes(res.out)
+    assert codes.complete and codes.groups == {"gp_k5": 5}
+    assert torch.equal(codes.rows(), torch.arange(N_ROWS))
+    c = codes.codes("gp_k5")
+    assert c.indices.shape == c.values.shape == (N_ROWS, 5)
+    assert bool((c.values >= 0).all())
+    # exactly what gradient pursuit gives against the SAE's raw-space dictionary
+    sae = SparseAutoencoder.load(sae_dir / "sae")
+    x = open_store(store).rows(None, 0, N_ROWS).float()
+    W, b = sae.decoder.raw_dictionary()
+    ref = gradient_pursuit(x, W, 5, b_dec=b, dense=False)
+    assert torch.equal(c.indices, ref.indices) and torch.equal(c.values, ref.values)
+    # codes are in the SAE's units: its own decode reconstructs raw activations from them
+    with torch.no_grad():
+        recon = sae.decode(to_dense(c, sae.n_features))
+    torch.testing.assert_close(recon, reconstruct(c, W, b), rtol=1e-4, atol=1e-4)
+    # FVU against the mean of all rows, not per batch (batch_size 50 here)
+    entry = next(e for e in res.entries if e.method == "gp")
+    assert math.isclose(entry.fvu, float(fvu(x, reconstruct(c, W, b))), rel_tol=1e-5)
+
+
+def test_rows_takes_the_first_rows_in_store_order(tmp_path, store, sae_dir):
+    full = run(_cfg(tmp_path / "a", store, sae_dir, k=[3], methods=["mp"]))
+    part = run(_cfg(tmp_path / "b", store, sae_dir, k=[3], methods=["mp"], rows=100))
+    assert all(e.n_rows == 100 for e in part.entries)
+    a, b = _arrays(full.out), _arrays(part.out)
+    assert b["rows"].tolist() == list(range(100))
+    assert np.array_equal(a["mp_k3/indices"][:100], b["mp_k3/indices"])
+    assert np.array_equal(a["mp_k3/values"][:100], b["mp_k3/values"])
+
+
+def test_same_inputs_same_bytes(tmp_path, store, sae_dir):
+    a = run(_cfg(tmp_path / "a", store, sae_dir, k=[3], methods=["gp"]))
+    b = run(_cfg(tmp_path / "b", store, sae_dir, k=[3], methods=["gp"]))
+    files = sorted(p.relative_to(a.out / "codes.zarr") for p in (a.out / "codes.zarr").rglob("c/*/*") if p.is_file())
+    assert files
+    for f in files:
+        assert (a.out / "codes.zarr" / f).read_bytes() == (b.out / "codes.zarr" / f).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_after_interruption_gives_the_same_codes(tmp_path, store, sae_dir, monkeypatch):
+    clean = run(_cfg(tmp_path / "clean", store, sae_dir))
+    writes = []
+    real_write = CodesStore.write
+
+    def dying_write(self, group, index, arrays, seconds):
+        if len(writes) == 6:  # rows + 4 groups of shard 0, then rows of shard 1: killed here
+            raise KeyboardInterrupt
+        writes.append((group, index))
+        real_write(self, group, index, arrays, seconds)
+
+    monkeypatch.setattr(CodesStore, "write", dying_write)
+    cfg = _cfg(tmp_path / "killed", store, sae_dir)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert not open_codes(cfg.out, allow_incomplete=True).complete
+    assert not (Path(cfg.out) / "report.json").exists()
+    with pytest.raises(SaekitError, match="incomplete"):
+        open_codes(cfg.out)
+
+    monkeypatch.setattr(CodesStore, "write", real_write)
+    redone = []
+    monkeypatch.setattr(CodesStore, "write", lambda self, g, i, a, s: (redone.append((g, i)), real_write(self, g, i, a, s)))
+    cfg.resume = True
+    run(cfg)
+    # finished shards were kept, not recomputed
+    assert not set(redone) & set(writes) and len(redone) == 3 * 5 - len(writes)
+    a, b = _arrays(clean.out), _arrays(Path(cfg.out))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    _same_report(clean.out, Path(cfg.out))
+
+
+def test_resume_of_a_finished_run_recomputes_nothing(tmp_path, store, sae_dir, monkeypatch):
+    cfg = _cfg(tmp_path, store, sae_dir, k=[3], methods=["gp"])
+    first = run(cfg)
+    report = (first.out / "report.json").read_text()
+    monkeypatch.setattr(CodesStore, "write", lambda *a: pytest.fail("a finished shard was rewritten"))
+    cfg.resume = True
+    again = run(cfg)
+    # same codes, same metrics; only the measured encoder time may differ
+    _same_report(first.out, again.out)
+    assert json.loads(report)[1]["seconds"] == again.entries[1].seconds
+
+
+def test_a_corrupt_shard_is_recomputed_on_resume(tmp_path, store, sae_dir):
+    cfg = _cfg(tmp_path, store, sae_dir, k=[3], methods=["gp"])
+    clean = _arrays(run(cfg).out)
+    shard = Path(cfg.out) / "codes.zarr" / "gp_k3" / "values" / "c" / "1" / "0"
+    raw = bytearray(shard.read_bytes())
+    raw[10] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    cfg.resume = True
+    run(cfg)
+    assert np.array_equal(_arrays(Path(cfg.out))["gp_k3/values"], clean["gp_k3/values"])
+
+
+def test_resume_refuses_other_settings(tmp_path, store, sae_dir):
+    cfg = _cfg(tmp_path, store, sae_dir, k=[3], methods=["gp"])
+    run(cfg)
+    with pytest.raises(SaekitError, match=r"differs in: k\b") as e:
+        run(_cfg(tmp_path, store, sae_dir, k=[4], methods=["gp"], resume=True))
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one line each, naming the flag and what to do
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line_error(match: str, fn, *a, **kw) -> str:
+    with pytest.raises(SaekitError, match=match) as e:
+        fn(*a, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300
+    return msg
+
+
+def test_errors(tmp_path, store, sae_dir):
+    other = _store(tmp_path / "wide", d=D + 8, n=64)
+    msg = _one_line_error("d_in=16", run, _cfg(tmp_path, other, sae_dir))
+    assert "d_model=24" in msg
+    _one_line_error("--k 0 must be positive", _cfg, tmp_path, store, sae_dir, k=[0])
+    _one_line_error("--k -3 must be positive", _cfg, tmp_path, store, sae_dir, k=[2, -3])
+    _one_line_error(f"--k {N_FEATURES + 1} is larger than the SAE's n_features={N_FEATURES}", run,
+                    _cfg(tmp_path, store, sae_dir, k=[N_FEATURES + 1]))  # fmt: skip
+    msg = _one_line_error("unknown --method 'lasso'", _cfg, tmp_path, store, sae_dir, methods=["gp", "lasso"])
+    assert all(m in msg for m in METHODS)
+    _one_line_error("--rows 301 is more than the store's 300 rows", run, _cfg(tmp_path, store, sae_dir, rows=301))
+    _one_line_error("no SAE directory at", run, _cfg(tmp_path, store, str(tmp_path / "nope")))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    _one_line_error("already exists: pass --resume", run, _cfg(tmp_path, store, sae_dir, out=str(tmp_path / "taken")))
+    _one_line_error("not a `saekit pursue` output", run, _cfg(tmp_path, store, sae_dir, out=str(tmp_path / "taken"), resume=True))
+    # nothing was created by the failed runs
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI, as a user runs it
+# --------------------------------------------------------------------------------------------
+
+
+def _saekit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_runs_and_prints_the_table(tmp_path, store, sae_dir):
+    p = _saekit("pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--k", 4, "--method", "gp",
+                "--out", tmp_path / "o", "--batch-size", 64)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "| gp | 4 |" in p.stdout and "| encoder | 4 |" in p.stdout
+    assert [e["k"] for e in json.loads((tmp_path / "o" / "report.json").read_text())] == [4, 2, 4]
+
+
+def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path, store, sae_dir, capsys, monkeypatch):
+    p = _saekit("pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--method", "nope", "--out", tmp_path / "o")
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: unknown --method 'nope'"), p.stderr
+    # the rest through the same entry point, in-process (each subprocess costs seconds of imports)
+    from cli.main import main
+
+    def cli(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["saekit", "pursue", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        return e.value.code, capsys.readouterr().err
+
+    base = ["--store", store, "--sae", sae_dir, "--out", tmp_path / "o2"]
+    wide = _store(tmp_path / "wide", d=D + 8, n=64)
+    cases = [
+        (["--k", 0, *base], "--k 0 must be positive"),
+        (["--k", 999, *base], "--k 999 is larger than the SAE's n_features=64"),
+        (["--k", 2, "--store", wide, "--sae", sae_dir, "--out", tmp_path / "o3"], "d_in=16 but hook"),
+        ([*base], "--k is required"),
+    ]
+    for args, want in cases:
+        code, err = cli(*args)
+        assert code == 1 and err.startswith("error: ") and want in err and err.strip().count("\n") == 0, err
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "f").write_text("")
+    code, err = cli("--k", 2, *base)
+    assert code == 1 and "already exists: pass --resume" in err and err.strip().count("\n") == 0
+
+
+def test_help(capsys, monkeypatch):
+    from cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["saekit", "pursue", "--help"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--encoder" in out and "--resume" in out
+
+
+# --------------------------------------------------------------------------------------------
+# the original promise, on the embedded default
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gradient_pursuit_beats_the_encoder_of_a_saekit_sae(tmp_path, embedded_store):
+    """At k = the encoder's mean L0 (rounded down), gradient pursuit against a saekit-trained
+    SAE's own dictionary reconstructs better than the SAE's encoder."""
+    from saekit.train import TrainConfig
+    from saekit.train import run as train
+
+    res = train(TrainConfig(store=str(embedded_store), out=str(tmp_path / "run"), n_features=512, k=12,
+                            batch_size=512, tokens=512 * 60, eval_rows=4096, eval_every=60, checkpoint_every=0,
+                            device="cpu", progress=False))  # fmt: skip
+    rows = 4096  # the first rows of the store (training's held-out rows are the last ones)
+    with torch.no_grad():
+        l0 = float((res.sae.eval().encode(open_store(embedded_store).rows(None, 0, rows)) != 0).sum(1).float().mean())
+    k = int(math.floor(l0 + 1e-9))
+    report = run(PursueConfig(store=str(embedded_store), sae=str(res.out), out=str(tmp_path / "p"), k=[k],
+                              methods=["gp"], rows=rows, progress=False, encoders=[str(res.out / "sae_lens")])).entries  # fmt: skip
+    encoder, lens_encoder, gp = report
+    assert gp.l0 <= encoder.l0 + 1e-9
+    assert gp.fvu < encoder.fvu, (gp, encoder)
+    # the sae-lens export of the same SAE loads as an encoder and measures the same
+    assert math.isclose(lens_encoder.fvu, encoder.fvu, rel_tol=1e-3) and math.isclose(lens_encoder.l0, encoder.l0, rel_tol=1e-3)
