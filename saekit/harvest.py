@@ -1,0 +1,709 @@
+"""Harvest: run a transformer-lens model over texts once and fill an activation store.
+
+    texts -> tokens -> packed [ctx_len] sequences -> model (only up to the last hooked layer)
+          -> hook activations [b, ctx_len - skip, d] as bf16 -> whole shards -> store
+
+Row layout (identical for any number of ranks and across resumes): sequence i of the packed
+stream, position p (p >= skip) is row `i * (ctx_len - skip) + (p - skip)`, for rows < --tokens.
+Rank r of w computes the sequences whose rows fall in the shards it owns (shard j with
+j % w == r) and writes only those shards; a sequence that straddles two ranks' shards is run by
+both (each keeps its own rows). A shard on disk with a completion record is never recomputed, so
+`--resume` continues where a killed run stopped and ends with the same content hash.
+
+A writer thread takes finished shards off the forward loop: the model does not wait on the disk
+(the queue holds one shard, so a disk slower than the model applies back-pressure instead of
+filling memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import math
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from saekit import __version__
+from saekit import sources as S
+from saekit.errors import SaekitError
+
+DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
+DEFAULT_CACHE_ROOT = "cache"
+
+
+@dataclass
+class HarvestConfig:
+    """What to harvest and where. 0/None means "pick a sensible default"."""
+
+    model: str | None = None
+    """transformer-lens model name ('gpt2-small'), a local HF checkpoint folder, or None/'embedded'."""
+    hooks: list[str] = field(default_factory=list)
+    """Hook names to cache, all in one forward pass. Empty: `blocks.{n_layers // 2}.hook_resid_pre`."""
+    dataset: str | None = None
+    """HF hub dataset name (streamed), a .txt/.jsonl/.parquet file, a save_to_disk folder, or None/'embedded'."""
+    dataset_config: str | None = None
+    """HF dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
+    split: str = "train"
+    """Dataset split."""
+    text_column: str = "text"
+    """Column holding the text."""
+    out: str | None = None
+    """Store directory. None: cache/<model>__<hook>__<dataset>."""
+    tokens: int = 1_000_000
+    """Rows to cache (token positions after skipping); fewer if the dataset runs out first."""
+    ctx_len: int = 0
+    """Tokens per sequence, BOS included. 0: min(128, the model's n_ctx)."""
+    batch_size: int = 0
+    """Sequences per forward pass. 0: about 4k tokens per batch on the CPU, 32k on a GPU."""
+    skip_first_n_tokens: int = 1
+    """Positions at the start of every sequence left out of the cache (1 = the BOS position)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N. Under torchrun each rank takes cuda:LOCAL_RANK."""
+    dtype: str = "auto"
+    """Model dtype: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp32 or fp16. The cache is bf16 either way."""
+    resume: bool = False
+    """Continue an interrupted harvest in `out` (same arguments required)."""
+    overwrite: bool = False
+    """Replace an existing store in `out`."""
+    shard_rows: int = 65536
+    """Rows per shard file (the unit of writing, resuming and splitting across ranks)."""
+    chunk_rows: int = 4096
+    """Rows per inner chunk (the unit of shuffled reads)."""
+    progress: bool = True
+    """Show a progress bar (rank 0 only)."""
+
+    def __post_init__(self):
+        if self.tokens <= 0:
+            raise SaekitError(f"--tokens must be positive, got {self.tokens}")
+        if self.ctx_len < 0:
+            raise SaekitError(f"--ctx-len must be positive (or 0 for the default), got {self.ctx_len}")
+        if self.batch_size < 0:
+            raise SaekitError(f"--batch-size must be positive (or 0 for auto), got {self.batch_size}")
+        if self.skip_first_n_tokens < 0:
+            raise SaekitError(f"--skip-first-n-tokens must be 0 or more, got {self.skip_first_n_tokens}")
+        if self.resume and self.overwrite:
+            raise SaekitError("pass either --resume or --overwrite, not both")
+
+
+class HarvestResult(NamedTuple):
+    path: Path
+    """The store directory."""
+    n_rows: int
+    """Rows in the finished store."""
+    content_hash: str
+    """The store's content hash ('' on ranks other than 0)."""
+    tokens_per_s: float
+    """Rows computed per second by this process (0 when nothing was left to compute)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: row layout, forward pass
+# ---------------------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """Where sequence rows land in the store."""
+
+    per_seq: int
+    """Rows per sequence: ctx_len - skip."""
+    n_rows: int
+    """Store capacity (the --tokens budget)."""
+    shard_rows: int
+
+    def seq_rows(self, i: int) -> tuple[int, int]:
+        """Rows [lo, hi) of sequence i (hi clipped to n_rows)."""
+        lo = i * self.per_seq
+        return lo, min(lo + self.per_seq, self.n_rows)
+
+    @property
+    def n_seqs(self) -> int:
+        return math.ceil(self.n_rows / self.per_seq)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_rows / self.shard_rows)
+
+    def shards_of_seq(self, i: int) -> range:
+        lo, hi = self.seq_rows(i)
+        return range(lo // self.shard_rows, (hi - 1) // self.shard_rows + 1)
+
+    def last_seq_of_shard(self, j: int) -> int:
+        last_row = min((j + 1) * self.shard_rows, self.n_rows) - 1
+        return last_row // self.per_seq
+
+
+class ActBatch(NamedTuple):
+    """One forward pass worth of activations, on the CPU."""
+
+    seq: list[int]
+    """Sequence index of each batch row (store order)."""
+    tokens: torch.Tensor
+    """[b, ctx_len] int64."""
+    acts: dict[str, torch.Tensor]
+    """hook -> [b, ctx_len - skip, d] bf16 (trailing hook dims flattened)."""
+
+
+class _AllHooksFired(Exception):
+    """Raised by the last hook to abort the rest of the forward pass (nothing after it is needed)."""
+
+
+def forward_acts(model, tokens: torch.Tensor, hooks: list[S.HookSpec], skip: int) -> dict[str, torch.Tensor]:
+    """Run `model` only as far as the hooks need and return each hook's activations.
+
+    tokens: [b, ctx] -> {hook: [b, ctx - skip, d] bf16 on the CPU}. The pass stops at
+    `stop_at_layer` (the block after the last hooked one) and, inside that block, as soon as every
+    hook has fired: `blocks.L.hook_resid_pre` costs blocks 0..L-1 only. Rounding to bf16 happens
+    on the model's device, which halves the device-to-host copy.
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def grab(act, hook):
+        out[hook.name] = act[:, skip:].reshape(act.shape[0], act.shape[1] - skip, -1).to(torch.bfloat16)
+        if len(out) == len(hooks):
+            raise _AllHooksFired
+
+    kwargs = {}
+    if model.tokenizer is not None and model.tokenizer.padding_side == "left":
+        # Left-padding tokenizers make transformer-lens infer a mask from pad tokens, which
+        # would hide our document separators (often the pad id); packed sequences have no padding.
+        kwargs["attention_mask"] = torch.ones_like(tokens)
+    stop = S.stop_layer(hooks, model.cfg.n_layers)
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(h.name, grab) for h in hooks]):
+        try:
+            model(tokens.to(model.cfg.device), stop_at_layer=stop, return_type=None, **kwargs)
+        except _AllHooksFired:
+            pass
+    return {h.name: out[h.name].to("cpu") for h in hooks}
+
+
+class _Count:
+    """How many sequences the packed stream yielded (known once it is exhausted)."""
+
+    def __init__(self):
+        self.seen = 0
+        self.exhausted = False
+
+
+def _wanted_batches(seqs: Iterator[list[int]], wanted, n_seqs: int, batch_size: int,
+                    count: _Count) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Enumerate sequences 0..n_seqs-1, keep the wanted ones, group them into batches."""
+    idx: list[int] = []
+    rows: list[list[int]] = []
+    for i, s in enumerate(seqs):
+        if i >= n_seqs:
+            break
+        count.seen = i + 1
+        if wanted(i):
+            idx.append(i)
+            rows.append(s)
+            if len(idx) == batch_size:
+                yield idx, torch.tensor(rows, dtype=torch.long)
+                idx, rows = [], []
+    else:
+        count.exhausted = count.seen < n_seqs
+    if idx:
+        yield idx, torch.tensor(rows, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards: assembling rows into whole shards, writing them off the forward loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Shard(NamedTuple):
+    index: int
+    acts: dict[str, torch.Tensor]  # hook -> [n, d] bf16
+    tokens: torch.Tensor  # [n] int32
+    positions: torch.Tensor  # [n] int32
+
+
+class ShardAssembler:
+    """Collects per-sequence rows into whole shards (the store writes whole shards only).
+
+    Only shards in `todo` are kept; rows arrive in store order for those shards.
+    """
+
+    def __init__(self, hooks: list[S.HookSpec], layout: Layout, todo: set[int], skip: int):
+        self.hooks, self.layout, self.todo, self.skip = hooks, layout, todo, skip
+        self._bufs: dict[int, dict] = {}  # shard -> buffers + fill
+
+    def _expected(self, j: int) -> int:
+        s = self.layout.shard_rows
+        return min(s, self.layout.n_rows - j * s)
+
+    def _buf(self, j: int) -> dict:
+        if j not in self._bufs:
+            n = self._expected(j)
+            self._bufs[j] = {
+                "acts": {h.name: torch.empty((n, h.d), dtype=torch.bfloat16) for h in self.hooks},
+                "tokens": torch.empty(n, dtype=torch.int32),
+                "positions": torch.empty(n, dtype=torch.int32),
+                "fill": 0,
+            }
+        return self._bufs[j]
+
+    def add(self, batch: ActBatch) -> list[Shard]:
+        """Place every sequence's rows; return the shards this batch completed."""
+        s, done = self.layout.shard_rows, []
+        ctx = batch.tokens.shape[1]
+        positions = torch.arange(self.skip, ctx, dtype=torch.int32)
+        for b, i in enumerate(batch.seq):
+            lo, hi = self.layout.seq_rows(i)
+            for j in self.layout.shards_of_seq(i):
+                if j not in self.todo:
+                    continue
+                a, z = max(lo, j * s), min(hi, (j + 1) * s)  # rows of seq i inside shard j
+                buf = self._buf(j)
+                if buf["fill"] != a - j * s:
+                    raise RuntimeError(f"rows of shard {j} arrived out of order ({a} after {buf['fill']})")
+                dst = slice(a - j * s, z - j * s)
+                src = slice(a - lo, z - lo)
+                for h in self.hooks:
+                    buf["acts"][h.name][dst] = batch.acts[h.name][b, src]
+                buf["tokens"][dst] = batch.tokens[b, self.skip:][src].to(torch.int32)
+                buf["positions"][dst] = positions[src]
+                buf["fill"] = z - j * s
+                if buf["fill"] == self._expected(j):
+                    done.append(self._pop(j, buf["fill"]))
+        return done
+
+    def _pop(self, j: int, n: int) -> Shard:
+        buf = self._bufs.pop(j)
+        return Shard(j, {k: v[:n] for k, v in buf["acts"].items()}, buf["tokens"][:n], buf["positions"][:n])
+
+    def flush(self) -> list[Shard]:
+        """The data ran out: hand over the partly filled shard(s), which end the store."""
+        return [self._pop(j, buf["fill"]) for j, buf in sorted(self._bufs.items()) if buf["fill"] > 0]
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class ShardWriterThread:
+    """Writes shards with `writer.write_shard` on a background thread.
+
+    The queue holds one shard, so the forward loop runs while the previous shard is written and
+    blocks only when the disk is slower than the model. A write error stops the thread and is
+    re-raised on the caller's next `put` or at `close`.
+    """
+
+    def __init__(self, writer, store_path: Path):
+        self._writer, self._path = writer, store_path
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="saekit-shard-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while (shard := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write_shard(shard.index, shard.acts, shard.tokens, shard.positions)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                    self._error = e
+
+    def _raise(self):
+        e = self._error
+        if e is None:
+            return
+        if _is_disk_full(e):
+            raise SaekitError(
+                f"disk full while writing {self._path}: free space (or pick another --out), then rerun with --resume; finished shards are kept"
+            ) from e
+        raise e
+
+    def put(self, shard: Shard) -> None:
+        self._raise()
+        self._q.put(shard)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup shared by `run` and `cached_activation_generator`
+# ---------------------------------------------------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """Everything resolved before the first forward pass."""
+
+    model: S.LoadedModel
+    hooks: list[S.HookSpec]
+    texts: S.TextSource
+    packing: S.Packing
+    skip: int
+    layout: Layout
+    batch_size: int
+    meta: dict
+
+
+def _auto_batch(device: torch.device, ctx_len: int) -> int:
+    return max(1, (32768 if device.type == "cuda" else 4096) // ctx_len)
+
+
+def make_plan(lm: S.LoadedModel, hook_names: list[str], texts: S.TextSource, *, ctx_len: int, skip: int,
+              n_rows: int, shard_rows: int, batch_size: int, extra_meta: dict | None = None) -> Plan:
+    """Validate hooks, context length and skip against the model; build the store metadata."""
+    model = lm.model
+    hooks = S.resolve_hooks(model, hook_names or [S.default_hook(model)])
+    ctx_len = ctx_len or min(DEFAULT_CTX_LEN, model.cfg.n_ctx)
+    packing = S.model_packing(model, ctx_len)
+    if skip >= ctx_len:
+        raise SaekitError(f"--skip-first-n-tokens {skip} leaves nothing of a {ctx_len}-token sequence: use fewer")
+    layout = Layout(ctx_len - skip, n_rows, shard_rows)
+    device = torch.device(model.cfg.device)
+    tok = model.tokenizer
+    # Everything that decides the stored bytes, and nothing that does not (no ranks, batch size,
+    # paths of the run or timestamps): equal metadata => equal content hash.
+    meta = {
+        "stage": "harvest",
+        "saekit_version": __version__,
+        "model": lm.meta,
+        "dataset": texts.meta,
+        "tokenizer": {"name": _tokenizer_name(tok), "class": type(tok).__name__, "vocab_size": len(tok),
+                      "sha256": _tokenizer_sha(tok)},
+        "hooks": {h.name: h.d for h in hooks},
+        "ctx_len": ctx_len,
+        "bos_id": packing.bos_id,
+        "separator_id": packing.sep_id,
+        "packing": "documents + separator concatenated, cut into full ctx_len sequences, BOS first",
+        "skip_first_n_tokens": skip,
+        "tokens": n_rows,
+        "device_type": device.type,
+        "dtype": S.dtype_name(model.cfg.dtype),
+        "activation_dtype": "bfloat16",
+        **(extra_meta or {}),
+    }
+    return Plan(lm, hooks, texts, packing, skip, layout, batch_size or _auto_batch(device, ctx_len), meta)
+
+
+def _tokenizer_name(tok) -> str:
+    """Hub name as is; a local folder by its name only (the sha256 identifies it, and the store's
+    hash must not depend on where a checkout lives)."""
+    name = str(getattr(tok, "name_or_path", "") or "")
+    return Path(name).name if name and Path(name).exists() else name
+
+
+def _tokenizer_sha(tok) -> str:
+    """Identity of a fast tokenizer's full definition (vocab, merges, normalizer, specials)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    raw = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _forward_stream(plan: Plan, wanted, n_seqs: int, count: _Count, first_seq: int = 0) -> Iterator[ActBatch]:
+    """Forward passes over the wanted sequences; sequence 0 is the packed stream's `first_seq`-th."""
+    seqs = S.pack(S.tokenize_docs(plan.model.model.tokenizer, plan.texts.docs()), plan.packing)
+    if first_seq:
+        seqs = itertools.islice(seqs, first_seq, None)
+    for idx, toks in _wanted_batches(seqs, wanted, n_seqs, plan.batch_size, count):
+        yield ActBatch(idx, toks, forward_acts(plan.model.model, toks, plan.hooks, plan.skip))
+
+
+def _todo_shards(writer, layout: Layout, rank: int, world: int) -> set[int]:
+    return {j for j in range(rank, layout.n_shards, world) if not writer.shard_done(j)}
+
+
+def _needed_seqs(layout: Layout, todo: set[int]):
+    """(wanted(i), number of sequences to enumerate) for the shards still to write."""
+    if not todo:
+        return (lambda i: False), 0
+
+    def wanted(i: int) -> bool:
+        return any(j in todo for j in layout.shards_of_seq(i))
+
+    return wanted, max(layout.last_seq_of_shard(j) for j in todo) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+
+def default_out(model_name: str, hooks: list[str], texts_name: str, root: str = DEFAULT_CACHE_ROOT) -> Path:
+    return Path(root) / S.default_store_name(model_name, hooks, texts_name)
+
+
+def run(cfg: HarvestConfig) -> HarvestResult:
+    """Harvest per `cfg` into a store; under torchrun every rank calls this (rank 0 finalizes)."""
+    from saekit import dist
+
+    d = dist.init(cfg.device)
+    try:
+        lm = S.load_model(cfg.model, d.device, S.resolve_dtype(cfg.dtype, d.device))
+        texts = S.load_texts(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
+        return run_loaded(cfg, lm, texts)
+    finally:
+        dist.shutdown()
+
+
+def run_loaded(cfg: HarvestConfig, lm: S.LoadedModel, texts: S.TextSource) -> HarvestResult:
+    """`run` with the model and texts already loaded (cfg.model/dataset/device/dtype are ignored)."""
+    from saekit import dist
+    from saekit.store import create_store, open_store
+
+    d = dist.init(str(lm.model.cfg.device))
+    plan = make_plan(lm, cfg.hooks, texts, ctx_len=cfg.ctx_len, skip=cfg.skip_first_n_tokens, n_rows=cfg.tokens,
+                     shard_rows=cfg.shard_rows, batch_size=cfg.batch_size)
+    out = Path(cfg.out) if cfg.out else default_out(lm.name, [h.name for h in plan.hooks], texts.name)
+    _check_not_empty(plan)
+
+    # Rank 0 creates (or checks) the store; the others join after it, and all learn of its
+    # errors (broadcast_error is a collective, so it also orders creation before joining).
+    writer, err, done_hash = None, None, None
+    if d.main:
+        try:
+            done_hash = _already_complete(out, plan.meta) if cfg.resume else None
+            if done_hash is None:
+                writer = create_store(out, plan.meta["hooks"], n_rows=cfg.tokens, meta=plan.meta,
+                                      shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, resume=cfg.resume,
+                                      overwrite=cfg.overwrite, world_size=d.world_size)
+        except SaekitError as e:
+            err = str(e)
+    err = dist.broadcast_error(err)
+    if err is not None:
+        raise SaekitError(err)
+    done_hash = dist.broadcast_error(done_hash)
+    if done_hash is not None:
+        if d.main:
+            print(f"store {out} is already complete ({done_hash}); nothing to do", file=sys.stderr)
+        return HarvestResult(out, open_store(out, check=False).n_rows, done_hash if d.main else "", 0.0)
+    if not d.main:
+        writer = create_store(out, plan.meta["hooks"], n_rows=cfg.tokens, meta=plan.meta, shard_rows=cfg.shard_rows,
+                              chunk_rows=cfg.chunk_rows, rank=d.rank, world_size=d.world_size)
+    rate = _harvest_shards(plan, writer, out, d.rank, d.world_size, cfg.progress and d.main)
+    dist.barrier()
+    if not d.main:
+        return HarvestResult(out, 0, "", rate)
+    writer.finalize()
+    store = open_store(out)
+    return HarvestResult(out, store.n_rows, store.content_hash, rate)
+
+
+def _already_complete(out: Path, meta: dict) -> str | None:
+    """The content hash of a finished store at `out` made with these arguments; None if there is
+    no finished store there; an error if it was made with other arguments."""
+    from saekit.store import open_store
+
+    try:
+        store = open_store(out, check=False)
+    except SaekitError:
+        return None  # nothing there, or unfinished: create_store(resume=True) takes it from here
+    if _canonical(store.meta) != _canonical(meta):
+        old, new = json.loads(_canonical(store.meta)), json.loads(_canonical(meta))
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise SaekitError(
+            f"store {out} was written with different metadata (differs in: {', '.join(keys)}); "
+            "use the same arguments, a new --out, or --overwrite"
+        )
+    return store.content_hash
+
+
+def _check_not_empty(plan: Plan) -> None:
+    """Fail before creating a store when the texts do not fill even one sequence."""
+    if next(S.pack(S.tokenize_docs(plan.model.model.tokenizer, plan.texts.docs()), plan.packing), None) is None:
+        raise SaekitError(
+            f"dataset {plan.texts.name} is empty or shorter than one {plan.packing.ctx_len}-token sequence: "
+            "use more text or a smaller --ctx-len"
+        )
+
+
+def _canonical(obj) -> str:
+    return json.dumps(json.loads(json.dumps(obj)), sort_keys=True)
+
+
+def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progress: bool) -> float:
+    """Compute and write every shard of this rank that is not on disk yet. Returns rows/s."""
+    layout = plan.layout
+    todo = _todo_shards(writer, layout, rank, world)
+    wanted, n_seqs = _needed_seqs(layout, todo)
+    total = sum(min(layout.shard_rows, layout.n_rows - j * layout.shard_rows) for j in todo)
+    if not todo:
+        return 0.0
+    asm = ShardAssembler(plan.hooks, layout, todo, plan.skip)
+    count = _Count()
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {out.name}", disable=not progress,
+               file=sys.stderr, smoothing=0.1)
+    thread = ShardWriterThread(writer, out)
+    t0, rows = time.perf_counter(), 0
+    try:
+        for batch in _forward_stream(plan, wanted, n_seqs, count):
+            for shard in asm.add(batch):
+                thread.put(shard)
+            n = sum(min(layout.seq_rows(i)[1], layout.n_rows) - layout.seq_rows(i)[0] for i in batch.seq)
+            rows += n
+            bar.update(n)
+        if count.exhausted:
+            for shard in asm.flush():
+                thread.put(shard)
+    finally:
+        bar.close()
+        thread.close()
+    elapsed = time.perf_counter() - t0
+    if count.exhausted:
+        have = count.seen * layout.per_seq
+        if have == 0:
+            raise SaekitError(
+                f"dataset {plan.texts.name} is empty or shorter than one {layout.per_seq + plan.skip}-token sequence: "
+                "use more text or a smaller --ctx-len"
+            )
+        if progress:
+            print(f"dataset exhausted after {count.seen} sequences: the store holds {have} rows "
+                  f"instead of --tokens {layout.n_rows}", file=sys.stderr)
+    return rows / elapsed if elapsed > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The original sae-kit API
+# ---------------------------------------------------------------------------------------------
+
+
+def _object_identity(model, dataset, text_column: str) -> tuple[S.LoadedModel, S.TextSource]:
+    """Provenance for objects handed to us (rather than names we loaded ourselves)."""
+    cfg = model.cfg
+    name = cfg.model_name
+    meta = {"source": "object", "name": name, "transformer_lens_version": S._tl_version(),
+            "dtype": S.dtype_name(cfg.dtype), "n_layers": cfg.n_layers, "d_model": cfg.d_model,
+            "n_ctx": cfg.n_ctx, "weights_fingerprint": S.weights_fingerprint(model)}
+    if isinstance(dataset, S.TextSource):
+        texts = dataset
+    elif isinstance(dataset, (str, Path)):
+        texts = S.load_texts(str(dataset), text_column=text_column)
+    else:
+        texts = S.dataset_source(dataset, text_column)
+    return S.LoadedModel(model, name, meta), texts
+
+
+def cached_activation_generator(
+    model,
+    dataset,
+    hook_name: str | None = None,
+    activation_batch_size: int = 4096,
+    generator_batch_size: int = 24,
+    acts_per_run: int = 1_000_000,
+    ctx_len: int = 128,
+    skip_first_n_tokens: int = 1,
+    save_to_disk: str | None = None,
+    *,
+    text_column: str = "text",
+    max_runs: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield `[activation_batch_size, d_model]` bf16 activations of `hook_name`, harvesting
+    lazily into the activation cache: the original sae-kit API, backed by saekit stores.
+
+    model: a HookedTransformer with its tokenizer. dataset: an HF `Dataset`/`IterableDataset`
+    (e.g. `load_dataset("openwebtext", split="train", streaming=True)`), a local file or folder
+    path, or a `sources.TextSource`.
+
+    The packed token stream is cut into runs of about `acts_per_run` rows (whole sequences); each
+    run is one store, `<save_to_disk>/run-00000`, `run-00001`, ... where `save_to_disk` defaults
+    to `cache/generator-<key>` and `<key>` hashes the store metadata of run 0: model name and
+    weights fingerprint, dataset name/config/split/fingerprint and a hash of its first 16
+    documents, tokenizer, hook, ctx_len, skip, run size. A finished run is read back instead of
+    recomputed; a run cut short (the consumer stopped early) is resumed from its last whole
+    shard. The first batch arrives after one model batch (`generator_batch_size` sequences).
+
+    Rows come in store order, sequence after sequence; for shuffled training batches read the
+    stores with `saekit.store.open_store(path).shuffled_batches(...)`. The generator ends when
+    the dataset does, or after `max_runs` runs. Arguments are checked before the first batch.
+    """
+    lm, texts = _object_identity(model, dataset, text_column)
+    per_seq = ctx_len - skip_first_n_tokens
+    if per_seq <= 0:
+        raise SaekitError(f"skip_first_n_tokens {skip_first_n_tokens} leaves nothing of a {ctx_len}-token sequence")
+    run_rows = math.ceil(acts_per_run / per_seq) * per_seq
+    plan = make_plan(lm, [hook_name] if hook_name else [], texts, ctx_len=ctx_len, skip=skip_first_n_tokens,
+                     n_rows=run_rows, shard_rows=min(65536, run_rows), batch_size=generator_batch_size)
+    key = hashlib.sha256(json.dumps(plan.meta, sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(save_to_disk) if save_to_disk else Path(DEFAULT_CACHE_ROOT) / f"generator-{key}"
+    return _rebatch(_generator_rows(plan, root, max_runs), activation_batch_size)
+
+
+def _generator_rows(plan: Plan, root: Path, max_runs: int | None) -> Iterator[torch.Tensor]:
+    seqs_per_run = plan.layout.n_rows // plan.layout.per_seq
+    for run_index in itertools.count():
+        if max_runs is not None and run_index >= max_runs:
+            return
+        first = run_index * seqs_per_run
+        run_plan = plan._replace(meta={**plan.meta, "generator_run": run_index, "first_sequence": first})
+        ended = yield from _run_rows(run_plan, root / f"run-{run_index:05d}", first)
+        if ended:
+            return
+
+
+def _rebatch(rows: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Row blocks of any size -> batches of exactly `batch_size` rows (the last may be short)."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for x in rows:
+        pending.append(x)
+        have += len(x)
+        if have >= batch_size:
+            buf = torch.cat(pending)
+            n_full = len(buf) // batch_size * batch_size
+            yield from buf[:n_full].split(batch_size)
+            pending, have = [buf[n_full:]], len(buf) - n_full
+    if have:
+        yield torch.cat(pending)
+
+
+def _run_rows(plan: Plan, path: Path, first_seq: int):
+    """Rows of one generator run, in store order: read back where `path` has them, computed (and
+    written) batch by batch otherwise. Returns True when the dataset ended inside this run."""
+    from saekit.store import create_store, open_store
+
+    hook, layout = plan.hooks[0].name, plan.layout
+    try:
+        store = open_store(path)
+    except SaekitError:
+        store = None
+    if store is not None and store.complete:
+        yield from store.iter_rows(hook, 65536)
+        return store.n_rows < layout.n_rows
+    writer = create_store(path, plan.meta["hooks"], n_rows=layout.n_rows, meta=plan.meta, shard_rows=layout.shard_rows,
+                          chunk_rows=min(4096, layout.shard_rows), resume=path.exists())
+    start = writer.resume_row  # one writer: every shard before this row is on disk
+    if start:
+        yield from open_store(path, allow_incomplete=True).iter_rows(hook, 65536, 0, start)
+    todo = {j for j in range(layout.n_shards) if not writer.shard_done(j)}
+    wanted, n_seqs = _needed_seqs(layout, todo)
+    asm, count = ShardAssembler(plan.hooks, layout, todo, plan.skip), _Count()
+    thread = ShardWriterThread(writer, path)
+    try:
+        for batch in _forward_stream(plan, wanted, n_seqs, count, first_seq):
+            for shard in asm.add(batch):
+                thread.put(shard)
+            for b, i in enumerate(batch.seq):
+                lo, hi = layout.seq_rows(i)
+                if hi > max(lo, start):
+                    yield batch.acts[hook][b, max(lo, start) - lo : hi - lo]
+        if count.exhausted:
+            for shard in asm.flush():
+                thread.put(shard)
+    finally:
+        thread.close()  # also when the consumer stops early: queued whole shards still land
+    if count.exhausted and count.seen == 0:
+        shutil.rmtree(path, ignore_errors=True)  # the stream ended exactly at this run: no empty store
+        return True
+    writer.finalize()
+    return count.exhausted

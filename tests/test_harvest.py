@@ -1,0 +1,312 @@
+"""`saekit harvest` end to end: the embedded default, a local HF checkpoint with jsonl texts,
+bitwise agreement with run_with_cache, resume after SIGKILL, 2-rank torchrun == 1 rank, the lazy
+cached_activation_generator, and every user-facing error (one line, non-zero exit)."""
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from saekit import sources as S
+from saekit.errors import SaekitError
+from saekit.harvest import HarvestConfig, cached_activation_generator, run
+from saekit.store import RECORDS_DIR, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sources import make_tiny_gpt2  # noqa: E402
+
+HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
+SMALL = dict(shard_rows=256, chunk_rows=64, ctx_len=32, batch_size=8, progress=False)  # many shards, fast
+# Subprocesses: one thread each (the machine is shared), never the network.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny GPT-2 checkpoint and jsonl texts: documents of 1 to ~150 tokens."""
+    root = tmp_path_factory.mktemp("harvest")
+    ckpt = make_tiny_gpt2(root / "tiny-gpt2")
+    g = torch.Generator().manual_seed(0)
+    words = "the a sparse feature model token layer residual stream dictionary code of in on with".split()
+    with open(root / "texts.jsonl", "w") as f:
+        for i in range(400):
+            n = [1, 3, 12, 40, 120][int(torch.randint(0, 5, (1,), generator=g))]
+            text = " ".join(words[int(j)] for j in torch.randint(0, len(words), (n,), generator=g))
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
+    return root, str(ckpt), str(root / "texts.jsonl")
+
+
+def cfg_for(data, out, **kw) -> HarvestConfig:
+    _, ckpt, texts = data
+    return HarvestConfig(**{"model": ckpt, "dataset": texts, "hooks": HOOKS, "out": str(out), "tokens": 3000,
+                            "device": "cpu", **SMALL, **kw})
+
+
+def cli(*args, capsys=None):
+    """Run `saekit ...` in-process through the real entry point; returns (exit code, stderr)."""
+    from cli.main import main
+
+    old = sys.argv
+    sys.argv = ["saekit", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err if capsys else ""
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("Loading weights", "harvest"))]
+    assert code == 1, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    """No --model/--dataset/--hook: the embedded model and corpus, the middle layer, cache/<...>."""
+    r = subprocess.run([sys.executable, "-m", "cli.main", "harvest", "--tokens", "1500", "--shard-rows", "512",
+                        "--chunk-rows", "128"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "cache" / "saekit-embedded__blocks.2.hook_resid_pre__embedded"
+    store = open_store(out)
+    assert store.hooks == ["blocks.2.hook_resid_pre"] and store.d_model(None) == 128
+    assert store.n_rows == 1500 and store.content_hash in r.stdout
+    assert store.meta["model"]["source"] == "embedded" and store.meta["ctx_len"] == 128
+    # Rows follow the corpus byte by byte: sequence 0 is BOS + the first 127 bytes, BOS skipped.
+    from saekit.embedded import load_embedded_corpus
+
+    first = load_embedded_corpus()[0].encode("utf-8")
+    assert store.tokens(0, 127).tolist() == list(first[:127])
+    assert store.positions(0, 128).tolist() == list(range(1, 128)) + [1]
+    assert not (store.rows(None, 0, 1500).float() == 0).all(-1).any()  # every row written
+
+
+def test_local_checkpoint_store_equals_run_with_cache(data, tmp_path):
+    """Values are the model's own hook outputs rounded to bf16 (bitwise, fp32 model), tokens and
+    positions trace back to the text, and no document is dropped."""
+    res = run(cfg_for(data, tmp_path / "s", dtype="fp32", skip_first_n_tokens=2))
+    store = open_store(res.path)
+    assert store.n_rows == 3000 and store.content_hash == res.content_hash
+    assert store.meta["model"]["source"] == "hf_local" and store.meta["dtype"] == "float32"
+
+    lm = S.load_model(data[1], torch.device("cpu"), torch.float32)
+    texts = S.load_texts(data[2])
+    per_seq = 30
+    n_seq = -(-3000 // per_seq)
+    seqs = torch.tensor(list(S.sequences(lm.model, texts, 32))[:n_seq])
+    for b in range(0, n_seq, 8):  # the harvest's batches
+        with torch.no_grad():
+            _, cache = lm.model.run_with_cache(seqs[b : b + 8], names_filter=HOOKS)
+        lo, hi = b * per_seq, min((b + 8) * per_seq, 3000)
+        for h in HOOKS:
+            want = cache[h][:, 2:].reshape(-1, cache[h].shape[-1]).to(torch.bfloat16)[: hi - lo]
+            got = store.rows(h, lo, hi)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (h, b)
+    assert torch.equal(store.tokens(0, 3000), seqs[:, 2:].reshape(-1)[:3000].to(torch.int32))
+    assert torch.equal(store.positions(0, 3000), torch.arange(2, 32).repeat(n_seq)[:3000].to(torch.int32))
+
+    # Packing: the stored token stream is every document + separator, in order, none dropped.
+    tok = lm.model.tokenizer
+    stream = [t for d in texts.docs() for t in (*tok(d, add_special_tokens=False)["input_ids"], tok.eos_token_id)]
+    seq_stream = seqs[:, 1:].reshape(-1).tolist()
+    assert seq_stream == stream[: len(seq_stream)]
+
+
+def test_several_hooks_in_one_pass_equal_separate_harvests(data, tmp_path):
+    both = open_store(run(cfg_for(data, tmp_path / "both", tokens=600)).path)
+    one = open_store(run(cfg_for(data, tmp_path / "one", tokens=600, hooks=[HOOKS[1]])).path)
+    assert torch.equal(both.rows(HOOKS[1], 0, 600).view(torch.int16), one.rows(HOOKS[1], 0, 600).view(torch.int16))
+    assert torch.equal(both.tokens(0, 600), one.tokens(0, 600))
+
+
+def test_dataset_shorter_than_budget_keeps_what_exists(data, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": "the sparse code of a layer " * k}) + "\n" for k in (1, 2, 30)))
+    store = open_store(run(cfg_for(data, tmp_path / "s", dataset=str(small), tokens=100_000)).path)
+    assert 0 < store.n_rows < 1000 and store.n_rows % 31 == 0  # whole sequences, store finalized
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def _child(cfg):
+    torch.set_num_threads(1)
+    run(cfg)
+
+
+def _created(out: Path) -> bool:
+    # Killing inside create_store's own metadata write is the store's business; start after it.
+    try:
+        return "n_rows" in json.loads((out / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+
+
+def _records(out: Path) -> int:
+    d = out / RECORDS_DIR
+    return len(list(d.glob("*.json"))) if d.exists() else 0
+
+
+def test_sigkill_then_resume_gives_the_same_store(data, tmp_path):
+    want = run(cfg_for(data, tmp_path / "ref", tokens=40_000)).content_hash
+    out = tmp_path / "killed"
+    ctx = mp.get_context("fork")  # the child inherits the imported modules: starts in milliseconds
+    kills = []
+    for at in (0, 3, 30):  # right after creation, a few shards in, most of the way
+        p = ctx.Process(target=_child, args=(cfg_for(data, out, tokens=40_000, resume=True),))
+        p.start()
+        deadline = time.time() + 120
+        while not (_created(out) and _records(out) >= at) and p.is_alive() and time.time() < deadline:
+            time.sleep(0.002)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        kills.append(_records(out))
+    assert kills[1] >= 3 and kills[2] >= 30, kills  # each kill landed where intended
+    with pytest.raises(SaekitError, match="incomplete"):
+        open_store(out)
+    code, _ = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
+                  "--out", str(out), "--tokens", "40000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
+                  "--chunk-rows", "64", "--device", "cpu", "--resume")
+    assert code == 0
+    assert open_store(out).content_hash == want
+    # A finished store resumed again is left alone.
+    assert run(cfg_for(data, out, tokens=40_000, resume=True)).content_hash == want
+
+
+def test_disk_full_says_so_and_stays_resumable(data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from saekit import store as store_mod
+
+    want = run(cfg_for(data, tmp_path / "ref")).content_hash
+    real, calls = store_mod.StoreWriter.write_shard, []
+
+    def full_disk(self, index, *a, **k):
+        calls.append(index)
+        if len(calls) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, index, *a, **k)
+
+    monkeypatch.setattr(store_mod.StoreWriter, "write_shard", full_disk)
+    out = tmp_path / "full"
+    code, err = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
+                    "--out", str(out), "--tokens", "3000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
+                    "--chunk-rows", "64", "--device", "cpu", capsys=capsys)
+    assert_one_line_error(code, err, r"disk full.*--resume")
+    monkeypatch.setattr(store_mod.StoreWriter, "write_shard", real)
+    assert run(cfg_for(data, out, resume=True)).content_hash == want
+
+
+# -- distributed ----------------------------------------------------------------------------------
+
+
+def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
+    want = run(cfg_for(data, tmp_path / "one", tokens=5000)).content_hash
+    out = tmp_path / "two"
+    args = ["--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []), "--out", str(out),
+            "--tokens", "5000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256", "--chunk-rows", "64",
+            "--device", "cpu"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "cli.main", "harvest", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    store = open_store(out)
+    assert store.content_hash == want and store.n_rows == 5000
+
+
+# -- the original API -----------------------------------------------------------------------------
+
+
+def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeypatch):
+    import datasets
+
+    from saekit import harvest as H
+
+    model = S.load_model(data[1], torch.device("cpu"), torch.float32).model
+    docs = [json.loads(line)["text"] for line in open(data[2])]
+    ds = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()  # stands in for a streamed dataset
+    calls = []
+    real = H.forward_acts
+    monkeypatch.setattr(H, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(hook_name="blocks.1.hook_resid_pre", activation_batch_size=100, generator_batch_size=4,
+              acts_per_run=1000, ctx_len=32, skip_first_n_tokens=1, save_to_disk=str(tmp_path / "acts"))
+
+    gen = cached_activation_generator(model, ds, **kw)
+    first = next(gen)
+    assert first.shape == (100, 32) and len(calls) == 1  # one model batch (4 x 31 rows) for the first 100
+    rest = [first, *[next(gen) for _ in range(24)]]  # 2500 rows: two full runs and part of a third
+    gen.close()
+    n_calls = len(calls)
+
+    again = cached_activation_generator(model, ds, **kw)
+    replay = [next(again) for _ in range(25)]
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(rest, replay))
+    assert len(calls) - n_calls <= 5  # only the unfinished third run's unwritten shard is recomputed
+    stores = sorted((tmp_path / "acts").iterdir())
+    assert [p.name for p in stores][:2] == ["run-00000", "run-00001"] and open_store(stores[0]).n_rows == 1023
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_errors_are_one_line(data, tmp_path, capsys, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    # Offline the hub answers "not found" at once instead of retrying for half a minute.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    _, ckpt, texts = data
+    base = ["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "32", "--device", "cpu", "--tokens", "500",
+            "--shard-rows", "256", "--chunk-rows", "64"]
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "body.jsonl").write_text(json.dumps({"body": "some text"}) + "\n")
+    cases = [
+        (["harvest", "--model", "gpt2-smal", "--out", str(tmp_path / "a")], r"unknown model 'gpt2-smal'.*gpt2-small"),
+        ([*base, "--hook", "blocks.1.hook_resid_pr", "--out", str(tmp_path / "b")],
+         r"unknown hook 'blocks.1.hook_resid_pr'.*closest: blocks.1.hook_resid_pre"),
+        ([*base[:4], "no-such-user/no-such-dataset", *base[5:], "--out", str(tmp_path / "c")],
+         r"dataset 'no-such-user/no-such-dataset' could not be opened"),
+        ([*base[:4], str(tmp_path / "body.jsonl"), *base[5:], "--out", str(tmp_path / "d")],
+         r"no column 'text' \(columns: body\).*--text-column"),
+        ([*base[:4], str(tmp_path / "empty.jsonl"), *base[5:], "--out", str(tmp_path / "e")], r"empty"),
+        (["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "65", "--out", str(tmp_path / "f")],
+         r"--ctx-len 65 is above the model's n_ctx 64"),
+    ]
+    for args, pattern in cases:
+        code, err = cli(*args, capsys=capsys)
+        assert_one_line_error(code, err, pattern)
+    assert not any((tmp_path / x).exists() for x in "abcdef"), "a failed harvest must not leave a store behind"
+
+    # --out holding a store: refused without --resume, and with --resume if the arguments differ.
+    assert cli(*base, "--out", str(tmp_path / "g"), capsys=capsys)[0] == 0
+    code, err = cli(*base, "--out", str(tmp_path / "g"), capsys=capsys)
+    assert_one_line_error(code, err, r"--resume.*--overwrite")
+    code, err = cli(*base[:-5], "800", *base[-4:], "--out", str(tmp_path / "g"), "--resume", capsys=capsys)
+    assert_one_line_error(code, err, r"different metadata \(differs in: tokens\)")
+    assert cli(*base, "--out", str(tmp_path / "g"), "--overwrite", capsys=capsys)[0] == 0
