@@ -360,8 +360,9 @@ def _create_group(root: Path, layout: Layout, meta: dict, capacity: int) -> dict
             config={"write_empty_chunks": True},
         )
         a.attrs.update({"description": f"{what} of every row"})
-    # attributes last: a directory without them is not (yet) a saekit store.
-    group.attrs.update(attrs)
+    # attributes last, in one atomic write: a directory without them is not (yet) a saekit store,
+    # and a kill mid-write never leaves half of them behind.
+    _write_group_attrs(root, attrs)
     return attrs
 
 
