@@ -1,0 +1,579 @@
+"""Sparse codes for any dictionary: gradient, conjugate-gradient, matching and orthogonal pursuit.
+
+Every function finds, for each row of x, at most k nonnegative coefficients over the atoms
+(rows) of a dictionary `W_dec: [n_features, d]` so that `codes @ W_dec + b_dec` reconstructs x.
+All four share one greedy loop; they differ only in how they update the coefficients:
+
+- `gradient_pursuit` ("gp", Blumensath & Davies 2008): add the unselected atom with the largest
+  positive correlation to the residual, then take one exact line-search gradient step on all
+  selected coefficients, projected onto coefficients >= 0.
+- `conjugate_gradient_pursuit` ("cgp"): the same, along a direction made conjugate to the
+  previous one (approximate conjugate gradient pursuit, same paper); a little more accurate
+  for the same cost.
+- `matching_pursuit` ("mp"): add the single best atom's correlation to its coefficient (an atom
+  may be picked again; it keeps its slot).
+- `orthogonal_pursuit` ("omp"): refit all selected coefficients by nonnegative least squares
+  (Lawson-Hanson, float64) after each selection. Slowest, most accurate.
+
+Cost per iteration is one `[b, d] x [d, n]` correlation matmul; everything else touches only the
+<= k selected atoms (`embedding_bag` over gathered rows), never a dense `[b, n] x [n, d]` product.
+Coefficient math is float32 (float64 in the NNLS refit) whatever the input dtype; rows are
+processed in chunks to bound memory; results are deterministic on the CPU and do not depend on
+the chunk size.
+
+Guarantees (each is a test): at most k nonzeros per row, all >= 0, no duplicate indices, the
+residual norm never increases (up to float32 rounding), zero rows give zero codes and no NaN.
+
+A row stops early (its later slots get value 0) once no unselected atom correlates with its
+residual by more than `STOP_TOLERANCE * ||x - b_dec||`; this is what makes `x = c * D_j`
+give exactly one code and keeps the result scale-equivariant.
+"""
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saekit.errors import SaekitError
+
+# Correlations below sqrt(float32 eps) * ||x|| are residual rounding noise, not signal (the same
+# rule as transformer-lens's gradient pursuit, so the two select the same atoms).
+STOP_TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)
+# Halvings tried when a projected step would increase the residual (then the step is dropped).
+BACKTRACK_STEPS = 20
+# Default chunk: as many rows as keep the per-chunk workspace (mostly the [rows, n_features]
+# float32 correlation) under 256 MiB.
+CHUNK_BYTES = 256 * 2**20
+# MKL computes matmuls of fewer than ~16 rows with a kernel that rounds differently; short
+# chunks are padded with zero rows so a row's codes never depend on how the batch was split.
+MIN_CHUNK_ROWS = 32
+
+
+class SparseCodes(NamedTuple):
+    """k coefficients per row over a dictionary of n_features atoms.
+
+    indices: [..., k] int64, unique within a row
+    values:  [..., k] float32, all >= 0; a slot may hold 0 (a row that stopped early, an atom
+        clamped to 0, or a matching-pursuit iteration that re-picked an already selected atom)
+    """
+
+    indices: Tensor
+    values: Tensor
+
+
+class PursuitTrace(NamedTuple):
+    """A pursuit's codes and how its residual shrank.
+
+    codes: SparseCodes with indices/values [b, k]
+    residual_norms: [k + 1, b] float32, ||x - b_dec - codes_t @ W_dec|| before the first
+        iteration (t = 0) and after each of the k iterations, recomputed from the codes
+    """
+
+    codes: SparseCodes
+    residual_norms: Tensor
+
+
+# --- public API -----------------------------------------------------------------------------
+
+
+def to_dense(codes: SparseCodes, n_features: int) -> Tensor:
+    """Scatter codes into a dense [..., n_features] float32 tensor (duplicate indices add up)."""
+    lead = codes.indices.shape[:-1]
+    k = codes.indices.shape[-1]
+    idx = codes.indices.reshape(-1, k)
+    val = codes.values.reshape(-1, k).float()
+    dense = val.new_zeros(idx.shape[0], n_features)
+    dense.scatter_add_(1, idx, val)
+    return dense.reshape(*lead, n_features)
+
+
+def reconstruct(codes: SparseCodes, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """codes @ W_dec + b_dec in float32, gathering only the k atoms each row uses.
+
+    codes: indices/values [..., k]; W_dec: [n_features, d]; b_dec: [d] or None -> [..., d]
+    """
+    W = W_dec.detach().float()
+    lead = codes.indices.shape[:-1]
+    k = codes.indices.shape[-1]
+    out = _combine(codes.indices.reshape(-1, k).to(W.device), codes.values.reshape(-1, k).to(W), W)
+    if b_dec is not None:
+        out = out + b_dec.detach().float().to(W.device)
+    return out.reshape(*lead, W.shape[1])
+
+
+def gradient_pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    b_dec: Tensor | None = None,
+    chunk_size: int | None = None,
+    dense: bool | None = None,
+) -> SparseCodes | Tensor:
+    """Nonnegative gradient pursuit: k greedy selections, each followed by one projected
+    exact-line-search gradient step on the selected coefficients.
+
+    x: [..., d] activations, any float dtype. decoder: W_dec [n_features, d] (unit-norm rows
+    expected; other norms are handled), or an object with `.W_dec` [n_features, d] and `.b_dec`
+    [d] such as an SAE's decoder. b_dec: subtracted from x first (default: `decoder.b_dec` for
+    an object, none for a tensor). chunk_size: rows per chunk (None: bounded by CHUNK_BYTES).
+    dense: return dense [..., n_features] codes (in W_dec's dtype) instead of SparseCodes;
+    None means "dense iff decoder is an object", so the original sae-kit call
+    `sae.decode(gradient_pursuit(acts, sae.decoder, k=67))` works unchanged.
+    Computes on W_dec's device.
+    """
+    return _run(x, decoder, k, "gp", b_dec=b_dec, chunk_size=chunk_size, dense=dense)
+
+
+def conjugate_gradient_pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    b_dec: Tensor | None = None,
+    chunk_size: int | None = None,
+    dense: bool | None = None,
+) -> SparseCodes | Tensor:
+    """Approximate conjugate gradient pursuit (nonnegative); arguments as `gradient_pursuit`."""
+    return _run(x, decoder, k, "cgp", b_dec=b_dec, chunk_size=chunk_size, dense=dense)
+
+
+def matching_pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    b_dec: Tensor | None = None,
+    chunk_size: int | None = None,
+    dense: bool | None = None,
+) -> SparseCodes | Tensor:
+    """Nonnegative matching pursuit, k iterations; arguments as `gradient_pursuit`."""
+    return _run(x, decoder, k, "mp", b_dec=b_dec, chunk_size=chunk_size, dense=dense)
+
+
+def orthogonal_pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    b_dec: Tensor | None = None,
+    chunk_size: int | None = None,
+    dense: bool | None = None,
+) -> SparseCodes | Tensor:
+    """Nonnegative orthogonal matching pursuit: an exact NNLS refit of the selected
+    coefficients after each selection (slow, most accurate); arguments as `gradient_pursuit`."""
+    return _run(x, decoder, k, "omp", b_dec=b_dec, chunk_size=chunk_size, dense=dense)
+
+
+def pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    method: str = "gp",
+    b_dec: Tensor | None = None,
+    chunk_size: int | None = None,
+    dense: bool | None = None,
+) -> SparseCodes | Tensor:
+    """Run the pursuit named by `method` (one of METHODS); arguments as `gradient_pursuit`."""
+    return _run(x, decoder, k, method, b_dec=b_dec, chunk_size=chunk_size, dense=dense)
+
+
+@torch.no_grad()
+def pursuit_trace(
+    x: Tensor, decoder: Any, k: int, *, method: str = "gp", b_dec: Tensor | None = None
+) -> PursuitTrace:
+    """Run a pursuit on x: [b, d] in one chunk and record the residual norm after every
+    iteration (for tests and diagnostics; costs one extra gather per iteration)."""
+    W, bias = _dictionary(decoder, b_dec)
+    xc, _ = _prepare(x, W, bias, k, method)
+    W_unit, norms = _unit_rows(W)
+    norms_out: list[Tensor] = [xc.norm(dim=1)]
+
+    def record(state: "_State", t: int) -> None:
+        r = state.x - _combine(state.indices[:, : t + 1], state.values[:, : t + 1], W_unit)
+        norms_out.append(r.norm(dim=1)[: xc.shape[0]])
+
+    codes = _pursue_chunk(xc, W_unit, k, method, on_step=record)
+    return PursuitTrace(_rescale(codes, norms), torch.stack(norms_out))
+
+
+# --- the shared loop ------------------------------------------------------------------------
+
+
+class _State:
+    """Mutable per-chunk state of the greedy loop (rows b, slots k, model width d).
+
+    x: [b, d] centred input; residual: [b, d]; indices/values: [b, k] slots filled left to
+    right; done: [b] rows that stopped (frozen from then on); tol: [b] stopping threshold;
+    extra: per-method state (CGP direction, OMP Gram matrix).
+    """
+
+    def __init__(self, x: Tensor, k: int):
+        b = x.shape[0]
+        self.x = x
+        self.residual = x.clone()
+        self.indices = torch.zeros(b, k, dtype=torch.long, device=x.device)
+        self.values = x.new_zeros(b, k)
+        self.done = torch.zeros(b, dtype=torch.bool, device=x.device)
+        self.tol = STOP_TOLERANCE * x.norm(dim=1)
+        self.corr: Tensor | None = None  # [b, n] reused: a fresh one each iteration page-faults
+        self.extra: dict[str, Tensor] = {}
+
+
+class _Selection(NamedTuple):
+    """What the correlation matmul of one iteration tells the update.
+
+    support_corr: [b, t] correlation of each selected atom with the residual (= minus the
+        gradient of 0.5 * ||residual||^2 w.r.t. the selected coefficients)
+    best: [b] largest correlation among unselected atoms (its index went into slot t)
+    """
+
+    support_corr: Tensor
+    best: Tensor
+
+
+def _select_(s: _State, W: Tensor, t: int) -> _Selection:
+    """The iteration's one big matmul; records the best unselected atom in slot t.
+
+    W: [n, d] unit rows. Only unselected atoms are candidates, so indices stay unique even
+    when a selected coefficient has been clamped to 0 (it stays in the support instead).
+    """
+    if s.corr is None:
+        s.corr = s.residual.new_empty(s.residual.shape[0], W.shape[0])
+    corr = torch.mm(s.residual, W.T, out=s.corr)  # [b, n]
+    chosen = s.indices[:, :t]
+    support_corr = corr.gather(1, chosen)
+    corr.scatter_(1, chosen, float("-inf"))
+    best, new = _row_max(corr)
+    s.indices[:, t] = new
+    return _Selection(support_corr, best)
+
+
+def _pursue_chunk(
+    x: Tensor,
+    W: Tensor,
+    k: int,
+    method: str,
+    on_step: Callable[[_State, int], None] | None = None,
+) -> SparseCodes:
+    """x: [b, d] float32 centred; W: [n, d] float32 unit rows -> codes over W (unit scale)."""
+    b = x.shape[0]
+    if b < MIN_CHUNK_ROWS:
+        x = F.pad(x, (0, 0, 0, MIN_CHUNK_ROWS - b))  # zero rows stop at once
+    s = _State(x, k)
+    update_ = _UPDATES[method]
+    for t in range(k):
+        sel = _select_(s, W, t)
+        update_(s, W, t, sel)
+        if on_step is not None:
+            on_step(s, t)
+    return SparseCodes(s.indices[:b], s.values[:b])
+
+
+# --- coefficient updates (one per method) ---------------------------------------------------
+
+
+def _stop_(s: _State, best: Tensor) -> Tensor:
+    """Mark rows whose best candidate is noise as done (for good); returns live rows [b]."""
+    s.done |= best <= s.tol
+    return ~s.done
+
+
+def _gp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
+    live = _stop_(s, sel.best)
+    # Steepest descent on the selected coefficients; the new atom's gradient is its correlation.
+    g = torch.cat([sel.support_corr, sel.best[:, None]], dim=1) * live[:, None]
+    g_image = _combine(s.indices[:, : t + 1], g, W)  # [b, d] = g @ A
+    _projected_step_(s, W, t, g, g, g_image)
+
+
+def _cgp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
+    live = _stop_(s, sel.best)
+    g = torch.cat([sel.support_corr, sel.best[:, None]], dim=1) * live[:, None]
+    g_image = _combine(s.indices[:, : t + 1], g, W)
+    if t == 0:
+        direction, image = g, g_image
+    else:
+        # beta makes the new direction A-conjugate to the previous one (B&D's approximate CGP).
+        prev_dir, prev_image = s.extra["direction"], s.extra["image"]
+        beta = -_safe_div(
+            torch.linalg.vecdot(prev_image, g_image), torch.linalg.vecdot(prev_image, prev_image)
+        )
+        direction = g + beta[:, None] * F.pad(prev_dir, (0, 1))
+        image = g_image + beta[:, None] * prev_image
+    clamped = _projected_step_(s, W, t, g, direction, image)
+    # A clamped step left the direction's span; restart from plain gradient next time.
+    keep = (~clamped)[:, None]
+    s.extra["direction"] = direction * keep
+    s.extra["image"] = image * keep
+
+
+def _mp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
+    if t > 0:
+        support_best, support_slot = sel.support_corr.max(dim=1)
+    else:
+        support_best = torch.full_like(sel.best, float("-inf"))
+        support_slot = torch.zeros_like(s.indices[:, 0])
+    # Plain MP takes the best atom overall; a selected one keeps its slot and slot t then holds
+    # the best unselected atom with value 0 (so indices stay unique).
+    reuse = support_best > sel.best
+    amount = torch.where(reuse, support_best, sel.best)
+    live = _stop_(s, amount)
+    amount = amount * live
+    slot = torch.where(reuse, support_slot, t)
+    s.values.scatter_add_(1, slot[:, None], amount[:, None])
+    atom = W.index_select(0, s.indices.gather(1, slot[:, None]).squeeze(1))
+    s.residual.addcmul_(amount[:, None], atom, value=-1)
+
+
+def _omp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
+    live = _stop_(s, sel.best)
+    b, k = s.values.shape
+    m = t + 1
+    if t == 0:
+        s.extra["gram"] = torch.zeros(b, k, k, dtype=torch.float64, device=s.x.device)
+        s.extra["h"] = torch.zeros(b, k, dtype=torch.float64, device=s.x.device)
+    gram, h = s.extra["gram"], s.extra["h"]
+    # Grow the Gram matrix of the selected atoms by one row/column (float64: NNLS is ill-posed
+    # enough in float32 to miss the optimum).
+    atoms = W[s.indices[:, :m]].double()  # [b, m, d]
+    new_row = torch.bmm(atoms, atoms[:, t, :, None]).squeeze(-1)  # [b, m]
+    gram[:, t, :m] = new_row
+    gram[:, :m, t] = new_row
+    h[:, t] = (atoms[:, t] * s.x.double()).sum(1)
+    rows = live.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    c = _nnls(
+        gram[rows, :m, :m],
+        h[rows, :m],
+        s.values[rows, :m].double(),
+        tol=1e-9 * s.x[rows].double().norm(dim=1),
+    )
+    s.values[rows, :m] = c.float()
+    s.residual[rows] = s.x[rows] - _combine(s.indices[rows, :m], s.values[rows, :m], W)
+
+
+_UPDATES = {"gp": _gp_update_, "cgp": _cgp_update_, "mp": _mp_update_, "omp": _omp_update_}
+METHODS = tuple(_UPDATES)
+
+
+def _projected_step_(
+    s: _State, W: Tensor, t: int, g: Tensor, direction: Tensor, image: Tensor
+) -> Tensor:
+    """Exact line search along `direction` over slots 0..t, then clamp at 0.
+
+    g: [b, t+1] = A @ residual (A: the selected atoms [t+1, d] per row); direction: [b, t+1];
+    image: [b, d] = direction @ A.
+    The unclamped step is optimal on the quadratic, so the residual strictly shrinks; when the
+    clamp bites, the step is halved until the clamped point does not increase the residual
+    (or dropped). Returns clamped: [b] rows where the clamp changed the step.
+    """
+    m = t + 1
+    # <image, residual> = <direction, A residual> = <direction, g>: no [b, d] pass needed.
+    step = _safe_div((direction * g).sum(1), torch.linalg.vecdot(image, image))
+    moved = s.values[:, :m] + step[:, None] * direction
+    clamped = (moved < 0).any(dim=1)
+    rows = clamped.nonzero().squeeze(1)
+    start = s.values[rows, :m]  # a copy: the rows that may need backtracking
+    s.values[:, :m] = moved.clamp_min_(0)
+    s.residual.addcmul_(step[:, None], image, value=-1)
+    if rows.numel() > 0:
+        _backtrack_(s, W, m, rows, start, direction[rows], step[rows])
+    return clamped
+
+
+def _backtrack_(
+    s: _State, W: Tensor, m: int, rows: Tensor, start: Tensor, direction: Tensor, step: Tensor
+) -> None:
+    """Halve `step` on `rows` until the clamped point's residual is no larger than before.
+
+    start, direction: [r, m] coefficients before the step and the step direction; step: [r].
+    """
+    idx = s.indices[rows, :m]
+    x = s.x[rows]
+    before = x - _combine(idx, start, W)
+    limit = (before * before).sum(1)
+    best_values, best_residual = start, before
+    pending = torch.ones_like(step, dtype=torch.bool)
+    for _ in range(BACKTRACK_STEPS + 1):
+        cand = (start + step[:, None] * direction).clamp_min_(0)
+        res = x - _combine(idx, cand, W)
+        ok = pending & ((res * res).sum(1) <= limit)
+        best_values = torch.where(ok[:, None], cand, best_values)
+        best_residual = torch.where(ok[:, None], res, best_residual)
+        pending &= ~ok
+        if not pending.any():
+            break
+        step = step * 0.5
+    s.values[rows, :m] = best_values
+    s.residual[rows] = best_residual
+
+
+def _nnls(G: Tensor, h: Tensor, c: Tensor, tol: Tensor, ridge: float = 1e-10) -> Tensor:
+    """Batched Lawson-Hanson: argmin_{c >= 0} 0.5 c^T G c - h^T c, warm-started.
+
+    G: [r, m, m] float64 Gram matrix; h: [r, m]; c: [r, m] feasible start (>= 0);
+    tol: [r] a dual value above which an atom is worth freeing -> c: [r, m].
+    Every step lowers the objective, so stopping at the iteration cap is still an improvement.
+    """
+    r, m = h.shape
+    eye = torch.eye(m, dtype=G.dtype, device=G.device)
+    G = G + ridge * eye  # zero-norm or dependent atoms would make the solves singular
+    c = c.clone()
+    passive = c > 0
+    check = torch.ones(r, dtype=torch.bool, device=G.device)  # c is optimal on its passive set
+    converged = torch.zeros_like(check)
+    for _ in range(3 * m + 10):
+        # KKT check: stop, or free the atom whose dual (minus the gradient) is largest.
+        dual = (h - (G @ c[..., None]).squeeze(-1)).masked_fill(passive, float("-inf"))
+        best, j = dual.max(dim=1)
+        converged |= check & (best <= tol)
+        add = check & ~converged
+        passive[add, j[add]] = True
+        live = (~converged).nonzero().squeeze(1)
+        if live.numel() == 0:
+            break
+        # Unconstrained least squares on each live row's passive set (identity elsewhere).
+        P, c_live = passive[live], c[live]
+        sol = torch.linalg.solve(
+            torch.where(P[:, :, None] & P[:, None, :], G[live], eye), h[live] * P
+        )
+        bad = P & (sol <= 0)
+        feasible = ~bad.any(dim=1)
+        # Infeasible rows move toward sol until the first coefficient reaches 0, releasing it.
+        ratio = torch.where(bad, c_live / (c_live - sol).clamp_min(1e-300), torch.inf)
+        alpha, first = ratio.min(dim=1)
+        moved = (c_live + alpha.clamp(0, 1)[:, None] * (sol - c_live)).clamp_min(0)
+        moved[torch.arange(live.numel(), device=G.device), first] = 0
+        c[live] = torch.where(feasible[:, None], sol * P, moved)
+        passive[live] = torch.where(feasible[:, None], P, P & (moved > 0))
+        check = torch.zeros_like(check)
+        check[live] = feasible
+    return c * passive
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _combine(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
+    """sum_j weights[:, j] * W[indices[:, j]] without materializing [b, k, d].
+
+    indices, weights: [b, m]; W: [n, d] -> [b, d] (W's dtype)
+    """
+    if indices.shape[1] == 0:
+        return W.new_zeros(indices.shape[0], W.shape[1])
+    return F.embedding_bag(indices, W, per_sample_weights=weights.to(W.dtype), mode="sum")
+
+
+def _row_max(a: Tensor, groups: int = 16) -> tuple[Tensor, Tensor]:
+    """a.max(dim=1) for a: [b, n] -> (values [b], indices [b]), in two passes when n allows.
+
+    On the CPU, max-with-index over a long row runs ~4x slower than a plain vectorised max; so
+    take the max over `groups` strided slices first ([b, n / groups], vectorised), then the
+    index in the winning column. A tie may resolve to another (equally valid) index.
+    """
+    b, n = a.shape
+    if n % groups or n < 4 * groups:
+        return a.max(dim=1)
+    view = a.view(b, groups, n // groups)
+    best, col = view.amax(dim=1).max(dim=1)  # [b]
+    row = view.gather(2, col[:, None, None].expand(b, groups, 1)).squeeze(2).argmax(dim=1)
+    return best, row * (n // groups) + col
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 where den is 0 (a zero residual or a zero direction: no step, no NaN)."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+
+
+def _dictionary(decoder: Any, b_dec: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(W_dec [n, d], b_dec [d] or None) from a tensor or a decoder-like object."""
+    if isinstance(decoder, Tensor):
+        return decoder.detach(), None if b_dec is None else b_dec.detach()
+    W = getattr(decoder, "W_dec", None)
+    if not isinstance(W, Tensor):
+        raise SaekitError(
+            f"decoder must be a W_dec tensor [n_features, d] or have a .W_dec tensor, "
+            f"got {type(decoder).__name__}"
+        )
+    if b_dec is None:
+        b_dec = getattr(decoder, "b_dec", None)
+    return W.detach(), None if b_dec is None else b_dec.detach()
+
+
+def _prepare(
+    x: Tensor, W: Tensor, b_dec: Tensor | None, k: int, method: str
+) -> tuple[Tensor, tuple[int, ...]]:
+    """Validate; return x - b_dec as float32 [B, d] on W's device, and x's leading shape."""
+    if method not in _UPDATES:
+        raise SaekitError(f"unknown pursuit method {method!r}; use one of {', '.join(METHODS)}")
+    if W.ndim != 2:
+        raise SaekitError(f"W_dec must be [n_features, d], got shape {tuple(W.shape)}")
+    n, d = W.shape
+    if x.shape[-1:] != (d,):
+        raise SaekitError(
+            f"activations have width {x.shape[-1] if x.ndim else 0} but the dictionary has "
+            f"d={d}; use the dictionary trained on this hook"
+        )
+    if not 0 < k <= n:
+        raise SaekitError(f"k must be between 1 and n_features={n}, got {k}")
+    xc = x.detach().to(W.device, torch.float32).reshape(-1, d)
+    if b_dec is not None:
+        xc = xc - b_dec.to(W.device, torch.float32)
+    return xc, tuple(x.shape[:-1])
+
+
+def _unit_rows(W: Tensor) -> tuple[Tensor, Tensor]:
+    """W: [n, d] -> (float32 unit-norm rows [n, d], norms [n]); zero rows stay zero."""
+    W = W.float()
+    norms = W.norm(dim=1)
+    return W / _nonzero(norms)[:, None], norms
+
+
+def _default_chunk_rows(n: int, d: int, k: int, method: str) -> int:
+    row_bytes = 4 * n  # the [rows, n] correlation
+    if method == "omp":
+        row_bytes += 8 * k * (d + k)  # float64 gathered atoms [k, d] and Gram matrix [k, k]
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes)
+
+
+def _nonzero(t: Tensor) -> Tensor:
+    return torch.where(t > 0, t, 1.0)
+
+
+def _rescale(codes: SparseCodes, norms: Tensor) -> SparseCodes:
+    """Codes over unit atoms -> codes over the original atoms (same reconstruction)."""
+    return SparseCodes(codes.indices, codes.values / _nonzero(norms)[codes.indices])
+
+
+@torch.no_grad()
+def _run(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    method: str,
+    *,
+    b_dec: Tensor | None,
+    chunk_size: int | None,
+    dense: bool | None,
+) -> SparseCodes | Tensor:
+    W, bias = _dictionary(decoder, b_dec)
+    xc, lead = _prepare(x, W, bias, k, method)
+    n, d = W.shape
+    W_unit, norms = _unit_rows(W)
+    rows = chunk_size or _default_chunk_rows(n, d, k, method)
+    parts = [_pursue_chunk(chunk, W_unit, k, method) for chunk in xc.split(rows)]
+    if parts:
+        codes = SparseCodes(*(torch.cat(p) for p in zip(*parts)))
+    else:
+        codes = SparseCodes(xc.new_zeros(0, k, dtype=torch.long), xc.new_zeros(0, k))
+    codes = _rescale(codes, norms)
+    codes = SparseCodes(codes.indices.reshape(*lead, k), codes.values.reshape(*lead, k))
+    if dense is None:
+        dense = not isinstance(decoder, Tensor)
+    return to_dense(codes, n).to(W.dtype) if dense else codes
