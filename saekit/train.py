@@ -412,23 +412,6 @@ def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: floa
     return max(variance, 1e-12) * float(sae.decoder.input_scale) ** 2
 
 
-class Firing(FiringTracker):
-    """FiringTracker fed with per-latent counts summed over ranks (codes never leave their rank)."""
-
-    @torch.no_grad()
-    def update_counts(self, counts: Tensor, n_tokens: int) -> None:
-        """counts: [n] tokens on which each latent fired, out of n_tokens."""
-        fired = counts.to(self.fire_counts.device) > 0
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
-        self.fire_counts += counts.round().long().to(self.fire_counts.device)
-        self.window_tokens += n_tokens
-        if self.window_tokens >= self.window:
-            self.last_density = self.fire_counts.double() / self.window_tokens
-            self.fire_counts.zero_()
-            self.window_tokens = 0
-
-
 # --------------------------------------------------------------------------------------------
 # Data, evaluation
 # --------------------------------------------------------------------------------------------
@@ -507,7 +490,7 @@ def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, ba
 CKPT = "checkpoint"
 
 
-def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: Firing, pos: Position) -> None:
+def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
     """Write out/checkpoint/ aside and swap it in, so a crash leaves the previous one intact."""
     from safetensors.torch import save_file
 
@@ -541,7 +524,7 @@ def checkpoint_dir(out: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: Firing) -> Position:
+def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker) -> Position:
     """Restore weights, optimizer, firing tracker and RNG from `ckpt`; returns the data position."""
     from safetensors.torch import load_file
 
@@ -720,7 +703,7 @@ class _Session:
     sae: SparseAutoencoder
     model: nn.Module  # the Objective, DDP-wrapped with several ranks
     opt: torch.optim.Optimizer
-    firing: Firing
+    firing: FiringTracker
     log: MetricsLog
     pos: Position
     ckpt_step: int | None  # step of the last checkpoint written or loaded
@@ -778,7 +761,7 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: dist.Dist, varian
         sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
         model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{sync: False})
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
-    firing = Firing(sae.n_features, window=cfg.dead_tokens, device=d.device)
+    firing = FiringTracker(sae.n_features, window=cfg.dead_tokens, device=d.device)
     pos = load_checkpoint(ckpt, sae, opt, firing) if ckpt is not None else Position()
     log = MetricsLog(out, wandb_run, d.main, keep_until=pos.step if ckpt is not None else -1)
     return _Session(cfg, out, store, d, sae, model, opt, firing, log, pos, pos.step if ckpt is not None else None)
@@ -830,7 +813,7 @@ def _non_finite_message(loss: float, s: _Session) -> str:
     return f"loss became {loss} at step {s.pos.step + 1}; stopped before applying it, {where}: lower --lr and --resume"
 
 
-def train_step(model: nn.Module, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: Firing,
+def train_step(model: nn.Module, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker,
                x: Tensor, lr: float, world_size: int = 1) -> dict[str, float]:  # fmt: skip
     """One optimizer step on local batch x [b, d]; returns the batch's losses averaged over ranks.
 

@@ -9,8 +9,6 @@ for gpt2-small and openwebtext (4 layers, so the hook is blocks.2 instead of blo
 import pytest
 import torch
 
-pytest.importorskip("sae_lens")
-
 from sae_kit.sparse_autoencoder import SparseAutoencoder  # noqa: E402
 
 HOOK = "blocks.8.hook_resid_pre"  # the SAE id used by the README's from_pretrained calls
@@ -38,7 +36,6 @@ def release(tmp_path):
 @pytest.fixture(scope="module")
 def data_generator(tmp_path_factory):
     """The README's 'Setting Up Data Generation', with the embedded model and corpus."""
-    pytest.importorskip("saekit.harvest", reason="saekit.harvest not merged yet")
     from datasets import load_dataset
 
     from sae_kit.utils import cached_activation_generator
@@ -107,7 +104,6 @@ def test_quick_start_loading(release):
 
 
 def test_workflow_1_gradient_pursuit(release, data_generator):
-    pytest.importorskip("saekit.pursuit", reason="saekit.pursuit not merged yet")
     from sae_kit.gradient_pursuit import gradient_pursuit
     from sae_kit.utils import compute_metrics
 

@@ -196,7 +196,7 @@ def test_gp_agrees_with_the_dense_reference(clusters):
 def test_agrees_with_transformer_lens(method, tl_algorithm):
     """transformer-lens 3.x ships a one-vector nonnegative gradient pursuit and NNLS-OMP
     (tools/analysis/jacobian_lens_decomposition.py); ours is the batched form of both."""
-    tl = pytest.importorskip("transformer_lens.tools.analysis.jacobian_lens_decomposition")
+    import transformer_lens.tools.analysis.jacobian_lens_decomposition as tl
     W = dictionary(1024, 128)
     x, _, _ = planted(W, 48, 16, noise=0.2)
     x = torch.cat([x, torch.randn(16, 128, generator=torch.Generator().manual_seed(3))])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-sae_lens = pytest.importorskip("sae_lens")
+import sae_lens  # noqa: E402
 
 from saekit.errors import SaekitError  # noqa: E402
 from saekit.sae import (  # noqa: E402
