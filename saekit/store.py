@@ -317,16 +317,23 @@ def _check_matches(root: Path, attrs: dict, layout: Layout, meta: dict) -> None:
         )
 
 
-def _create_group(root: Path, layout: Layout, meta: dict, capacity: int) -> dict:
-    import zarr
-
-    attrs = {
+def _identity(layout: Layout, meta: dict) -> dict:
+    """What a store is (format, provenance, layout): the part of its attributes the hash covers."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "meta": meta,
         "hooks": layout.hooks,
         "shard_rows": layout.shard_rows,
         "chunk_rows": layout.chunk_rows,
+    }
+
+
+def _create_group(root: Path, layout: Layout, meta: dict, capacity: int) -> dict:
+    import zarr
+
+    attrs = {
+        **_identity(layout, meta),
         "complete": False,
         "n_rows": None,
     }
@@ -576,16 +583,7 @@ def _summary(layout: Layout, meta: dict, recs: Sequence[ShardRecord], n_rows: in
         stats[h] = {"mean": (total / n_rows).tolist(), "mean_sq_norm": sq / n_rows}
     shards = [{"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc} for r in recs]
     # hash identity, not history: no timestamps, ranks or resume counts go in.
-    hashed = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "meta": meta,
-        "hooks": layout.hooks,
-        "shard_rows": layout.shard_rows,
-        "chunk_rows": layout.chunk_rows,
-        "n_rows": n_rows,
-        "shards": shards,
-    }
+    hashed = {**_identity(layout, meta), "n_rows": n_rows, "shards": shards}
     content_hash = "sha256:" + hashlib.sha256(_canonical(hashed).encode()).hexdigest()
     return {"complete": True, "n_rows": n_rows, "stats": stats, "shards": shards, "content_hash": content_hash}
 

@@ -14,3 +14,18 @@ def embedded_store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded") / "store"
     run(HarvestConfig(out=str(out), tokens=32768, shard_rows=16384, chunk_rows=1024, device="cpu", progress=False))
     return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    # Every tensor in the suite is small: a second intra-op thread only adds wake-up waits, and on a
+    # busy 2-core machine it spin-waits for a core another process holds (tiny ops get 10-50x slower).
+    import os
+
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,7 +6,6 @@ import math
 import sys
 
 import pytest
-import torch
 
 import saekit.harvest
 import saekit.train
@@ -15,15 +14,6 @@ from saekit.errors import SaekitError
 from saekit.pursue import CodesStore
 
 SIZES = {"tokens": 4096, "steps": 20, "rows": 1024}  # all exposed as CLI flags too
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors on a busy 2-core machine: extra intra-op threads only add wake-up waits.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

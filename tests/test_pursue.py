@@ -37,16 +37,6 @@ def _store(path: Path, d: int = D, n: int = N_ROWS) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: with several intra-op threads on a busy 2-core machine, each op
-    # waits on thread wake-ups (~10 ms for a [50, 64] max) and the file takes minutes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return _store(tmp_path_factory.mktemp("pursue") / "store")

@@ -30,16 +30,6 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These problems are tiny: a second thread only adds synchronisation (and on a shared
-    # machine, waits for a busy core).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dictionary(n: int, d: int, seed: int = 0, clusters: int = 0) -> torch.Tensor:
     """Random unit-norm atoms [n, d]; with clusters > 0, atoms are noisy copies of that many
     directions (a coherent dictionary, where projected steps clamp and backtrack often)."""

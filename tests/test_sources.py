@@ -15,15 +15,6 @@ from saekit.errors import SaekitError
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: two spinning OpenMP threads per process make tiny ops 10-50x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_tiny_gpt2(out, n_ctx: int = 64, seed: int = 0):
     """A tiny GPT-2 (random weights) + a byte-level BPE tokenizer trained offline, saved HF-style."""
     from tokenizers import ByteLevelBPETokenizer

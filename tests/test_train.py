@@ -20,15 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 N_EVAL = 2048
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On 2 shared cores a second intra-op thread spin-waits: tiny matmuls get 10-20x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(store, out, **kw) -> TrainConfig:
     base = dict(store=str(store), out=str(out), n_features=512, k=16, batch_size=256, tokens=256 * 200,
                 device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL)  # fmt: skip
