@@ -13,11 +13,12 @@ def demo(
     steps: Annotated[int, typer.Option(help="SAE training steps.")] = 2000,
     rows: Annotated[int, typer.Option(help="Rows the encoder and the pursuits are compared on.")] = 8192,
     device: Annotated[str, typer.Option(help="cpu (what the demo is sized for), auto or cuda.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch CPU threads; 0: torch's default. One is as fast here and immune to a busy core.")] = 1,
 ) -> None:
     """Run the whole pipeline offline on the embedded model and corpus (about 2 minutes on 2 CPU cores)."""
     from saekit.demo import DemoConfig, run
 
-    res = run(DemoConfig(out=out, tokens=tokens, steps=steps, rows=rows, device=device))
+    res = run(DemoConfig(out=out, tokens=tokens, steps=steps, rows=rows, device=device, threads=threads))
     typer.echo(res.pursue.table)
     typer.echo(res.headline())
     typer.echo(f"report: {res.pursue.out / 'report.md'}  plot: {res.pursue.out / 'fvu_vs_l0.png'}")

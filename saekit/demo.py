@@ -52,8 +52,14 @@ class DemoConfig:
     """Device for every stage: 'cpu' (the demo is sized for it), 'auto' or 'cuda'."""
     progress: bool = True
     """Progress bars and stage headers on stderr."""
+    threads: int = 1
+    """torch CPU threads (0: torch's default). The demo's tensors are small: one thread is about as
+    fast as two, and a second intra-op thread spin-waits for a core whenever another process holds
+    one (measured: 533 s instead of ~30 s for the default demo next to one busy process)."""
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise SaekitError(f"--threads {self.threads} must be 0 (torch's default) or more")
         for name in ("tokens", "n_features", "k", "steps", "batch_size", "rows"):
             if getattr(self, name) <= 0:
                 raise SaekitError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
@@ -108,6 +114,16 @@ def encoder_l0(sae, store, hook: str, rows: int, batch_size: int = 4096) -> floa
 
 def run(cfg: DemoConfig) -> DemoResult:
     """Harvest, train and pursue as `cfg` says (each stage resumed if it already ran)."""
+    before = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DemoConfig) -> DemoResult:
     from saekit import harvest, pursue, train
     from saekit.store import open_store
 
