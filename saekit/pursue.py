@@ -44,7 +44,7 @@ from tqdm import tqdm
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
-from saekit.store import RECORDS_DIR, _crc, _shard_key, _write_json_atomic, _write_shard_file
+from saekit.store import RECORDS_DIR, crc32c_of, shard_key, write_json_atomic, write_shard_file
 
 CODES_DIR = "codes.zarr"
 CODES_FORMAT = "saekit-codes"
@@ -255,12 +255,12 @@ class CodesStore:
         crc = {}
         for key, v in arrays.items():
             v = np.ascontiguousarray(v)
-            crc[key] = _crc(v)
+            crc[key] = crc32c_of(v)
             if v.shape[0] < self.shard_rows:  # the last shard: zero-pad so every inner chunk exists
                 v = np.concatenate([v, np.zeros((self.shard_rows - v.shape[0], *v.shape[1:]), v.dtype)])
-            _write_shard_file(self.root / _shard_key(key, v.ndim, index), v, self.chunk_rows)
+            write_shard_file(self.root / shard_key(key, v.ndim, index), v, self.chunk_rows)
         rec_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(rec_path, ShardRecord(index, start, stop, crc, float(seconds))._asdict())
+        write_json_atomic(rec_path, ShardRecord(index, start, stop, crc, float(seconds))._asdict())
 
     def read(self, group: str, index: int) -> dict[str, np.ndarray] | None:
         """Shard `index` of `group` (key -> valid rows), or None when it has no record or fails its checksum."""
@@ -276,7 +276,7 @@ class CodesStore:
                 out[key] = np.asarray(zarr.open_array(str(self.root / key), mode="r")[start:stop])
         except Exception:  # a torn or missing shard file: redo the shard
             return None
-        if any(_crc(out[key]) != rec.crc32c.get(key) for key in out):
+        if any(crc32c_of(out[key]) != rec.crc32c.get(key) for key in out):
             return None
         return out
 
@@ -288,7 +288,7 @@ class CodesStore:
         self.attrs["complete"] = True
         doc = json.loads((self.root / "zarr.json").read_text())
         doc["attributes"] = self.attrs
-        _write_json_atomic(self.root / "zarr.json", doc)
+        write_json_atomic(self.root / "zarr.json", doc)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -550,7 +550,7 @@ def format_table(entries: Sequence[Entry]) -> str:
 
 def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
     """report.json, report.md and fvu_vs_l0.png in `out`; returns the table."""
-    _write_json_atomic(out / REPORT_JSON, [e._asdict() for e in entries])
+    write_json_atomic(out / REPORT_JSON, [e._asdict() for e in entries])
     table = format_table(entries)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     md = f"# saekit pursue report\n\n{head}\n\nFVU is against the mean of all {header['rows']} rows.\n\n{table}\n\n![FVU against L0]({PLOT})\n"

@@ -137,7 +137,8 @@ def _row_stats(u16: np.ndarray, block: int = 2048) -> tuple[np.ndarray, float]:
     return total, sq
 
 
-def _crc(a: np.ndarray) -> int:
+def crc32c_of(a: np.ndarray) -> int:
+    """crc32c of an array's bytes (C order): the per-shard checksum."""
     return crc32c.crc32c(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
@@ -152,19 +153,19 @@ def _is_url(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     # write-temp-then-rename: a reader or a resumed writer sees the old file or the new one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
-def _shard_key(array_key: str, ndim: int, index: int) -> str:
+def shard_key(array_key: str, ndim: int, index: int) -> str:
     """Relative path of a shard file under the store (zarr's default '/' chunk key encoding)."""
     return f"{array_key}/c/{index}" + "/0" * (ndim - 1)
 
 
-def _write_shard_file(file: Path, rows: np.ndarray, chunk_rows: int) -> None:
+def write_shard_file(file: Path, rows: np.ndarray, chunk_rows: int) -> None:
     """Write one whole shard in zarr's sharding format (what zarr writes for this layout).
 
     rows: [shard_rows, ...] little-endian, C-order. The file is the inner chunks back to back,
@@ -499,13 +500,13 @@ class StoreWriter:
         for key, v in data.items():
             if v.shape[0] < s:  # explicit short shard: zero-pad so every inner chunk is present
                 v = np.concatenate([v, np.zeros((s - v.shape[0], *v.shape[1:]), v.dtype)])
-            _write_shard_file(self.path / _shard_key(key, v.ndim, index), v, self.layout.chunk_rows)
-            crc[key] = _crc(v[:n])
+            write_shard_file(self.path / shard_key(key, v.ndim, index), v, self.layout.chunk_rows)
+            crc[key] = crc32c_of(v[:n])
         stats = list(stats)
         sums = {h: t.tolist() for h, (t, _) in zip(hooks, stats)}
         sq = {h: q for h, (_, q) in zip(hooks, stats)}
         rec = ShardRecord(index, start, start + n, crc, sums, sq)
-        _write_json_atomic(rec_path, rec._asdict())
+        write_json_atomic(rec_path, rec._asdict())
 
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self.capacity:
@@ -563,7 +564,7 @@ class StoreWriter:
         crc, sums, sq = {}, {}, {}
         for key, a in self._arrays.items():
             v = np.asarray(a[rec.start : stop])
-            crc[key] = _crc(v)
+            crc[key] = crc32c_of(v)
             if key.startswith(ACTS + "/"):
                 total, sqn = _row_stats(v)
                 sums[key[len(ACTS) + 1 :]] = total.tolist()
@@ -591,7 +592,7 @@ def _summary(layout: Layout, meta: dict, recs: Sequence[ShardRecord], n_rows: in
 def _write_group_attrs(root: Path, attrs: dict) -> None:
     doc = json.loads((root / "zarr.json").read_text())
     doc["attributes"] = attrs
-    _write_json_atomic(root / "zarr.json", doc)
+    write_json_atomic(root / "zarr.json", doc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -785,14 +786,14 @@ class ActivationStore:
         start, stop = self._shard_range(index)
         row = (self.layout.hooks[key[len(ACTS) + 1 :]],) if key.startswith(ACTS + "/") else ()
         dtype = np.dtype(np.uint16 if row else np.int32)
-        file = self._root / _shard_key(key, 1 + len(row), index)
+        file = self._root / shard_key(key, 1 + len(row), index)
         try:
             view = _mmap_shard(file, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start)
         except _ShardIndexError:
             return None  # zarr may still read it (another writer's layout); verify() reports real damage
-        if check and _crc(view) != self._shards[index]["crc32c"][key]:
+        if check and crc32c_of(view) != self._shards[index]["crc32c"][key]:
             raise SaekitError(
-                f"store {self.path}: shard {_shard_key(key, 1 + len(row), index)} is corrupt (checksum mismatch); run `saekit verify` and re-harvest"
+                f"store {self.path}: shard {shard_key(key, 1 + len(row), index)} is corrupt (checksum mismatch); run `saekit verify` and re-harvest"
             )
         return view
 
@@ -976,7 +977,7 @@ class ActivationStore:
             rec = self._shards.get(i)
             for key in self._array_keys():
                 ndim = 1 if key in (TOKENS, POSITIONS) else 2
-                name = _shard_key(key, ndim, i)
+                name = shard_key(key, ndim, i)
                 if rec is None:
                     bad.append(f"{name}: no checksum recorded (shard missing)")
                     continue
@@ -990,7 +991,7 @@ class ActivationStore:
                 except Exception as e:
                     bad.append(f"{name}: unreadable ({type(e).__name__})")
                     continue
-                if _crc(v) != rec["crc32c"][key]:
+                if crc32c_of(v) != rec["crc32c"][key]:
                     bad.append(f"{name}: checksum mismatch")
         return bad
 

@@ -153,13 +153,13 @@ import saekit.store as store
 
 path, progress = sys.argv[1], sys.argv[2]
 x = rows_with_ids(300)
-real = store._write_json_atomic
+real = store.write_json_atomic
 def slow_record(p, obj):
     if obj.get("index") == 2:  # shard 2's data is on disk, its record is not: the worst moment
         open(progress, "w").write("2")
         time.sleep(600)
     real(p, obj)
-store._write_json_atomic = slow_record
+store.write_json_atomic = slow_record
 w = store.create_store(path, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
 for s in range(0, 300, 50):
     w.append({HOOK: x[s:s+50]}, torch.arange(s, s + 50) + 1000, torch.arange(s, s + 50) % 8)
