@@ -219,13 +219,13 @@ def load_embedded_model(device: str | torch.device = "cpu", dtype: torch.dtype =
 class TrainEmbeddedConfig:
     """How the shipped weights were trained (`python -m saekit.embedded train`)."""
 
-    steps: int = 800
+    steps: int = 2400
     """Optimizer steps (each `batch_size` sequences of n_ctx bytes)."""
     batch_size: int = 16
     """Sequences per step."""
     lr: float = 3e-3
     """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
-    warmup: int = 50
+    warmup: int = 100
     """Warm-up steps."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices."""
