@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from saekit import train as T
+from saekit.metrics import FiringTracker
 from saekit.sae import SparseAutoencoder
 from saekit.store import create_store, open_store
 
@@ -55,7 +56,7 @@ class SaekitStep:
         var = T.normalized_variance(self.sae, mean, msn)
         self.model = T.Objective(self.sae, "encoder", k, d // 2, 1 / 32, var)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4)
-        self.firing = T.Firing(n, window=10_000_000, device=device)
+        self.firing = FiringTracker(n, window=10_000_000, device=device)
 
     def __call__(self, x: torch.Tensor) -> None:
         T.train_step(self.model, self.sae, self.opt, self.firing, x, 1e-4)
