@@ -55,14 +55,16 @@ def make_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def drop_page_cache(root: Path) -> str:
-    """Evict the store's pages: /proc/sys/vm/drop_caches if root, else posix_fadvise(DONTNEED)."""
+def drop_page_cache(root: Path, system: bool = True) -> str:
+    """Evict the store's pages: /proc/sys/vm/drop_caches if root (and `system`), else
+    posix_fadvise(DONTNEED) on the store's files only."""
     os.sync()  # dirty pages cannot be dropped
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        return "drop_caches"
-    except OSError:
-        pass
+    if system:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+            return "drop_caches"
+        except OSError:
+            pass
     for p in root.rglob("*"):
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096, help="shuffled minibatch rows")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the warm reads (best kept)")
     ap.add_argument("--dir", default=None, help="where to put the temporary store (default: $TMPDIR)")
+    ap.add_argument("--no-drop-caches", action="store_true",
+                    help="cold reads: evict only the store's files (posix_fadvise), not the whole page cache")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="saekit-bench-", dir=args.dir))
@@ -152,7 +156,7 @@ def run(args, root: Path) -> None:
         ("shuffled zarr-python, cold", f"file://{root}", lambda s: consume_shuffled(s.shuffled_batches(HOOK, args.batch, seed=1))),
         ("sequential memmap, cold", str(root), lambda s: consume_sequential(s.iter_rows(HOOK, 65536), buf)),
     ):
-        how = drop_page_cache(root)
+        how = drop_page_cache(root, system=not args.no_drop_caches)
         fresh = open_store(url)
         results.append(Result(name, timed(lambda: consume(fresh)), how + ("; incl. crc" if "memmap" in name else "")))
 
