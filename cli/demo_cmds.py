@@ -15,7 +15,7 @@ def demo(
     device: Annotated[str, typer.Option(help="cpu (what the demo is sized for), auto or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch CPU threads; 0: torch's default. One is as fast here and immune to a busy core.")] = 1,
 ) -> None:
-    """Run the whole pipeline offline on the embedded model and corpus (about 2 minutes on 2 CPU cores)."""
+    """Run the whole pipeline offline on the embedded model and corpus (about 30 s on 2 CPU cores)."""
     from saekit.demo import DemoConfig, run
 
     res = run(DemoConfig(out=out, tokens=tokens, steps=steps, rows=rows, device=device, threads=threads))
