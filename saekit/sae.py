@@ -640,6 +640,26 @@ class SparseAutoencoder(nn.Module):
         """codes: [..., n_features] -> [..., d_in] reconstruction in raw activation space."""
         return self.decoder.decode(codes)
 
+    @torch.no_grad()
+    def calibrate_threshold_(self, x: torch.Tensor) -> float:
+        """Batch-TopK: set the inference threshold so that the rows x [rows, d_in] (raw activations)
+        keep k latents each on average, as batch-level selection does; returns the threshold.
+
+        It sits halfway between the (k·rows)-th and the next largest positive pre-activation. This
+        replaces the running estimate, which trails behind the encoder in short runs.
+        """
+        if self.activation != "batchtopk":
+            raise SaekitError(f"only Batch-TopK SAEs have a threshold to calibrate; this one is {self.activation}")
+        _check_width(x, self.d_in, "inputs", "d_in")
+        pre = self.encoder.pre_activations(self.decoder.normalize(x), self.decoder.b_dec).relu().flatten()
+        m = int(self.k * x.shape[0])
+        if not 0 < m < pre.numel():
+            raise SaekitError(f"calibrating k={self.k} needs more than {x.shape[0]} rows; pass more rows")
+        top = pre.float().topk(m + 1).values  # sorted, largest first
+        threshold = float(top[m - 1] + top[m]) / 2
+        self.encoder.threshold.fill_(threshold)
+        return threshold
+
     def set_input_normalization(
         self, mean: torch.Tensor, mean_sq_norm: float, center: bool = True, scale: bool = True
     ) -> Normalization:

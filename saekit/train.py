@@ -788,6 +788,8 @@ def _loop(s: _Session) -> RunResult:
             if s.pos.step % cfg.log_every == 0 or s.pos.step == total:
                 s.log.log(s.pos.step, s.pos.step * cfg.batch_size, {**stats, "train/lr": lr})
                 bar.set_postfix(fvu=f"{stats['train/fvu'] or stats['train/pursuit_fvu']:.4f}")
+            if s.pos.step == total and s.sae.activation == "batchtopk":
+                calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device)
             if s.pos.step % cfg.eval_every == 0 or s.pos.step == total:
                 last_eval = s.evaluate()
             if (cfg.checkpoint_every and s.pos.step % cfg.checkpoint_every == 0) or s.pos.step == total:
@@ -803,6 +805,13 @@ def _loop(s: _Session) -> RunResult:
         s.log.wandb.finish()
     dist.barrier()
     return RunResult(s.out, s.sae, s.pos.step, last_eval)
+
+
+def calibrate_threshold(sae: SparseAutoencoder, store, hook: str, stop_row: int, device) -> float:
+    """Batch-TopK, after the last step: fix the inference threshold on the first training rows (the
+    same rows on every rank, so every rank gets the same threshold) instead of the running estimate."""
+    rows = min(stop_row, max(256, min(16384, 2**24 // sae.n_features)))
+    return sae.calibrate_threshold_(store.rows(hook, 0, rows).to(device, sae.dtype))
 
 
 def _non_finite_message(loss: float, s: _Session) -> str:

@@ -50,6 +50,16 @@ def test_new_topk_sae_clearly_beats_the_mean(sae_run):
     assert TrainConfig.from_dict(saved).n_features == 512  # config.json is a valid --config file
 
 
+def test_batch_topk_keeps_k_per_token_at_inference(embedded_store, tmp_path):
+    """After a short run the threshold (used at inference) keeps about k latents per held-out token."""
+    res = run(cfg(embedded_store, tmp_path / "btk", activation="batchtopk", tokens=256 * 100))
+    assert res.eval["eval/l0"] == pytest.approx(16, rel=0.15)
+    sae = SparseAutoencoder.load(res.out / "sae")
+    store = open_store(embedded_store)
+    codes = sae.encode(store.rows(None, store.n_rows - N_EVAL, store.n_rows).float())
+    assert (codes != 0).sum(-1).float().mean().item() == pytest.approx(res.eval["eval/l0"], rel=1e-4)
+
+
 def test_saved_and_exported_sae_reconstruct_raw_activations(sae_run, embedded_store):
     import sae_lens
 
