@@ -63,19 +63,24 @@ def info(
 def verify(
     store: Annotated[str, typer.Argument(help="Store directory (or fsspec URL).")],
 ) -> None:
-    """Recompute every shard's checksum; exit non-zero naming each corrupt or missing shard."""
-    from saekit.store import open_store
+    """Recompute the content hash, every shard's checksum and the statistics; exit non-zero naming each problem."""
+    from saekit.store import FORMAT_VERSION, open_store
 
     st = open_store(store, allow_incomplete=True)
     bad = st.verify(progress=sys.stderr.isatty())
     for line in bad:
-        typer.echo(f"bad shard: {line}")
+        typer.echo(f"bad: {line}")
     if bad:
         raise SaekitError(
-            f"{len(bad)} bad shard file(s) in {store} (listed above); re-harvest into a new store or restore them from a copy"
+            f"{len(bad)} problem(s) in {store} (listed above); re-harvest into a new store or restore the files from a copy"
         )
     what = "complete" if st.complete else "incomplete (finished shards only)"
-    typer.echo(f"ok: {st.n_shards} shard(s), {st.n_rows:,} rows verified; store {what}; {st.content_hash or 'no hash yet'}")
+    typer.echo(f"ok: {st.n_shards} shard(s), {st.n_rows:,} rows and statistics verified; store {what}; {st.content_hash or 'no hash yet'}")
+    if st.format_version < FORMAT_VERSION:
+        typer.echo(
+            f"note: store format {st.format_version}: its content hash does not cover the statistics (checked against "
+            f"the rows here instead); re-harvest to get format {FORMAT_VERSION}"
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -15,8 +15,11 @@ resume, so a killed writer never leaves a shard that looks complete. Rank r of w
 shards i with i % w == r, so separate processes never touch the same file.
 
 Readers memory-map each shard file after validating zarr's shard index (contiguous C-order inner
-chunks, no compression) and fall back to zarr reads when that check fails or the store is an
-fsspec URL.
+chunks, no compression) and fall back to zarr reads of whole shards (a small cache) when that check
+fails or the store is an fsspec URL. Every path checks a shard's crc32c against its record the first
+time it is touched, and a missing shard file is an error, never zeros. The content hash covers the
+attributes (format 2: statistics included); open_store recomputes it, so edited attributes are
+refused before any reader uses them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 import shutil
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,11 +46,16 @@ from tqdm import tqdm
 from saekit.errors import SaekitError
 
 FORMAT = "saekit-activation-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the content hash covers the statistics too (format 1 stores are still read)
 ACTS = "acts"
 TOKENS = "tokens"
 POSITIONS = "positions"
 RECORDS_DIR = ".saekit-shards"
+CREATING = ".saekit-creating"  # marker file: present from the start of create_store until its attributes are written
+FALLBACK_CACHE_BYTES = 512 << 20  # whole shards read through zarr are kept up to this size (at least 2)
+# The attributes the content hash covers, by format version.
+HASHED = ("format", "format_version", "meta", "hooks", "shard_rows", "chunk_rows", "n_rows", "shards")
+HASHED_SINCE_2 = ("stats",)
 BF16_ATTRS = {"dtype": "bfloat16", "encoding": "bfloat16-bits-as-uint16"}
 _MISSING = np.uint64(2**64 - 1)  # zarr's shard-index marker for an inner chunk never written
 
@@ -54,10 +63,12 @@ __all__ = [
     "ActivationStore",
     "HookStats",
     "StoreWriter",
-    "create_store",
-    "open_store",
     "bf16_bits",
     "bits_to_bf16",
+    "content_hash",
+    "create_store",
+    "open_store",
+    "read_attrs",
 ]
 
 
@@ -181,6 +192,10 @@ def write_shard_file(file: Path, rows: np.ndarray, chunk_rows: int) -> None:
     tail = index.tobytes()
     tail += crc32c.crc32c(tail).to_bytes(4, "little")
     file.parent.mkdir(parents=True, exist_ok=True)
+    # A temp file of this shard file left by a failed or killed earlier write (its shard has no
+    # record, which is why it is written again): only this shard's writer ever writes here.
+    for stale in file.parent.glob(f".{file.name}.*.partial"):
+        stale.unlink(missing_ok=True)
     tmp = file.with_name(f".{file.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as f:
         f.write(memoryview(np.ascontiguousarray(rows)).cast("B"))
@@ -192,12 +207,17 @@ def write_shard_file(file: Path, rows: np.ndarray, chunk_rows: int) -> None:
 # creating and writing
 
 
+def _hook_name_ok(name: Any) -> bool:
+    """True for a hook name that is one array name inside the store (never a path out of it)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith((".", "__"))
+
+
 def _validate_hooks(hooks: dict[str, int]) -> dict[str, int]:
     if not hooks:
         raise SaekitError("a store needs at least one hook; pass hooks={'blocks.0.hook_resid_pre': 768}")
     out = {}
     for name, d in hooks.items():
-        if not name or "/" in name or name.startswith((".", "__")):
+        if not _hook_name_ok(name):
             raise SaekitError(f"hook name {name!r} cannot be a store array name; drop '/' and leading '.'/'__'")
         if int(d) <= 0:
             raise SaekitError(f"hook {name!r} has d_model={d}; it must be a positive integer")
@@ -205,22 +225,127 @@ def _validate_hooks(hooks: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def _read_attrs(root: Path) -> dict | None:
-    """The group attributes of a saekit store at `root`, or None if it is not one."""
+def _array_keys(layout: Layout) -> list[str]:
+    return [f"{ACTS}/{h}" for h in layout.hooks] + [TOKENS, POSITIONS]
+
+
+def _array_spec(layout: Layout, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(row shape, stored dtype) of one array of the store."""
+    if key.startswith(ACTS + "/"):
+        return (layout.hooks[key[len(ACTS) + 1 :]],), np.dtype(np.uint16)
+    return (), np.dtype(np.int32)
+
+
+def read_attrs(path: str | os.PathLike) -> dict | None:
+    """The group attributes of a saekit store at a local `path`; None if there is no zarr.json there
+    or another program's. A zarr.json that cannot be parsed is damaged: a one-line error saying
+    so (and what to do), never "not a store"."""
+    root = Path(path)
+    f = root / "zarr.json"
     try:
-        doc = json.loads((root / "zarr.json").read_text())
-    except (OSError, ValueError):
+        doc = json.loads(f.read_text())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
+    except ValueError as e:  # not JSON, not UTF-8: a truncated or overwritten file
+        doc = e
+    except OSError as e:
+        raise SaekitError(f"cannot read {f} ({e.strerror}); check its permissions") from e
+    attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        why = "not valid JSON" if isinstance(doc, ValueError) else "not a zarr group document"
+        raise SaekitError(
+            f"{f} is damaged ({why}), so {root} cannot be read or recognised as a saekit store and is left as it is; "
+            f"restore zarr.json from a copy, or delete {root} and harvest again"
+        )
     return attrs if attrs.get("format") == FORMAT else None
 
 
-def _layout_from_attrs(attrs: dict) -> Layout:
-    return Layout({k: int(v) for k, v in attrs["hooks"].items()}, int(attrs["shard_rows"]), int(attrs["chunk_rows"]))
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _read_records(root: Path) -> dict[int, ShardRecord]:
-    """Per-shard completion records on disk; unreadable ones count as missing (redo the shard)."""
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v)[:40]
+
+
+def _check_attrs(where: Any, attrs: dict) -> Layout:
+    """Check a store's attributes for type and consistency; return its layout. A hand-edited or
+    damaged zarr.json gives one line, never a traceback or a path outside the store."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise SaekitError(f"store {where} has damaged attributes: {what}; restore zarr.json or re-harvest")
+
+    v = attrs.get("format_version")
+    need(_is_int(v) and v >= 1, f"format_version is {_show(v)}, not a positive integer")
+    if v > FORMAT_VERSION:
+        raise SaekitError(f"{where} has store format {v}; upgrade saekit to read it")
+    hooks = attrs.get("hooks")
+    need(isinstance(hooks, dict) and len(hooks) > 0, f"hooks is {_show(hooks)}, not a map of hook name -> d_model")
+    for h, d in hooks.items():
+        need(_hook_name_ok(h), f"hook name {h!r} is not an array name inside the store")
+        need(_is_int(d) and d > 0, f"hook {h!r} has d_model {_show(d)}, not a positive integer")
+    s, c = attrs.get("shard_rows"), attrs.get("chunk_rows")
+    need(_is_int(s) and _is_int(c) and c > 0 and s > 0 and s % c == 0, f"shard_rows {_show(s)} is not a positive multiple of chunk_rows {_show(c)}")
+    need(isinstance(attrs.get("meta"), dict), f"meta is {_show(attrs.get('meta'))}, not a map")
+    need(isinstance(attrs.get("complete"), bool), f"complete is {_show(attrs.get('complete'))}, not true/false")
+    layout = Layout(dict(hooks), s, c)
+    if attrs["complete"]:
+        _check_summary(attrs, layout, need)
+    return layout
+
+
+def _check_summary(attrs: dict, layout: Layout, need) -> None:
+    """The attributes finalize writes: row count, per-shard checksums, statistics, content hash."""
+    n = attrs.get("n_rows")
+    need(_is_int(n) and n > 0, f"n_rows is {_show(n)}, not a positive integer")
+    s = layout.shard_rows
+    shards = attrs.get("shards")
+    need(isinstance(shards, list) and len(shards) == math.ceil(n / s), f"shards is {_show(shards)}, not one record per shard of {n} rows")
+    keys = _array_keys(layout)
+    for i, r in enumerate(shards):
+        ok = isinstance(r, dict) and all(_is_int(r.get(k)) for k in ("index", "start", "stop"))
+        ok = ok and (r["index"], r["start"], r["stop"]) == (i, i * s, min((i + 1) * s, n))
+        ok = ok and isinstance(r.get("crc32c"), dict) and all(_is_int(r["crc32c"].get(k)) for k in keys)
+        need(ok, f"shards[{i}] is not the record of shard {i}")
+    stats = attrs.get("stats")
+    need(isinstance(stats, dict), f"stats is {_show(stats)}, not a map of hook -> statistics")
+    for h, d in layout.hooks.items():
+        st = stats.get(h)
+        ok = isinstance(st, dict) and isinstance(st.get("mean"), list) and len(st["mean"]) == d
+        need(ok and all(map(_is_num, st["mean"])) and _is_num(st.get("mean_sq_norm")), f"stats of hook {h!r} are not a mean of {d} numbers and a mean_sq_norm")
+    need(isinstance(attrs.get("content_hash"), str), f"content_hash is {_show(attrs.get('content_hash'))}, not a string")
+
+
+def content_hash(attrs: dict) -> str:
+    """The content hash of a complete store, from its attributes: sha256 of the canonical JSON of
+    format, meta, hooks, layout, n_rows, the per-shard checksums and (format 2 on) the statistics.
+
+    No timestamps, ranks or resume history go in: equal content gives an equal hash.
+    """
+    keys = HASHED + (HASHED_SINCE_2 if attrs["format_version"] >= 2 else ())
+    # NaN statistics (from NaN rows) are kept as JSON's NaN; format 1 never hashed any.
+    doc = json.dumps({k: attrs[k] for k in keys}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _record_ok(r: ShardRecord, layout: Layout) -> bool:
+    """A completion record with the fields and types the writer writes (else: redo the shard)."""
+    s = layout.shard_rows
+    ok = _is_int(r.index) and r.index >= 0 and r.start == r.index * s and _is_int(r.stop) and r.start < r.stop <= r.start + s
+    ok = ok and isinstance(r.crc, dict) and all(_is_int(r.crc.get(k)) for k in _array_keys(layout))
+    ok = ok and isinstance(r.sums, dict) and isinstance(r.sq_norms, dict)
+    return ok and all(
+        isinstance(r.sums.get(h), list) and len(r.sums[h]) == d and _is_num(r.sq_norms.get(h)) for h, d in layout.hooks.items()
+    )
+
+
+def _read_records(root: Path, layout: Layout) -> dict[int, ShardRecord]:
+    """Per-shard completion records on disk; unreadable or malformed ones count as missing (redo the shard)."""
     out = {}
     rec_dir = root / RECORDS_DIR
     if not rec_dir.is_dir():
@@ -230,7 +355,8 @@ def _read_records(root: Path) -> dict[int, ShardRecord]:
             r = ShardRecord(**json.loads(p.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        out[r.index] = r
+        if _record_ok(r, layout):
+            out[r.index] = r
     return out
 
 
@@ -251,9 +377,11 @@ def create_store(
 
     hooks: hook name -> d_model. n_rows: capacity, an upper bound (finalize may truncate; a single
     writer grows it if exceeded). meta: JSON provenance (model, dataset, tokenizer, ctx_len, ...).
-    A non-empty `path` is refused unless `resume` (meta and layout must match what is stored) or
-    `overwrite` (only an existing saekit store is removed). With world_size > 1, rank 0 creates the
-    store and the other ranks join it afterwards (the caller barriers between).
+    A non-empty `path` is refused unless `resume` (meta and layout must match what is stored; the
+    finished shards of this writer are checked against their records and bad ones redone) or
+    `overwrite` (only an existing saekit store is removed). What a creation killed before its
+    attributes were written left behind holds no rows and is replaced. With world_size > 1, rank 0
+    creates the store and the other ranks join it afterwards (the caller barriers between).
     """
     if _is_url(path):
         raise SaekitError(f"stores are written to a local directory, not {path}; write locally, then copy")
@@ -270,30 +398,36 @@ def create_store(
     layout = Layout(_validate_hooks(hooks), int(shard_rows), int(chunk_rows))
     meta = json.loads(_canonical(meta))  # normalise (tuples -> lists) so resume compares like with like
     root = Path(path)
-    non_empty = root.exists() and (not root.is_dir() or any(root.iterdir()))
-    attrs = _read_attrs(root) if non_empty else None
+    if root.exists() and not root.is_dir():
+        raise SaekitError(f"{root} is a file, not a directory; choose a directory path for the store")
+    if rank == 0:
+        _discard_unfinished_creation(root)
+    non_empty = root.exists() and any(root.iterdir())
+    attrs = read_attrs(root) if non_empty else None
 
     if rank > 0:
         if attrs is None:
             raise SaekitError(f"rank {rank}: no store at {root} yet; rank 0 must call create_store first (barrier after it)")
-        if attrs.get("complete"):
+        stored = _check_attrs(root, attrs)
+        if attrs["complete"]:
             raise SaekitError(f"rank {rank}: store {root} is already complete; nothing to write (overwrite it from rank 0 to rebuild)")
-        _check_matches(root, attrs, layout, meta)
+        _check_matches(root, stored, attrs["meta"], layout, meta)
         return StoreWriter(root, layout, attrs, rank, world_size)
 
     if non_empty:
         if overwrite:
             if attrs is None:
                 raise SaekitError(f"{root} is not empty and not a saekit store; refusing to delete it, choose a new path")
-            shutil.rmtree(root)
+            _remove_entries(root, [p.name for p in root.iterdir()])
         elif resume:
             if attrs is None:
                 raise SaekitError(f"{root} is not empty and not a saekit store; cannot resume it, choose a new path")
-            if attrs.get("complete"):
+            stored = _check_attrs(root, attrs)
+            if attrs["complete"]:
                 raise SaekitError(
-                    f"store {root} is already complete ({attrs.get('n_rows')} rows); open it to read, or pass overwrite to rebuild"
+                    f"store {root} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild"
                 )
-            _check_matches(root, attrs, layout, meta)
+            _check_matches(root, stored, attrs["meta"], layout, meta)
             return StoreWriter(root, layout, attrs, rank, world_size)
         else:
             what = "a saekit store" if attrs is not None else "not empty"
@@ -304,14 +438,13 @@ def create_store(
     return StoreWriter(root, layout, attrs, rank, world_size)
 
 
-def _check_matches(root: Path, attrs: dict, layout: Layout, meta: dict) -> None:
-    stored = _layout_from_attrs(attrs)
+def _check_matches(root: Path, stored: Layout, stored_meta: dict, layout: Layout, meta: dict) -> None:
     if stored != layout:
         raise SaekitError(
             f"store {root} has layout {tuple(stored)} but this run asks for {tuple(layout)}; use the same hooks/shard sizes or a new path"
         )
-    if _canonical(attrs.get("meta")) != _canonical(meta):
-        old, new = attrs.get("meta") or {}, meta
+    if _canonical(stored_meta) != _canonical(meta):
+        old, new = stored_meta, meta
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise SaekitError(
             f"store {root} was written with different metadata (differs in: {', '.join(keys)}); resume with the same settings or use a new path"
@@ -319,7 +452,7 @@ def _check_matches(root: Path, attrs: dict, layout: Layout, meta: dict) -> None:
 
 
 def _identity(layout: Layout, meta: dict) -> dict:
-    """What a store is (format, provenance, layout): the part of its attributes the hash covers."""
+    """What a store is (format, provenance, layout): the part of its attributes fixed at creation."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -328,6 +461,34 @@ def _identity(layout: Layout, meta: dict) -> dict:
         "shard_rows": layout.shard_rows,
         "chunk_rows": layout.chunk_rows,
     }
+
+
+def _remove_entries(root: Path, names: Sequence[str]) -> None:
+    # the entries, not `root` itself: it may be a mount point or a directory someone made for us.
+    for name in names:
+        p = root / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _discard_unfinished_creation(root: Path) -> None:
+    """Remove what a create_store killed before writing its attributes left (no rows yet), and
+    only that: the marker must be there, and nothing but the store's own entries."""
+    marker = root / CREATING
+    if not marker.is_file():
+        return
+    try:
+        published = read_attrs(root) is not None
+    except SaekitError:  # zarr's own first write of zarr.json was cut short
+        published = False
+    names = [p.name for p in root.iterdir()]
+    if published:  # killed after the attributes landed: a store, plus the marker
+        marker.unlink()
+    elif set(names) <= {CREATING, "zarr.json", ACTS, TOKENS, POSITIONS}:
+        _remove_entries(root, [n for n in names if n != CREATING])
+        marker.unlink()
 
 
 def _create_group(root: Path, layout: Layout, meta: dict, capacity: int) -> dict:
@@ -339,7 +500,10 @@ def _create_group(root: Path, layout: Layout, meta: dict, capacity: int) -> dict
         "n_rows": None,
     }
     root.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(root), mode="w", zarr_format=3)
+    # the marker first: a kill before the attributes are written leaves a directory create_store
+    # recognises as an unfinished creation (and replaces), instead of "not a saekit store".
+    (root / CREATING).write_text("saekit is creating a store here; if no harvest is running, rerun it with --resume\n")
+    group = zarr.create_group(str(root), zarr_format=3, overwrite=False)  # keeps the marker
     acts = group.create_group(ACTS)
     for hook, d in layout.hooks.items():
         a = acts.create_array(
@@ -371,6 +535,7 @@ def _create_group(root: Path, layout: Layout, meta: dict, capacity: int) -> dict
     # attributes last, in one atomic write: a directory without them is not (yet) a saekit store,
     # and a kill mid-write never leaves half of them behind.
     _write_group_attrs(root, attrs)
+    (root / CREATING).unlink()
     return attrs
 
 
@@ -380,6 +545,7 @@ class StoreWriter:
     `append` fills this writer's shards in order (for rank r of w: shards r, r+w, r+2w, ...);
     `write_shard` writes one explicitly. `resume_row` counts the rows of this writer's stream that
     are already safely on disk (leading complete shards); the caller continues from there.
+    `damaged` lists this writer's finished shards that failed their check on opening (redone).
     """
 
     def __init__(self, root: Path, layout: Layout, attrs: dict, rank: int, world_size: int):
@@ -390,11 +556,13 @@ class StoreWriter:
         self.meta = attrs["meta"]
         self.rank, self.world_size = rank, world_size
         self._group = zarr.open_group(str(root), mode="r+")
-        self._arrays = {f"{ACTS}/{h}": self._group[f"{ACTS}/{h}"] for h in layout.hooks}
-        self._arrays[TOKENS] = self._group[TOKENS]
-        self._arrays[POSITIONS] = self._group[POSITIONS]
+        try:
+            self._arrays = {key: self._group[key] for key in _array_keys(layout)}
+        except KeyError as e:
+            raise SaekitError(f"store {root} has no array {e}; it is damaged: re-harvest it with overwrite (--overwrite)") from e
         (root / RECORDS_DIR).mkdir(exist_ok=True)
-        done = _read_records(root)
+        done = _read_records(root, layout)
+        self.damaged = self._drop_damaged(done)
         # leading full shards of this writer's stream are kept; the first gap (or partial) is redone.
         k = 0
         while (rec := done.get(self._global_shard(k))) is not None and rec.stop - rec.start == layout.shard_rows:
@@ -404,6 +572,18 @@ class StoreWriter:
         self._buf = self._new_buffer()
         self._fill = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-stats")
+
+    def _drop_damaged(self, done: dict[int, ShardRecord]) -> list[str]:
+        """Check this writer's finished shards against their records (files there, crc32c of the
+        valid rows) and drop the record of each bad one, so it is redone. One line per bad shard."""
+        bad = []
+        for i in sorted(j for j in done if j % self.world_size == self.rank):
+            problem = _shard_problem(self.path, self.layout, done[i])
+            if problem is not None:
+                (self.path / RECORDS_DIR / f"shard-{i:06d}.json").unlink(missing_ok=True)
+                del done[i]
+                bad.append(problem)
+        return bad
 
     @property
     def capacity(self) -> int:
@@ -527,7 +707,7 @@ class StoreWriter:
         if self.rank != 0:
             raise SaekitError(f"only rank 0 finalizes a store; rank {self.rank} should stop after writing and barrier")
         self._flush()
-        recs = _read_records(self.path)
+        recs = _read_records(self.path, self.layout)
         s = self.layout.shard_rows
         order: list[ShardRecord] = []
         i = 0
@@ -553,8 +733,8 @@ class StoreWriter:
             order[-1] = self._record_from_disk(order[-1], total)
         for a in self._arrays.values():
             a.resize((total, *a.shape[1:]))
-        attrs = _read_attrs(self.path) or {}
-        attrs.update(_summary(self.layout, attrs["meta"], order, total))
+        attrs = read_attrs(self.path) or {}
+        attrs.update(_summary(self.layout, self.meta, order, total))  # format, version and hash with it
         _write_group_attrs(self.path, attrs)
         # the records now live in the attributes; the directory is not part of the zarr hierarchy.
         shutil.rmtree(self.path / RECORDS_DIR, ignore_errors=True)
@@ -572,8 +752,8 @@ class StoreWriter:
         return ShardRecord(rec.index, rec.start, stop, crc, sums, sq)
 
 
-def _summary(layout: Layout, meta: dict, recs: Sequence[ShardRecord], n_rows: int) -> dict:
-    """The attributes of a finished store: row count, stats, per-shard checksums, content hash."""
+def _stats(layout: Layout, recs: Sequence[ShardRecord], n_rows: int) -> dict:
+    """Per hook: mean row and mean squared row norm, from the shards' float64 sums."""
     stats = {}
     for h in layout.hooks:
         total = np.zeros(layout.hooks[h], np.float64)
@@ -582,11 +762,14 @@ def _summary(layout: Layout, meta: dict, recs: Sequence[ShardRecord], n_rows: in
             total += np.asarray(r.sums[h], np.float64)
             sq += r.sq_norms[h]
         stats[h] = {"mean": (total / n_rows).tolist(), "mean_sq_norm": sq / n_rows}
+    return stats
+
+
+def _summary(layout: Layout, meta: dict, recs: Sequence[ShardRecord], n_rows: int) -> dict:
+    """The attributes of a finished store: identity, row count, stats, per-shard checksums, content hash."""
     shards = [{"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc} for r in recs]
-    # hash identity, not history: no timestamps, ranks or resume counts go in.
-    hashed = {**_identity(layout, meta), "n_rows": n_rows, "shards": shards}
-    content_hash = "sha256:" + hashlib.sha256(_canonical(hashed).encode()).hexdigest()
-    return {"complete": True, "n_rows": n_rows, "stats": stats, "shards": shards, "content_hash": content_hash}
+    attrs = {**_identity(layout, meta), "complete": True, "n_rows": n_rows, "stats": _stats(layout, recs, n_rows), "shards": shards}
+    return {**attrs, "content_hash": content_hash(attrs)}
 
 
 def _write_group_attrs(root: Path, attrs: dict) -> None:
@@ -603,6 +786,14 @@ class _ShardIndexError(Exception):
     """A shard file that cannot be memory-mapped (layout differs or index corrupt)."""
 
 
+class _BadShard(SaekitError):
+    """A shard that cannot be read as recorded (missing, unreadable, checksum mismatch)."""
+
+    def __init__(self, store: Any, name: str, what: str):
+        super().__init__(f"store {store}: shard {name} is {what}; run `saekit verify` to list every bad shard, then re-harvest or restore them")
+        self.name, self.what = name, what
+
+
 def _mmap_shard(file: Path, shape: tuple[int, ...], chunk_rows: int, dtype: np.dtype, n_valid: int) -> np.ndarray:
     """Validate a shard file's index and memory-map its first `n_valid` rows.
 
@@ -610,18 +801,18 @@ def _mmap_shard(file: Path, shape: tuple[int, ...], chunk_rows: int, dtype: np.d
     nbytes) little-endian uint64, then the crc32c of those bytes. Inner chunks covering the valid
     rows must sit back to back from offset 0 (C-order rows), which is what saekit's writer makes.
     Returns [n_valid, *row] (copy-on-write mapping: writable for torch, never written back).
+    Raises OSError when the file cannot be read (FileNotFoundError: it is not there).
     """
     n_inner = shape[0] // chunk_rows
     chunk_bytes = chunk_rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     idx_bytes = n_inner * 16
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            f.seek(size - idx_bytes - 4)
-            tail = f.read(idx_bytes + 4)
-    except OSError as e:
-        raise _ShardIndexError(f"cannot read {file}: {e}") from e
-    if size < idx_bytes + 4 or len(tail) != idx_bytes + 4:
+    size = file.stat().st_size
+    if size < idx_bytes + 4:
+        raise _ShardIndexError(f"{file} is too short for its index")
+    with open(file, "rb") as f:
+        f.seek(size - idx_bytes - 4)
+        tail = f.read(idx_bytes + 4)
+    if len(tail) != idx_bytes + 4:
         raise _ShardIndexError(f"{file} is too short for its index")
     if crc32c.crc32c(tail[:idx_bytes]) != int.from_bytes(tail[idx_bytes:], "little"):
         raise _ShardIndexError(f"{file}: shard index checksum mismatch")
@@ -633,6 +824,23 @@ def _mmap_shard(file: Path, shape: tuple[int, ...], chunk_rows: int, dtype: np.d
     if need * chunk_bytes > size - idx_bytes - 4:
         raise _ShardIndexError(f"{file} is shorter than its index claims")
     return np.memmap(file, dtype=dtype, mode="c", offset=0, shape=(n_valid, *shape[1:]))
+
+
+def _shard_problem(root: Path, layout: Layout, rec: ShardRecord) -> str | None:
+    """What is wrong with a finished shard saekit wrote (files there, crc32c of the valid rows
+    as recorded), or None. Used on resume; readers check through ActivationStore._load."""
+    for key in _array_keys(layout):
+        row, dtype = _array_spec(layout, key)
+        name = shard_key(key, 1 + len(row), rec.index)
+        try:
+            v = _mmap_shard(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, rec.stop - rec.start)
+        except FileNotFoundError:
+            return f"{name}: missing"
+        except (OSError, _ShardIndexError) as e:
+            return f"{name}: unreadable ({type(e).__name__})"
+        if crc32c_of(v) != rec.crc[key]:
+            return f"{name}: corrupt (checksum mismatch)"
+    return None
 
 
 def _plain_sharded(meta_doc: dict) -> bool:
@@ -655,8 +863,10 @@ def _plain_sharded(meta_doc: dict) -> bool:
 def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False, check: bool = True) -> ActivationStore:
     """Open a store for reading: a local directory (memory-mapped) or an fsspec URL (zarr reads).
 
-    allow_incomplete: read the complete shards of a store still being written (or killed).
-    check: verify each memory-mapped shard's checksum the first time it is touched.
+    The attributes are checked (types, and the content hash recomputed from them: no data read)
+    before anything uses them. allow_incomplete: read the complete shards of a store still being
+    written (or killed). check: verify each shard's crc32c the first time it is touched (a missing
+    shard file is an error either way).
     """
     import zarr
 
@@ -664,6 +874,8 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
         try:
             group = zarr.open_group(str(path_or_url), mode="r")
             attrs = group.attrs.asdict()
+        except ValueError as e:  # zarr.json there but not JSON
+            raise SaekitError(f"{path_or_url}/zarr.json is damaged (not valid JSON); restore it from a copy or re-harvest") from e
         except Exception as e:  # zarr/fsspec raise many types for "nothing there"
             raise SaekitError(f"cannot open {path_or_url} as a store ({type(e).__name__}); check the URL") from e
         root = None
@@ -671,15 +883,21 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
         root = Path(path_or_url)
         if not root.exists():
             raise SaekitError(f"no store at {root}; check the path (harvest writes one)")
-        attrs = _read_attrs(root)
+        attrs = read_attrs(root)
+        if attrs is None and (root / CREATING).is_file():
+            raise SaekitError(f"creating the store at {root} was interrupted (it holds no rows); rerun the harvest with --resume or --overwrite")
         group = None
     if attrs is None or attrs.get("format") != FORMAT:
         raise SaekitError(f"{path_or_url} is not a saekit activation store; pass the directory that harvest wrote")
-    if int(attrs.get("format_version", 0)) > FORMAT_VERSION:
-        raise SaekitError(f"{path_or_url} has store format {attrs['format_version']}; upgrade saekit to read it")
-    if not attrs.get("complete") and not allow_incomplete:
+    _check_attrs(path_or_url, attrs)
+    if not attrs["complete"] and not allow_incomplete:
         raise SaekitError(
             f"store {path_or_url} is incomplete (its writer did not finish); resume the harvest with --resume, or open it with allow_incomplete=True"
+        )
+    if attrs["complete"] and content_hash(attrs) != attrs["content_hash"]:
+        raise SaekitError(
+            f"store {path_or_url}: its attributes do not match its content hash (zarr.json was edited or damaged: "
+            "metadata, statistics or checksums); restore zarr.json from a copy or re-harvest"
         )
     if group is None:
         group = zarr.open_group(str(root), mode="r")
@@ -691,23 +909,26 @@ class ActivationStore:
 
     def __init__(self, path, root: Path | None, group, attrs: dict, check: bool):
         self.path = path
-        self.meta: dict = attrs.get("meta", {})
-        self.layout = _layout_from_attrs(attrs)
+        self.meta: dict = attrs["meta"]
+        self.layout = Layout(dict(attrs["hooks"]), attrs["shard_rows"], attrs["chunk_rows"])  # checked by open_store
         self.hooks: list[str] = list(self.layout.hooks)
-        self.complete: bool = bool(attrs.get("complete"))
+        self.complete: bool = attrs["complete"]
+        self.format_version: int = attrs["format_version"]
         self.attrs = attrs
         self._root = root
         self._group = group
         self._check = check
         self._lock = threading.Lock()
-        self._views: dict[tuple[str, int], np.ndarray | None] = {}
+        self._views: dict[tuple[str, int], np.ndarray] = {}  # memory-mapped shards (cheap: kept)
+        self._fallback: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # shards read whole through zarr
+        self._fs = None  # fsspec filesystem of a URL store (to tell a missing shard file from fill values)
         if self.complete:
             self.n_rows = int(attrs["n_rows"])
             self.content_hash: str = attrs["content_hash"]
             self._shards = {s["index"]: s for s in attrs["shards"]}
             self._stats = attrs["stats"]
         else:  # readable part of an unfinished store: leading complete shards
-            recs = _read_records(root) if root is not None else {}
+            recs = _read_records(root, self.layout) if root is not None else {}
             order = []
             while (r := recs.get(len(order))) is not None:
                 order.append(r)
@@ -716,19 +937,19 @@ class ActivationStore:
             self.n_rows = order[-1].stop if order else 0
             self.content_hash = ""
             self._shards = {r.index: {"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc} for r in order}
-            self._stats = _summary(self.layout, self.meta, order, self.n_rows)["stats"] if order else {}
+            self._stats = _stats(self.layout, order, self.n_rows) if order else {}
         self._plain = {}
         for key in self._array_keys():
             try:
                 doc = json.loads((root / key / "zarr.json").read_text()) if root is not None else None
             except (OSError, ValueError):
                 doc = None
-            self._plain[key] = doc is not None and _plain_sharded(doc) and sys.byteorder == "little"
+            self._plain[key] = isinstance(doc, dict) and _plain_sharded(doc) and sys.byteorder == "little"
 
     # -- small accessors ------------------------------------------------------------------------
 
     def _array_keys(self) -> list[str]:
-        return [f"{ACTS}/{h}" for h in self.hooks] + [TOKENS, POSITIONS]
+        return _array_keys(self.layout)
 
     def resolve_hook(self, hook: str | None) -> str:
         """None -> the store's only hook; a name -> itself if the store has it."""
@@ -770,35 +991,65 @@ class ActivationStore:
     def _array(self, key: str):
         return self._group[key]
 
-    def _view(self, key: str, index: int) -> np.ndarray | None:
-        """Memory-mapped valid rows of one shard, or None when the zarr path must be used."""
+    def _view(self, key: str, index: int) -> np.ndarray:
+        """The valid rows of one shard, checked the first time they are touched: memory-mapped
+        (kept for the store's life) or read whole through zarr (kept in a small LRU cache)."""
         k = (key, index)
-        if k in self._views:
-            return self._views[k]
+        v = self._views.get(k)
+        if v is not None:
+            return v
         with self._lock:
-            if k not in self._views:
-                self._views[k] = self._map(key, index, check=self._check)
-            return self._views[k]
+            if k in self._views:
+                return self._views[k]
+            if k in self._fallback:
+                self._fallback.move_to_end(k)
+                return self._fallback[k]
+            v = self._load(key, index, self._check)
+            if isinstance(v, np.memmap):
+                self._views[k] = v
+                return v
+            self._fallback[k] = v
+            while len(self._fallback) > 2 and sum(a.nbytes for a in self._fallback.values()) > FALLBACK_CACHE_BYTES:
+                self._fallback.popitem(last=False)
+            return v
 
-    def _map(self, key: str, index: int, check: bool) -> np.ndarray | None:
-        if self._root is None or not self._plain[key]:
-            return None
+    def _load(self, key: str, index: int, check: bool) -> np.ndarray:
+        """Read one shard's valid rows: a memory map where the file's layout allows, else whole
+        through zarr. Missing or unreadable files raise; so does a crc32c mismatch when `check`."""
+        row, dtype = _array_spec(self.layout, key)
+        name = shard_key(key, 1 + len(row), index)
         start, stop = self._shard_range(index)
-        row = (self.layout.hooks[key[len(ACTS) + 1 :]],) if key.startswith(ACTS + "/") else ()
-        dtype = np.dtype(np.uint16 if row else np.int32)
-        file = self._root / shard_key(key, 1 + len(row), index)
         try:
-            view = _mmap_shard(file, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start)
-        except _ShardIndexError:
-            return None  # zarr may still read it (another writer's layout); verify() reports real damage
-        if check and crc32c_of(view) != self._shards[index]["crc32c"][key]:
-            raise SaekitError(
-                f"store {self.path}: shard {shard_key(key, 1 + len(row), index)} is corrupt (checksum mismatch); run `saekit verify` and re-harvest"
-            )
-        return view
+            if not self._exists(name):  # zarr would read a missing shard as its fill value (zeros)
+                raise _BadShard(self.path, name, "missing")
+            v = None
+            if self._root is not None and self._plain[key]:
+                try:
+                    v = _mmap_shard(self._root / name, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start)
+                except _ShardIndexError:
+                    pass  # another writer's layout: zarr may still read it, and the crc32c below decides
+            if v is None:
+                v = np.asarray(self._array(key)[start:stop])
+        except _BadShard:
+            raise
+        except Exception as e:  # zarr and fsspec raise many types for a damaged or vanished file
+            raise _BadShard(self.path, name, f"unreadable ({type(e).__name__})") from e
+        if check and crc32c_of(v) != self._shards[index]["crc32c"][key]:
+            raise _BadShard(self.path, name, "corrupt (checksum mismatch)")
+        return v
+
+    def _exists(self, name: str) -> bool:
+        if self._root is not None:
+            return (self._root / name).is_file()
+        if self._fs is None:
+            import fsspec
+
+            self._fs = fsspec.core.url_to_fs(str(self.path))
+        fs, base = self._fs
+        return fs.isfile(f"{base.rstrip('/')}/{name}")
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of an array as numpy (a view when they sit in one mapped shard)."""
+        """Rows [start, stop) of an array as numpy (a view when they sit in one shard)."""
         if not 0 <= start <= stop <= self.n_rows:
             raise SaekitError(f"rows [{start}, {stop}) are outside the store's {self.n_rows} rows")
         s = self.layout.shard_rows
@@ -807,14 +1058,7 @@ class ActivationStore:
         while pos < stop:
             i = pos // s
             end = min(stop, (i + 1) * s)
-            v = self._view(key, i)
-            if v is None:
-                try:
-                    parts.append(np.asarray(self._array(key)[pos:end]))
-                except Exception as e:
-                    raise SaekitError(f"store {self.path}: cannot read {key} shard {i} ({type(e).__name__}: {e}); run `saekit verify`") from e
-            else:
-                parts.append(v[pos - i * s : end - i * s])
+            parts.append(self._view(key, i)[pos - i * s : end - i * s])
             pos = end
         if len(parts) == 1:
             return parts[0]
@@ -823,9 +1067,8 @@ class ActivationStore:
         return np.concatenate(parts)
 
     def _empty(self, key: str) -> np.ndarray:
-        if key.startswith(ACTS + "/"):
-            return np.zeros((0, self.layout.hooks[key[len(ACTS) + 1 :]]), np.uint16)
-        return np.zeros(0, np.int32)
+        row, dtype = _array_spec(self.layout, key)
+        return np.zeros((0, *row), dtype)
 
     # -- public reads ---------------------------------------------------------------------------
 
@@ -856,13 +1099,7 @@ class ActivationStore:
         for i in np.unique(shard):
             sel = np.flatnonzero(shard == i)
             local = idx[sel] - i * s
-            v = self._view(key, int(i))
-            if v is None:
-                uniq, inv = np.unique(local, return_inverse=True)
-                got = np.asarray(self._array(key).oindex[uniq + i * s, :])
-                out[sel] = got[inv]
-            else:
-                out[sel] = np.take(v, local, axis=0)  # numpy gather: much faster than torch indexing
+            out[sel] = np.take(self._view(key, int(i)), local, axis=0)  # numpy gather: much faster than torch indexing
         return out
 
     def iter_rows(self, hook: str | None, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
@@ -970,30 +1207,50 @@ class ActivationStore:
     # -- integrity -----------------------------------------------------------------------------
 
     def verify(self, progress: bool = False) -> list[str]:
-        """Recompute every shard's checksums. Returns one line per corrupt/missing shard ([] if clean)."""
+        """Check the store against itself; one line per problem ([] if clean).
+
+        Recomputes the content hash from the attributes, every shard's crc32c, and (when every
+        shard reads clean) the statistics from the rows, in the writer's float64 order, so they
+        compare exactly.
+        """
         bad = []
+        if self.complete and content_hash(self.attrs) != self.content_hash:
+            bad.append("content_hash: does not match the attributes (zarr.json was edited)")
         expected = self.n_shards if self.complete else max(self._shards, default=-1) + 1
+        recs = []
         for i in tqdm(range(expected), desc="verify", unit="shard", disable=not progress):
-            rec = self._shards.get(i)
-            for key in self._array_keys():
-                ndim = 1 if key in (TOKENS, POSITIONS) else 2
-                name = shard_key(key, ndim, i)
-                if rec is None:
-                    bad.append(f"{name}: no checksum recorded (shard missing)")
-                    continue
-                if self._root is not None and not (self._root / name).exists():
-                    bad.append(f"{name}: shard file missing")
-                    continue
-                try:
-                    v = self._map(key, i, check=False)
-                    if v is None:
-                        v = np.asarray(self._array(key)[rec["start"] : rec["stop"]])
-                except Exception as e:
-                    bad.append(f"{name}: unreadable ({type(e).__name__})")
-                    continue
-                if crc32c_of(v) != rec["crc32c"][key]:
-                    bad.append(f"{name}: checksum mismatch")
+            problems, rec = self._verify_shard(i)
+            bad += problems
+            recs.append(rec)
+        if recs and not bad:
+            got = _stats(self.layout, recs, self.n_rows)
+            for h in self.hooks:
+                if json.dumps(got[h], sort_keys=True) != json.dumps(self._stats[h], sort_keys=True):  # exact, NaN too
+                    bad.append(f"stats.{h}: mean / mean_sq_norm do not match the rows (recomputed from them)")
         return bad
+
+    def _verify_shard(self, i: int) -> tuple[list[str], ShardRecord | None]:
+        """(problems, the shard's record rebuilt from its rows) for shard i."""
+        rec = self._shards.get(i)
+        problems, sums, sq = [], {}, {}
+        for key in self._array_keys():
+            row, _ = _array_spec(self.layout, key)
+            name = shard_key(key, 1 + len(row), i)
+            if rec is None:
+                problems.append(f"{name}: no checksum recorded (shard missing)")
+                continue
+            try:
+                v = self._load(key, i, check=False)
+            except _BadShard as e:
+                problems.append(f"{e.name}: {e.what}")
+                continue
+            if crc32c_of(v) != rec["crc32c"][key]:
+                problems.append(f"{name}: corrupt (checksum mismatch)")
+            elif key.startswith(ACTS + "/"):
+                sums[key[len(ACTS) + 1 :]], sq[key[len(ACTS) + 1 :]] = _row_stats(v)  # what the writer computed
+        if rec is None:
+            return problems, None
+        return problems, ShardRecord(i, rec["start"], rec["stop"], rec["crc32c"], sums, sq)
 
 
 def _gather(blocks: list[np.ndarray], starts: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:

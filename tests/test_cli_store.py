@@ -1,6 +1,7 @@
 """`saekit info` / `saekit verify` through cli.main:main, the wrapper that turns SaekitError into
 one `error:` line and a non-zero exit."""
 
+import json
 import os
 import re
 import subprocess
@@ -94,3 +95,89 @@ def test_errors_are_one_line_without_traceback(tmp_path, case):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+
+
+# --- a damaged store is one line for every command that reads it ---------------------------------
+
+
+def saekit(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, *wants: str) -> None:
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]  # progress bars may come before
+    assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
+    for want in wants:
+        assert want in errors[0], (want, errors[0])
+
+
+@pytest.mark.parametrize("url", [False, True], ids=["path", "file:// URL"])
+def test_train_and_pursue_refuse_a_store_with_a_missing_shard(tmp_path, url):
+    from saekit.sae import SparseAutoencoder
+
+    make_store(tmp_path / "s")
+    SparseAutoencoder(d_in=8, n_features=16, k=2).save(tmp_path / "sae")
+    shard = f"acts/{HOOK}/c/1/0"
+    (tmp_path / "s" / shard).unlink()  # e.g. lost in a copy: must not be read as zeros
+    store = f"file://{tmp_path / 's'}" if url else tmp_path / "s"
+    r = saekit("train", "--store", store, "--out", tmp_path / "run", "--n-features", 16, "--k", 2, "--batch-size", 32,
+               "--tokens", 320, "--eval-rows", 32, "--device", "cpu", "--no-progress")
+    assert_one_error_line(r, shard, "missing")
+    r = saekit("pursue", "--store", store, "--sae", tmp_path / "sae", "--k", 2, "--method", "gp", "--out", tmp_path / "codes",
+               "--device", "cpu")
+    assert_one_error_line(r, shard, "missing")
+
+
+def edit_attrs(root, change) -> None:
+    doc = json.loads((root / "zarr.json").read_text())
+    change(doc["attributes"])
+    (root / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    "damage, want",
+    [
+        (lambda root: edit_attrs(root, lambda a: a.update(hooks={"../../x": 8})), "damaged attributes: hook name '../../x'"),
+        (lambda root: edit_attrs(root, lambda a: a.update(n_rows="lots")), "damaged attributes: n_rows"),
+        (lambda root: edit_attrs(root, lambda a: a["meta"].update(ctx_len=99)), "content hash"),
+        (lambda root: (root / "zarr.json").write_text('{"zarr_format": 3, "attri'), "zarr.json is damaged (not valid JSON)"),
+    ],
+    ids=["hook ../../x", "n_rows 'lots'", "edited meta", "truncated zarr.json"],
+)
+def test_info_and_verify_of_a_damaged_store_are_one_line(tmp_path, damage, want):
+    make_store(tmp_path / "s")
+    damage(tmp_path / "s")
+    for cmd in ("info", "verify"):
+        assert_one_error_line(saekit(cmd, tmp_path / "s"), want)
+
+
+def test_verify_reports_statistics_that_do_not_match_the_rows(tmp_path, capsys, monkeypatch):
+    from saekit.store import content_hash
+
+    make_store(tmp_path / "s")
+
+    def forge(a):  # statistics edited and the hash recomputed: only the rows can tell
+        a["stats"][HOOK]["mean"][0] += 0.25
+        a["content_hash"] = content_hash(a)
+
+    edit_attrs(tmp_path / "s", forge)
+    code, out, err = cli(capsys, monkeypatch, "verify", tmp_path / "s")
+    assert code == 1 and f"stats.{HOOK}" in out and err.startswith("error:")
+
+
+def test_verify_says_format_1_does_not_cover_the_statistics(tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    make_store(tmp_path / "s")
+
+    def downgrade(a):  # what saekit wrote before format 2: the hash left the statistics out
+        a["format_version"] = 1
+        keys = ("format", "format_version", "meta", "hooks", "shard_rows", "chunk_rows", "n_rows", "shards")
+        doc = json.dumps({k: a[k] for k in keys}, sort_keys=True, separators=(",", ":"))
+        a["content_hash"] = "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+    edit_attrs(tmp_path / "s", downgrade)
+    code, out, _ = cli(capsys, monkeypatch, "verify", tmp_path / "s")
+    assert code == 0 and out.startswith("ok") and "format 1" in out and "does not cover the statistics" in out

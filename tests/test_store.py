@@ -3,6 +3,7 @@ shuffled batches (determinism, exactly-once across ranks), corruption detection,
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,7 +194,12 @@ def test_sigkill_mid_write_then_resume_gives_the_same_store(tmp_path):
     assert partial.n_rows == 2 * SHARD and torch.equal(partial.rows(HOOK, 0, 128), x[:128].bfloat16())
     with pytest.raises(SaekitError, match="resume"):
         create_store(tmp_path / "s", {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
-    st = write_store(tmp_path / "s", x, resume=True)  # shard 2 (data, no record) is redone
+    # finished shards damaged while the writer was down: resume checks them against their records
+    raw = bytearray(shard_file(tmp_path / "s", 0).read_bytes())
+    raw[7] ^= 0x10
+    shard_file(tmp_path / "s", 0).write_bytes(bytes(raw))
+    (tmp_path / "s" / "tokens" / "c" / "1").unlink()
+    st = write_store(tmp_path / "s", x, resume=True)  # shards 0 and 1 (damaged), 2 (data, no record) are redone
     assert st.content_hash == ref.content_hash
     assert torch.equal(st.rows(HOOK, 0, 300), x.bfloat16()) and st.verify() == []
     assert (tmp_path / "s" / "zarr.json").read_bytes() == (tmp_path / "ref" / "zarr.json").read_bytes()
@@ -400,3 +406,289 @@ def test_reading_an_incomplete_store_needs_asking(tmp_path):
     assert not st.complete and st.n_rows == SHARD and st.content_hash == ""
     assert torch.equal(st.rows(HOOK, 0, SHARD), x[:SHARD].bfloat16())
     assert json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]["complete"] is False
+
+
+# --- integrity: nothing read silently wrong ---------------------------------------------------
+
+
+def edit_attrs(root: Path, change) -> None:
+    """Hand-edit a store's group attributes in zarr.json (what a user or a bad copy might do)."""
+    doc = json.loads((root / "zarr.json").read_text())
+    change(doc["attributes"])
+    (root / "zarr.json").write_text(json.dumps(doc))
+
+
+def recompress(root: Path) -> None:
+    """Re-encode the hook's array with zstd, as another zarr writer might: not memory-mappable, so
+    every read of it goes through zarr."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    path = str(root / "acts" / HOOK)
+    old = zarr.open_array(path, mode="r")
+    values, attrs = old[:], old.attrs.asdict()
+    new = zarr.create_array(path, shape=old.shape, dtype=old.dtype, shards=old.shards, chunks=old.chunks,
+                            compressors=ZstdCodec(), fill_value=0, overwrite=True)
+    new[:] = values
+    new.attrs.update(attrs)
+
+
+def openings(root: Path) -> dict:
+    """Every way a reader gets at a store's shards."""
+    return {
+        "memmap": lambda: open_store(root),
+        "memmap, check=False": lambda: open_store(root, check=False),
+        "file:// URL (zarr)": lambda: open_store(f"file://{root}"),
+        "file:// URL, check=False": lambda: open_store(f"file://{root}", check=False),
+    }
+
+
+READS = {  # read path -> (what it reads, the array it reads)
+    "rows": (lambda st: st.rows(HOOK, 100, 200), f"acts/{HOOK}/c/2/0"),
+    "take": (lambda st: st.take(HOOK, [5, 150, 299]), f"acts/{HOOK}/c/2/0"),
+    "iter_rows": (lambda st: list(st.iter_rows(HOOK, 50)), f"acts/{HOOK}/c/2/0"),
+    "shuffled_batches": (lambda st: list(st.shuffled_batches(HOOK, 32, seed=0)), f"acts/{HOOK}/c/2/0"),
+    "tokens": (lambda st: st.tokens(0, 300), "tokens/c/2"),
+    "positions": (lambda st: st.positions(120, 140), "positions/c/2"),
+}
+
+
+@pytest.mark.parametrize("layout", ["saekit", "zstd (another writer)"])
+def test_a_missing_shard_file_is_an_error_on_every_read_path(tmp_path, layout):
+    x = rows_with_ids(300)
+    write_store(tmp_path / "s", x)
+    if layout != "saekit":
+        recompress(tmp_path / "s")
+    for name in (f"acts/{HOOK}/c/2/0", "tokens/c/2", "positions/c/2"):
+        (tmp_path / "s" / name).unlink()
+    for how, opener in openings(tmp_path / "s").items():
+        st = opener()
+        assert torch.equal(st.rows(HOOK, 0, 128), x[:128].bfloat16()), how  # the other shards still read
+        for read, (fn, name) in READS.items():
+            with pytest.raises(SaekitError, match=f"{name} is missing") as e:
+                fn(st)
+            assert "\n" not in str(e.value), (how, read)
+        bad = st.verify()
+        assert [b.split(":")[0] for b in bad] == [f"acts/{HOOK}/c/2/0", "tokens/c/2", "positions/c/2"], how
+
+
+@pytest.mark.parametrize("layout", ["saekit", "zstd (another writer)"])
+def test_reads_through_zarr_check_each_shard_and_keep_few_in_memory(tmp_path, monkeypatch, layout):
+    import zarr
+
+    import saekit.store as store_mod
+
+    x = rows_with_ids(300)
+    write_store(tmp_path / "s", x)
+    if layout == "saekit":  # rows changed in place, shard index intact: zarr reads them without complaint
+        f = shard_file(tmp_path / "s", 1)
+        raw = bytearray(f.read_bytes())
+        raw[100] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    else:  # another writer rewrote some rows: the file is valid zarr, the rows are not the recorded ones
+        recompress(tmp_path / "s")
+        zarr.open_array(str(tmp_path / "s" / "acts" / HOOK), mode="r+")[70:72] = 7
+    url = f"file://{tmp_path / 's'}"
+    for st in (open_store(url), open_store(tmp_path / "s")):
+        with pytest.raises(SaekitError, match=f"acts/{HOOK}/c/1/0 is corrupt"):
+            st.rows(HOOK, 64, 70)
+        with pytest.raises(SaekitError, match="c/1/0 is corrupt"):
+            list(st.shuffled_batches(HOOK, 50, seed=1))
+    assert open_store(url, check=False).rows(HOOK, 64, 70).shape == (6, 6)  # check=False skips the crc
+    # whole shards read through zarr are kept in a small cache, not all of them
+    monkeypatch.setattr(store_mod, "FALLBACK_CACHE_BYTES", 1)
+    st = open_store(url, check=False)
+    got = torch.cat(list(st.iter_rows(HOOK, 30)))
+    assert torch.equal(got[:64], x[:64].bfloat16()) and torch.equal(got[128:], x[128:].bfloat16())
+    assert len(st._fallback) <= 2
+
+
+def format1(root: Path) -> None:
+    """Turn a store into what saekit wrote before format 2: the same attributes, hashed without
+    the statistics (sha256 of the canonical JSON of identity, n_rows and shard checksums)."""
+    import hashlib
+
+    def downgrade(a):
+        a["format_version"] = 1
+        keys = ("format", "format_version", "meta", "hooks", "shard_rows", "chunk_rows", "n_rows", "shards")
+        doc = json.dumps({k: a[k] for k in keys}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        a["content_hash"] = "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+    edit_attrs(root, downgrade)
+
+
+def scale_msn(a, by=1000.0):
+    a["stats"][HOOK]["mean_sq_norm"] *= by
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [lambda a: a["meta"].update(ctx_len=16), scale_msn, lambda a: a["stats"][HOOK]["mean"].__setitem__(2, 0.5),
+     lambda a: a["shards"][1]["crc32c"].update(tokens=1)],
+    ids=["meta.ctx_len", "mean_sq_norm x1000", "mean[2]", "a shard checksum"],
+)
+def test_edited_metadata_or_statistics_are_refused_on_open(tmp_path, tamper):
+    write_store(tmp_path / "s", rows_with_ids(300))
+    edit_attrs(tmp_path / "s", tamper)
+    for where in (tmp_path / "s", f"file://{tmp_path / 's'}"):
+        with pytest.raises(SaekitError, match="content hash") as e:
+            open_store(where)
+        assert "\n" not in str(e.value) and "zarr.json" in str(e.value)
+
+
+def test_verify_recomputes_the_statistics_from_the_rows(tmp_path):
+    from saekit.store import content_hash
+
+    ref = write_store(tmp_path / "s", rows_with_ids(300))
+    assert open_store(tmp_path / "s").verify() == []
+
+    def forge(a):  # statistics changed and the hash recomputed to match: only the rows can tell
+        scale_msn(a, 1.001)
+        a["content_hash"] = content_hash(a)
+
+    edit_attrs(tmp_path / "s", forge)
+    st = open_store(tmp_path / "s")
+    assert st.stats(HOOK).mean_sq_norm != ref.stats(HOOK).mean_sq_norm
+    bad = st.verify()
+    assert len(bad) == 1 and f"stats.{HOOK}" in bad[0] and "do not match" in bad[0]
+
+
+def test_format_1_stores_still_read_and_verify(tmp_path):
+    ref = write_store(tmp_path / "s", rows_with_ids(300))
+    format1(tmp_path / "s")
+    st = open_store(tmp_path / "s")
+    assert st.format_version == 1 and st.content_hash != ref.content_hash  # hashed the old way
+    assert torch.equal(st.rows(HOOK, 0, 300), ref.rows(HOOK, 0, 300)) and st.verify() == []
+    # format 1's hash does not cover the statistics: open cannot tell, verify can
+    edit_attrs(tmp_path / "s", scale_msn)
+    st = open_store(tmp_path / "s")
+    assert [b.split(":")[0] for b in st.verify()] == [f"stats.{HOOK}"]
+    edit_attrs(tmp_path / "s", lambda a: a["meta"].update(ctx_len=16))
+    with pytest.raises(SaekitError, match="content hash"):
+        open_store(tmp_path / "s")
+
+
+DAMAGE = {
+    "hook ../../x": lambda a: a.update(hooks={"../../x": 6}),
+    "n_rows 'lots'": lambda a: a.update(n_rows="lots"),
+    "hooks [1, 2]": lambda a: a.update(hooks=[1, 2]),
+    "shards 5": lambda a: a.update(shards=5),
+    "stats missing": lambda a: a.pop("stats"),
+    "stats malformed": lambda a: a.update(stats={HOOK: {"mean": "zero", "mean_sq_norm": 1.0}}),
+    "a shard record": lambda a: a["shards"][2].update(start="x"),
+    "d_model '6'": lambda a: a.update(hooks={HOOK: "6"}),
+    "meta a list": lambda a: a.update(meta=[]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_attributes_are_one_line(tmp_path, damage):
+    write_store(tmp_path / "s", rows_with_ids(300))
+    (tmp_path / "x").mkdir()  # where a hook named ../../x would point
+    edit_attrs(tmp_path / "s", DAMAGE[damage])
+    with pytest.raises(SaekitError, match=r"damaged attributes: .*; restore zarr.json or re-harvest") as e:
+        open_store(tmp_path / "s", allow_incomplete=True)
+    assert "\n" not in str(e.value)
+    assert list((tmp_path / "x").iterdir()) == []
+
+
+def test_damaged_attributes_of_an_unfinished_store_are_one_line_on_resume(tmp_path):
+    w = create_store(tmp_path / "s", {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
+    w.append({HOOK: rows_with_ids(100)}, torch.zeros(100), torch.zeros(100))
+    for damage in ("hooks [1, 2]", "hook ../../x", "d_model '6'"):
+        shutil.copytree(tmp_path / "s", tmp_path / damage)
+        edit_attrs(tmp_path / damage, DAMAGE[damage])
+        for fn in (lambda: open_store(tmp_path / damage, allow_incomplete=True),
+                   lambda: create_store(tmp_path / damage, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD,
+                                        chunk_rows=CHUNK, resume=True)):
+            with pytest.raises(SaekitError, match="damaged attributes") as e:
+                fn()
+            assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content", ['{"zarr_format": 3, "node_type": "gr', "", "[1, 2]"])
+def test_a_damaged_zarr_json_says_so(tmp_path, content):
+    write_store(tmp_path / "s", rows_with_ids(100))
+    (tmp_path / "s" / "zarr.json").write_text(content)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*"))
+    for fn in (lambda: open_store(tmp_path / "s"),
+               lambda: create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, resume=True),
+               lambda: create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, overwrite=True)):
+        with pytest.raises(SaekitError, match=r"zarr.json is damaged.*restore") as e:
+            fn()
+        assert "not a saekit" not in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*")) == before  # nothing deleted
+
+
+def test_a_file_is_not_a_store_directory(tmp_path):
+    (tmp_path / "f").write_text("keep me")
+    for kw in ({}, {"resume": True}, {"overwrite": True}):
+        with pytest.raises(SaekitError, match="is a file, not a directory; choose a directory path"):
+            create_store(tmp_path / "f", {HOOK: 6}, n_rows=10, meta=META, **kw)
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+CHILD_CREATE = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from test_store import HOOK, META, SHARD, CHUNK
+import saekit.store as store
+
+path, progress = sys.argv[1], sys.argv[2]
+def stuck(*a, **k):  # arrays created, attributes not yet written: SIGKILL lands here
+    open(progress, "w").write("1")
+    time.sleep(600)
+store._write_group_attrs = stuck
+store.create_store(path, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
+"""
+
+
+def test_sigkill_during_creation_then_resume_or_overwrite(tmp_path):
+    x = rows_with_ids(300)
+    ref = write_store(tmp_path / "ref", x)
+    for mode in ("resume", "overwrite", None):
+        out = tmp_path / f"s-{mode}"
+        out.mkdir()  # an existing empty directory is a fine place for a store
+        proc = run_py(CHILD_CREATE, out, tmp_path / f"progress-{mode}", REPO / "tests", wait=False)
+        wait_for(tmp_path / f"progress-{mode}", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert (out / "acts").is_dir()  # the killed creation left arrays behind
+        with pytest.raises(SaekitError, match="interrupted"):
+            open_store(out)
+        st = write_store(out, x, **({mode: True} if mode else {}))
+        assert st.content_hash == ref.content_hash and st.verify() == []
+
+
+CHILD_PARTIAL = """
+import os, sys, time, torch
+sys.path.insert(0, sys.argv[3])
+from test_store import rows_with_ids, HOOK, META, SHARD, CHUNK
+import saekit.store as store
+
+path, progress = sys.argv[1], sys.argv[2]
+x = rows_with_ids(300)
+real = os.replace
+def slow_rename(src, dst):
+    if str(src).endswith(".partial") and "/c/2" in str(dst):  # shard 2's temp file written, not renamed
+        open(progress, "w").write("2")
+        time.sleep(600)
+    real(src, dst)
+os.replace = slow_rename
+w = store.create_store(path, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
+for s in range(0, 300, 50):
+    w.append({HOOK: x[s:s+50]}, torch.arange(s, s + 50) + 1000, torch.arange(s, s + 50) % 8)
+"""
+
+
+def test_temp_files_of_a_failed_shard_write_are_removed_on_resume(tmp_path):
+    x = rows_with_ids(300)
+    ref = write_store(tmp_path / "ref", x)
+    proc = run_py(CHILD_PARTIAL, tmp_path / "s", tmp_path / "progress", REPO / "tests", wait=False)
+    wait_for(tmp_path / "progress", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((tmp_path / "s").rglob("*.partial"))
+    st = write_store(tmp_path / "s", x, resume=True)
+    assert list((tmp_path / "s").rglob("*.partial")) == []
+    assert st.content_hash == ref.content_hash
