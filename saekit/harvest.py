@@ -7,8 +7,9 @@ Row layout (identical for any number of ranks and across resumes): sequence i of
 stream, position p (p >= skip) is row `i * (ctx_len - skip) + (p - skip)`, for rows < --tokens.
 Rank r of w computes the sequences whose rows fall in the shards it owns (shard j with
 j % w == r) and writes only those shards; a sequence that straddles two ranks' shards is run by
-both (each keeps its own rows). A shard on disk with a completion record is never recomputed, so
-`--resume` continues where a killed run stopped and ends with the same content hash.
+both (each keeps its own rows). A shard on disk whose completion record still matches its files
+(checked on resume) is never recomputed, so `--resume` continues where a killed run stopped and
+ends with the same content hash; a finished store is verified before it is reported complete.
 
 A writer thread takes finished shards off the forward loop: the model does not wait on the disk
 (the queue holds one shard, so a disk slower than the model applies back-pressure instead of
@@ -501,20 +502,27 @@ def run_loaded(cfg: HarvestConfig, lm: S.LoadedModel, texts: S.TextSource) -> Ha
 
 
 def _already_complete(out: Path, meta: dict) -> str | None:
-    """The content hash of a finished store at `out` made with these arguments; None if there is
-    no finished store there; an error if it was made with other arguments."""
-    from saekit.store import open_store
+    """The content hash of a finished store at `out` made with these arguments, once every shard
+    and the statistics check out; None if there is no finished store there (create_store takes
+    it from there); an error if it was made with other arguments or is damaged."""
+    from saekit.store import open_store, read_attrs
 
-    try:
-        store = open_store(out, check=False)
-    except SaekitError:
-        return None  # nothing there, or unfinished: create_store(resume=True) takes it from here
+    attrs = read_attrs(out)  # None: nothing there, a file, or not a store
+    if not (attrs or {}).get("complete"):
+        return None
+    store = open_store(out, check=False)  # refuses damaged or edited attributes
     if _canonical(store.meta) != _canonical(meta):
         old, new = json.loads(_canonical(store.meta)), json.loads(_canonical(meta))
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise SaekitError(
             f"store {out} was written with different metadata (differs in: {', '.join(keys)}); "
             "use the same arguments, a new --out, or --overwrite"
+        )
+    bad = store.verify()
+    if bad:
+        more = f" (and {len(bad) - 1} more: run `saekit verify {out}`)" if len(bad) > 1 else ""
+        raise SaekitError(
+            f"store {out} is complete but damaged: {bad[0]}{more}; re-harvest it with --overwrite, or restore the file from a copy"
         )
     return store.content_hash
 
@@ -535,6 +543,8 @@ def _canonical(obj) -> str:
 def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progress: bool) -> float:
     """Compute and write every shard of this rank that is not on disk yet. Returns rows/s."""
     layout = plan.layout
+    for line in writer.damaged:
+        print(f"resume: redoing a damaged shard ({line})", file=sys.stderr)
     todo = _todo_shards(writer, layout, rank, world)
     wanted, n_seqs = _needed_seqs(layout, todo)
     total = sum(min(layout.shard_rows, layout.n_rows - j * layout.shard_rows) for j in todo)
@@ -670,14 +680,11 @@ def _rebatch(rows: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Te
 def _run_rows(plan: Plan, path: Path, first_seq: int):
     """Rows of one generator run, in store order: read back where `path` has them, computed (and
     written) batch by batch otherwise. Returns True when the dataset ended inside this run."""
-    from saekit.store import create_store, open_store
+    from saekit.store import create_store, open_store, read_attrs
 
     hook, layout = plan.hooks[0].name, plan.layout
-    try:
-        store = open_store(path)
-    except SaekitError:
-        store = None
-    if store is not None and store.complete:
+    if (read_attrs(path) or {}).get("complete"):
+        store = open_store(path)  # a damaged run is an error here, not something to write over
         yield from store.iter_rows(hook, 65536)
         return store.n_rows < layout.n_rows
     writer = create_store(path, plan.meta["hooks"], n_rows=layout.n_rows, meta=plan.meta, shard_rows=layout.shard_rows,

@@ -264,21 +264,43 @@ class CodesStore:
 
     def read(self, group: str, index: int) -> dict[str, np.ndarray] | None:
         """Shard `index` of `group` (key -> valid rows), or None when it has no record or fails its checksum."""
+        return self._load(group, index)[0]
+
+    def _load(self, group: str, index: int) -> tuple[dict[str, np.ndarray] | None, str]:
+        """(key -> valid rows of shard `index` of `group`, checked against its record, "") or (None, what is wrong)."""
         import zarr
 
         rec = self.record(group, index)
         if rec is None:
-            return None
+            return None, f"shard {index} of {group} has no completion record"
         start, stop = self.shard_range(index)
         out = {}
-        try:
-            for key in self._keys(group):
+        for key in self._keys(group):
+            name = shard_key(key, 1 if key == ROWS else 2, index)
+            if not (self.root / name).is_file():  # zarr would read a missing shard as zeros
+                return None, f"shard {name} is missing"
+            try:
                 out[key] = np.asarray(zarr.open_array(str(self.root / key), mode="r")[start:stop])
-        except Exception:  # a torn or missing shard file: redo the shard
-            return None
-        if any(crc32c_of(out[key]) != rec.crc32c.get(key) for key in out):
-            return None
-        return out
+            except Exception as e:  # a torn shard file: zarr raises many types
+                return None, f"shard {name} is unreadable ({type(e).__name__})"
+            if crc32c_of(out[key]) != rec.crc32c.get(key):
+                return None, f"shard {name} is corrupt (checksum mismatch)"
+        return out, ""
+
+    def _checked_rows(self, group: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of each array of `group`, every shard they touch checked against its record."""
+        if not 0 <= start <= stop <= self.n_rows:
+            raise SaekitError(f"rows [{start}, {stop}) are outside the codes' {self.n_rows} rows")
+        first = min(start // self.shard_rows, self.n_shards - 1)
+        parts: dict[str, list[np.ndarray]] = {key: [] for key in self._keys(group)}
+        for i in range(first, max(first + 1, math.ceil(stop / self.shard_rows))):
+            arrays, problem = self._load(group, i)
+            if arrays is None:
+                raise SaekitError(f"codes {self.root}: {problem}; rerun `saekit pursue ... --resume` to recompute it")
+            lo = i * self.shard_rows
+            for key, v in arrays.items():
+                parts[key].append(v[max(start, lo) - lo : max(stop, lo) - lo])
+        return {key: np.concatenate(v) for key, v in parts.items()}
 
     def finalize(self) -> None:
         """Mark complete (every shard of every group has a record)."""
@@ -294,20 +316,14 @@ class CodesStore:
 
     def rows(self) -> torch.Tensor:
         """Store row of every code row: int64 [n_rows]."""
-        import zarr
-
-        return torch.from_numpy(np.asarray(zarr.open_array(str(self.root / ROWS), mode="r")[:]))
+        return torch.from_numpy(self._checked_rows(ROWS, 0, self.n_rows)[ROWS])
 
     def codes(self, group: str, start: int = 0, stop: int | None = None) -> SparseCodes:
         """Codes of rows [start, stop) of `group`: indices int64 [n, k], values float32 [n, k]."""
-        import zarr
-
         if group not in self.groups:
             raise SaekitError(f"{self.root} has no codes group {group!r}; it has: {', '.join(self.groups)}")
-        stop = self.n_rows if stop is None else stop
-        idx = np.asarray(zarr.open_array(str(self.root / group / "indices"), mode="r")[start:stop])
-        val = np.asarray(zarr.open_array(str(self.root / group / "values"), mode="r")[start:stop])
-        return SparseCodes(torch.from_numpy(idx).long(), torch.from_numpy(val))
+        got = self._checked_rows(group, start, self.n_rows if stop is None else stop)
+        return SparseCodes(torch.from_numpy(got[f"{group}/indices"]).long(), torch.from_numpy(got[f"{group}/values"]))
 
 
 def _read_codes_attrs(root: Path) -> dict | None:

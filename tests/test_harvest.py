@@ -164,7 +164,7 @@ def _records(out: Path) -> int:
     return len(list(d.glob("*.json"))) if d.exists() else 0
 
 
-def test_sigkill_then_resume_gives_the_same_store(data, tmp_path):
+def test_sigkill_then_resume_gives_the_same_store(data, tmp_path, capsys):
     want = run(cfg_for(data, tmp_path / "ref", tokens=40_000)).content_hash
     out = tmp_path / "killed"
     ctx = mp.get_context("fork")  # the child inherits the imported modules: starts in milliseconds
@@ -181,13 +181,62 @@ def test_sigkill_then_resume_gives_the_same_store(data, tmp_path):
     assert kills[1] >= 3 and kills[2] >= 30, kills  # each kill landed where intended
     with pytest.raises(SaekitError, match="incomplete"):
         open_store(out)
-    code, _ = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
-                  "--out", str(out), "--tokens", "40000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
-                  "--chunk-rows", "64", "--device", "cpu", "--resume")
+    # Finished shards damaged while nothing ran: resume checks them against their records.
+    done = sorted(int(p.stem.split("-")[1]) for p in (out / RECORDS_DIR).glob("shard-*.json"))
+    flip(out / "acts" / HOOKS[0] / "c" / str(done[0]) / "0")
+    (out / "tokens" / "c" / str(done[1])).unlink()
+    args = ["harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []), "--out", str(out),
+            "--tokens", "40000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256", "--chunk-rows", "64",
+            "--device", "cpu", "--resume"]
+    code, _ = cli(*args)
     assert code == 0
-    assert open_store(out).content_hash == want
-    # A finished store resumed again is left alone.
+    store = open_store(out)
+    assert store.content_hash == want and store.verify() == []
+    # A finished store resumed again is left alone...
     assert run(cfg_for(data, out, tokens=40_000, resume=True)).content_hash == want
+    # ...after checking it: a damaged one is named, not reported complete.
+    flip(out / "acts" / HOOKS[1] / "c" / "5" / "0")
+    capsys.readouterr()
+    code, err = cli(*args, capsys=capsys)
+    assert_one_line_error(code, err, rf"acts/{HOOKS[1]}/c/5/0: corrupt.*--overwrite")
+
+
+def flip(f: Path, at: int = 100) -> None:
+    """Flip one bit of a file in place (rows region of a shard file, index untouched)."""
+    raw = bytearray(f.read_bytes())
+    raw[at] ^= 0x10
+    f.write_bytes(bytes(raw))
+
+
+def _child_killed_at_creation(cfg, progress: Path):
+    import saekit.store as store_mod
+
+    def stuck(*a, **k):  # the store's arrays exist, its attributes do not: the kill lands here
+        progress.write_text("1")
+        time.sleep(600)
+
+    store_mod._write_group_attrs = stuck
+    _child(cfg)
+
+
+def test_sigkill_during_store_creation_then_resume_or_overwrite(data, tmp_path):
+    want = run(cfg_for(data, tmp_path / "ref")).content_hash
+    ctx = mp.get_context("fork")
+    for flag in ("--resume", "--overwrite"):
+        out, progress = tmp_path / flag.strip("-"), tmp_path / f"progress{flag}"
+        p = ctx.Process(target=_child_killed_at_creation, args=(cfg_for(data, out), progress))
+        p.start()
+        deadline = time.time() + 120
+        while not progress.exists() and p.is_alive() and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+        assert (out / "acts").is_dir() and not _created(out)
+        code, _ = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
+                      "--out", str(out), "--tokens", "3000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
+                      "--chunk-rows", "64", "--device", "cpu", flag)
+        assert code == 0
+        assert open_store(out).content_hash == want
 
 
 def test_disk_full_says_so_and_stays_resumable(data, tmp_path, monkeypatch, capsys):
@@ -301,3 +350,29 @@ def test_errors_are_one_line(data, tmp_path, capsys, monkeypatch):
     code, err = cli(*base[:-5], "800", *base[-4:], "--out", str(tmp_path / "g"), "--resume", capsys=capsys)
     assert_one_line_error(code, err, r"different metadata \(differs in: tokens\)")
     assert cli(*base, "--out", str(tmp_path / "g"), "--overwrite", capsys=capsys)[0] == 0
+
+
+def test_damaged_store_or_file_as_out_is_one_line(data, tmp_path, capsys):
+    _, ckpt, texts = data
+    base = ["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "32", "--device", "cpu", "--tokens", "500",
+            "--shard-rows", "256", "--chunk-rows", "64"]
+    out = tmp_path / "s"
+    assert cli(*base, "--out", str(out), capsys=capsys)[0] == 0
+    good = (out / "zarr.json").read_text()
+
+    doc = json.loads(good)
+    doc["attributes"]["hooks"] = [1, 2]  # wrong type: hand-edited or a bad copy
+    (out / "zarr.json").write_text(json.dumps(doc))
+    code, err = cli(*base, "--out", str(out), "--resume", capsys=capsys)
+    assert_one_line_error(code, err, r"damaged attributes: hooks is \[1, 2\].*restore zarr.json or re-harvest")
+
+    (out / "zarr.json").write_text(good[: len(good) // 2])  # cut short
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for flag in ("--resume", "--overwrite"):
+        code, err = cli(*base, "--out", str(out), flag, capsys=capsys)
+        assert_one_line_error(code, err, r"zarr.json is damaged \(not valid JSON\).*left as it is; restore zarr.json")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # --overwrite deleted nothing
+
+    (tmp_path / "f").write_text("not a directory")
+    code, err = cli(*base, "--out", str(tmp_path / "f"), capsys=capsys)
+    assert_one_line_error(code, err, r"is a file, not a directory; choose a directory path")

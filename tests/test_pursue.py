@@ -3,6 +3,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,49 @@ def test_a_corrupt_shard_is_recomputed_on_resume(tmp_path, store, sae_dir):
     cfg.resume = True
     run(cfg)
     assert np.array_equal(_arrays(Path(cfg.out))["gp_k3/values"], clean["gp_k3/values"])
+
+
+def _run_killed_before_a_rename(cfg: PursueConfig) -> None:
+    real_replace = os.replace
+
+    def killed(src, dst):  # the shard's temp file is written, then the process dies before its rename
+        if str(src).endswith(".partial") and "/gp_k3/values/c/1/" in str(dst):
+            os._exit(9)
+        real_replace(src, dst)
+
+    os.replace = killed
+    run(cfg)
+
+
+def test_temp_files_of_a_failed_shard_write_are_removed_on_resume(tmp_path, store, sae_dir):
+    import multiprocessing as mp
+
+    clean = _arrays(run(_cfg(tmp_path / "clean", store, sae_dir, k=[3], methods=["gp"])).out)
+    cfg = _cfg(tmp_path, store, sae_dir, k=[3], methods=["gp"])
+    p = mp.get_context("fork").Process(target=_run_killed_before_a_rename, args=(cfg,))  # another pid, as after a kill
+    p.start()
+    p.join(120)
+    assert p.exitcode == 9 and list(Path(cfg.out).rglob("*.partial"))
+    cfg.resume = True
+    run(cfg)
+    assert list(Path(cfg.out).rglob("*.partial")) == []
+    got = _arrays(Path(cfg.out))
+    assert all(np.array_equal(got[k], clean[k]) for k in clean)
+
+
+def test_reading_codes_checks_each_shard_against_its_record(tmp_path, store, sae_dir):
+    cfg = _cfg(tmp_path, store, sae_dir, k=[3], methods=["gp"])
+    clean = _arrays(run(cfg).out)
+    root = Path(cfg.out) / "codes.zarr"
+    raw = bytearray((root / "gp_k3/values/c/1/0").read_bytes())
+    raw[10] ^= 0xFF  # a coefficient changed on disk: zarr reads it without complaint
+    (root / "gp_k3/values/c/1/0").write_bytes(bytes(raw))
+    (root / "rows/c/2").unlink()  # zarr would read a missing shard as zeros
+    codes = open_codes(cfg.out)
+    assert np.array_equal(codes.codes("gp_k3", 0, 128).values.numpy(), clean["gp_k3/values"][:128])  # shard 0 is fine
+    _one_line_error("gp_k3/values/c/1/0 is corrupt", codes.codes, "gp_k3")
+    _one_line_error("gp_k3/values/c/1/0 is corrupt", codes.codes, "gp_k3", 200, 210)
+    _one_line_error("rows/c/2 is missing", codes.rows)
 
 
 def test_resume_refuses_other_settings(tmp_path, store, sae_dir):

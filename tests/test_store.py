@@ -598,12 +598,12 @@ def test_damaged_attributes_of_an_unfinished_store_are_one_line_on_resume(tmp_pa
     for damage in ("hooks [1, 2]", "hook ../../x", "d_model '6'"):
         shutil.copytree(tmp_path / "s", tmp_path / damage)
         edit_attrs(tmp_path / damage, DAMAGE[damage])
-        for fn in (lambda: open_store(tmp_path / damage, allow_incomplete=True),
-                   lambda: create_store(tmp_path / damage, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD,
-                                        chunk_rows=CHUNK, resume=True)):
-            with pytest.raises(SaekitError, match="damaged attributes") as e:
-                fn()
-            assert "\n" not in str(e.value)
+        with pytest.raises(SaekitError, match="damaged attributes") as e:
+            open_store(tmp_path / damage, allow_incomplete=True)
+        assert "\n" not in str(e.value)
+        with pytest.raises(SaekitError, match="damaged attributes") as e:
+            create_store(tmp_path / damage, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("content", ['{"zarr_format": 3, "node_type": "gr', "", "[1, 2]"])
