@@ -1020,8 +1020,9 @@ class ActivationStore:
         name = shard_key(key, 1 + len(row), index)
         start, stop = self._shard_range(index)
         try:
-            if not self._exists(name):  # zarr would read a missing shard as its fill value (zeros)
-                raise _BadShard(self.path, name, "missing")
+            size = self._file_size(name)
+            if not size:  # zarr would read a missing or empty shard file as its fill value (zeros)
+                raise _BadShard(self.path, name, "missing" if size is None else "empty (0 bytes)")
             v = None
             if self._root is not None and self._plain[key]:
                 try:
@@ -1038,15 +1039,18 @@ class ActivationStore:
             raise _BadShard(self.path, name, "corrupt (checksum mismatch)")
         return v
 
-    def _exists(self, name: str) -> bool:
+    def _file_size(self, name: str) -> int | None:
+        """Bytes of a shard file, None when it is not there."""
         if self._root is not None:
-            return (self._root / name).is_file()
+            f = self._root / name
+            return f.stat().st_size if f.is_file() else None
         if self._fs is None:
             import fsspec
 
             self._fs = fsspec.core.url_to_fs(str(self.path))
         fs, base = self._fs
-        return fs.isfile(f"{base.rstrip('/')}/{name}")
+        path = f"{base.rstrip('/')}/{name}"
+        return fs.size(path) if fs.isfile(path) else None
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of an array as numpy (a view when they sit in one shard)."""

@@ -472,6 +472,15 @@ def test_a_missing_shard_file_is_an_error_on_every_read_path(tmp_path, layout):
         assert [b.split(":")[0] for b in bad] == [f"acts/{HOOK}/c/2/0", "tokens/c/2", "positions/c/2"], how
 
 
+def test_an_empty_shard_file_is_an_error_even_unchecked(tmp_path):
+    write_store(tmp_path / "s", rows_with_ids(300))
+    shard_file(tmp_path / "s", 2).write_bytes(b"")  # e.g. a copy that ran out of space: zarr reads it as zeros
+    for how, opener in openings(tmp_path / "s").items():
+        with pytest.raises(SaekitError, match=f"acts/{HOOK}/c/2/0 is empty"):
+            opener().rows(HOOK, 130, 140)
+        assert [b.split(":")[0] for b in opener().verify()] == [f"acts/{HOOK}/c/2/0"], how
+
+
 @pytest.mark.parametrize("layout", ["saekit", "zstd (another writer)"])
 def test_reads_through_zarr_check_each_shard_and_keep_few_in_memory(tmp_path, monkeypatch, layout):
     import zarr
