@@ -3,12 +3,14 @@ two ranks, the CLI and config file, and every user-facing error."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import PAGE, digest, in_process, one_error, tmpfs_bytes
 
 from saekit import train as T
 from saekit.errors import SaekitError
@@ -326,3 +328,120 @@ def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
     for flag in ("--store", "--hook", "--out", "--k", "--n-features", "--tokens", "--batch-size", "--lr", "--seed",
                  "--resume", "--config", "--from-pretrained", "--d-hidden", "--n-hidden", "--codes", "--auxk-coef", "--k-aux"):  # fmt: skip
         assert flag in res.output, flag
+
+
+# --- config values are type-checked ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ('normalize = "no"', "normalize must be true or false, got 'no'"),
+        ('n-features = "lots"', "n-features must be an integer, got 'lots'"),
+        ("k = [1, 2]", "k must be an integer, got [1, 2]"),
+        ("tokens = true", "tokens must be an integer, got True"),
+        ("batch_size = 1.5", "batch-size must be an integer, got 1.5"),
+        ('lr = "fast"', "lr must be a number, got 'fast'"),
+        ("hook = 3", "hook must be a string or null, got 3"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_one_line(tmp_path, capsys, monkeypatch, line, says):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'store = "somewhere"\n{line}\n')
+    code, _, err = in_process(capsys, monkeypatch, "train", "--config", toml, "--out", tmp_path / "run")
+    one_error(code, err, f"--config {toml}: {says}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_values_of_the_right_type_are_taken_as_that_type(tmp_path):
+    # JSON has null and writes 1e6 as a float; an int is a fine float.
+    c = TrainConfig.from_dict({"store": "s", "out": "o", "hook": None, "tokens": 1e6, "lr": 1, "train_decoder": None})
+    assert c.hook is None and c.train_decoder is None
+    assert c.tokens == 1_000_000 and type(c.tokens) is int
+    assert c.lr == 1.0 and type(c.lr) is float
+
+
+# --- a damaged run on --resume: one line, nothing changed -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(embedded_store, tmp_path_factory):
+    """A finished 4-step run with a checkpoint, to damage copies of."""
+    return run(cfg(embedded_store, tmp_path_factory.mktemp("short") / "run", n_features=256, tokens=256 * 4, checkpoint_every=2))
+
+
+def _edit_json(path: Path, edit) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+DAMAGE = {
+    "config is not JSON": ("config.json", lambda p: p.write_text(p.read_text()[:40]), "config.json is damaged"),
+    "config has a wrong type": ("config.json", lambda p: _edit_json(p, lambda d: d.update(k="16")), "k must be an integer, got '16'"),
+    "config misses a key": ("config.json", lambda p: _edit_json(p, lambda d: d.pop("seed")), "config.json is damaged (no seed)"),
+    "state is not JSON": ("checkpoint/state.json", lambda p: p.write_text("{"), "checkpoint"),
+    "state has a wrong type": ("checkpoint/state.json", lambda p: _edit_json(p, lambda d: d["position"].update(step="4")),
+                               "step must be an integer, got '4'"),  # fmt: skip
+    "state misses a key": ("checkpoint/state.json", lambda p: _edit_json(p, lambda d: d.pop("position")), "state.json: no position"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_run_on_resume_is_one_line_and_changes_nothing(short_run, tmp_path, capsys, monkeypatch, case):
+    name, damage, says = DAMAGE[case]
+    out = tmp_path / "run"
+    shutil.copytree(short_run.out, out)
+    damage(out / name)
+    before = digest(out)
+    code, _, err = in_process(capsys, monkeypatch, "train", "--out", out, "--resume", "--no-progress")
+    one_error(code, err, says)
+    assert digest(out) == before
+
+
+# --- a full disk: one line, and --resume finishes with the bytes of an uninterrupted run ------
+
+FULL = dict(n_features=256, k=16, batch_size=256, tokens=256 * 40, eval_rows=N_EVAL, eval_every=10, log_every=1,
+            checkpoint_every=0, device="cpu")  # fmt: skip
+
+
+def _train_args(store, out, **kw) -> list:
+    flags = {"store": store, "out": out, **FULL, **kw}
+    return ["train", *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)], "--no-progress"]
+
+
+def _result(run_dir: Path) -> dict[str, str]:
+    # config.json and run.json name the run dir and a random wandb id; everything else must match
+    return {k: v for k, v in digest(run_dir).items() if k not in ("config.json", "run.json")}
+
+
+@pytest.fixture(scope="module")
+def full_run(embedded_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    run(TrainConfig(store=str(embedded_store), out=str(out), progress=False, **FULL))
+    return out
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics", "publish"])
+def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(embedded_store, full_run, tmpfs, capsys, monkeypatch, where):
+    small = tmpfs_bytes(full_run / "config.json") + tmpfs_bytes(full_run / "run.json")
+    ckpt, published = tmpfs_bytes(full_run / "checkpoint"), tmpfs_bytes(full_run / "sae") + tmpfs_bytes(full_run / "sae_lens")
+    size, flags = {
+        "checkpoint": (small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt * 3 // 2, {"checkpoint_every": 20}),  # no room for 2
+        "metrics": (small + PAGE, {}),  # metrics.jsonl outgrows its first page
+        "publish": (small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt + published // 2, {}),
+    }[where]
+    disk = tmpfs(size)
+    out = disk / "run"
+    code, _, err = in_process(capsys, monkeypatch, *_train_args(embedded_store, out, **flags))
+    one_error(code, err, f"disk full while writing {out}", "--resume", "the last checkpoint is kept")
+    state = out / "checkpoint" / "state.json"
+    step = json.loads(state.read_text())["position"]["step"] if state.exists() else None
+    assert step == {"checkpoint": 20, "metrics": None, "publish": 40}[where]
+    assert not (out / "sae_lens").exists() and not (out / "checkpoint.tmp").exists()
+    assert [m["step"] for m in read_metrics(out)] == sorted(m["step"] for m in read_metrics(out))  # no torn line
+
+    tmpfs.remount(disk, 64 << 20)  # space freed
+    code, _, err = in_process(capsys, monkeypatch, "train", "--out", out, "--resume")
+    assert code == 0, err
+    assert _result(out) == _result(full_run)
