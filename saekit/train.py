@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -925,7 +926,7 @@ def _loop(s: _Session) -> RunResult:
                 s.log.log(s.pos.step, s.pos.step * cfg.batch_size, {**stats, "train/lr": lr})
                 bar.set_postfix(fvu=f"{stats['train/fvu'] or stats['train/pursuit_fvu']:.4f}")
             if s.pos.step == total and s.sae.activation == "batchtopk":
-                calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device)
+                calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device, cfg.seed)
             if s.pos.step % cfg.eval_every == 0 or s.pos.step == total:
                 last_eval = s.evaluate()
             if (cfg.checkpoint_every and s.pos.step % cfg.checkpoint_every == 0) or s.pos.step == total:
@@ -943,11 +944,20 @@ def _loop(s: _Session) -> RunResult:
     return RunResult(s.out, s.sae, s.pos.step, last_eval)
 
 
-def calibrate_threshold(sae: SparseAutoencoder, store, hook: str, stop_row: int, device) -> float:
-    """Batch-TopK, after the last step: fix the inference threshold on the first training rows (the
-    same rows on every rank, so every rank gets the same threshold) instead of the running estimate."""
-    rows = min(stop_row, max(256, min(16384, 2**24 // sae.n_features)))
-    return sae.calibrate_threshold_(store.rows(hook, 0, rows).to(device, sae.dtype))
+def calibrate_threshold(sae: SparseAutoencoder, store, hook: str, stop_row: int, device, seed: int) -> float:
+    """Batch-TopK, after the last step: fix the inference threshold on a random sample of the
+    training rows (`calibration_rows`, the same on every rank, so every rank gets the same
+    threshold) instead of the running estimate."""
+    idx = calibration_rows(stop_row, sae.n_features, seed)
+    return sae.calibrate_threshold_(store.take(hook, idx).to(device, sae.dtype))
+
+
+def calibration_rows(stop_row: int, n_features: int, seed: int) -> np.ndarray:
+    """Sorted int64 indices of a seeded random sample of the training rows [0, stop_row): enough
+    rows for about 2**24 pre-activations (256 to 16,384). A random sample, not the first rows:
+    those are a handful of sequences (5 at n_features 24,576), not the training distribution."""
+    n = min(stop_row, max(256, min(16384, 2**24 // n_features)))
+    return np.sort(np.random.default_rng(seed).choice(stop_row, size=n, replace=False))
 
 
 def _non_finite_message(loss: float, s: _Session) -> str:

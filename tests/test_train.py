@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_checks import PAGE, digest, in_process, one_error, tmpfs_bytes
@@ -397,6 +398,44 @@ def test_a_damaged_run_on_resume_is_one_line_and_changes_nothing(short_run, tmp_
     code, _, err = in_process(capsys, monkeypatch, "train", "--out", out, "--resume", "--no-progress")
     one_error(code, err, says)
     assert digest(out) == before
+
+
+# --- what the SAE learns from, and what it is measured by -------------------------------------
+
+
+def _synthetic_store(path: Path, n: int, d: int = 16, seed: int = 0):
+    """Rows: sparse nonnegative mixtures of 24 directions plus noise. Returns (writer, rows)."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(24, d, generator=g)
+    coef = torch.rand(n, 24, generator=g) * (torch.rand(n, 24, generator=g) < 0.2)
+    x = coef @ atoms + 0.1 * torch.randn(n, d, generator=g) + 1.0
+    return create_store(path, {"h": d}, n_rows=n, meta={"model": "synthetic"}, shard_rows=4096, chunk_rows=512), x
+
+
+def test_calibration_rows_are_a_seeded_sample_spread_over_the_training_rows():
+    rows = T.calibration_rows(100_000, n_features=4096, seed=0)
+    assert len(rows) == len(np.unique(rows)) == 2**24 // 4096
+    assert rows.min() >= 0 and rows.max() < 100_000  # never a held-out row
+    tenths = np.histogram(rows, bins=10, range=(0, 100_000))[0]
+    assert tenths.min() > 0.8 * len(rows) / 10  # every tenth of the training rows is sampled
+    assert np.array_equal(rows, T.calibration_rows(100_000, n_features=4096, seed=0))
+    assert not np.array_equal(rows, T.calibration_rows(100_000, n_features=4096, seed=1))
+    assert len(T.calibration_rows(300, n_features=4096, seed=0)) == 300  # fewer rows than asked: all of them
+
+
+def test_batch_topk_threshold_keeps_k_per_token_over_all_the_training_rows(tmp_path):
+    # The first rows (say the first documents) are larger than the rest: a threshold fixed on
+    # them lets far fewer than k latents fire on the other rows.
+    w, x = _synthetic_store(tmp_path / "store", 20480)
+    x[:4096] *= 4
+    w.append({"h": x}, torch.arange(20480), torch.zeros(20480))
+    w.finalize()
+    res = run(TrainConfig(store=str(tmp_path / "store"), out=str(tmp_path / "run"), n_features=2048, k=8,
+                          activation="batchtopk", batch_size=256, tokens=256 * 40, eval_rows=2048, device="cpu",
+                          progress=False))  # fmt: skip
+    with torch.no_grad():
+        codes = res.sae.encode(open_store(tmp_path / "store").rows(None, 0, 20480 - 2048).float())
+    assert (codes != 0).sum(-1).float().mean().item() == pytest.approx(8, rel=0.05)
 
 
 # --- a full disk: one line, and --resume finishes with the bytes of an uninterrupted run ------
