@@ -14,8 +14,10 @@ Shared by all: shuffled batches from the store, Adam with linear warm-up and dec
 decoder rows, dead-latent tracking, held-out evaluation, checkpoints that resume bit for bit on
 the CPU, and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
 
-Losses are in the dictionary's normalized space and divided by the store's total variance there,
-so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
+Losses are in the dictionary's normalized space and divided by the training rows' total variance
+there, so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
+The held-out rows (the store's last `eval_rows`) shape nothing: the normalization statistics leave
+them out.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from saekit.config import check_types
 from saekit.errors import SaekitError, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.sae import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
-from saekit.store import write_json_atomic
+from saekit.store import HookStats, write_json_atomic
 
 CODES = ("encoder", "pursuit", "both")
 TRAIN_ACTIVATIONS = ("topk", "batchtopk")
@@ -808,7 +810,7 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> RunResult:
         raise SaekitError(f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {store.n_rows}; change it")
     if cfg.batch_size % d.world_size:
         raise SaekitError(f"--batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
-    stats = store.stats(hook)
+    stats = training_stats(store, hook, train_rows)
 
     torch.manual_seed(cfg.seed)
     sae = build_sae(replace(cfg, hook=hook), d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device)
@@ -818,6 +820,19 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> RunResult:
     sae.metadata.update(_provenance(store, hook))
     session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
     return _loop(session)
+
+
+def training_stats(store, hook: str, train_rows: int) -> HookStats:
+    """The store's statistics (mean [d], mean squared norm) over the training rows [0, train_rows)
+    only: its totals over every row less the held-out rows' float64 sums, so the normalization
+    never sees the rows the evaluation measures on."""
+    full, n = store.stats(hook), store.n_rows
+    total, sq = full.mean.double() * n, full.mean_sq_norm * n
+    for x in store.iter_rows(hook, 8192, train_rows, n):
+        x = x.double()
+        total -= x.sum(0)
+        sq -= float(x.pow(2).sum())
+    return HookStats((total / train_rows).float(), sq / train_rows)
 
 
 def _provenance(store, hook: str) -> dict:

@@ -412,6 +412,19 @@ def _synthetic_store(path: Path, n: int, d: int = 16, seed: int = 0):
     return create_store(path, {"h": d}, n_rows=n, meta={"model": "synthetic"}, shard_rows=4096, chunk_rows=512), x
 
 
+def test_normalization_comes_from_the_training_rows_only(tmp_path):
+    w, x = _synthetic_store(tmp_path / "store", 6144)
+    x[-2048:] += 50.0  # the held-out rows (the store's last) look nothing like the training rows
+    w.append({"h": x}, torch.arange(6144), torch.zeros(6144))
+    w.finalize()
+    res = run(TrainConfig(store=str(tmp_path / "store"), out=str(tmp_path / "run"), n_features=64, k=4, batch_size=256,
+                          tokens=512, eval_rows=2048, device="cpu", progress=False))  # fmt: skip
+    train_x = open_store(tmp_path / "store").rows(None, 0, 4096).double()
+    torch.testing.assert_close(res.sae.decoder.input_mean.double(), train_x.mean(0), rtol=0, atol=1e-5)
+    normalized = res.sae.decoder.normalize(train_x.float()).double()
+    assert normalized.pow(2).sum(-1).mean().item() == pytest.approx(16, rel=1e-4)  # E||x_n||^2 = d_in
+
+
 def test_calibration_rows_are_a_seeded_sample_spread_over_the_training_rows():
     rows = T.calibration_rows(100_000, n_features=4096, seed=0)
     assert len(rows) == len(np.unique(rows)) == 2**24 // 4096
