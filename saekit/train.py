@@ -17,7 +17,7 @@ the CPU, and DDP under torchrun. The language model is never loaded: the store i
 Losses are in the dictionary's normalized space and divided by the training rows' total variance
 there, so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
 The held-out rows (the store's last `eval_rows`) shape nothing: the normalization statistics leave
-them out.
+them out, and the evaluation on them reports raw-space metrics.
 """
 
 from __future__ import annotations
@@ -471,20 +471,23 @@ def batches(store, hook: str, *, stop_row: int, local_batch: int, seed: int, sta
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, batch_size: int,
              codes: str, k: int) -> dict[str, float]:  # fmt: skip
-    """FVU (against the held-out set's mean) and L0 on rows [start, stop), in the normalized space."""
+    """FVU (against the held-out set's mean), L0 and cosine similarity on rows [start, stop), in
+    raw activation space, comparable with sae-lens and with `saekit pursue`. (FVU is the same in
+    the normalized space, an affine map of it; cosine similarity is not.)"""
     from saekit.pursuit import gradient_pursuit, to_dense
 
     was_training = sae.training
     sae.eval()
     enc, pur = ReconstructionStats(), ReconstructionStats()
     for x in store.iter_rows(hook, batch_size, start, stop):
-        out = sae(x.to(sae.device))
-        enc.update(out.sae_in, out.sae_out, out.codes)
+        x = x.to(sae.device).float()
+        out = sae(x)
+        enc.update(x, out.reconstruction, out.codes)
         if codes != "encoder":
             dec = sae.decoder
             pc = gradient_pursuit(out.sae_in, dec.W_dec, k, b_dec=dec.b_dec)
-            recon = sparse_decode(pc.indices, pc.values, dec.W_dec, dec.b_dec)
-            pur.update(out.sae_in, recon, to_dense(pc, dec.n_features))
+            recon = dec.denormalize(sparse_decode(pc.indices, pc.values, dec.W_dec, dec.b_dec))
+            pur.update(x, recon, to_dense(pc, dec.n_features))
     sae.train(was_training)
     m = enc.compute()
     result = {"eval/fvu": m.fvu, "eval/l0": m.l0, "eval/cossim": m.cossim}

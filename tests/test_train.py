@@ -425,6 +425,15 @@ def test_normalization_comes_from_the_training_rows_only(tmp_path):
     assert normalized.pow(2).sum(-1).mean().item() == pytest.approx(16, rel=1e-4)  # E||x_n||^2 = d_in
 
 
+def test_eval_cossim_is_the_raw_space_cosine_similarity(sae_run, embedded_store):
+    store = open_store(embedded_store)
+    x = store.rows(None, store.n_rows - N_EVAL, store.n_rows).float()
+    sae = SparseAutoencoder.load(sae_run.out / "sae")
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(x, sae(x).reconstruction, dim=-1).mean().item()
+    assert evals(sae_run.out)[-1]["eval/cossim"] == pytest.approx(cos, rel=1e-5)
+
+
 def test_calibration_rows_are_a_seeded_sample_spread_over_the_training_rows():
     rows = T.calibration_rows(100_000, n_features=4096, seed=0)
     assert len(rows) == len(np.unique(rows)) == 2**24 // 4096
