@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
 import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -38,18 +37,25 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def merge_config(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """defaults < saved run config (with --resume) < --config file < flags given."""
-    from saekit.train import read_config_file
+    """defaults < saved run config (with --resume) < --config file < flags given; each file is
+    checked on its own, so an error names the file that holds the bad value."""
+    from saekit.train import TrainConfig, read_config_file, read_run_config
 
     merged: dict[str, Any] = {}
     out, resume = given.get("out"), given.get("resume")
-    saved = Path(out) / "config.json" if out else None
-    if resume and saved is not None and saved.is_file():
-        merged |= json.loads(saved.read_text())
+    if resume and out and _is_file(Path(out) / "config.json"):
+        merged |= read_run_config(out)
     if config:
-        merged |= {str(k).replace("-", "_"): v for k, v in read_config_file(config).items()}
+        merged |= TrainConfig.check_dict(read_config_file(config), f"--config {config}")
     merged |= {k: v for k, v in given.items() if v is not None}
     return merged
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long: `run` says so in one line
+        return False
 
 
 def train(config: str | None = None, **given: Any) -> None:

@@ -6,12 +6,14 @@
 
 Each stage is that stage's own `run(cfg)` with `resume` on, so a second demo run reuses what is
 finished (a complete store, the final checkpoint, finished code shards) and an interrupted one
-continues. One of the pursuit k's is the encoder's mean L0 (rounded down): the row of the report
-where gradient pursuit and the encoder are compared at the same sparsity.
+continues. OUT/demo.json records the sizes: a rerun with other sizes is refused rather than
+mixing settings. One of the pursuit k's is the encoder's mean L0 (rounded down): the row of the
+report where gradient pursuit and the encoder are compared at the same sparsity.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -20,10 +22,16 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from saekit.errors import SaekitError
+from saekit.devices import resolve_device
+from saekit.errors import SaekitError, output_dir
 
 if TYPE_CHECKING:
     from saekit.pursue import PursueResult
+
+
+DEMO_FILE = "demo.json"
+# What decides the demo's outputs: a rerun into the same --out must use the same values.
+SIZES = ("tokens", "n_features", "k", "steps", "batch_size", "rows", "pursue_k", "methods")
 
 
 @dataclass
@@ -124,10 +132,39 @@ def run(cfg: DemoConfig) -> DemoResult:
 
 
 def _run(cfg: DemoConfig) -> DemoResult:
+    resolve_device(cfg.device)  # before anything is written, as every stage would
+    with output_dir(cfg.out, kept="finished stages are kept", rerun="rerun the same `saekit demo` command") as out:
+        _claim(out, cfg)
+        return _stages(cfg, out)
+
+
+def _claim(out: Path, cfg: DemoConfig) -> None:
+    """Record the demo's sizes in OUT/demo.json, or refuse a directory made with other sizes (its
+    stages would resume with mixed settings) or holding something else."""
+    from saekit.store import write_json_atomic
+
+    sizes = {name: getattr(cfg, name) for name in SIZES}
+    path = out / DEMO_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise SaekitError(f"{path} is damaged; choose a new --out or delete {out}")
+        diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in sizes.items() if saved.get(k) != v]
+        if diff:
+            raise SaekitError(f"{out} holds a demo run with other sizes ({'; '.join(diff)}); choose a new --out or delete {out}")
+        return
+    if any(out.iterdir()):
+        raise SaekitError(f"{out} is not empty but has no {DEMO_FILE} (not a saekit demo, or one from an older saekit); choose a new --out or delete {out}")
+    write_json_atomic(path, sizes)
+
+
+def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
     from saekit import harvest, pursue, train
     from saekit.store import open_store
 
-    out = Path(cfg.out)
     _stage(cfg, 1, f"harvest {cfg.tokens:,} tokens of the embedded corpus -> {out / 'store'}")
     store_dir = harvest.run(harvest.HarvestConfig(out=str(out / "store"), tokens=cfg.tokens, device=cfg.device,
                                                   resume=True, progress=cfg.progress)).path  # fmt: skip

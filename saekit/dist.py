@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as td
 
-from saekit.errors import SaekitError
+from saekit.devices import resolve_device
 
 
 class Dist(NamedTuple):
@@ -38,12 +38,8 @@ def init(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SaekitError(f"--device {device} asked for CUDA but none is available; pass --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)

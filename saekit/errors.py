@@ -1,9 +1,92 @@
-"""One exception type for every user-facing error.
+"""One exception type for every user-facing error, and one-line messages for failed file operations.
 
 A `SaekitError` message is one line that says what is wrong and what to do. The CLI prints it
 as `error: <message>` and exits non-zero, without a traceback.
 """
 
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class SaekitError(Exception):
     """A user-facing error: bad input, a corrupt or incomplete store, a refused overwrite."""
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """True when `e`, or an exception it was raised from, is a full disk or an exceeded quota."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # safetensors (Rust) reports I/O errors as SafetensorError with the OS error in the text.
+        if not isinstance(e, OSError) and any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+_ADVICE = {
+    errno.ENOSPC: "free space (or use another disk) and rerun; commands with --resume continue where they stopped",
+    errno.EDQUOT: "free space or raise your quota and rerun; commands with --resume continue where they stopped",
+    errno.EROFS: "choose a location on a writable file system",
+    errno.EACCES: "choose a location you can write, or change its permissions",
+    errno.EPERM: "choose a location you can write, or change its permissions",
+    errno.ENAMETOOLONG: "use shorter names",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+    errno.EEXIST: "choose another path",
+    errno.EISDIR: "give a file, not a directory",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_message(e: OSError, what: str | None = None) -> str:
+    """One line for a failed file operation: what it was about, the system's reason, what to do."""
+    where = what or (str(e.filename) if e.filename is not None else "a file operation")
+    reason = e.strerror or type(e).__name__
+    return f"{where}: {reason}; {_ADVICE.get(e.errno, 'check the path and its file system, then rerun')}"
+
+
+@contextmanager
+def output_dir(path: str | os.PathLike, *, kept: str, rerun: str = "rerun the same command with --resume",
+               flag: str = "--out") -> Iterator[Path]:  # fmt: skip
+    """A stage's output directory, created and checked before any work; yields it as a Path.
+
+    Refuses a file, an unwritable location or a too-long name in one line. Inside the block a
+    full disk becomes one line saying what is kept (`kept`) and how to continue (`rerun`), and any
+    other OSError one line naming its path. A directory made here that is still empty when the
+    block fails is removed, so a failed start leaves nothing behind.
+    """
+    out = Path(path)
+    made = False
+    try:
+        if out.exists() and not out.is_dir():
+            raise SaekitError(f"{flag} {out} is a file, not a directory: choose a directory path (or move the file)")
+        made = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".saekit-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        _remove_if_empty(out, made)
+        raise SaekitError(os_error_message(e, f"cannot write {flag} {out}")) from e
+    try:
+        yield out
+    except BaseException as e:
+        _remove_if_empty(out, made)
+        if is_disk_full(e):
+            raise SaekitError(f"disk full while writing {out}: free space (or move {out} to a bigger disk), then {rerun}; {kept}") from e
+        if isinstance(e, OSError):
+            raise SaekitError(os_error_message(e)) from e
+        raise
+
+
+def _remove_if_empty(path: Path, made: bool) -> None:
+    if made:
+        try:
+            path.rmdir()  # only succeeds while empty
+        except OSError:
+            pass

@@ -18,7 +18,6 @@ filling memory).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from saekit import __version__
 from saekit import sources as S
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, is_disk_full
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
 DEFAULT_CACHE_ROOT = "cache"
@@ -289,14 +288,6 @@ class ShardAssembler:
         return [self._pop(j, buf["fill"]) for j, buf in sorted(self._bufs.items()) if buf["fill"] > 0]
 
 
-def _is_disk_full(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
 class ShardWriterThread:
     """Writes shards with `writer.write_shard` on a background thread.
 
@@ -324,7 +315,7 @@ class ShardWriterThread:
         e = self._error
         if e is None:
             return
-        if _is_disk_full(e):
+        if is_disk_full(e):
             raise SaekitError(
                 f"disk full while writing {self._path}: free space (or pick another --out), then rerun with --resume; finished shards are kept"
             ) from e

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saekit.errors import SaekitError
+from saekit.devices import resolve_device
+from saekit.errors import SaekitError, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
 from saekit.store import RECORDS_DIR, crc32c_of, shard_key, write_json_atomic, write_shard_file
@@ -406,12 +408,20 @@ def _now(device: torch.device) -> float:
 
 def _check_out(cfg: PursueConfig) -> Path:
     out = Path(cfg.out)
+    if cfg.resume and _cut_off_while_created(out / CODES_DIR):
+        shutil.rmtree(out / CODES_DIR)  # zarr metadata only: nothing is lost, `_open_or_create` makes it again
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not cfg.resume:
             raise SaekitError(f"output {out} already exists: pass --resume to continue it, or choose a new --out")
         if _read_codes_attrs(out / CODES_DIR) is None:
             raise SaekitError(f"--resume: {out} is not a `saekit pursue` output (no {CODES_DIR}); choose a new --out")
     return out
+
+
+def _cut_off_while_created(root: Path) -> bool:
+    """codes.zarr stopped before its attributes were written (e.g. a full disk): it holds zarr
+    metadata files only, no codes, and a resumed run may start it again."""
+    return root.is_dir() and _read_codes_attrs(root) is None and all(p.name == "zarr.json" for p in root.rglob("*") if p.is_file())
 
 
 def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: int, layout: Any) -> CodesStore:
@@ -429,11 +439,15 @@ def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: 
 
 def run(cfg: PursueConfig) -> PursueResult:
     """Encode and pursue the first `cfg.rows` rows of the store; write codes and the report."""
-    from saekit.sources import resolve_device
+    device = resolve_device(cfg.device)
+    with output_dir(cfg.out, kept="finished code shards are kept"):
+        return _run(cfg, device)
+
+
+def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     from saekit.store import open_store
 
     out = _check_out(cfg)
-    device = resolve_device(cfg.device)
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)
     d_model = store.d_model(hook)

@@ -43,18 +43,6 @@ _DTYPES = {
 }
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SaekitError("--device cuda but no CUDA GPU is visible: use --device cpu or --device auto")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise SaekitError(f"unknown --device '{device}': use auto, cpu or cuda") from e
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """None/'auto' -> bf16 on a GPU (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
     if isinstance(dtype, torch.dtype):

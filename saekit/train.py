@@ -14,8 +14,10 @@ Shared by all: shuffled batches from the store, Adam with linear warm-up and dec
 decoder rows, dead-latent tracking, held-out evaluation, checkpoints that resume bit for bit on
 the CPU, and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
 
-Losses are in the dictionary's normalized space and divided by the store's total variance there,
-so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
+Losses are in the dictionary's normalized space and divided by the training rows' total variance
+there, so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
+The held-out rows (the store's last `eval_rows`) shape nothing: the normalization statistics leave
+them out, and the evaluation on them reports raw-space metrics.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saekit import dist
-from saekit.errors import SaekitError
+from saekit.config import check_types
+from saekit.errors import SaekitError, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.sae import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
+from saekit.store import HookStats, write_json_atomic
 
 CODES = ("encoder", "pursuit", "both")
 TRAIN_ACTIVATIONS = ("topk", "batchtopk")
@@ -158,13 +163,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
-        """Strict: an unknown key is an error naming it (a typo would otherwise be ignored)."""
+        """Strict: an unknown key or a value of the wrong type is an error naming it."""
+        return cls(**cls.check_dict(d, source))
+
+    @classmethod
+    def check_dict(cls, d: dict[str, Any], source: str) -> dict[str, Any]:
+        """`d` with keys as field names ('-' -> '_') and values of the fields' types, or one line
+        naming the unknown key (a typo would otherwise be ignored) or the mistyped value."""
         names = {f.name for f in fields(cls)}
         d = {str(k).replace("-", "_"): v for k, v in d.items()}
         unknown = sorted(set(d) - names)
         if unknown:
             raise SaekitError(f"{source} has unknown key(s) {', '.join(unknown)}; see `saekit train --help` for the names")
-        return cls(**d)
+        return check_types(cls, d, source)
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -460,20 +471,23 @@ def batches(store, hook: str, *, stop_row: int, local_batch: int, seed: int, sta
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, batch_size: int,
              codes: str, k: int) -> dict[str, float]:  # fmt: skip
-    """FVU (against the held-out set's mean) and L0 on rows [start, stop), in the normalized space."""
+    """FVU (against the held-out set's mean), L0 and cosine similarity on rows [start, stop), in
+    raw activation space, comparable with sae-lens and with `saekit pursue`. (FVU is the same in
+    the normalized space, an affine map of it; cosine similarity is not.)"""
     from saekit.pursuit import gradient_pursuit, to_dense
 
     was_training = sae.training
     sae.eval()
     enc, pur = ReconstructionStats(), ReconstructionStats()
     for x in store.iter_rows(hook, batch_size, start, stop):
-        out = sae(x.to(sae.device))
-        enc.update(out.sae_in, out.sae_out, out.codes)
+        x = x.to(sae.device).float()
+        out = sae(x)
+        enc.update(x, out.reconstruction, out.codes)
         if codes != "encoder":
             dec = sae.decoder
             pc = gradient_pursuit(out.sae_in, dec.W_dec, k, b_dec=dec.b_dec)
-            recon = sparse_decode(pc.indices, pc.values, dec.W_dec, dec.b_dec)
-            pur.update(out.sae_in, recon, to_dense(pc, dec.n_features))
+            recon = dec.denormalize(sparse_decode(pc.indices, pc.values, dec.W_dec, dec.b_dec))
+            pur.update(x, recon, to_dense(pc, dec.n_features))
     sae.train(was_training)
     m = enc.compute()
     result = {"eval/fvu": m.fvu, "eval/l0": m.l0, "eval/cossim": m.cossim}
@@ -492,11 +506,23 @@ CKPT = "checkpoint"
 
 def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
     """Write out/checkpoint/ aside and swap it in, so a crash leaves the previous one intact."""
-    from safetensors.torch import save_file
-
     tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_checkpoint(tmp, sae, opt, firing, pos)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give back the space a failed write took (disk full)
+        raise
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_checkpoint(tmp: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
+    from safetensors.torch import save_file
+
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
     names = {p: n for n, p in sae.named_parameters()}
     opt_state = {f"{names[p]}/{key}": v.detach().contiguous().cpu() for p, s in opt.state.items() for key, v in s.items()}
@@ -510,10 +536,6 @@ def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimize
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
     meta = {"position": pos._asdict(), "param_groups": groups, "firing_window_tokens": fs["window_tokens"]}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_dir(out: Path) -> Path | None:
@@ -525,7 +547,9 @@ def checkpoint_dir(out: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker) -> Position:
-    """Restore weights, optimizer, firing tracker and RNG from `ckpt`; returns the data position."""
+    """Restore weights, optimizer, firing tracker and RNG from `ckpt`; returns the data position.
+
+    A damaged checkpoint is one line before anything is restored."""
     from safetensors.torch import load_file
 
     device = sae.device
@@ -536,7 +560,8 @@ def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
         state = load_file(str(ckpt / "state.safetensors"))
     except Exception as e:
         raise SaekitError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to restart, or restore it") from None
-    sae.load_state_dict(model)
+    groups = opt.state_dict()["param_groups"]
+    meta = _checked_meta(meta, ckpt, groups)
     index = {n: i for i, (n, p) in enumerate((n, p) for n, p in sae.named_parameters() if p.requires_grad)}
     per_param: dict[int, dict[str, Tensor]] = {}
     for key, v in opt_flat.items():
@@ -544,18 +569,64 @@ def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
         if name not in index:
             raise SaekitError(f"checkpoint {ckpt} trains {name} but this run does not: resume with the same flags")
         per_param.setdefault(index[name], {})[field] = v
-    groups = opt.state_dict()["param_groups"]
     for g, saved in zip(groups, meta["param_groups"]):
         g.update({k: v for k, v in saved.items() if k in g})
-    opt.load_state_dict({"state": per_param, "param_groups": groups})
-    firing.load_state_dict({
-        "tokens_since_fired": state["firing/tokens_since_fired"], "fire_counts": state["firing/fire_counts"],
-        "window_tokens": meta["firing_window_tokens"], "last_density": state.get("firing/last_density"),
-    })  # fmt: skip
-    torch.set_rng_state(state["rng/cpu"])
-    if "rng/cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng/cuda"], device)
+    try:
+        sae.load_state_dict(model)
+        opt.load_state_dict({"state": per_param, "param_groups": groups})
+        firing.load_state_dict({
+            "tokens_since_fired": state["firing/tokens_since_fired"], "fire_counts": state["firing/fire_counts"],
+            "window_tokens": meta["firing_window_tokens"], "last_density": state.get("firing/last_density"),
+        })  # fmt: skip
+        torch.set_rng_state(state["rng/cpu"])
+        if "rng/cuda" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng/cuda"], device)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        why = " ".join(str(e).split())[:120]
+        raise SaekitError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {why}); delete it to restart, or restore it") from None
     return Position(**meta["position"])
+
+
+class _CheckpointMeta(NamedTuple):
+    """What state.json of a checkpoint holds."""
+
+    position: dict  # Position's fields
+    param_groups: list[dict]  # Adam's hyper-parameters, one dict per group
+    firing_window_tokens: int
+
+
+def _checked_meta(meta: Any, ckpt: Path, groups: list[dict]) -> dict[str, Any]:
+    """state.json as `save_checkpoint` writes it (position reduced to Position's fields), or one
+    line naming what is wrong."""
+
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            raise SaekitError(f"checkpoint {ckpt} is damaged (state.json: {why}); delete it to restart, or restore it")
+
+    need(isinstance(meta, dict), "not a JSON object")
+    missing = [k for k in _CheckpointMeta._fields if k not in meta]
+    need(not missing, f"no {', '.join(missing)}")
+    try:
+        meta = check_types(_CheckpointMeta, meta, "state.json")
+        pos = check_types(Position, meta["position"], "state.json position")
+    except SaekitError as e:
+        raise SaekitError(f"checkpoint {ckpt} is damaged ({e}); delete it to restart, or restore it") from None
+    need(all(k in pos and pos[k] >= 0 for k in Position._fields), f"position needs {', '.join(Position._fields)} >= 0, has {pos}")
+    need(len(meta["param_groups"]) == len(groups), f"{len(meta['param_groups'])} optimizer param groups, this run has {len(groups)}")
+    for g, saved in zip(groups, meta["param_groups"]):
+        for k, v in saved.items():
+            need(k not in g or _same_kind(v, g[k]), f"param_groups {k} is {v!r}")
+    return meta | {"position": {k: pos[k] for k in Position._fields}}
+
+
+def _same_kind(saved: Any, current: Any) -> bool:
+    """A saved optimizer hyper-parameter can replace the current one (JSON turns tuples into lists)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if number(current):
+        return number(saved)
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(current) and all(map(_same_kind, saved, current))
+    return type(saved) is type(current)
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,16 +667,49 @@ class MetricsLog:
         self.wandb = wandb_run
         if main and self.path.exists():
             # Resuming: drop lines past the checkpoint, so the file reads as one uninterrupted run.
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until]
-            self.path.write_text("".join(ln + "\n" for ln in lines))
+            lines = _lines_until(self.path, keep_until)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in lines))
+            os.replace(tmp, self.path)
 
     def log(self, step: int, tokens: int, data: dict[str, float]) -> None:
         if not self.main:
             return
         record = {"step": step, "tokens": tokens, **{k: _num(v) for k, v in data.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_whole(self.path, json.dumps(record) + "\n")
         self.wandb.log(data, step=step)
+
+
+def _lines_until(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step`; a torn last line (a crash mid-write) is dropped."""
+    lines = [ln for ln in path.read_text().splitlines() if ln]
+    kept = []
+    for i, ln in enumerate(lines):
+        try:
+            line_step = json.loads(ln)["step"]
+            ok = isinstance(line_step, int)
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok and i == len(lines) - 1:
+            break
+        if not ok:
+            raise SaekitError(f"--resume: {path} line {i + 1} is damaged; delete that line (or restore the file) and rerun")
+        if line_step <= step:
+            kept.append(ln)
+    return kept
+
+
+def _append_whole(path: Path, text: str) -> None:
+    """Append `text` whole or not at all: a line torn by a full disk is cut off again."""
+    with open(path, "ab", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        data = memoryview(text.encode())
+        try:
+            while data:
+                data = data[f.write(data) :]
+        except OSError:
+            f.truncate(start)
+            raise
 
 
 def _num(v: Any) -> Any:
@@ -643,7 +747,7 @@ def check_run_dir(cfg: TrainConfig) -> None:
 
 
 def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
-    saved = json.loads((out / "config.json").read_text())
+    saved = read_run_config(out)
     diff = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in IDENTITY if saved.get(k) != getattr(cfg, k)]
     if _run_info(out).get("store_hash", content_hash) != content_hash:
         diff.append("the store's contents")
@@ -651,38 +755,87 @@ def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
         raise SaekitError(f"--resume: {out} was started with different settings ({'; '.join(diff)}); use the same ones or a new --out")
 
 
+_DAMAGED_FIX = "restore it from a copy, or start over with a new --out"
+
+
+def read_run_config(out: str | os.PathLike) -> dict[str, Any]:
+    """A run's saved config.json, checked like a --config file (it is read back on --resume)."""
+    path = Path(out) / "config.json"
+    saved = _read_json(path, "--resume: run config")
+    missing = [k for k in IDENTITY if k not in saved]
+    if missing:
+        raise SaekitError(f"--resume: run config {path} is damaged (no {', '.join(missing)}); {_DAMAGED_FIX}")
+    try:
+        return TrainConfig.check_dict(saved, f"--resume: run config {path}")
+    except SaekitError as e:
+        raise SaekitError(f"{e} ({_DAMAGED_FIX})") from None
+
+
 def _run_info(out: Path) -> dict:
-    return json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    path = out / "run.json"
+    return _read_json(path, "--resume: run info") if path.is_file() else {}
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file of the run, or one line saying it is unreadable or damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise SaekitError(os_error_message(e, f"{what} {path} is unreadable")) from None
+    except ValueError:  # not JSON, not UTF-8
+        data = None
+    if not isinstance(data, dict):
+        raise SaekitError(f"{what} {path} is damaged (not a JSON object); {_DAMAGED_FIX}")
+    return data
 
 
 def run(cfg: TrainConfig) -> RunResult:
     """Train as `cfg` says; under torchrun every rank calls this. See the module docstring."""
-    from saekit.store import open_store
-
     d = dist.init(cfg.device)
     try:
-        check_run_dir(cfg)
-        dist.barrier()  # every rank has checked before rank 0 creates anything
-        store = open_store(cfg.store)
-        hook = store.resolve_hook(cfg.hook)
-        d_in, stats = store.d_model(hook), store.stats(hook)
-        eval_rows = cfg.eval_rows or min(65536, store.n_rows // 10)
-        train_rows = store.n_rows - eval_rows
-        if eval_rows <= 0 or train_rows <= 0:
-            raise SaekitError(f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {store.n_rows}; change it")
-        if cfg.batch_size % d.world_size:
-            raise SaekitError(f"--batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
-
-        torch.manual_seed(cfg.seed)
-        sae = build_sae(replace(cfg, hook=hook), d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device)
-        cfg = replace(resolve(cfg, hook=hook, d_in=d_in, n_features=sae.n_features, train_rows=train_rows), eval_rows=eval_rows)
-        if cfg.tokens < cfg.batch_size:
-            raise SaekitError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size")
-        sae.metadata.update(_provenance(store, hook))
-        session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
-        return _loop(session)
+        with output_dir(cfg.out, kept="the last checkpoint is kept"):
+            check_run_dir(cfg)
+            dist.barrier()  # every rank has checked before rank 0 writes anything
+            return _run(cfg, d)
     finally:
         dist.shutdown(d)
+
+
+def _run(cfg: TrainConfig, d: dist.Dist) -> RunResult:
+    from saekit.store import open_store
+
+    store = open_store(cfg.store)
+    hook = store.resolve_hook(cfg.hook)
+    d_in = store.d_model(hook)
+    eval_rows = cfg.eval_rows or min(65536, store.n_rows // 10)
+    train_rows = store.n_rows - eval_rows
+    if eval_rows <= 0 or train_rows <= 0:
+        raise SaekitError(f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {store.n_rows}; change it")
+    if cfg.batch_size % d.world_size:
+        raise SaekitError(f"--batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
+    stats = training_stats(store, hook, train_rows)
+
+    torch.manual_seed(cfg.seed)
+    sae = build_sae(replace(cfg, hook=hook), d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device)
+    cfg = replace(resolve(cfg, hook=hook, d_in=d_in, n_features=sae.n_features, train_rows=train_rows), eval_rows=eval_rows)
+    if cfg.tokens < cfg.batch_size:
+        raise SaekitError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size")
+    sae.metadata.update(_provenance(store, hook))
+    session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
+    return _loop(session)
+
+
+def training_stats(store, hook: str, train_rows: int) -> HookStats:
+    """The store's statistics (mean [d], mean squared norm) over the training rows [0, train_rows)
+    only: its totals over every row less the held-out rows' float64 sums, so the normalization
+    never sees the rows the evaluation measures on."""
+    full, n = store.stats(hook), store.n_rows
+    total, sq = full.mean.double() * n, full.mean_sq_norm * n
+    for x in store.iter_rows(hook, 8192, train_rows, n):
+        x = x.double()
+        total -= x.sum(0)
+        sq -= float(x.pow(2).sum())
+    return HookStats((total / train_rows).float(), sq / train_rows)
 
 
 def _provenance(store, hook: str) -> dict:
@@ -730,27 +883,15 @@ class _Session:
 
 
 def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: dist.Dist, variance: float) -> _Session:
-    """Open (or resume) the run directory, wrap the objective for DDP, restore the checkpoint."""
+    """Open (or resume) the run directory, wrap the objective for DDP, restore the checkpoint.
+
+    Everything read back (config, run info, checkpoint, metrics) is checked before anything in
+    the run directory is written, so a damaged file fails in one line and changes nothing."""
     out = Path(cfg.out)
     fresh = not (out / "config.json").is_file()
     if not fresh:
         _check_same_run(out, cfg, store.content_hash)
     ckpt = None if fresh else checkpoint_dir(out)
-    dist.barrier()
-    wandb_run: Any = _NoWandb()
-    if d.main:
-        info = _run_info(out) | {"d_in": sae.d_in, "steps": cfg.tokens // cfg.batch_size, "world_size": d.world_size,
-                                  "store_hash": store.content_hash}  # fmt: skip
-        info.setdefault("wandb_id", os.urandom(6).hex())
-        out.mkdir(parents=True, exist_ok=True)
-        try:
-            wandb_run = _wandb(cfg, out, info["wandb_id"])
-        except SaekitError:
-            if fresh:  # leave no half-made run dir that would need --resume
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        (out / "run.json").write_text(json.dumps(info, indent=1))
 
     model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance)
     if d.world_size > 1:
@@ -763,7 +904,21 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: dist.Dist, varian
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
     firing = FiringTracker(sae.n_features, window=cfg.dead_tokens, device=d.device)
     pos = load_checkpoint(ckpt, sae, opt, firing) if ckpt is not None else Position()
-    log = MetricsLog(out, wandb_run, d.main, keep_until=pos.step if ckpt is not None else -1)
+    log = MetricsLog(out, _NoWandb(), d.main, keep_until=pos.step if ckpt is not None else -1)
+    dist.barrier()
+    if d.main:
+        info = _run_info(out) | {"d_in": sae.d_in, "steps": cfg.tokens // cfg.batch_size, "world_size": d.world_size,
+                                  "store_hash": store.content_hash}  # fmt: skip
+        info.setdefault("wandb_id", os.urandom(6).hex())
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            log.wandb = _wandb(cfg, out, info["wandb_id"])
+        except SaekitError:
+            if fresh:  # leave no half-made run dir that would need --resume
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        write_json_atomic(out / "config.json", asdict(cfg))
+        write_json_atomic(out / "run.json", info)
     return _Session(cfg, out, store, d, sae, model, opt, firing, log, pos, pos.step if ckpt is not None else None)
 
 
@@ -789,7 +944,7 @@ def _loop(s: _Session) -> RunResult:
                 s.log.log(s.pos.step, s.pos.step * cfg.batch_size, {**stats, "train/lr": lr})
                 bar.set_postfix(fvu=f"{stats['train/fvu'] or stats['train/pursuit_fvu']:.4f}")
             if s.pos.step == total and s.sae.activation == "batchtopk":
-                calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device)
+                calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device, cfg.seed)
             if s.pos.step % cfg.eval_every == 0 or s.pos.step == total:
                 last_eval = s.evaluate()
             if (cfg.checkpoint_every and s.pos.step % cfg.checkpoint_every == 0) or s.pos.step == total:
@@ -807,11 +962,20 @@ def _loop(s: _Session) -> RunResult:
     return RunResult(s.out, s.sae, s.pos.step, last_eval)
 
 
-def calibrate_threshold(sae: SparseAutoencoder, store, hook: str, stop_row: int, device) -> float:
-    """Batch-TopK, after the last step: fix the inference threshold on the first training rows (the
-    same rows on every rank, so every rank gets the same threshold) instead of the running estimate."""
-    rows = min(stop_row, max(256, min(16384, 2**24 // sae.n_features)))
-    return sae.calibrate_threshold_(store.rows(hook, 0, rows).to(device, sae.dtype))
+def calibrate_threshold(sae: SparseAutoencoder, store, hook: str, stop_row: int, device, seed: int) -> float:
+    """Batch-TopK, after the last step: fix the inference threshold on a random sample of the
+    training rows (`calibration_rows`, the same on every rank, so every rank gets the same
+    threshold) instead of the running estimate."""
+    idx = calibration_rows(stop_row, sae.n_features, seed)
+    return sae.calibrate_threshold_(store.take(hook, idx).to(device, sae.dtype))
+
+
+def calibration_rows(stop_row: int, n_features: int, seed: int) -> np.ndarray:
+    """Sorted int64 indices of a seeded random sample of the training rows [0, stop_row): enough
+    rows for about 2**24 pre-activations (256 to 16,384). A random sample, not the first rows:
+    those are a handful of sequences (5 at n_features 24,576), not the training distribution."""
+    n = min(stop_row, max(256, min(16384, 2**24 // n_features)))
+    return np.sort(np.random.default_rng(seed).choice(stop_row, size=n, replace=False))
 
 
 def _non_finite_message(loss: float, s: _Session) -> str:

@@ -1,5 +1,6 @@
 """Shared fixtures. Keep them small: the whole suite runs on 2 CPU cores."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, ro=False) -> a fresh directory with a real tmpfs of `size` bytes mounted on it
+    (a real full disk, a real read-only file system); `remount(path, size)` grows one. Unmounted
+    at teardown. Skips without the right to mount."""
+    mounted = []
+
+    def mount(size: int, ro: bool = False) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"needs root to mount a tmpfs ({r.stderr.strip()})")
+        mounted.append(where)
+        return where
+
+    def remount(where: Path, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
+    mount.remount = remount
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -6,6 +6,7 @@ import math
 import sys
 
 import pytest
+from cli_checks import digest, in_process, one_error
 
 import saekit.harvest
 import saekit.train
@@ -50,6 +51,35 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     again = json.loads((out / "pursue" / "report.json").read_text())
     strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r]  # noqa: E731
     assert strip(again) == strip(report)
+
+    # Other sizes into the same directory: refused in one line that suggests only what the demo
+    # has (no --resume), and nothing of the finished run changes.
+    before = digest(out)
+    code, _, err = in_process(capsys, monkeypatch, "demo", "--out", out, *[f"--{k}={v}" for k, v in (SIZES | {"steps": 40}).items()])
+    line = one_error(code, err, f"{out} holds a demo run with other sizes (steps 20 -> 40); choose a new --out or delete {out}")
+    assert "--resume" not in line
+    assert digest(out) == before
+
+
+def test_demo_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, _, err = in_process(capsys, monkeypatch, "demo", "--out", tmp_path / "mine", *[f"--{k}={v}" for k, v in SIZES.items()])
+    one_error(code, err, "is not empty", "choose a new --out")
+    assert digest(tmp_path / "mine") == {"notes.txt": digest(tmp_path / "mine" / "notes.txt")["notes.txt"]}
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_the_demo_says_to_rerun_the_demo(tmpfs, capsys, monkeypatch):
+    disk = tmpfs(256 << 10)  # less than the store's first shard (16 MiB: shards are written whole)
+    args = ["demo", "--out", disk / "demo", *[f"--{k}={v}" for k, v in SIZES.items()]]
+    code, _, err = in_process(capsys, monkeypatch, *args)
+    line = one_error(code, err, f"disk full while writing {disk / 'demo'}", "rerun the same `saekit demo` command")
+    assert "--resume" not in line
+    tmpfs.remount(disk, 256 << 20)  # space freed
+    code, out, err = in_process(capsys, monkeypatch, *args)
+    assert code == 0, err
+    assert "(the encoder's L0)" in out
 
 
 def test_demo_config_errors_name_the_flag():

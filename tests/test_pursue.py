@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import PAGE, in_process, one_error, tmpfs_bytes
 
 from saekit.errors import SaekitError
 from saekit.metrics import fvu
@@ -343,6 +344,29 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path, store, sae_dir, caps
     (tmp_path / "o2" / "f").write_text("")
     code, err = cli("--k", 2, *base)
     assert code == 1 and "already exists: pass --resume" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("where", ["create", "codes", "report"])
+def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(tmp_path, store, sae_dir, tmpfs, capsys, monkeypatch, where):
+    ref = run(_cfg(tmp_path / "ref", store, sae_dir)).out
+    codes, report = tmpfs_bytes(ref / "codes.zarr"), tmpfs_bytes(ref / "report.json") + tmpfs_bytes(ref / "report.md")
+    # The disk fills while codes.zarr is created, halfway through the code shards, or at the plot
+    # (the last file written).
+    disk = tmpfs({"create": 4 * PAGE, "codes": codes // 2, "report": codes + report + 2 * PAGE}[where])
+    args = ["pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--k", 6, "--method", "gp", "--method", "mp",
+            "--batch-size", 50, "--out", disk / "out"]  # fmt: skip
+    code, _, err = in_process(capsys, monkeypatch, *args)
+    one_error(code, err, f"disk full while writing {disk / 'out'}", "--resume", "finished code shards are kept")
+    if where != "create":
+        assert open_codes(disk / "out", allow_incomplete=True).complete == (where == "report")
+
+    tmpfs.remount(disk, 64 << 20)  # space freed
+    code, _, err = in_process(capsys, monkeypatch, *args, "--resume")
+    assert code == 0, err
+    a, b = _arrays(ref), _arrays(disk / "out")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    _same_report(ref, disk / "out")
+    assert (disk / "out" / "fvu_vs_l0.png").read_bytes() == (ref / "fvu_vs_l0.png").read_bytes()
 
 
 def test_help(capsys, monkeypatch):

@@ -3,12 +3,15 @@ two ranks, the CLI and config file, and every user-facing error."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from cli_checks import PAGE, digest, in_process, one_error, tmpfs_bytes
 
 from saekit import train as T
 from saekit.errors import SaekitError
@@ -326,3 +329,180 @@ def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
     for flag in ("--store", "--hook", "--out", "--k", "--n-features", "--tokens", "--batch-size", "--lr", "--seed",
                  "--resume", "--config", "--from-pretrained", "--d-hidden", "--n-hidden", "--codes", "--auxk-coef", "--k-aux"):  # fmt: skip
         assert flag in res.output, flag
+
+
+# --- config values are type-checked ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ('normalize = "no"', "normalize must be true or false, got 'no'"),
+        ('n-features = "lots"', "n-features must be an integer, got 'lots'"),
+        ("k = [1, 2]", "k must be an integer, got [1, 2]"),
+        ("tokens = true", "tokens must be an integer, got True"),
+        ("batch_size = 1.5", "batch-size must be an integer, got 1.5"),
+        ('lr = "fast"', "lr must be a number, got 'fast'"),
+        ("hook = 3", "hook must be a string or null, got 3"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_are_one_line(tmp_path, capsys, monkeypatch, line, says):
+    toml = tmp_path / "train.toml"
+    toml.write_text(f'store = "somewhere"\n{line}\n')
+    code, _, err = in_process(capsys, monkeypatch, "train", "--config", toml, "--out", tmp_path / "run")
+    one_error(code, err, f"--config {toml}: {says}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_values_of_the_right_type_are_taken_as_that_type(tmp_path):
+    # JSON has null and writes 1e6 as a float; an int is a fine float.
+    c = TrainConfig.from_dict({"store": "s", "out": "o", "hook": None, "tokens": 1e6, "lr": 1, "train_decoder": None})
+    assert c.hook is None and c.train_decoder is None
+    assert c.tokens == 1_000_000 and type(c.tokens) is int
+    assert c.lr == 1.0 and type(c.lr) is float
+
+
+# --- a damaged run on --resume: one line, nothing changed -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(embedded_store, tmp_path_factory):
+    """A finished 4-step run with a checkpoint, to damage copies of."""
+    return run(cfg(embedded_store, tmp_path_factory.mktemp("short") / "run", n_features=256, tokens=256 * 4, checkpoint_every=2))
+
+
+def _edit_json(path: Path, edit) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+DAMAGE = {
+    "config is not JSON": ("config.json", lambda p: p.write_text(p.read_text()[:40]), "config.json is damaged"),
+    "config has a wrong type": ("config.json", lambda p: _edit_json(p, lambda d: d.update(k="16")), "k must be an integer, got '16'"),
+    "config misses a key": ("config.json", lambda p: _edit_json(p, lambda d: d.pop("seed")), "config.json is damaged (no seed)"),
+    "state is not JSON": ("checkpoint/state.json", lambda p: p.write_text("{"), "checkpoint"),
+    "state has a wrong type": ("checkpoint/state.json", lambda p: _edit_json(p, lambda d: d["position"].update(step="4")),
+                               "step must be an integer, got '4'"),  # fmt: skip
+    "state misses a key": ("checkpoint/state.json", lambda p: _edit_json(p, lambda d: d.pop("position")), "state.json: no position"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_run_on_resume_is_one_line_and_changes_nothing(short_run, tmp_path, capsys, monkeypatch, case):
+    name, damage, says = DAMAGE[case]
+    out = tmp_path / "run"
+    shutil.copytree(short_run.out, out)
+    damage(out / name)
+    before = digest(out)
+    code, _, err = in_process(capsys, monkeypatch, "train", "--out", out, "--resume", "--no-progress")
+    one_error(code, err, says)
+    assert digest(out) == before
+
+
+# --- what the SAE learns from, and what it is measured by -------------------------------------
+
+
+def _synthetic_store(path: Path, n: int, d: int = 16, seed: int = 0):
+    """Rows: sparse nonnegative mixtures of 24 directions plus noise. Returns (writer, rows)."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(24, d, generator=g)
+    coef = torch.rand(n, 24, generator=g) * (torch.rand(n, 24, generator=g) < 0.2)
+    x = coef @ atoms + 0.1 * torch.randn(n, d, generator=g) + 1.0
+    return create_store(path, {"h": d}, n_rows=n, meta={"model": "synthetic"}, shard_rows=4096, chunk_rows=512), x
+
+
+def test_normalization_comes_from_the_training_rows_only(tmp_path):
+    w, x = _synthetic_store(tmp_path / "store", 6144)
+    x[-2048:] += 50.0  # the held-out rows (the store's last) look nothing like the training rows
+    w.append({"h": x}, torch.arange(6144), torch.zeros(6144))
+    w.finalize()
+    res = run(TrainConfig(store=str(tmp_path / "store"), out=str(tmp_path / "run"), n_features=64, k=4, batch_size=256,
+                          tokens=512, eval_rows=2048, device="cpu", progress=False))  # fmt: skip
+    train_x = open_store(tmp_path / "store").rows(None, 0, 4096).double()
+    torch.testing.assert_close(res.sae.decoder.input_mean.double(), train_x.mean(0), rtol=0, atol=1e-5)
+    normalized = res.sae.decoder.normalize(train_x.float()).double()
+    assert normalized.pow(2).sum(-1).mean().item() == pytest.approx(16, rel=1e-4)  # E||x_n||^2 = d_in
+
+
+def test_eval_cossim_is_the_raw_space_cosine_similarity(sae_run, embedded_store):
+    store = open_store(embedded_store)
+    x = store.rows(None, store.n_rows - N_EVAL, store.n_rows).float()
+    sae = SparseAutoencoder.load(sae_run.out / "sae")
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(x, sae(x).reconstruction, dim=-1).mean().item()
+    assert evals(sae_run.out)[-1]["eval/cossim"] == pytest.approx(cos, rel=1e-5)
+
+
+def test_calibration_rows_are_a_seeded_sample_spread_over_the_training_rows():
+    rows = T.calibration_rows(100_000, n_features=4096, seed=0)
+    assert len(rows) == len(np.unique(rows)) == 2**24 // 4096
+    assert rows.min() >= 0 and rows.max() < 100_000  # never a held-out row
+    tenths = np.histogram(rows, bins=10, range=(0, 100_000))[0]
+    assert tenths.min() > 0.8 * len(rows) / 10  # every tenth of the training rows is sampled
+    assert np.array_equal(rows, T.calibration_rows(100_000, n_features=4096, seed=0))
+    assert not np.array_equal(rows, T.calibration_rows(100_000, n_features=4096, seed=1))
+    assert len(T.calibration_rows(300, n_features=4096, seed=0)) == 300  # fewer rows than asked: all of them
+
+
+def test_batch_topk_threshold_keeps_k_per_token_over_all_the_training_rows(tmp_path):
+    # The first rows (say the first documents) are larger than the rest: a threshold fixed on
+    # them lets far fewer than k latents fire on the other rows.
+    w, x = _synthetic_store(tmp_path / "store", 20480)
+    x[:4096] *= 4
+    w.append({"h": x}, torch.arange(20480), torch.zeros(20480))
+    w.finalize()
+    res = run(TrainConfig(store=str(tmp_path / "store"), out=str(tmp_path / "run"), n_features=2048, k=8,
+                          activation="batchtopk", batch_size=256, tokens=256 * 40, eval_rows=2048, device="cpu",
+                          progress=False))  # fmt: skip
+    with torch.no_grad():
+        codes = res.sae.encode(open_store(tmp_path / "store").rows(None, 0, 20480 - 2048).float())
+    assert (codes != 0).sum(-1).float().mean().item() == pytest.approx(8, rel=0.05)
+
+
+# --- a full disk: one line, and --resume finishes with the bytes of an uninterrupted run ------
+
+FULL = dict(n_features=256, k=16, batch_size=256, tokens=256 * 40, eval_rows=N_EVAL, eval_every=10, log_every=1,
+            checkpoint_every=0, device="cpu")  # fmt: skip
+
+
+def _train_args(store, out, **kw) -> list:
+    flags = {"store": store, "out": out, **FULL, **kw}
+    return ["train", *[a for k, v in flags.items() for a in (f"--{k.replace('_', '-')}", v)], "--no-progress"]
+
+
+def _result(run_dir: Path) -> dict[str, str]:
+    # config.json and run.json name the run dir and a random wandb id; everything else must match
+    return {k: v for k, v in digest(run_dir).items() if k not in ("config.json", "run.json")}
+
+
+@pytest.fixture(scope="module")
+def full_run(embedded_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full") / "run"
+    run(TrainConfig(store=str(embedded_store), out=str(out), progress=False, **FULL))
+    return out
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics", "publish"])
+def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(embedded_store, full_run, tmpfs, capsys, monkeypatch, where):
+    small = tmpfs_bytes(full_run / "config.json") + tmpfs_bytes(full_run / "run.json")
+    ckpt, published = tmpfs_bytes(full_run / "checkpoint"), tmpfs_bytes(full_run / "sae") + tmpfs_bytes(full_run / "sae_lens")
+    size, flags = {
+        "checkpoint": (small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt * 3 // 2, {"checkpoint_every": 20}),  # no room for 2
+        "metrics": (small + PAGE, {}),  # metrics.jsonl outgrows its first page
+        "publish": (small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt + published // 2, {}),
+    }[where]
+    disk = tmpfs(size)
+    out = disk / "run"
+    code, _, err = in_process(capsys, monkeypatch, *_train_args(embedded_store, out, **flags))
+    one_error(code, err, f"disk full while writing {out}", "--resume", "the last checkpoint is kept")
+    state = out / "checkpoint" / "state.json"
+    step = json.loads(state.read_text())["position"]["step"] if state.exists() else None
+    assert step == {"checkpoint": 20, "metrics": None, "publish": 40}[where]
+    assert not (out / "sae_lens").exists() and not (out / "checkpoint.tmp").exists()
+    assert [m["step"] for m in read_metrics(out)] == sorted(m["step"] for m in read_metrics(out))  # no torn line
+
+    tmpfs.remount(disk, 64 << 20)  # space freed
+    code, _, err = in_process(capsys, monkeypatch, "train", "--out", out, "--resume")
+    assert code == 0, err
+    assert _result(out) == _result(full_run)
