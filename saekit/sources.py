@@ -9,11 +9,14 @@ pass over the documents each call, which is what resume and multi-rank harvests 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import difflib
 import hashlib
 import json
 import re
+import stat
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -117,9 +120,29 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> Lo
     """Load `spec`: None/'embedded', a local HF checkpoint directory, or a transformer-lens name."""
     if spec in (None, "", EMBEDDED):
         return _load_embedded(device, dtype)
-    if Path(spec).expanduser().is_dir():
+    mode = _mode(Path(spec).expanduser(), "--model")
+    if mode is not None and stat.S_ISDIR(mode):
         return _load_local_hf(Path(spec).expanduser().resolve(), device, dtype)
+    if mode is not None and spec.lower() not in _official_names():
+        raise SaekitError(f"--model {spec} is {_file_kind(mode)}, not a checkpoint folder: pass the folder holding "
+                          "config.json, model.safetensors and the tokenizer (or a transformer-lens name)")
     return _load_tl_name(spec, device, dtype)
+
+
+def _mode(path: Path, flag: str) -> int | None:
+    """`path`'s st_mode (following links), None when nothing is there; unreadable is an error."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise SaekitError(f"{flag} {path} cannot be read ({e.strerror or e}): check its permissions") from e
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")]
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _finish(model, name: str, meta: dict) -> LoadedModel:
@@ -174,18 +197,95 @@ def _load_local_hf(path: Path, device, dtype) -> LoadedModel:
     Mirrors HookedTransformer.from_pretrained (same config conversion, weight conversion and
     processing: fold_ln, centered writing weights and unembed) but reads only `path`.
     """
-    if not (path / "config.json").exists():
-        raise SaekitError(f"--model {path} is a directory without config.json: pass a save_pretrained checkpoint")
+    _check_checkpoint(path)
     try:
         with _quiet():
             model = _convert_local_hf(path, device, dtype)
     except SaekitError:
         raise
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+    except (OSError, ValueError, KeyError, NotImplementedError, AttributeError, TypeError) as e:
+        # transformer-lens's converters fail on configs they do not know with any of these
         raise SaekitError(f"could not load the checkpoint in {path} ({_first_line(e, 100)}): transformer-lens supports GPT-2-style save_pretrained checkpoints") from e
     cfg_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
     return _finish(model, path.name, {"source": "hf_local", "path": str(path), "config_sha256": cfg_sha,
                                       "architecture": model.cfg.original_architecture})
+
+
+# Files that carry a tokenizer's vocabulary; without one, AutoTokenizer builds an empty tokenizer
+# from tokenizer_config.json alone and every text becomes unknown tokens.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse, one line each, what from_pretrained would fail on with a traceback or load wrongly."""
+    config = path / "config.json"
+    if not config.exists():
+        raise SaekitError(f"--model {path} is a directory without config.json: pass a save_pretrained checkpoint")
+    try:
+        cfg = json.loads(config.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise SaekitError(f"{config} is not JSON ({_first_line(e, 60)}): save the checkpoint again with save_pretrained") from e
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise SaekitError(f"{config} has no model_type: it is not a transformers config; save the checkpoint with save_pretrained")
+    if cfg["model_type"] == "gpt2" and "n_ctx" not in cfg:
+        raise SaekitError(f"{config} has no n_ctx, which transformer-lens reads for GPT-2 (the hub's gpt2 config carries it): "
+                          f"add \"n_ctx\": {cfg.get('n_positions', 1024)} (its n_positions) to it")
+    _check_weights(path)
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise SaekitError(f"--model {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+                          f"save the model's tokenizer beside it with tokenizer.save_pretrained('{path}')")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint; pickled weights are refused, never opened."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            return [path / name for name in sorted(set(json.loads(index.read_bytes())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SaekitError(f"{index} is damaged ({_first_line(e, 60)}): save the checkpoint again with save_pretrained") from e
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise SaekitError(f"saekit loads only safetensors weights, and {path} holds pickled ones ({', '.join(pickles)}), "
+                          "which can run code when loaded: re-save them with "
+                          "model.save_pretrained(folder, safe_serialization=True)")
+    raise SaekitError(f"--model {path} has no model.safetensors: save the model there with save_pretrained")
+
+
+def _check_weights(path: Path) -> None:
+    """Open each weights file's header: a file cut short or overwritten fails here, by name."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise SaekitError(f"weights file {f} is damaged or missing ({_first_line(e, 80)}): "
+                              "copy the checkpoint again or re-save it with save_pretrained") from e
+
+
+def _tl_config(path: Path, hf_model, device, dtype):
+    """transformer-lens's config for a local checkpoint, read through a neutral name.
+
+    transformer-lens takes the architecture of any path containing "llama" or "gemma" from the
+    name instead of config.json (and then fails), so a GPT-2 in /data/llama-study/ckpt would not
+    load; a link named `checkpoint` shows it the folder without its path.
+    """
+    from transformer_lens import loading_from_pretrained as loading
+
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / "checkpoint"
+        link.symlink_to(path, target_is_directory=True)
+        cfg = loading.get_pretrained_model_config(
+            str(link), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=str(device), dtype=dtype,
+            local_files_only=True,
+        )
+    cfg.model_name, cfg.tokenizer_name = path.name, str(path)
+    return cfg
 
 
 def _convert_local_hf(path: Path, device, dtype):
@@ -193,15 +293,13 @@ def _convert_local_hf(path: Path, device, dtype):
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    # use_safetensors: never fall back to a pickled pytorch_model.bin lying beside the safetensors.
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, use_safetensors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise SaekitError(f"checkpoint {path} has no usable tokenizer ({_first_line(e, 80)}): save one beside it with tokenizer.save_pretrained") from e
-    cfg = loading.get_pretrained_model_config(
-        str(path), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=str(device), dtype=dtype,
-        local_files_only=True,
-    )
+    cfg = _tl_config(path, hf_model, device, dtype)
     state = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
@@ -310,10 +408,70 @@ def _column(rows: Iterable[dict], column: str, where: str) -> Iterator[str]:
 def _file_sha(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
-        with open(p, "rb") as f:
+        with _opened(p) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def _opened(path: Path):
+    """`path` open for reading in binary; an unreadable file is a one-line error."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise SaekitError(f"--dataset {path} cannot be read ({e.strerror or e}): check its permissions") from e
+
+
+def _utf8_text_sha(path: Path) -> str:
+    """sha256 of a .txt/.jsonl file, refusing it unless it is UTF-8 text throughout.
+
+    Local files are checked whole, before any store exists: a harvest stopped half-way by bad
+    input leaves a store that cannot be resumed once the file is repaired (it hashes differently),
+    and with --overwrite the old store would already be gone. Even one bad byte is refused: in a
+    Latin-1 file only the accented letters are invalid UTF-8, so a tolerance for "a few" would let
+    whole files through wrongly.
+    """
+    h = hashlib.sha256()
+    dec = codecs.getincrementaldecoder("utf-8")()
+    pos = lines = 0  # bytes and newlines before `block`
+    with _opened(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            nul = block.find(b"\0")
+            bad = _undecodable(dec, block, pos)
+            if nul >= 0 and (bad is None or pos + nul < bad[0]):
+                raise _not_text(path, pos + nul, lines + block.count(b"\n", 0, nul), None)
+            if bad is not None:
+                raise _not_text(path, bad[0], lines + block.count(b"\n", 0, max(0, bad[0] - pos)), bad[1])
+            pos, lines = pos + len(block), lines + block.count(b"\n")
+        bad = _undecodable(dec, b"", pos, final=True)  # a multi-byte character cut off at the end
+        if bad is not None:
+            raise _not_text(path, bad[0], lines, bad[1])
+    return h.hexdigest()[:16]
+
+
+def _undecodable(dec, block: bytes, pos: int, final: bool = False) -> tuple[int, int] | None:
+    """(file offset, value) of the first invalid byte when `dec` decodes `block`, else None."""
+    pending = len(dec.getstate()[0])  # bytes of a character begun in the previous block
+    try:
+        dec.decode(block, final)
+    except UnicodeDecodeError as e:
+        return pos - pending + e.start, e.object[e.start]
+    return None
+
+
+def _not_text(path: Path, offset: int, newlines: int, byte: int | None) -> SaekitError:
+    """The error for a NUL (`byte` None) or an invalid UTF-8 byte at `offset` of `path`."""
+    where = f"at offset {offset} (line {newlines + 1})"
+    with open(path, "rb") as f:
+        utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    if byte is None:
+        return SaekitError(f"--dataset {path} holds a NUL byte {where}: it is binary (or UTF-16), not UTF-8 text; "
+                           "pass a text file")
+    guess = "it looks like UTF-16 and " if utf16 else ""
+    return SaekitError(f"--dataset {path} is not UTF-8 text: byte 0x{byte:02x} {where} is invalid; {guess}saekit "
+                       f"reads UTF-8 only: convert it, e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8 "
+                       f"{path.name} > {path.stem}.utf8{path.suffix}`")
 
 
 def load_texts(spec: str | None, *, config: str | None = None, split: str = "train",
@@ -327,6 +485,11 @@ def load_texts(spec: str | None, *, config: str | None = None, split: str = "tra
         # No path: the same corpus must give the same store wherever saekit is installed.
         return src._replace(name="embedded", meta={"source": "embedded", "sha256": src.meta["sha256"]})
     path = Path(spec).expanduser()
+    mode = _mode(path, "--dataset")
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # Known by stat alone: /dev/zero never ends and opening a FIFO waits for a writer.
+        raise SaekitError(f"--dataset {spec} is {_file_kind(mode)}, not a regular file: "
+                          "pass a .txt, .jsonl or .parquet file or a save_to_disk folder")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".txt":
@@ -345,50 +508,103 @@ def load_texts(spec: str | None, *, config: str | None = None, split: str = "tra
 
 def _txt_source(path: Path) -> TextSource:
     # A plain text file is one document: cutting it into lines or paragraphs would insert
-    # end-of-text separators the author never wrote.
+    # end-of-text separators the author never wrote. A leading byte-order mark is not text.
     def docs() -> Iterator[str]:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield path.read_text(encoding="utf-8-sig")
 
-    meta = {"source": "txt", "path": str(path.resolve()), "sha256": _file_sha([path])}
+    meta = {"source": "txt", "path": str(path.resolve()), "sha256": _utf8_text_sha(path)}
     return TextSource(docs, path.stem, meta)
+
+
+_JSON_KINDS = [(bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (type(None), "null")]
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SaekitError(f"{path} line {i} is not JSON ({_first_line(e, 60)}): "
+                                  'each line must be one JSON object, e.g. {"text": "..."}') from e
+            if not isinstance(row, dict):
+                kind = next(name for t, name in _JSON_KINDS if isinstance(row, t))
+                raise SaekitError(f"{path} line {i} is a JSON {kind}, not an object: "
+                                  'each line must be one JSON object, e.g. {"text": "..."}')
+            yield row
 
 
 def _jsonl_source(path: Path, column: str) -> TextSource:
-    def rows() -> Iterator[dict]:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SaekitError(f"{path} line {i + 1} is not JSON ({_first_line(e, 60)})") from e
+    meta = {"source": "jsonl", "path": str(path.resolve()), "text_column": column, "sha256": _utf8_text_sha(path)}
+    for _ in _column(_jsonl_rows(path), column, str(path)):  # every line, before any store exists
+        pass
+    return TextSource(lambda: _column(_jsonl_rows(path), column, str(path)), path.stem, meta)
 
-    meta = {"source": "jsonl", "path": str(path.resolve()), "text_column": column, "sha256": _file_sha([path])}
-    return TextSource(lambda: _column(rows(), column, str(path)), path.stem, meta)
+
+def _parquet_file(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise SaekitError(f"--dataset {path} is not a readable Parquet file ({_first_line(e, 80)}): "
+                          "pass an intact .parquet file, or the texts as .jsonl or .txt") from e
 
 
 def _parquet_source(path: Path, column: str) -> TextSource:
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    names = pq.ParquetFile(path).schema_arrow.names
-    if column not in names:
-        raise SaekitError(f"{path} has no column '{column}' (columns: {', '.join(names)}): pass --text-column")
+    sha = _file_sha([path])  # first: an unreadable file is a permissions problem, not a Parquet one
+    schema = _parquet_file(path).schema_arrow
+    if column not in schema.names:
+        raise SaekitError(f"{path} has no column '{column}' (columns: {', '.join(schema.names)}): pass --text-column")
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise SaekitError(f"{path} column '{column}' holds {kind}, not text: pass --text-column")
+
+    def batches() -> Iterator:
+        n = 0
+        try:
+            for batch in _parquet_file(path).iter_batches(batch_size=1024, columns=[column]):
+                yield batch
+                n += batch.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise SaekitError(f"--dataset {path} is damaged past row {n} ({_first_line(e, 80)}): "
+                              "pass an intact copy") from e
 
     def docs() -> Iterator[str]:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[column]):
+        for batch in batches():
             yield from _column(({column: t} for t in batch.column(0).to_pylist()), column, str(path))
 
-    meta = {"source": "parquet", "path": str(path.resolve()), "text_column": column, "sha256": _file_sha([path])}
+    for _ in batches():  # decode every row group once, before any store exists
+        pass
+    meta = {"source": "parquet", "path": str(path.resolve()), "text_column": column, "sha256": sha}
     return TextSource(docs, path.stem, meta)
+
+
+def _load_saved(path: Path):
+    """`datasets.load_from_disk`, with what can go wrong in one line."""
+    import datasets
+    import pyarrow as pa
+
+    saved = (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+    try:
+        return datasets.load_from_disk(str(path))
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as e:  # OSError: a file is missing
+        if not saved:
+            raise SaekitError(f"--dataset {path} is a directory but not a datasets save_to_disk folder "
+                              "(no state.json or dataset_dict.json): pass such a folder or a .txt/.jsonl/.parquet file") from e
+        raise SaekitError(f"--dataset {path} is a damaged save_to_disk folder ({_first_line(e, 80)}): "
+                          "save the dataset there again") from e
 
 
 def _disk_source(path: Path, split: str, column: str) -> TextSource:
     import datasets
 
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise SaekitError(f"--dataset {path} is a directory but not a datasets save_to_disk folder") from e
+    ds = _load_saved(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise SaekitError(f"{path} has no split '{split}' (splits: {', '.join(ds)}): pass --split")
