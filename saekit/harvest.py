@@ -442,8 +442,9 @@ def run(cfg: HarvestConfig) -> HarvestResult:
 
     d = dist.init(cfg.device)
     try:
-        lm = S.load_model(cfg.model, d.device, S.resolve_dtype(cfg.dtype, d.device))
+        # texts first: a bad dataset fails in a second, not after a possibly minutes-long model load
         texts = S.load_texts(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
+        lm = S.load_model(cfg.model, d.device, S.resolve_dtype(cfg.dtype, d.device))
         return run_loaded(cfg, lm, texts)
     finally:
         dist.shutdown()
