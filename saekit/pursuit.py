@@ -115,10 +115,12 @@ def gradient_pursuit(
     """Nonnegative gradient pursuit: k greedy selections, each followed by one projected
     exact-line-search gradient step on the selected coefficients.
 
-    x: [..., d] activations, any float dtype. decoder: W_dec [n_features, d] (unit-norm rows
-    expected; other norms are handled), or an object with `.W_dec` [n_features, d] and `.b_dec`
-    [d] such as an SAE's decoder. b_dec: subtracted from x first (default: `decoder.b_dec` for
-    an object, none for a tensor). chunk_size: rows per chunk (None: bounded by CHUNK_BYTES).
+    x: [..., d] activations, any float dtype. decoder: W_dec [n_features, d] (any row norms), or
+    a decoder object: a saekit `Decoder` (pursued against its `raw_dictionary()`, the raw-space
+    atoms, so codes are what its `decode` expects even with input normalization) or any object
+    with `.W_dec` [n_features, d] and `.b_dec` [d] such as a sae-lens SAE. b_dec: subtracted
+    from x first (default: the object's b_dec, none for a tensor). chunk_size: rows per chunk
+    (None: bounded by CHUNK_BYTES).
     dense: return dense [..., n_features] codes (in W_dec's dtype) instead of SparseCodes;
     None means "dense iff decoder is an object", so the original sae-kit call
     `sae.decode(gradient_pursuit(acts, sae.decoder, k=67))` works unchanged.
@@ -492,17 +494,22 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _dictionary(decoder: Any, b_dec: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(W_dec [n, d], b_dec [d] or None) from a tensor or a decoder-like object."""
+    """(W_dec [n, d], b_dec [d] or None) in raw activation space, from a tensor or a decoder-like
+    object: a saekit Decoder's `raw_dictionary()` (its W_dec/b_dec live in a normalized space,
+    and `decode` maps back), else the object's plain `.W_dec`/`.b_dec` (e.g. a sae-lens SAE)."""
     if isinstance(decoder, Tensor):
         return decoder.detach(), None if b_dec is None else b_dec.detach()
-    W = getattr(decoder, "W_dec", None)
+    if callable(getattr(decoder, "raw_dictionary", None)):
+        W, own_bias = decoder.raw_dictionary()
+    else:
+        W, own_bias = getattr(decoder, "W_dec", None), getattr(decoder, "b_dec", None)
     if not isinstance(W, Tensor):
         raise SaekitError(
             f"decoder must be a W_dec tensor [n_features, d] or have a .W_dec tensor, "
             f"got {type(decoder).__name__}"
         )
     if b_dec is None:
-        b_dec = getattr(decoder, "b_dec", None)
+        b_dec = own_bias
     return W.detach(), None if b_dec is None else b_dec.detach()
 
 

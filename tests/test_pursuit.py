@@ -313,3 +313,48 @@ def test_errors_are_one_line(call, needle):
     with pytest.raises(SaekitError) as err:
         call(torch.randn(3, 32), W)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _normalized_sae_and_data():
+    """A saekit SAE with input normalization and raw activations that are sparse mixtures of its
+    raw-space atoms (what an SAE trained with `saekit train --normalize`, the default, faces)."""
+    from saekit.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d_in=64, n_features=512, k=8)
+    raw = torch.randn(2048, 64) * 4 + 3 * torch.randn(64)
+    sae.set_input_normalization(raw.mean(0), raw.pow(2).sum(1).mean().item())
+    W, b = sae.decoder.raw_dictionary()
+    x, _, _ = planted(W, 64, 8, noise=0.05)
+    return sae, x + b
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decoder_object_with_normalization_works_in_raw_space(method):
+    """pursuit(x, sae.decoder, k) gives codes that sae.decode turns into x's reconstruction, as
+    pursuit against sae.decoder.raw_dictionary() does, for every method."""
+    sae, x = _normalized_sae_and_data()
+    W, b = sae.decoder.raw_dictionary()
+    dense = pursuit(x, sae.decoder, 8, method=method)
+    assert dense.shape == (64, 512)
+    expected = reconstruct(pursuit(x, W, 8, method=method, b_dec=b), W, b)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.decode(dense), expected, rtol=1e-4, atol=1e-4)
+        assert fvu(x, sae.decode(dense)) < 0.05
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sae_lens_object_gives_codes_its_decode_accepts(method):
+    import sae_lens
+
+    W = dictionary(512, 64)
+    sl = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=64, d_sae=512))
+    with torch.no_grad():
+        sl.W_dec.copy_(W * 2.0)  # not unit norm: the codes must follow
+        sl.b_dec.normal_()
+    x, _, _ = planted(W, 32, 8, noise=0.05)
+    x = x + sl.b_dec.detach()
+    dense = pursuit(x, sl, 8, method=method)
+    expected = reconstruct(pursuit(x, W, 8, method=method, b_dec=sl.b_dec.detach()), W, sl.b_dec.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(sl.decode(dense), expected, rtol=1e-4, atol=1e-4)
