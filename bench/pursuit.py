@@ -39,10 +39,12 @@ from saekit.pursuit import (  # noqa: E402
 
 @torch.no_grad()
 def dense_reference_gp(x: torch.Tensor, W: torch.Tensor, k: int) -> torch.Tensor:
-    """Nonnegative gradient pursuit with dense weights, in the style of dictionary_learning's
-    grad_pursuit.py, plus the rules saekit and transformer-lens share: only unselected atoms are
-    candidates, a row stops when its best correlation is noise, and a clamped step that would
-    increase the residual is halved.
+    """saekit's gradient pursuit written with dense [b, n] weights (the tests check that the two
+    agree): the original formulation (`saekit.pursuit.original_gradient_pursuit`) plus saekit's
+    rules: a new atom is added only when its correlation is above the noise tolerance, the
+    step uses the projected gradient (a coefficient at 0 with a negative gradient stays put),
+    a clamped step that would increase the residual is halved, and a row stops once no
+    projected gradient exceeds the tolerance.
 
     x: [b, d] float32 (already centred); W: [n, d] unit rows -> weights [b, n]
     """
@@ -54,11 +56,12 @@ def dense_reference_gp(x: torch.Tensor, W: torch.Tensor, k: int) -> torch.Tensor
     residual = x.clone()
     for _ in range(k):
         inner = residual @ W.T  # [b, n]
-        best, j = inner.masked_fill(selected, float("-inf")).max(dim=1)
-        done |= best <= tol
-        live = (~done).nonzero().squeeze(1)
-        selected[live, j[live]] = True
-        grad = inner * selected * (~done)[:, None]  # [b, n], zero off the support
+        best, j = inner.max(dim=1)
+        add = (~done & (best > tol)).nonzero().squeeze(1)
+        selected[add, j[add]] = True  # an atom already selected stays selected
+        grad = inner * (selected & ((weights > 0) | (inner > 0)))  # projected, zero off the support
+        done |= torch.maximum(grad.abs().amax(dim=1), best) <= tol
+        grad *= (~done)[:, None]
         image = grad @ W  # [b, d]: the dense [b, n] x [n, d] product saekit avoids
         den = (image * image).sum(1)
         step = torch.where(den > 0, (image * residual).sum(1) / den.clamp_min(1e-30), 0.0)
