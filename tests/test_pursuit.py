@@ -250,13 +250,17 @@ def test_a_zero_coefficient_with_negative_gradient_is_not_a_clamp(method, monkey
 ])
 def test_agrees_with_transformer_lens(method, tl_algorithm):
     """transformer-lens 3.x ships a one-vector nonnegative gradient pursuit and NNLS-OMP
-    (tools/analysis/jacobian_lens_decomposition.py); ours is the batched form of both."""
+    (tools/analysis/jacobian_lens_decomposition.py). Its OMP selects as ours does. Its GP only
+    considers unselected atoms where ours (like the original) may re-select one; on this
+    incoherent dictionary no row re-selects, so the two must agree."""
     import transformer_lens.tools.analysis.jacobian_lens_decomposition as tl
     W = dictionary(1024, 128)
     x, _, _ = planted(W, 48, 16, noise=0.2)
     x = torch.cat([x, torch.randn(16, 128, generator=torch.Generator().manual_seed(3))])
     k = 16
-    ours = to_dense(pursuit(x, W, k, method=method), 1024)
+    codes = pursuit(x, W, k, method=method)
+    assert (codes.values > 0).all(), "a row re-selected or stopped: not the case compared here"
+    ours = to_dense(codes, 1024)
     ref = torch.zeros_like(ours)
     for i, row in enumerate(x):
         dec = tl.get_sparse_decomposition(row, W, k, algorithm=tl_algorithm)
