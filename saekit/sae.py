@@ -520,6 +520,8 @@ class SparseAutoencoder(nn.Module):
 
     A new encoder's linear path starts as the decoder's transpose; an MLP path starts at zero.
     `activation` defaults to 'topk' when k is given; pass 'batchtopk' or 'relu' otherwise.
+    `normalize_activations` is the original sae-kit's argument: False (its default) is accepted,
+    True raises (see `set_input_normalization`).
     """
 
     def __init__(
@@ -534,12 +536,19 @@ class SparseAutoencoder(nn.Module):
         device: Any = None,
         encoder: Encoder | None = None,
         decoder: Decoder | None = None,
+        normalize_activations: bool = False,
         *,
         activation: str | None = None,
         threshold_lr: float = 0.01,
         metadata: dict | None = None,
     ):
         super().__init__()
+        if normalize_activations:
+            raise SaekitError(
+                "normalize_activations=True (the original sae-kit's per-token rescaling in forward) is not supported: "
+                "saekit normalizes with the activation cache's statistics; call sae.set_input_normalization(mean, mean_sq_norm), "
+                "as saekit train --normalize does"
+            )
         self.metadata: dict = dict(metadata or {})
         if encoder is not None:
             if k is not None or activation is not None or d_hidden is not None or n_hidden:

@@ -215,3 +215,16 @@ def test_workflow_1_gradient_pursuit_on_a_normalized_saekit_sae():
     W, b = sae.decoder.raw_dictionary()
     codes = gradient_pursuit(activations, W, 67, b_dec=b)
     torch.testing.assert_close(gp_reconstruction, reconstruct(codes, W, b), rtol=1e-4, atol=1e-4)
+
+
+def test_normalize_activations_argument():
+    """The original SparseAutoencoder(..., normalize_activations=False) still builds; True (the
+    original's per-token rescaling inside forward) is one line naming what replaces it."""
+    from saekit.errors import SaekitError
+
+    sae = SparseAutoencoder(d_in=D_IN, n_features=D_SAE, k=8, normalize_activations=False)
+    assert not sae.decoder.has_normalization
+    with pytest.raises(SaekitError) as err:
+        SparseAutoencoder(d_in=D_IN, n_features=D_SAE, k=8, normalize_activations=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "set_input_normalization" in msg and "saekit train --normalize" in msg
