@@ -1,6 +1,6 @@
 """Benchmark saekit's gradient pursuit against its baselines, on the same inputs in one run.
 
-    python bench/pursuit.py            # d=768, n=24576, k=64, b=1024 (several minutes on 2 CPU cores)
+    python bench/pursuit.py            # d=768, n=24576, k=64, b=1024 (minutes on 2 CPU cores)
     python bench/pursuit.py --k 16 --batch 256 --threads 1
     python bench/pursuit.py --small    # d=256, n=4096, k=32, b=512 (seconds)
     python bench/pursuit.py --device cuda

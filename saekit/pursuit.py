@@ -207,7 +207,9 @@ def pursuit_trace(
 
 
 @torch.no_grad()
-def original_gradient_pursuit(x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | None = None) -> Tensor:
+def original_gradient_pursuit(
+    x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | None = None
+) -> Tensor:
     """The original sae-kit's gradient pursuit, as published (Blumensath & Davies 2008 in the
     batched form of dictionary_learning's grad_pursuit.py): a reference for tests and the
     benchmark's baseline, not for use. Dense: three [b, n]-by-[n, d]-sized matmuls per iteration.
@@ -300,7 +302,8 @@ def _select_(s: _State, W: Tensor, t: int, unselected_only: bool = False) -> _Se
     new = ~hit.any(dim=1) & ~s.done & (best > s.tol)
     s.indices[:, t] = atom * new
     s.filled[:, t] = new
-    return _Selection(torch.cat([support_corr, (best * new)[:, None]], dim=1), best, F.pad(hit, (0, 1)))
+    slots_corr = torch.cat([support_corr, (best * new)[:, None]], dim=1)
+    return _Selection(slots_corr, best, F.pad(hit, (0, 1)))
 
 
 def _pursue_chunk(

@@ -422,8 +422,9 @@ def test_sae_lens_object_gives_codes_its_decode_accepts(method):
         sl.W_dec.copy_(W * 2.0)  # not unit norm: the codes must follow
         sl.b_dec.normal_()
     x, _, _ = planted(W, 32, 8, noise=0.05)
-    x = x + sl.b_dec.detach()
+    b_dec = sl.b_dec.detach()
+    x = x + b_dec
     dense = pursuit(x, sl, 8, method=method)
-    expected = reconstruct(pursuit(x, W, 8, method=method, b_dec=sl.b_dec.detach()), W, sl.b_dec.detach())
+    expected = reconstruct(pursuit(x, W, 8, method=method, b_dec=b_dec), W, b_dec)
     with torch.no_grad():
         torch.testing.assert_close(sl.decode(dense), expected, rtol=1e-4, atol=1e-4)
