@@ -357,20 +357,10 @@ def open_codes(path: str | os.PathLike, allow_incomplete: bool = False) -> Codes
 
 
 def load_sae(spec: str, device: Any = "cpu") -> Any:
-    """An SAE from a run dir (its sae/), a saekit SAE dir, a local sae-lens dir, or RELEASE/ID (eval mode)."""
-    from saekit.train import load_dictionary
+    """Moved to `saekit.sae.load_sae`; this name delegates to it."""
+    from saekit import sae
 
-    path = Path(spec).expanduser()
-    if not path.is_dir() and _looks_local(spec):
-        # a path that is not there is a typo, not a hub release: say so instead of asking the hub.
-        raise SaekitError(f"no SAE directory at {spec}; pass a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
-    return load_dictionary(str(path) if path.is_dir() else spec, device=device).eval()
-
-
-def _looks_local(spec: str) -> bool:
-    """True for specs that name the local filesystem rather than a sae-lens RELEASE/ID."""
-    first = spec.split("/", 1)[0]
-    return spec.startswith((".", "/", "~")) or Path(spec).exists() or (bool(first) and Path(first).is_dir())
+    return sae.load_sae(spec, device)
 
 
 def dictionary_sha256(sae: Any) -> str:

@@ -4,16 +4,18 @@ Every function finds, for each row of x, at most k nonnegative coefficients over
 (rows) of a dictionary `W_dec: [n_features, d]` so that `codes @ W_dec + b_dec` reconstructs x.
 All four share one greedy loop; they differ only in how they update the coefficients:
 
-- `gradient_pursuit` ("gp", Blumensath & Davies 2008): add the unselected atom with the largest
-  positive correlation to the residual, then take one exact line-search gradient step on all
-  selected coefficients, projected onto coefficients >= 0.
+- `gradient_pursuit` ("gp", Blumensath & Davies 2008, as the original sae-kit does it): select
+  the atom with the largest correlation to the residual over ALL atoms (when it is already
+  selected, the iteration adds nothing and is one more step), then take one exact line-search
+  step along the projected gradient of the selected coefficients, clamped at 0.
+  `original_gradient_pursuit` is the published dense formulation, kept as a reference.
 - `conjugate_gradient_pursuit` ("cgp"): the same, along a direction made conjugate to the
-  previous one (approximate conjugate gradient pursuit, same paper); a little more accurate
-  for the same cost.
-- `matching_pursuit` ("mp"): add the single best atom's correlation to its coefficient (an atom
-  may be picked again; it keeps its slot).
-- `orthogonal_pursuit` ("omp"): refit all selected coefficients by nonnegative least squares
-  (Lawson-Hanson, float64) after each selection. Slowest, most accurate.
+  previous one (approximate conjugate gradient pursuit, same paper); a lower FVU for the same
+  cost, usually at a somewhat larger L0.
+- `matching_pursuit` ("mp"): add the best atom's correlation to its coefficient (an atom may be
+  picked again; it keeps its slot).
+- `orthogonal_pursuit` ("omp"): add the best unselected atom and refit all selected
+  coefficients by nonnegative least squares (Lawson-Hanson, float64). Slowest, most accurate.
 
 Cost per iteration is one `[b, d] x [d, n]` correlation matmul; everything else touches only the
 <= k selected atoms (`embedding_bag` over gathered rows), never a dense `[b, n] x [n, d]` product.
@@ -24,9 +26,10 @@ the chunk size.
 Guarantees (each is a test): at most k nonzeros per row, all >= 0, no duplicate indices, the
 residual norm never increases (up to float32 rounding), zero rows give zero codes and no NaN.
 
-A row stops early (its later slots get value 0) once no unselected atom correlates with its
-residual by more than `STOP_TOLERANCE * ||x - b_dec||`; this is what makes `x = c * D_j`
-give exactly one code and keeps the result scale-equivariant.
+A row stops early (its later slots get value 0) once no atom's projected gradient (its
+correlation with the residual; for a coefficient at 0 only a positive one counts) exceeds
+`STOP_TOLERANCE * ||x - b_dec||`; this is what makes `x = c * D_j` give exactly one code and
+keeps the result scale-equivariant.
 """
 
 import math
@@ -39,7 +42,7 @@ from torch import Tensor
 from saekit.errors import SaekitError
 
 # Correlations below sqrt(float32 eps) * ||x|| are residual rounding noise, not signal (the same
-# rule as transformer-lens's gradient pursuit, so the two select the same atoms).
+# threshold as transformer-lens's gradient pursuit).
 STOP_TOLERANCE = math.sqrt(torch.finfo(torch.float32).eps)
 # Halvings tried when a projected step would increase the residual (then the step is dropped).
 BACKTRACK_STEPS = 20
@@ -55,8 +58,9 @@ class SparseCodes(NamedTuple):
     """k coefficients per row over a dictionary of n_features atoms.
 
     indices: [..., k] int64, unique within a row
-    values:  [..., k] float32, all >= 0; a slot may hold 0 (a row that stopped early, an atom
-        clamped to 0, or a matching-pursuit iteration that re-picked an already selected atom)
+    values:  [..., k] float32, all >= 0; a slot may hold 0: an atom clamped to 0, or an unused
+        slot (the row stopped early, or an iteration re-selected an atom it already had).
+        Unused slots hold, in order, the smallest atoms of 0..k-1 that the row does not use.
     """
 
     indices: Tensor
@@ -115,10 +119,12 @@ def gradient_pursuit(
     """Nonnegative gradient pursuit: k greedy selections, each followed by one projected
     exact-line-search gradient step on the selected coefficients.
 
-    x: [..., d] activations, any float dtype. decoder: W_dec [n_features, d] (unit-norm rows
-    expected; other norms are handled), or an object with `.W_dec` [n_features, d] and `.b_dec`
-    [d] such as an SAE's decoder. b_dec: subtracted from x first (default: `decoder.b_dec` for
-    an object, none for a tensor). chunk_size: rows per chunk (None: bounded by CHUNK_BYTES).
+    x: [..., d] activations, any float dtype. decoder: W_dec [n_features, d] (any row norms), or
+    a decoder object: a saekit `Decoder` (pursued against its `raw_dictionary()`, the raw-space
+    atoms, so codes are what its `decode` expects even with input normalization) or any object
+    with `.W_dec` [n_features, d] and `.b_dec` [d] such as a sae-lens SAE. b_dec: subtracted
+    from x first (default: the object's b_dec, none for a tensor). chunk_size: rows per chunk
+    (None: bounded by CHUNK_BYTES).
     dense: return dense [..., n_features] codes (in W_dec's dtype) instead of SparseCodes;
     None means "dense iff decoder is an object", so the original sae-kit call
     `sae.decode(gradient_pursuit(acts, sae.decoder, k=67))` works unchanged.
@@ -200,15 +206,52 @@ def pursuit_trace(
     return PursuitTrace(_rescale(codes, norms), torch.stack(norms_out))
 
 
+@torch.no_grad()
+def original_gradient_pursuit(
+    x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | None = None
+) -> Tensor:
+    """The original sae-kit's gradient pursuit, as published (Blumensath & Davies 2008 in the
+    batched form of dictionary_learning's grad_pursuit.py): a reference for tests and the
+    benchmark's baseline, not for use. Dense: three [b, n]-by-[n, d]-sized matmuls per iteration.
+
+    Each iteration: residual = x - w @ D; add argmax over ALL atoms of residual @ D.T to the
+    selected mask (it may already be there: then the iteration is one more gradient step);
+    grad = mask * (residual @ D.T); c = grad @ D; step = <c, r> / <c, c>; w = max(w + step *
+    grad, 0). No stopping rule and no backtracking; the one addition is that a zero residual
+    gives step 0 instead of 0/0 = NaN.
+
+    x: [b, d]; W_dec: [n, d] (rows used as given); b_dec: [d] subtracted from x first
+    -> weights [b, n] float32 (at most k nonzeros per row)
+    """
+    D = W_dec.detach().float()
+    target = x.detach().float().to(D.device)
+    if b_dec is not None:
+        target = target - b_dec.detach().float().to(D.device)
+    rows = torch.arange(target.shape[0], device=D.device)
+    weights = target.new_zeros(target.shape[0], D.shape[0])
+    selected = torch.zeros_like(weights, dtype=torch.bool)
+    for _ in range(k):
+        residual = target - weights @ D
+        inner = residual @ D.T
+        selected[rows, inner.argmax(dim=1)] = True
+        grad = inner * selected
+        c = grad @ D
+        step = _safe_div(torch.linalg.vecdot(c, residual), torch.linalg.vecdot(c, c))
+        weights = (weights + step[:, None] * grad).clamp_min_(0)
+    return weights
+
+
 # --- the shared loop ------------------------------------------------------------------------
 
 
 class _State:
     """Mutable per-chunk state of the greedy loop (rows b, slots k, model width d).
 
-    x: [b, d] centred input; residual: [b, d]; indices/values: [b, k] slots filled left to
-    right; done: [b] rows that stopped (frozen from then on); tol: [b] stopping threshold;
-    extra: per-method state (CGP direction, OMP Gram matrix).
+    x: [b, d] centred input; residual: [b, d]; indices/values: [b, k], slot t written by
+    iteration t; filled: [b, k] slots holding a selected atom (an iteration that adds no atom
+    leaves its slot empty: index 0, value 0, until `_fill_empty_slots_`); done: [b] rows that
+    stopped (frozen from then on); tol: [b] stopping threshold; extra: per-method state (CGP
+    direction, OMP Gram matrix).
     """
 
     def __init__(self, x: Tensor, k: int):
@@ -217,6 +260,7 @@ class _State:
         self.residual = x.clone()
         self.indices = torch.zeros(b, k, dtype=torch.long, device=x.device)
         self.values = x.new_zeros(b, k)
+        self.filled = torch.zeros(b, k, dtype=torch.bool, device=x.device)
         self.done = torch.zeros(b, dtype=torch.bool, device=x.device)
         self.tol = STOP_TOLERANCE * x.norm(dim=1)
         self.corr: Tensor | None = None  # [b, n] reused: a fresh one each iteration page-faults
@@ -224,32 +268,42 @@ class _State:
 
 
 class _Selection(NamedTuple):
-    """What the correlation matmul of one iteration tells the update.
+    """What the correlation matmul of iteration t tells the update.
 
-    support_corr: [b, t] correlation of each selected atom with the residual (= minus the
-        gradient of 0.5 * ||residual||^2 w.r.t. the selected coefficients)
-    best: [b] largest correlation among unselected atoms (its index went into slot t)
+    corr: [b, t+1] correlation of slots 0..t's atoms with the residual (= minus the gradient of
+        0.5 * ||residual||^2 w.r.t. their coefficients); 0 for empty slots
+    best: [b] largest correlation over the candidates (all atoms, or the unselected ones)
+    hit: [b, t+1] the slot that already holds the best atom (a re-selection), if any
     """
 
-    support_corr: Tensor
+    corr: Tensor
     best: Tensor
+    hit: Tensor
 
 
-def _select_(s: _State, W: Tensor, t: int) -> _Selection:
-    """The iteration's one big matmul; records the best unselected atom in slot t.
+def _select_(s: _State, W: Tensor, t: int, unselected_only: bool = False) -> _Selection:
+    """The iteration's one big matmul; puts the best atom into slot t if it is new and worth it.
 
-    W: [n, d] unit rows. Only unselected atoms are candidates, so indices stay unique even
-    when a selected coefficient has been clamped to 0 (it stays in the support instead).
+    W: [n, d] unit rows. The best atom over ALL atoms is taken, as Blumensath & Davies and the
+    original sae-kit do: when it is already selected, slot t stays empty and the iteration is
+    one more step on the current support (so indices stay unique, and an atom clamped to 0
+    stays selected and may grow again). OMP passes unselected_only (after an exact refit no
+    selected atom has a useful correlation).
     """
     if s.corr is None:
         s.corr = s.residual.new_empty(s.residual.shape[0], W.shape[0])
     corr = torch.mm(s.residual, W.T, out=s.corr)  # [b, n]
-    chosen = s.indices[:, :t]
-    support_corr = corr.gather(1, chosen)
-    corr.scatter_(1, chosen, float("-inf"))
-    best, new = _row_max(corr)
-    s.indices[:, t] = new
-    return _Selection(support_corr, best)
+    chosen, filled = s.indices[:, :t], s.filled[:, :t]
+    support_corr = corr.gather(1, chosen) * filled
+    if unselected_only:
+        corr.scatter_(1, chosen, float("-inf"))
+    best, atom = _row_max(corr)
+    hit = filled & (chosen == atom[:, None])
+    new = ~hit.any(dim=1) & ~s.done & (best > s.tol)
+    s.indices[:, t] = atom * new
+    s.filled[:, t] = new
+    slots_corr = torch.cat([support_corr, (best * new)[:, None]], dim=1)
+    return _Selection(slots_corr, best, F.pad(hit, (0, 1)))
 
 
 def _pursue_chunk(
@@ -266,33 +320,58 @@ def _pursue_chunk(
     s = _State(x, k)
     update_ = _UPDATES[method]
     for t in range(k):
-        sel = _select_(s, W, t)
+        sel = _select_(s, W, t, unselected_only=method == "omp")
         update_(s, W, t, sel)
         if on_step is not None:
             on_step(s, t)
+    _fill_empty_slots_(s)
     return SparseCodes(s.indices[:b], s.values[:b])
+
+
+def _fill_empty_slots_(s: _State) -> None:
+    """Give each empty slot, in order, the next smallest atom of 0..k-1 the row does not use.
+
+    A row uses at most k - (empty slots) atoms, so 0..k-1 always holds enough unused ones.
+    """
+    b, k = s.indices.shape
+    used = torch.where(s.filled, s.indices.clamp_max(k), k)  # atoms >= k go to a spare column
+    free = torch.ones(b, k + 1, dtype=torch.bool, device=s.indices.device)
+    free.scatter_(1, used, False)
+    order = (~free[:, :k]).to(torch.uint8).argsort(dim=1, stable=True)  # unused atoms first
+    nth_empty = ((~s.filled).cumsum(dim=1) - 1).clamp_min(0)
+    s.indices = torch.where(s.filled, s.indices, order.gather(1, nth_empty))
 
 
 # --- coefficient updates (one per method) ---------------------------------------------------
 
 
-def _stop_(s: _State, best: Tensor) -> Tensor:
-    """Mark rows whose best candidate is noise as done (for good); returns live rows [b]."""
-    s.done |= best <= s.tol
+def _stop_(s: _State, score: Tensor) -> Tensor:
+    """Mark rows whose score (best correlation, or largest projected gradient) is noise as done
+    (for good); returns live rows [b]."""
+    s.done |= score <= s.tol
     return ~s.done
 
 
+def _projected_gradient(s: _State, t: int, sel: _Selection) -> Tensor:
+    """Minus the gradient over slots 0..t, zero where a coefficient at 0 would have to go
+    negative (those neither move nor count as clamped) and on stopped rows -> [b, t+1].
+
+    A row stops when no atom's projected gradient exceeds the tolerance: an unselected atom's
+    is at most `best`, a selected one's is its entry here.
+    """
+    g = sel.corr * ((s.values[:, : t + 1] > 0) | (sel.corr > 0))
+    live = _stop_(s, torch.maximum(g.abs().amax(dim=1), sel.best))
+    return g * live[:, None]
+
+
 def _gp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
-    live = _stop_(s, sel.best)
-    # Steepest descent on the selected coefficients; the new atom's gradient is its correlation.
-    g = torch.cat([sel.support_corr, sel.best[:, None]], dim=1) * live[:, None]
+    g = _projected_gradient(s, t, sel)
     g_image = _combine(s.indices[:, : t + 1], g, W)  # [b, d] = g @ A
-    _projected_step_(s, W, t, g, g, g_image)
+    _projected_step_(s, W, t, sel.corr, g, g_image)
 
 
 def _cgp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
-    live = _stop_(s, sel.best)
-    g = torch.cat([sel.support_corr, sel.best[:, None]], dim=1) * live[:, None]
+    g = _projected_gradient(s, t, sel)
     g_image = _combine(s.indices[:, : t + 1], g, W)
     if t == 0:
         direction, image = g, g_image
@@ -304,7 +383,12 @@ def _cgp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
         )
         direction = g + beta[:, None] * F.pad(prev_dir, (0, 1))
         image = g_image + beta[:, None] * prev_image
-    clamped = _projected_step_(s, W, t, g, direction, image)
+        # A direction that pushes a coefficient already at 0 downward is infeasible from the
+        # start: restart such rows from the projected gradient.
+        restart = ((direction < 0) & (s.values[:, : t + 1] <= 0)).any(dim=1, keepdim=True)
+        direction = torch.where(restart, g, direction)
+        image = torch.where(restart, g_image, image)
+    clamped = _projected_step_(s, W, t, sel.corr, direction, image)
     # A clamped step left the direction's span; restart from plain gradient next time.
     keep = (~clamped)[:, None]
     s.extra["direction"] = direction * keep
@@ -312,18 +396,11 @@ def _cgp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
 
 
 def _mp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
-    if t > 0:
-        support_best, support_slot = sel.support_corr.max(dim=1)
-    else:
-        support_best = torch.full_like(sel.best, float("-inf"))
-        support_slot = torch.zeros_like(s.indices[:, 0])
-    # Plain MP takes the best atom overall; a selected one keeps its slot and slot t then holds
-    # the best unselected atom with value 0 (so indices stay unique).
-    reuse = support_best > sel.best
-    amount = torch.where(reuse, support_best, sel.best)
-    live = _stop_(s, amount)
-    amount = amount * live
-    slot = torch.where(reuse, support_slot, t)
+    # Plain MP adds the best atom's correlation to its coefficient: a re-selected atom's slot,
+    # else slot t (where _select_ put a new atom).
+    live = _stop_(s, sel.best)
+    amount = sel.best * live
+    slot = torch.where(sel.hit.any(dim=1), sel.hit.int().argmax(dim=1), t)
     s.values.scatter_add_(1, slot[:, None], amount[:, None])
     atom = W.index_select(0, s.indices.gather(1, slot[:, None]).squeeze(1))
     s.residual.addcmul_(amount[:, None], atom, value=-1)
@@ -338,7 +415,7 @@ def _omp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
         s.extra["h"] = torch.zeros(b, k, dtype=torch.float64, device=s.x.device)
     gram, h = s.extra["gram"], s.extra["h"]
     # Grow the Gram matrix of the selected atoms by one row/column (float64: NNLS is ill-posed
-    # enough in float32 to miss the optimum).
+    # enough in float32 to miss the optimum). Live rows have every slot 0..t filled.
     atoms = W[s.indices[:, :m]].double()  # [b, m, d]
     new_row = torch.bmm(atoms, atoms[:, t, :, None]).squeeze(-1)  # [b, m]
     gram[:, t, :m] = new_row
@@ -362,19 +439,20 @@ METHODS = tuple(_UPDATES)
 
 
 def _projected_step_(
-    s: _State, W: Tensor, t: int, g: Tensor, direction: Tensor, image: Tensor
+    s: _State, W: Tensor, t: int, corr: Tensor, direction: Tensor, image: Tensor
 ) -> Tensor:
     """Exact line search along `direction` over slots 0..t, then clamp at 0.
 
-    g: [b, t+1] = A @ residual (A: the selected atoms [t+1, d] per row); direction: [b, t+1];
-    image: [b, d] = direction @ A.
+    corr: [b, t+1] = A @ residual (A: the atoms of slots 0..t [t+1, d] per row); direction:
+    [b, t+1], never negative where a coefficient is 0; image: [b, d] = direction @ A.
     The unclamped step is optimal on the quadratic, so the residual strictly shrinks; when the
-    clamp bites, the step is halved until the clamped point does not increase the residual
-    (or dropped). Returns clamped: [b] rows where the clamp changed the step.
+    clamp bites (a positive coefficient would go negative), the step is halved until the
+    clamped point does not increase the residual (or dropped). Returns clamped: [b] rows
+    where the clamp changed the step.
     """
     m = t + 1
-    # <image, residual> = <direction, A residual> = <direction, g>: no [b, d] pass needed.
-    step = _safe_div((direction * g).sum(1), torch.linalg.vecdot(image, image))
+    # <image, residual> = <direction, A residual>: no [b, d] pass needed.
+    step = _safe_div(torch.linalg.vecdot(direction, corr), torch.linalg.vecdot(image, image))
     moved = s.values[:, :m] + step[:, None] * direction
     clamped = (moved < 0).any(dim=1)
     rows = clamped.nonzero().squeeze(1)
@@ -492,17 +570,22 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _dictionary(decoder: Any, b_dec: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(W_dec [n, d], b_dec [d] or None) from a tensor or a decoder-like object."""
+    """(W_dec [n, d], b_dec [d] or None) in raw activation space, from a tensor or a decoder-like
+    object: a saekit Decoder's `raw_dictionary()` (its W_dec/b_dec live in a normalized space,
+    and `decode` maps back), else the object's plain `.W_dec`/`.b_dec` (e.g. a sae-lens SAE)."""
     if isinstance(decoder, Tensor):
         return decoder.detach(), None if b_dec is None else b_dec.detach()
-    W = getattr(decoder, "W_dec", None)
+    if callable(getattr(decoder, "raw_dictionary", None)):
+        W, own_bias = decoder.raw_dictionary()
+    else:
+        W, own_bias = getattr(decoder, "W_dec", None), getattr(decoder, "b_dec", None)
     if not isinstance(W, Tensor):
         raise SaekitError(
             f"decoder must be a W_dec tensor [n_features, d] or have a .W_dec tensor, "
             f"got {type(decoder).__name__}"
         )
     if b_dec is None:
-        b_dec = getattr(decoder, "b_dec", None)
+        b_dec = own_bias
     return W.detach(), None if b_dec is None else b_dec.detach()
 
 

@@ -34,6 +34,8 @@ from saekit.errors import SaekitError
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
+SAE_LENS_WEIGHTS = "sae_weights.safetensors"
+SAE_LENS_CONFIG = "cfg.json"
 FORMAT_NAME = "saekit-sae"
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -520,6 +522,8 @@ class SparseAutoencoder(nn.Module):
 
     A new encoder's linear path starts as the decoder's transpose; an MLP path starts at zero.
     `activation` defaults to 'topk' when k is given; pass 'batchtopk' or 'relu' otherwise.
+    `normalize_activations` is the original sae-kit's argument: False (its default) is accepted,
+    True raises (see `set_input_normalization`).
     """
 
     def __init__(
@@ -534,12 +538,19 @@ class SparseAutoencoder(nn.Module):
         device: Any = None,
         encoder: Encoder | None = None,
         decoder: Decoder | None = None,
+        normalize_activations: bool = False,
         *,
         activation: str | None = None,
         threshold_lr: float = 0.01,
         metadata: dict | None = None,
     ):
         super().__init__()
+        if normalize_activations:
+            raise SaekitError(
+                "normalize_activations=True (the original sae-kit's per-token rescaling in forward) is not supported: "
+                "saekit normalizes with the activation cache's statistics; call sae.set_input_normalization(mean, mean_sq_norm), "
+                "as saekit train --normalize does"
+            )
         self.metadata: dict = dict(metadata or {})
         if encoder is not None:
             if k is not None or activation is not None or d_hidden is not None or n_hidden:
@@ -693,27 +704,33 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: Any = "cpu") -> SparseAutoencoder:
-        """Load a directory written by `save` (safetensors only: nothing is unpickled). Returns eval mode."""
-        from safetensors.torch import load_file
+        """Load a directory written by `save` (safetensors only: nothing is unpickled). Returns eval mode.
 
+        For any kind of SAE (a run dir, a sae-lens dir or release) use `load_sae`.
+        """
         path = Path(path)
         cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not cfg_file.is_file() or not weights_file.is_file():
-            if (path / "cfg.json").is_file():
+        if not cfg_file.is_file():
+            if (path / SAE_LENS_CONFIG).is_file():
                 raise SaekitError(f"{path} holds a sae-lens SAE, not a saekit one: use SparseAutoencoder.from_pretrained('{path}')")
             raise SaekitError(f"{path} is not a saved saekit SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}): check the path")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise SaekitError(f"{cfg_file} is not valid JSON ({e.msg}, line {e.lineno}): re-save the SAE") from None
-        cfg = SAEConfig.from_dict(raw)
+        if not weights_file.is_file():
+            raise SaekitError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}: the weights file is missing; copy it next to {CONFIG_FILE} or re-save the SAE")
+        cfg = SAEConfig.from_dict(_read_json(cfg_file, "a saekit SAE config"))
         sae = cls.from_config(cfg, device="meta")
-        state = load_file(str(weights_file), device=str(torch.device(device)))
-        missing = sorted(set(sae.state_dict()) - set(state))
+        state = _read_weights(weights_file, device)
+        expected = sae.state_dict()
+        missing = sorted(set(expected) - set(state))
         if missing:
             raise SaekitError(f"{weights_file} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: it does not match {CONFIG_FILE}")
+        for key, t in expected.items():
+            if state[key].shape != t.shape:
+                raise SaekitError(
+                    f"{weights_file} has {key} of shape {list(state[key].shape)} but {CONFIG_FILE} says {list(t.shape)}: "
+                    "the two files belong to different SAEs; re-save the SAE"
+                )
         # assign=True adopts the loaded tensors (no second copy on the device); unknown keys ignored.
-        sae.load_state_dict({k: v for k, v in state.items() if k in sae.state_dict()}, assign=True)
+        sae.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True)
         return sae.eval()
 
     @classmethod
@@ -957,20 +974,39 @@ def _load_sae_lens_dir(folder: Path, device: str) -> Any:
     import sae_lens
     from sae_lens.registry import SAE_CLASS_REGISTRY
 
-    try:
-        arch = json.loads((folder / "cfg.json").read_text()).get("architecture", "standard")
-    except json.JSONDecodeError as e:
-        raise SaekitError(f"{folder / 'cfg.json'} is not valid JSON ({e.msg}): re-save the SAE") from None
+    cfg = _read_json(folder / SAE_LENS_CONFIG, "a sae-lens SAE config")
+    arch = cfg.get("architecture", "standard")
     if arch not in _SAE_LENS_ARCHS:
         raise SaekitError(f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sorted(_SAE_LENS_ARCHS))}")
-    if not (folder / "sae_weights.safetensors").is_file():
-        raise SaekitError(f"{folder} has cfg.json but no sae_weights.safetensors: copy the weights next to it")
+    if not (folder / SAE_LENS_WEIGHTS).is_file():
+        raise SaekitError(f"{folder} has {SAE_LENS_CONFIG} but no {SAE_LENS_WEIGHTS}: copy the weights next to it")
+    _check_sae_lens_weights(folder, cfg)
     # Training-only architectures (batchtopk) load through TrainingSAE; the rest through SAE.
     loader = sae_lens.SAE if arch in SAE_CLASS_REGISTRY else sae_lens.TrainingSAE
     try:
         return loader.load_from_disk(str(folder), device=device)
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise SaekitError(f"sae-lens could not load {folder}: {_one_line(str(e))}") from None
+
+
+def _check_sae_lens_weights(folder: Path, cfg: dict) -> None:
+    """Say plainly when the weights are damaged or do not match cfg.json (sae-lens reports either
+    as a multi-line state_dict dump). Reads only the safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = folder / SAE_LENS_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()  # a safetensors handle has no `in`
+            shape = list(f.get_slice("W_dec").get_shape()) if "W_dec" in names else None
+    except SafetensorError as e:
+        raise SaekitError(f"{weights} is damaged ({_one_line(str(e))}): download or copy it again") from None
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if shape is not None and shape != [d_sae, d_in]:
+        raise SaekitError(
+            f"{folder / SAE_LENS_CONFIG} says d_in={d_in}, d_sae={d_sae} but its weights have W_dec {shape} "
+            f"(d_sae x d_in): the config does not belong to these weights"
+        )
 
 
 def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
@@ -1006,6 +1042,80 @@ def _causes(e: BaseException | None):
         seen += 1
 
 
-def _one_line(msg: str) -> str:
-    first = msg.strip().splitlines()[0] if msg.strip() else "(no message)"
-    return first[:300]
+def _one_line(msg: str, limit: int = 300) -> str:
+    """msg with its lines joined; past `limit` characters, cut at a word and marked with '...'."""
+    flat = " ".join(msg.split()) or "(no message)"
+    return flat if len(flat) <= limit else flat[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+# --------------------------------------------------------------------------------------------
+# Files, and the one loader for every kind of SAE
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(file: Path, what: str) -> dict:
+    """The JSON object in `file`; anything else is one SaekitError line naming the file."""
+    try:
+        raw = json.loads(file.read_bytes())
+    except json.JSONDecodeError as e:
+        raise SaekitError(f"{file} is not valid JSON ({e.msg}, line {e.lineno}): re-save the SAE") from None
+    except ValueError:  # bytes that are not text at all
+        raise SaekitError(f"{file} is not valid JSON (it is not text): re-save the SAE") from None
+    except OSError as e:
+        raise SaekitError(f"cannot read {file}: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise SaekitError(f"{file} is not {what} (a JSON object is expected): re-save the SAE")
+    return raw
+
+
+def _read_weights(file: Path, device: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on `device`; a damaged or unreadable file is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device=str(torch.device(device)))
+    except SafetensorError as e:
+        raise SaekitError(f"{file} is damaged ({_one_line(str(e))}): re-save the SAE or copy the file again") from None
+    except OSError as e:
+        raise SaekitError(f"cannot read {file}: {e.strerror}") from None
+
+
+def load_sae(spec: str | os.PathLike, device: Any = "cpu") -> SparseAutoencoder:
+    """An SAE, in eval mode, from any of: a saekit training run dir (the SAE in its sae/), a saekit
+    SAE dir (config.json + sae.safetensors), a local sae-lens dir (cfg.json +
+    sae_weights.safetensors), or a sae-lens hub RELEASE/ID.
+
+    `~` is expanded. A spec that names the local filesystem but is not a directory is an error,
+    not a hub lookup. Every failure is one SaekitError line.
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _load_sae_dir(path, device)
+    if _looks_local(text):
+        if path.exists():
+            raise SaekitError(f"{text} is a file; pass the directory that holds the SAE (a run dir, a saekit or sae-lens SAE dir) or RELEASE/ID")
+        raise SaekitError(f"no SAE directory at {text}; pass a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
+    release, _, sae_id = text.partition("/")
+    return SparseAutoencoder.from_pretrained(release, sae_id or None, device=device)
+
+
+def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
+    if (path / "sae").is_dir():
+        path = path / "sae"  # a training run directory (its own config.json is the training config)
+    saekit_cfg, lens_cfg = (path / CONFIG_FILE).is_file(), (path / SAE_LENS_CONFIG).is_file()
+    if saekit_cfg and (not lens_cfg or _read_json(path / CONFIG_FILE, "an SAE config").get("format") == FORMAT_NAME):
+        return SparseAutoencoder.load(path, device=device)
+    if lens_cfg:
+        return SparseAutoencoder.from_pretrained(path, None, device=device)
+    raise SaekitError(
+        f"no SAE in {path}: expected a saekit SAE ({CONFIG_FILE} + {WEIGHTS_FILE}), a sae-lens one "
+        f"({SAE_LENS_CONFIG} + {SAE_LENS_WEIGHTS}), or a training run dir with sae/"
+    )
+
+
+def _looks_local(spec: str) -> bool:
+    """True for specs that name the local filesystem rather than a sae-lens RELEASE/ID."""
+    first = spec.split("/", 1)[0]
+    return spec.startswith((".", "/", "~")) or Path(spec).exists() or (bool(first) and Path(first).is_dir())

@@ -42,7 +42,7 @@ from saekit import dist
 from saekit.config import check_types
 from saekit.errors import SaekitError, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
-from saekit.sae import CONFIG_FILE, WEIGHTS_FILE, SparseAutoencoder
+from saekit.sae import SparseAutoencoder, load_sae
 from saekit.store import HookStats, write_json_atomic
 
 CODES = ("encoder", "pursuit", "both")
@@ -252,16 +252,8 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float, decay_frac: floa
 
 
 def load_dictionary(spec: str, device: Any = "cpu") -> SparseAutoencoder:
-    """An SAE from a saekit run dir (its sae/), a saekit SAE dir, a local sae-lens dir, or RELEASE/ID."""
-    path = Path(spec)
-    if path.is_dir():
-        if (path / "sae" / CONFIG_FILE).is_file():
-            path = path / "sae"
-        if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-            return SparseAutoencoder.load(path, device=device)
-        return SparseAutoencoder.from_pretrained(path, None, device=device)
-    release, _, sae_id = spec.partition("/")
-    return SparseAutoencoder.from_pretrained(release, sae_id or None, device=device)
+    """Moved to `saekit.sae.load_sae`; this name delegates to it."""
+    return load_sae(spec, device)
 
 
 def build_sae(cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu") -> SparseAutoencoder:

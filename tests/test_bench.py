@@ -15,7 +15,7 @@ TINY = {
     "harvest.py": ["--models", "embedded", "--tokens", "4096", "--repeat", "1"],
     "pursuit.py": ["--small", "--repeats", "1"],
 }
-RATIO_LINE = {"store.py": "targets:", "train.py": "step ratio", "harvest.py": "harvest/bare", "pursuit.py": "dense ref gp / saekit gp"}
+RATIO_LINE = {"store.py": "targets:", "train.py": "step ratio", "harvest.py": "harvest/bare", "pursuit.py": "original gp / saekit gp"}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))

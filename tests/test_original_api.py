@@ -179,3 +179,52 @@ def test_workflow_2_example_2_new_mlp_encoder_frozen_decoder(release):
     before, after = _train_a_little(new_sae, activation_batches())
     assert after < before
     assert torch.equal(new_sae.decoder.W_dec, dictionary)  # the dictionary stayed frozen
+
+
+def _normalized_saekit_sae():
+    """A saekit SAE with input normalization set (as `saekit train --normalize`, the default, does),
+    and activations that are nonnegative 8-sparse mixtures of its raw-space atoms."""
+    from saekit.pursuit import SparseCodes, reconstruct
+
+    torch.manual_seed(2)
+    sae = SparseAutoencoder(d_in=D_IN, n_features=D_SAE, k=100)
+    raw = torch.randn(4096, D_IN) * 3 + 5 * torch.randn(D_IN)  # offset and scale far from identity
+    sae.set_input_normalization(raw.mean(0), raw.pow(2).sum(1).mean().item())
+    W, b = sae.decoder.raw_dictionary()
+    g = torch.Generator().manual_seed(3)
+    idx = torch.rand(128, D_SAE, generator=g).argsort(dim=1)[:, :8]
+    activations = reconstruct(SparseCodes(idx, 1 + 3 * torch.rand(128, 8, generator=g)), W, b)
+    return sae, activations
+
+
+def test_workflow_1_gradient_pursuit_on_a_normalized_saekit_sae():
+    """The README's workflow 1 with a saekit-trained SAE: its decoder has input normalization, so the
+    pursuit must work in raw activation space, where `sae.decode` returns its reconstruction."""
+    from sae_kit.gradient_pursuit import gradient_pursuit
+    from sae_kit.utils import compute_metrics
+    from saekit.pursuit import reconstruct
+
+    sae, activations = _normalized_saekit_sae()
+    assert sae.decoder.has_normalization
+    gp_features = gradient_pursuit(activations, sae.decoder, k=67)
+    gp_reconstruction = sae.decode(gp_features)
+    l0, fvu = compute_metrics(activations, gp_features, gp_reconstruction)
+    assert 0 < l0 <= 67
+    assert fvu < 1e-3, fvu  # the activations are exact sparse mixtures of the atoms
+    # the same codes as a pursuit against the raw-space dictionary
+    W, b = sae.decoder.raw_dictionary()
+    codes = gradient_pursuit(activations, W, 67, b_dec=b)
+    torch.testing.assert_close(gp_reconstruction, reconstruct(codes, W, b), rtol=1e-4, atol=1e-4)
+
+
+def test_normalize_activations_argument():
+    """The original SparseAutoencoder(..., normalize_activations=False) still builds; True (the
+    original's per-token rescaling inside forward) is one line naming what replaces it."""
+    from saekit.errors import SaekitError
+
+    sae = SparseAutoencoder(d_in=D_IN, n_features=D_SAE, k=8, normalize_activations=False)
+    assert not sae.decoder.has_normalization
+    with pytest.raises(SaekitError) as err:
+        SparseAutoencoder(d_in=D_IN, n_features=D_SAE, k=8, normalize_activations=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "set_input_normalization" in msg and "saekit train --normalize" in msg

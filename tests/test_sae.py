@@ -408,3 +408,120 @@ def test_load_of_a_sae_lens_dir_points_to_from_pretrained(tmp_path):
         SparseAutoencoder.load(tmp_path / "sl")
     with pytest.raises(SaekitError, match="not a saved saekit SAE"):
         SparseAutoencoder.load(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------------------------
+# load_sae: one loader for every kind of SAE spec
+# ------------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path):
+    """(a training run dir holding sae/, the SAE saved there, a sae-lens dir of the same SAE)."""
+    sae = _random_sae("topk")
+    sae.set_input_normalization(torch.randn(D_IN), 4.0 * D_IN)
+    sae.save(tmp_path / "run" / "sae")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"store": "s", "k": K}))  # the training config
+    sae.export_sae_lens(tmp_path / "lens")
+    return tmp_path / "run", sae, tmp_path / "lens"
+
+
+def test_load_sae_takes_a_run_dir_a_saekit_dir_a_sae_lens_dir_and_home(tmp_path, monkeypatch):
+    from saekit.sae import load_sae
+
+    run, sae, lens = _saved(tmp_path)
+    x = data(16)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for spec in (run, run / "sae", "~/run", str(lens), "~/lens"):
+        loaded = load_sae(spec)
+        assert not loaded.training
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).reconstruction, sae(x).reconstruction, rtol=1e-4, atol=1e-4)
+
+
+def _truncate(path, keep=100):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _set_json(path, **changes):
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps(cfg | changes))
+
+
+# (what to break, fragment of the one-line error)
+LOAD_ERRORS = {
+    "no weights": (lambda run, lens: (run / "sae" / "sae.safetensors").unlink(), "no sae.safetensors: the weights file is missing"),
+    "truncated weights": (lambda run, lens: _truncate(run / "sae" / "sae.safetensors"), "sae.safetensors is damaged"),
+    "weights of another size": (
+        lambda run, lens: _set_json(run / "sae" / "config.json", n_features=2 * D_SAE),
+        f"of shape [{D_IN}, {D_SAE}] but config.json says [{D_IN}, {2 * D_SAE}]",
+    ),
+    "config not JSON": (lambda run, lens: (run / "sae" / "config.json").write_bytes(b"\x89PNG\x00{"), "config.json is not valid JSON"),
+    "config not an object": (lambda run, lens: (run / "sae" / "config.json").write_text("[1, 2]"), "is not a saekit SAE config"),
+    "sae-lens d_in": (
+        lambda run, lens: _set_json(lens / "cfg.json", d_in=16),
+        f"cfg.json says d_in=16, d_sae={D_SAE} but its weights have W_dec [{D_SAE}, {D_IN}]",
+    ),
+    "sae-lens cfg not JSON": (lambda run, lens: (lens / "cfg.json").write_text("{oops"), "cfg.json is not valid JSON"),
+    "sae-lens truncated weights": (lambda run, lens: _truncate(lens / "sae_weights.safetensors"), "sae_weights.safetensors is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_ERRORS))
+def test_load_sae_errors_are_one_line(tmp_path, case):
+    from saekit.sae import load_sae
+
+    run, _, lens = _saved(tmp_path)
+    breaks, fragment = LOAD_ERRORS[case]
+    breaks(run, lens)
+    spec = lens if case.startswith("sae-lens") else run
+    with pytest.raises(SaekitError) as info:
+        load_sae(spec)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("{tmp}/nope", "no SAE directory at"),
+    ("./nope", "no SAE directory at"),
+    ("~/nope", "no SAE directory at"),
+    ("{tmp}/run/sae/config.json", "is a file"),
+    ("{tmp}/empty", "no SAE in"),
+])
+def test_load_sae_says_what_a_path_lacks(tmp_path, monkeypatch, spec, fragment):
+    from saekit.sae import load_sae
+
+    _saved(tmp_path)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SaekitError, match=fragment) as info:
+        load_sae(spec.format(tmp=tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_cli_pursue_with_a_bad_sae_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """`saekit pursue --sae BAD`: exit 1 and one `error:` line, no traceback (the first case in a
+    real subprocess, the rest through the same entry point in-process)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_cli_store import make_store
+
+    from cli.main import main
+
+    store = make_store(tmp_path / "store")
+    run, _, lens = _saved(tmp_path)
+    _truncate(run / "sae" / "sae.safetensors")
+    _set_json(lens / "cfg.json", d_in=16)
+    base = ["pursue", "--store", store, "--k", 2, "--out", tmp_path / "out"]
+    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, base), "--sae", run], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)  # fmt: skip
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "is damaged" in p.stderr
+    for bad, fragment in ((lens, "cfg.json says d_in=16"), (tmp_path / "nope", "no SAE directory at")):
+        monkeypatch.setattr(sys, "argv", ["saekit", *map(str, base), "--sae", str(bad)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("error: ") and fragment in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "out").exists()
