@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import zarr  # imported up front so the write timing excludes it
 
-from saekit.store import ACTS, create_store, open_store, shuffle_plan
+from saekit.shuffle import shuffle_plan
+from saekit.store import create_store, open_store
+from saekit.store_format import ACTS
 
 HOOK = "blocks.8.hook_resid_pre"
 

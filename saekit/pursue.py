@@ -9,16 +9,13 @@ on exactly the same rows, with FVU against the mean of all of them (`Reconstruct
 
 Output directory:
 
-    OUT/codes.zarr/               Zarr v3 group (format 'saekit-codes'), same shard layout as the store
-        rows                      [N] int64 store row of each code row (traces codes to text)
-        <method>_k<k>/indices     [N, k] int32 atom indices (unused slots hold value 0)
-        <method>_k<k>/values      [N, k] float32 coefficients, all >= 0
-        .saekit-shards/<array group>/shard-NNNNNN.json   per-shard completion record (crc32c)
+    OUT/codes.zarr/               the codes store (`saekit.codes`): the store row of each code row and
+                                  <method>_k<k>/{indices,values} per pursuit, same shard layout as the store
     OUT/report.json               list of entries: method, k, l0, fvu, explained_variance, ...
     OUT/report.md                 the same as a table
     OUT/fvu_vs_l0.png             FVU against L0: encoders as points, each method as a curve over k
 
-Shards are written whole (helpers from `saekit.store`), each followed by its record; a shard
+Shards are written whole, each followed by its completion record (`saekit.shards`); a shard
 without a valid record is recomputed on `--resume`, so a killed run continues where it stopped and
 ends with the same bytes. Codes use the raw-space dictionary (`Decoder.raw_dictionary`), so they
 are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw activations.
@@ -27,10 +24,7 @@ are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw ac
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -42,16 +36,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, group_name, read_codes_attrs
+from saekit.codes import open_codes as open_codes  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
-from saekit.store import RECORDS_DIR, crc32c_of, shard_key, write_json_atomic, write_shard_file
+from saekit.shards import discard_unfinished_creation, write_json_atomic
 
-CODES_DIR = "codes.zarr"
-CODES_FORMAT = "saekit-codes"
-CODES_FORMAT_VERSION = 1
-ROWS = "rows"
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
 # store and the SAE are identified by content (so either may move), and encoders, batch size and
@@ -153,204 +145,6 @@ class PursueResult(NamedTuple):
     """The report table (markdown, also in report.md)."""
 
 
-def group_name(method: str, k: int) -> str:
-    """The codes.zarr group holding `method`'s codes at `k`."""
-    return f"{method}_k{k}"
-
-
-# --------------------------------------------------------------------------------------------
-# The codes store: whole-shard writes, a completion record per shard
-# --------------------------------------------------------------------------------------------
-
-
-class ShardRecord(NamedTuple):
-    """Completion marker of one shard of one array group (written after its data)."""
-
-    index: int
-    start: int
-    stop: int
-    crc32c: dict[str, int]  # array key -> crc32c of the valid rows' bytes
-    seconds: float  # compute time of this shard's codes (reported, not part of the data)
-
-
-class CodesStore:
-    """`OUT/codes.zarr`: the rows array and one (indices, values) group per (method, k).
-
-    Write with `CodesStore.create` + `write` + `finalize`; read with `open_codes`. Arrays share
-    the activation store's shard layout, so shard i of the codes covers the same rows as shard i
-    of the cache.
-    """
-
-    def __init__(self, root: Path, attrs: dict):
-        self.root = root
-        self.attrs = attrs
-        self.n_rows: int = int(attrs["n_rows"])
-        self.shard_rows: int = int(attrs["shard_rows"])
-        self.chunk_rows: int = int(attrs["chunk_rows"])
-        self.groups: dict[str, int] = {g: int(v["k"]) for g, v in attrs["groups"].items()}
-        """group name -> k"""
-        self.methods: dict[str, str] = {g: str(v["method"]) for g, v in attrs["groups"].items()}
-        """group name -> pursuit method"""
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
-
-    @property
-    def n_shards(self) -> int:
-        return math.ceil(self.n_rows / self.shard_rows)
-
-    def shard_range(self, index: int) -> tuple[int, int]:
-        return index * self.shard_rows, min((index + 1) * self.shard_rows, self.n_rows)
-
-    @staticmethod
-    def _keys(group: str) -> list[str]:
-        return [ROWS] if group == ROWS else [f"{group}/indices", f"{group}/values"]
-
-    def _record_path(self, group: str, index: int) -> Path:
-        return self.root / RECORDS_DIR / group / f"shard-{index:06d}.json"
-
-    @classmethod
-    def create(cls, root: Path, *, identity: dict, groups: dict[str, dict], n_rows: int, shard_rows: int, chunk_rows: int) -> CodesStore:
-        """A new, empty codes store at `root` (which must not exist). groups: name -> {method, k}."""
-        import zarr
-
-        attrs = {
-            "format": CODES_FORMAT, "format_version": CODES_FORMAT_VERSION, **identity, "groups": groups,
-            "n_rows": n_rows, "shard_rows": shard_rows, "chunk_rows": chunk_rows, "complete": False,
-        }  # fmt: skip
-        root.mkdir(parents=True)
-        zgroup = zarr.open_group(str(root), mode="w", zarr_format=3)
-
-        def array(name: str, shape: tuple[int, ...], dtype: str, **extra: Any) -> None:
-            a = zgroup.create_array(
-                name, shape=shape, dtype=dtype, shards=(shard_rows, *shape[1:]), chunks=(chunk_rows, *shape[1:]),
-                compressors=None, filters=None, fill_value=0,
-                # fixed inner-chunk offsets: the shard files saekit writes directly match zarr's own.
-                config={"write_empty_chunks": True},
-            )  # fmt: skip
-            a.attrs.update(extra)
-
-        array(ROWS, (n_rows,), "int64", description="store row of each code row")
-        for name, g in groups.items():
-            k = int(g["k"])
-            array(f"{name}/indices", (n_rows, k), "int32", method=g["method"], k=k, description="atom index of each nonzero slot")
-            array(f"{name}/values", (n_rows, k), "float32", method=g["method"], k=k, description="coefficient of each slot (>= 0)")
-        # attributes last: a directory without them is not (yet) a codes store.
-        zgroup.attrs.update(attrs)
-        (root / RECORDS_DIR).mkdir()
-        return cls(root, attrs)
-
-    def record(self, group: str, index: int) -> ShardRecord | None:
-        """The completion record of shard `index` of `group`, or None (then the shard is redone)."""
-        try:
-            return ShardRecord(**json.loads(self._record_path(group, index).read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    def write(self, group: str, index: int, arrays: dict[str, np.ndarray], seconds: float) -> None:
-        """Write shard `index` of `group` whole. arrays: key -> [rows of the shard, ...] (unpadded)."""
-        start, stop = self.shard_range(index)
-        rec_path = self._record_path(group, index)
-        # drop an old record first: a crash mid-rewrite must not leave a record over torn data.
-        rec_path.unlink(missing_ok=True)
-        crc = {}
-        for key, v in arrays.items():
-            v = np.ascontiguousarray(v)
-            crc[key] = crc32c_of(v)
-            if v.shape[0] < self.shard_rows:  # the last shard: zero-pad so every inner chunk exists
-                v = np.concatenate([v, np.zeros((self.shard_rows - v.shape[0], *v.shape[1:]), v.dtype)])
-            write_shard_file(self.root / shard_key(key, v.ndim, index), v, self.chunk_rows)
-        rec_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(rec_path, ShardRecord(index, start, stop, crc, float(seconds))._asdict())
-
-    def read(self, group: str, index: int) -> dict[str, np.ndarray] | None:
-        """Shard `index` of `group` (key -> valid rows), or None when it has no record or fails its checksum."""
-        return self._load(group, index)[0]
-
-    def _load(self, group: str, index: int) -> tuple[dict[str, np.ndarray] | None, str]:
-        """(key -> valid rows of shard `index` of `group`, checked against its record, "") or (None, what is wrong)."""
-        import zarr
-
-        rec = self.record(group, index)
-        if rec is None:
-            return None, f"shard {index} of {group} has no completion record"
-        start, stop = self.shard_range(index)
-        out = {}
-        for key in self._keys(group):
-            name = shard_key(key, 1 if key == ROWS else 2, index)
-            if not (self.root / name).is_file():  # zarr would read a missing shard as zeros
-                return None, f"shard {name} is missing"
-            try:
-                out[key] = np.asarray(zarr.open_array(str(self.root / key), mode="r")[start:stop])
-            except Exception as e:  # a torn shard file: zarr raises many types
-                return None, f"shard {name} is unreadable ({type(e).__name__})"
-            if crc32c_of(out[key]) != rec.crc32c.get(key):
-                return None, f"shard {name} is corrupt (checksum mismatch)"
-        return out, ""
-
-    def _checked_rows(self, group: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop) of each array of `group`, every shard they touch checked against its record."""
-        if not 0 <= start <= stop <= self.n_rows:
-            raise SaekitError(f"rows [{start}, {stop}) are outside the codes' {self.n_rows} rows")
-        first = min(start // self.shard_rows, self.n_shards - 1)
-        parts: dict[str, list[np.ndarray]] = {key: [] for key in self._keys(group)}
-        for i in range(first, max(first + 1, math.ceil(stop / self.shard_rows))):
-            arrays, problem = self._load(group, i)
-            if arrays is None:
-                raise SaekitError(f"codes {self.root}: {problem}; rerun `saekit pursue ... --resume` to recompute it")
-            lo = i * self.shard_rows
-            for key, v in arrays.items():
-                parts[key].append(v[max(start, lo) - lo : max(stop, lo) - lo])
-        return {key: np.concatenate(v) for key, v in parts.items()}
-
-    def finalize(self) -> None:
-        """Mark complete (every shard of every group has a record)."""
-        missing = [(g, i) for g in [ROWS, *self.groups] for i in range(self.n_shards) if self.record(g, i) is None]
-        if missing:
-            raise SaekitError(f"{self.root}: shard {missing[0][1]} of {missing[0][0]} is missing; rerun with --resume")
-        self.attrs["complete"] = True
-        doc = json.loads((self.root / "zarr.json").read_text())
-        doc["attributes"] = self.attrs
-        write_json_atomic(self.root / "zarr.json", doc)
-
-    # -- reading --------------------------------------------------------------------------------
-
-    def rows(self) -> torch.Tensor:
-        """Store row of every code row: int64 [n_rows]."""
-        return torch.from_numpy(self._checked_rows(ROWS, 0, self.n_rows)[ROWS])
-
-    def codes(self, group: str, start: int = 0, stop: int | None = None) -> SparseCodes:
-        """Codes of rows [start, stop) of `group`: indices int64 [n, k], values float32 [n, k]."""
-        if group not in self.groups:
-            raise SaekitError(f"{self.root} has no codes group {group!r}; it has: {', '.join(self.groups)}")
-        got = self._checked_rows(group, start, self.n_rows if stop is None else stop)
-        return SparseCodes(torch.from_numpy(got[f"{group}/indices"]).long(), torch.from_numpy(got[f"{group}/values"]))
-
-
-def _read_codes_attrs(root: Path) -> dict | None:
-    try:
-        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
-        return None
-    return attrs if isinstance(attrs, dict) and attrs.get("format") == CODES_FORMAT else None
-
-
-def open_codes(path: str | os.PathLike, allow_incomplete: bool = False) -> CodesStore:
-    """Open the codes written by `saekit pursue`: OUT or OUT/codes.zarr."""
-    root = Path(path)
-    if (root / CODES_DIR).is_dir():
-        root = root / CODES_DIR
-    attrs = _read_codes_attrs(root)
-    if attrs is None:
-        raise SaekitError(f"{path} holds no saekit codes; pass the --out directory of `saekit pursue`")
-    if int(attrs.get("format_version", 0)) > CODES_FORMAT_VERSION:
-        raise SaekitError(f"{root} has codes format {attrs['format_version']}; upgrade saekit to read it")
-    if not attrs.get("complete") and not allow_incomplete:
-        raise SaekitError(f"codes in {root} are incomplete (the run was interrupted); finish it with `saekit pursue ... --resume`")
-    return CodesStore(root, attrs)
-
-
 # --------------------------------------------------------------------------------------------
 # Loading what is compared
 # --------------------------------------------------------------------------------------------
@@ -398,25 +192,21 @@ def _now(device: torch.device) -> float:
 
 def _check_out(cfg: PursueConfig) -> Path:
     out = Path(cfg.out)
-    if cfg.resume and _cut_off_while_created(out / CODES_DIR):
-        shutil.rmtree(out / CODES_DIR)  # zarr metadata only: nothing is lost, `_open_or_create` makes it again
+    if cfg.resume:
+        # a creation of codes.zarr cut off before its attributes (e.g. a full disk) holds no codes;
+        # codes.zarr is saekit's own directory inside --out, so it goes and is made again.
+        discard_unfinished_creation(out / CODES_DIR, CODES_FORMAT, own_entries=None)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not cfg.resume:
             raise SaekitError(f"output {out} already exists: pass --resume to continue it, or choose a new --out")
-        if _read_codes_attrs(out / CODES_DIR) is None:
+        if read_codes_attrs(out / CODES_DIR) is None:
             raise SaekitError(f"--resume: {out} is not a `saekit pursue` output (no {CODES_DIR}); choose a new --out")
     return out
 
 
-def _cut_off_while_created(root: Path) -> bool:
-    """codes.zarr stopped before its attributes were written (e.g. a full disk): it holds zarr
-    metadata files only, no codes, and a resumed run may start it again."""
-    return root.is_dir() and _read_codes_attrs(root) is None and all(p.name == "zarr.json" for p in root.rglob("*") if p.is_file())
-
-
 def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: int, layout: Any) -> CodesStore:
     root = out / CODES_DIR
-    attrs = _read_codes_attrs(root)
+    attrs = read_codes_attrs(root)
     if attrs is None:
         return CodesStore.create(root, identity=identity, groups=groups, n_rows=n_rows, shard_rows=layout.shard_rows, chunk_rows=layout.chunk_rows)
     diff = [k for k in IDENTITY if attrs.get(k) != identity[k]]
@@ -474,8 +264,7 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     entries = [_entry("encoder", _encoder_k(sae), stats["encoder"], None, cfg.sae)]
     entries += [_entry(name, _encoder_k(enc), stats[name], None, spec) for name, spec, enc in extras]
     for g, spec in groups.items():
-        secs = sum(codes.record(g, i).seconds for i in range(codes.n_shards))
-        entries.append(_entry(spec["method"], spec["k"], stats[g]._replace(seconds=secs), f"{CODES_DIR}/{g}", cfg.sae))
+        entries.append(_entry(spec["method"], spec["k"], stats[g]._replace(seconds=codes.seconds(g)), f"{CODES_DIR}/{g}", cfg.sae))
     header = {"store": str(cfg.store), "hook": hook, "rows": n_rows, "sae": cfg.sae, "n_features": sae.n_features, "device": str(device)}
     table = write_report(out, entries, header)
     return PursueResult(out, entries, table)

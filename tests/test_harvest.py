@@ -209,13 +209,13 @@ def flip(f: Path, at: int = 100) -> None:
 
 
 def _child_killed_at_creation(cfg, progress: Path):
-    import saekit.store as store_mod
+    import saekit.shards as shards
 
     def stuck(*a, **k):  # the store's arrays exist, its attributes do not: the kill lands here
         progress.write_text("1")
         time.sleep(600)
 
-    store_mod._write_group_attrs = stuck
+    shards.write_group_attrs = stuck
     _child(cfg)
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from cli_checks import PAGE, in_process, one_error, tmpfs_bytes
 
+from saekit.codes import CodesStore, open_codes
 from saekit.errors import SaekitError
 from saekit.metrics import fvu
-from saekit.pursue import CodesStore, PursueConfig, open_codes, run
+from saekit.pursue import PursueConfig, run
 from saekit.pursuit import METHODS, gradient_pursuit, reconstruct, to_dense
 from saekit.sae import SparseAutoencoder
 from saekit.store import create_store, open_store
@@ -241,6 +242,39 @@ def test_temp_files_of_a_failed_shard_write_are_removed_on_resume(tmp_path, stor
     assert list(Path(cfg.out).rglob("*.partial")) == []
     got = _arrays(Path(cfg.out))
     assert all(np.array_equal(got[k], clean[k]) for k in clean)
+
+
+def _run_killed_while_creating_codes(cfg: PursueConfig, after_attrs: bool) -> None:
+    import saekit.shards as shards
+
+    real = shards.write_group_attrs
+
+    def killed(root, attrs):  # codes.zarr's arrays exist; the process dies before (or just after) its attributes
+        if after_attrs:
+            real(root, attrs)
+        os._exit(9)
+
+    shards.write_group_attrs = killed
+    run(cfg)
+
+
+@pytest.mark.parametrize("after_attrs", [False, True], ids=["before the attributes", "after the attributes"])
+def test_a_kill_while_codes_zarr_is_created_is_recognised_and_resumed(tmp_path, store, sae_dir, after_attrs):
+    import multiprocessing as mp
+
+    clean = _arrays(run(_cfg(tmp_path / "clean", store, sae_dir, k=[3], methods=["gp"])).out)
+    cfg = _cfg(tmp_path, store, sae_dir, k=[3], methods=["gp"])
+    p = mp.get_context("fork").Process(target=_run_killed_while_creating_codes, args=(cfg, after_attrs))
+    p.start()
+    p.join(120)
+    root = Path(cfg.out) / "codes.zarr"
+    assert p.exitcode == 9 and (root / "gp_k3" / "values" / "zarr.json").is_file() and (root / ".saekit-creating").is_file()
+    _one_line_error("already exists: pass --resume", run, cfg)
+    cfg.resume = True
+    run(cfg)
+    assert not (root / ".saekit-creating").exists()
+    got = _arrays(Path(cfg.out))
+    assert got.keys() == clean.keys() and all(np.array_equal(got[k], clean[k]) for k in clean)
 
 
 def test_reading_codes_checks_each_shard_against_its_record(tmp_path, store, sae_dir):

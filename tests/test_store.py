@@ -150,17 +150,18 @@ CHILD_WRITER = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[3])
 from test_store import rows_with_ids, HOOK, META, SHARD, CHUNK
+import saekit.shards as shards
 import saekit.store as store
 
 path, progress = sys.argv[1], sys.argv[2]
 x = rows_with_ids(300)
-real = store.write_json_atomic
+real = shards.write_json_atomic
 def slow_record(p, obj):
     if obj.get("index") == 2:  # shard 2's data is on disk, its record is not: the worst moment
         open(progress, "w").write("2")
         time.sleep(600)
     real(p, obj)
-store.write_json_atomic = slow_record
+shards.write_json_atomic = slow_record
 w = store.create_store(path, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
 for s in range(0, 300, 50):
     w.append({HOOK: x[s:s+50]}, torch.arange(s, s + 50) + 1000, torch.arange(s, s + 50) % 8)
@@ -485,7 +486,7 @@ def test_an_empty_shard_file_is_an_error_even_unchecked(tmp_path):
 def test_reads_through_zarr_check_each_shard_and_keep_few_in_memory(tmp_path, monkeypatch, layout):
     import zarr
 
-    import saekit.store as store_mod
+    import saekit.store_reader as store_reader
 
     x = rows_with_ids(300)
     write_store(tmp_path / "s", x)
@@ -505,7 +506,7 @@ def test_reads_through_zarr_check_each_shard_and_keep_few_in_memory(tmp_path, mo
             list(st.shuffled_batches(HOOK, 50, seed=1))
     assert open_store(url, check=False).rows(HOOK, 64, 70).shape == (6, 6)  # check=False skips the crc
     # whole shards read through zarr are kept in a small cache, not all of them
-    monkeypatch.setattr(store_mod, "FALLBACK_CACHE_BYTES", 1)
+    monkeypatch.setattr(store_reader, "FALLBACK_CACHE_BYTES", 1)
     st = open_store(url, check=False)
     got = torch.cat(list(st.iter_rows(HOOK, 30)))
     assert torch.equal(got[:64], x[:64].bfloat16()) and torch.equal(got[128:], x[128:].bfloat16())
@@ -641,13 +642,14 @@ CHILD_CREATE = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
 from test_store import HOOK, META, SHARD, CHUNK
+import saekit.shards as shards
 import saekit.store as store
 
 path, progress = sys.argv[1], sys.argv[2]
 def stuck(*a, **k):  # arrays created, attributes not yet written: SIGKILL lands here
     open(progress, "w").write("1")
     time.sleep(600)
-store._write_group_attrs = stuck
+shards.write_group_attrs = stuck
 store.create_store(path, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
 """
 

@@ -1,0 +1,411 @@
+"""Reading an activation store: `open_store` and `ActivationStore` (rows, shuffled batches, verify).
+
+Readers memory-map each shard file after validating zarr's shard index (contiguous C-order inner
+chunks, no compression) and fall back to zarr reads of whole shards (a small cache) when that check
+fails or the store is an fsspec URL. Every path checks a shard's crc32c against its record the first
+time it is touched, and a missing shard file is an error, never zeros. The content hash covers the
+attributes (format 2: statistics included); open_store recomputes it, so edited attributes are
+refused before any reader uses them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from saekit.errors import SaekitError
+from saekit.shards import CREATING, ShardLayoutError, ShardRecord, crc32c_of, is_plain_sharded, map_shard_file, shard_key
+from saekit.shuffle import batch_stream, shuffle_plan, skip_windows
+from saekit.store_format import (
+    ACTS,
+    FORMAT,
+    POSITIONS,
+    TOKENS,
+    HookStats,
+    StoreLayout,
+    array_keys,
+    array_spec,
+    bits_to_bf16,
+    check_attrs,
+    combined_stats,
+    content_hash,
+    is_url,
+    leading_records,
+    read_attrs,
+    record_sums,
+    row_stats,
+    store_records,
+)
+
+FALLBACK_CACHE_BYTES = 512 << 20  # whole shards read through zarr are kept up to this size (at least 2)
+
+
+class _BadShard(SaekitError):
+    """A shard that cannot be read as recorded (missing, unreadable, checksum mismatch)."""
+
+    def __init__(self, store: Any, name: str, what: str):
+        super().__init__(f"store {store}: shard {name} is {what}; run `saekit verify` to list every bad shard, then re-harvest or restore them")
+        self.name, self.what = name, what
+
+
+def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False, check: bool = True) -> ActivationStore:
+    """Open a store for reading: a local directory (memory-mapped) or an fsspec URL (zarr reads).
+
+    The attributes are checked (types, and the content hash recomputed from them: no data read)
+    before anything uses them. allow_incomplete: read the complete shards of a store still being
+    written (or killed). check: verify each shard's crc32c the first time it is touched (a missing
+    shard file is an error either way).
+    """
+    import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
+
+    if is_url(path_or_url):
+        root, group, attrs = None, *_open_url(path_or_url)
+    else:
+        root, group, attrs = Path(path_or_url), None, _local_attrs(Path(path_or_url))
+    if attrs is None or attrs.get("format") != FORMAT:
+        raise SaekitError(f"{path_or_url} is not a saekit activation store; pass the directory that harvest wrote")
+    check_attrs(path_or_url, attrs)
+    if not attrs["complete"] and not allow_incomplete:
+        raise SaekitError(
+            f"store {path_or_url} is incomplete (its writer did not finish); resume the harvest with --resume, or open it with allow_incomplete=True"
+        )
+    if attrs["complete"] and content_hash(attrs) != attrs["content_hash"]:
+        raise SaekitError(
+            f"store {path_or_url}: its attributes do not match its content hash (zarr.json was edited or damaged: "
+            "metadata, statistics or checksums); restore zarr.json from a copy or re-harvest"
+        )
+    if group is None:
+        group = zarr.open_group(str(root), mode="r")
+    return ActivationStore(path_or_url, root, group, attrs, check)
+
+
+def _open_url(url: str | os.PathLike) -> tuple[Any, dict]:
+    """(zarr group, its attributes) of a store at an fsspec URL."""
+    import zarr  # lazy: see open_store
+
+    try:
+        group = zarr.open_group(str(url), mode="r")
+        return group, group.attrs.asdict()
+    except ValueError as e:  # zarr.json there but not JSON
+        raise SaekitError(f"{url}/zarr.json is damaged (not valid JSON); restore it from a copy or re-harvest") from e
+    except Exception as e:  # zarr/fsspec raise many types for "nothing there"
+        raise SaekitError(f"cannot open {url} as a store ({type(e).__name__}); check the URL") from e
+
+
+def _local_attrs(root: Path) -> dict | None:
+    if not root.exists():
+        raise SaekitError(f"no store at {root}; check the path (harvest writes one)")
+    attrs = read_attrs(root)
+    if attrs is None and (root / CREATING).is_file():
+        raise SaekitError(f"creating the store at {root} was interrupted (it holds no rows); rerun the harvest with --resume or --overwrite")
+    return attrs
+
+
+class ActivationStore:
+    """Read access to a store: rows as torch bf16, sequential and shuffled iteration, verify."""
+
+    def __init__(self, path, root: Path | None, group, attrs: dict, check: bool):
+        self.path = path
+        self.meta: dict = attrs["meta"]
+        self.layout = StoreLayout(dict(attrs["hooks"]), attrs["shard_rows"], attrs["chunk_rows"])  # checked by open_store
+        self.hooks: list[str] = list(self.layout.hooks)
+        self.complete: bool = attrs["complete"]
+        self.format_version: int = attrs["format_version"]
+        self.attrs = attrs
+        self._root = root
+        self._group = group
+        self._check = check
+        self._lock = threading.Lock()
+        self._views: dict[tuple[str, int], np.ndarray] = {}  # memory-mapped shards (cheap: kept)
+        self._fallback: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # shards read whole through zarr
+        self._fs = None  # fsspec filesystem of a URL store (to tell a missing shard file from fill values)
+        if self.complete:
+            self.n_rows = int(attrs["n_rows"])
+            self.content_hash: str = attrs["content_hash"]
+            self._shards = {s["index"]: s for s in attrs["shards"]}
+            self._stats = attrs["stats"]
+        else:  # readable part of an unfinished store: leading complete shards
+            order = leading_records(store_records(root, self.layout), self.layout.shard_rows) if root is not None else []
+            self.n_rows = order[-1].stop if order else 0
+            self.content_hash = ""
+            self._shards = {r.index: {"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc32c} for r in order}
+            self._stats = combined_stats(self.layout, order, self.n_rows) if order else {}
+        self._plain = {key: self._is_plain(key) for key in self._array_keys()}
+
+    def _is_plain(self, key: str) -> bool:
+        """True when the array's shard files can be memory-mapped (saekit's layout, little-endian machine)."""
+        try:
+            doc = json.loads((self._root / key / "zarr.json").read_text()) if self._root is not None else None
+        except (OSError, ValueError):
+            doc = None
+        return isinstance(doc, dict) and is_plain_sharded(doc) and sys.byteorder == "little"
+
+    # -- small accessors ------------------------------------------------------------------------
+
+    def _array_keys(self) -> list[str]:
+        return array_keys(self.layout)
+
+    def resolve_hook(self, hook: str | None) -> str:
+        """None -> the store's only hook; a name -> itself if the store has it."""
+        if hook is None:
+            if len(self.hooks) == 1:
+                return self.hooks[0]
+            raise SaekitError(f"store {self.path} has several hooks ({', '.join(self.hooks)}); pick one with --hook")
+        if hook not in self.layout.hooks:
+            raise SaekitError(f"store {self.path} has no hook {hook!r}; it has: {', '.join(self.hooks)}")
+        return hook
+
+    def d_model(self, hook: str | None = None) -> int:
+        return self.layout.hooks[self.resolve_hook(hook)]
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_rows / self.layout.shard_rows)
+
+    def stats(self, hook: str | None = None) -> HookStats:
+        """Mean row and mean squared row norm of `hook`, computed by the writer from every row."""
+        h = self.resolve_hook(hook)
+        if h not in self._stats:
+            raise SaekitError(f"store {self.path} has no complete shards yet, so no statistics; finish the harvest first")
+        s = self._stats[h]
+        return HookStats(torch.tensor(s["mean"], dtype=torch.float32), float(s["mean_sq_norm"]))
+
+    def size_on_disk(self) -> int | None:
+        """Bytes of all files under a local store (None for URLs)."""
+        if self._root is None:
+            return None
+        return sum(p.stat().st_size for p in self._root.rglob("*") if p.is_file())
+
+    # -- shard access ---------------------------------------------------------------------------
+
+    def _shard_range(self, index: int) -> tuple[int, int]:
+        s = self.layout.shard_rows
+        return index * s, min((index + 1) * s, self.n_rows)
+
+    def _array(self, key: str):
+        return self._group[key]
+
+    def _view(self, key: str, index: int) -> np.ndarray:
+        """The valid rows of one shard, checked the first time they are touched: memory-mapped
+        (kept for the store's life) or read whole through zarr (kept in a small LRU cache)."""
+        k = (key, index)
+        v = self._views.get(k)
+        if v is not None:
+            return v
+        with self._lock:
+            if k in self._views:
+                return self._views[k]
+            if k in self._fallback:
+                self._fallback.move_to_end(k)
+                return self._fallback[k]
+            v = self._load(key, index, self._check)
+            if isinstance(v, np.memmap):
+                self._views[k] = v
+                return v
+            self._fallback[k] = v
+            while len(self._fallback) > 2 and sum(a.nbytes for a in self._fallback.values()) > FALLBACK_CACHE_BYTES:
+                self._fallback.popitem(last=False)
+            return v
+
+    def _load(self, key: str, index: int, check: bool) -> np.ndarray:
+        """Read one shard's valid rows: a memory map where the file's layout allows, else whole
+        through zarr. Missing or unreadable files raise; so does a crc32c mismatch when `check`."""
+        row, dtype = array_spec(self.layout, key)
+        name = shard_key(key, 1 + len(row), index)
+        start, stop = self._shard_range(index)
+        try:
+            size = self._file_size(name)
+            if not size:  # zarr would read a missing or empty shard file as its fill value (zeros)
+                raise _BadShard(self.path, name, "missing" if size is None else "empty (0 bytes)")
+            v = None
+            if self._root is not None and self._plain[key]:
+                try:
+                    v = map_shard_file(self._root / name, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start)
+                except ShardLayoutError:
+                    pass  # another writer's layout: zarr may still read it, and the crc32c below decides
+            if v is None:
+                v = np.asarray(self._array(key)[start:stop])
+        except _BadShard:
+            raise
+        except Exception as e:  # zarr and fsspec raise many types for a damaged or vanished file
+            raise _BadShard(self.path, name, f"unreadable ({type(e).__name__})") from e
+        if check and crc32c_of(v) != self._shards[index]["crc32c"][key]:
+            raise _BadShard(self.path, name, "corrupt (checksum mismatch)")
+        return v
+
+    def _file_size(self, name: str) -> int | None:
+        """Bytes of a shard file, None when it is not there."""
+        if self._root is not None:
+            f = self._root / name
+            return f.stat().st_size if f.is_file() else None
+        if self._fs is None:
+            import fsspec  # lazy: only URL stores need it
+
+            self._fs = fsspec.core.url_to_fs(str(self.path))
+        fs, base = self._fs
+        path = f"{base.rstrip('/')}/{name}"
+        return fs.size(path) if fs.isfile(path) else None
+
+    def _read(self, key: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of an array as numpy (a view when they sit in one shard)."""
+        if not 0 <= start <= stop <= self.n_rows:
+            raise SaekitError(f"rows [{start}, {stop}) are outside the store's {self.n_rows} rows")
+        s = self.layout.shard_rows
+        parts = []
+        pos = start
+        while pos < stop:
+            i = pos // s
+            end = min(stop, (i + 1) * s)
+            parts.append(self._view(key, i)[pos - i * s : end - i * s])
+            pos = end
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return self._empty(key)
+        return np.concatenate(parts)
+
+    def _empty(self, key: str) -> np.ndarray:
+        row, dtype = array_spec(self.layout, key)
+        return np.zeros((0, *row), dtype)
+
+    # -- public reads ---------------------------------------------------------------------------
+
+    def rows(self, hook: str | None, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `hook` as bf16 [n, d]; zero-copy when they lie in one mapped shard."""
+        return bits_to_bf16(self._read(f"{ACTS}/{self.resolve_hook(hook)}", start, stop))
+
+    def tokens(self, start: int, stop: int) -> torch.Tensor:
+        """Token ids of rows [start, stop): int32 [n]."""
+        return torch.from_numpy(self._read(TOKENS, start, stop))
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """Position in the sequence of rows [start, stop): int32 [n]."""
+        return torch.from_numpy(self._read(POSITIONS, start, stop))
+
+    def take(self, hook: str | None, idx) -> torch.Tensor:
+        """Rows at `idx` (any order, repeats allowed) as bf16 [len(idx), d]."""
+        key = f"{ACTS}/{self.resolve_hook(hook)}"
+        idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
+            raise SaekitError(f"row indices must be in [0, {self.n_rows}); got {idx.min()}..{idx.max()}")
+        return bits_to_bf16(self._take(key, idx))
+
+    def _take(self, key: str, idx: np.ndarray) -> np.ndarray:
+        s = self.layout.shard_rows
+        out = np.empty((idx.size, self.layout.hooks[key[len(ACTS) + 1 :]]), np.uint16)
+        shard = idx // s
+        for i in np.unique(shard):
+            sel = np.flatnonzero(shard == i)
+            local = idx[sel] - i * s
+            out[sel] = np.take(self._view(key, int(i)), local, axis=0)  # numpy gather: much faster than torch indexing
+        return out
+
+    def iter_rows(self, hook: str | None, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Consecutive batches of rows [start, stop) as bf16 [<=batch_size, d]."""
+        key = f"{ACTS}/{self.resolve_hook(hook)}"
+        stop = self.n_rows if stop is None else stop
+        for s in range(start, stop, batch_size):
+            yield bits_to_bf16(self._read(key, s, min(s + batch_size, stop)))
+
+    def shuffled_batches(
+        self,
+        hook: str | None,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        stop_row: int | None = None,
+        window_blocks: int = 16,
+        drop_last: bool = False,
+        prefetch: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Seeded shuffled minibatches bf16 [batch_size, d] of rows below `stop_row`.
+
+        Blocks of chunk_rows rows are permuted by (seed, epoch); rank r of w takes every w-th block
+        of that permutation, so across ranks each row appears exactly once per epoch. The rank's
+        blocks are taken `window_blocks` at a time, the window's rows are permuted, and consecutive
+        batches are cut from the resulting stream (leftovers carry into the next window). Within
+        a batch, rows come in window order (one gather per block, straight from the mapped file;
+        the batch's membership is what is random). The next window is paged in by a background
+        thread. `start_batch` skips that many batches without reading them (resume). The last
+        batch may be short unless `drop_last`. See `saekit.shuffle`.
+        """
+        key = f"{ACTS}/{self.resolve_hook(hook)}"
+        if batch_size <= 0:
+            raise SaekitError(f"batch_size must be positive, got {batch_size}")
+        plan = shuffle_plan(
+            self.n_rows if stop_row is None else min(stop_row, self.n_rows),
+            self.layout.chunk_rows,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            window_blocks=window_blocks,
+        )
+        first, skip = skip_windows(plan, start_batch * batch_size)
+        # a plain function returning a generator: bad arguments fail here, not at the first next().
+        d = self.layout.hooks[key[len(ACTS) + 1 :]]
+        return batch_stream(functools.partial(self._read, key), d, batch_size, plan, first, skip, drop_last, prefetch)
+
+    # -- integrity -----------------------------------------------------------------------------
+
+    def verify(self, progress: bool = False) -> list[str]:
+        """Check the store against itself; one line per problem ([] if clean).
+
+        Recomputes the content hash from the attributes, every shard's crc32c, and (when every
+        shard reads clean) the statistics from the rows, in the writer's float64 order, so they
+        compare exactly.
+        """
+        bad = []
+        if self.complete and content_hash(self.attrs) != self.content_hash:
+            bad.append("content_hash: does not match the attributes (zarr.json was edited)")
+        expected = self.n_shards if self.complete else max(self._shards, default=-1) + 1
+        recs = []
+        for i in tqdm(range(expected), desc="verify", unit="shard", disable=not progress):
+            problems, rec = self._verify_shard(i)
+            bad += problems
+            recs.append(rec)
+        if recs and not bad:
+            got = combined_stats(self.layout, recs, self.n_rows)
+            for h in self.hooks:
+                if json.dumps(got[h], sort_keys=True) != json.dumps(self._stats[h], sort_keys=True):  # exact, NaN too
+                    bad.append(f"stats.{h}: mean / mean_sq_norm do not match the rows (recomputed from them)")
+        return bad
+
+    def _verify_shard(self, i: int) -> tuple[list[str], ShardRecord | None]:
+        """(problems, the shard's record rebuilt from its rows) for shard i."""
+        rec = self._shards.get(i)
+        problems, stats = [], {}
+        for key in self._array_keys():
+            row, _ = array_spec(self.layout, key)
+            name = shard_key(key, 1 + len(row), i)
+            if rec is None:
+                problems.append(f"{name}: no checksum recorded (shard missing)")
+                continue
+            try:
+                v = self._load(key, i, check=False)
+            except _BadShard as e:
+                problems.append(f"{e.name}: {e.what}")
+                continue
+            if crc32c_of(v) != rec["crc32c"][key]:
+                problems.append(f"{name}: corrupt (checksum mismatch)")
+            elif key.startswith(ACTS + "/"):
+                stats[key[len(ACTS) + 1 :]] = row_stats(v)  # what the writer computed
+        if rec is None:
+            return problems, None
+        return problems, ShardRecord(i, rec["start"], rec["stop"], rec["crc32c"], record_sums(stats))

@@ -1,0 +1,396 @@
+"""Writing an activation store: `create_store` and `StoreWriter` (whole shards, resume, several ranks).
+
+Writers fill whole shards (one file write per shard, `saekit.shards`) and, after a shard's data,
+atomically write a small JSON record with its checksums and statistics. A shard without a record
+is redone on resume, so a killed writer never leaves a shard that looks complete. Rank r of w
+writers owns shards i with i % w == r, so separate processes never touch the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saekit.errors import SaekitError
+from saekit.shards import (
+    RECORDS_DIR,
+    ShardLayoutError,
+    ShardRecord,
+    crc32c_of,
+    create_marked_group,
+    create_sharded_array,
+    discard_unfinished_creation,
+    map_shard_file,
+    record_path,
+    remove_entries,
+    shard_key,
+    write_group_attrs,
+    write_recorded_shard,
+)
+from saekit.store_format import (
+    ACTS,
+    BF16_ATTRS,
+    FORMAT,
+    POSITIONS,
+    TOKENS,
+    StoreLayout,
+    array_keys,
+    array_spec,
+    bf16_bits,
+    canonical_json,
+    check_attrs,
+    identity,
+    is_url,
+    leading_records,
+    read_attrs,
+    record_sums,
+    row_stats,
+    store_records,
+    summary,
+    validate_hooks,
+)
+
+# What a creation of a store makes in its directory (beside zarr.json and the marker).
+STORE_ENTRIES = (ACTS, TOKENS, POSITIONS)
+
+
+def create_store(
+    path: str | os.PathLike,
+    hooks: dict[str, int],
+    *,
+    n_rows: int,
+    meta: dict,
+    shard_rows: int = 65536,
+    chunk_rows: int = 4096,
+    resume: bool = False,
+    overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> StoreWriter:
+    """Create (or resume) a store at a local `path` and return its writer.
+
+    hooks: hook name -> d_model. n_rows: capacity, an upper bound (finalize may truncate; a single
+    writer grows it if exceeded). meta: JSON provenance (model, dataset, tokenizer, ctx_len, ...).
+    A non-empty `path` is refused unless `resume` (meta and layout must match what is stored; the
+    finished shards of this writer are checked against their records and bad ones redone) or
+    `overwrite` (only an existing saekit store is removed). What a creation killed before its
+    attributes were written left behind holds no rows and is replaced. With world_size > 1, rank 0
+    creates the store and the other ranks join it afterwards (the caller barriers between).
+    """
+    _check_create_args(path, resume, overwrite, rank, world_size, shard_rows, chunk_rows, n_rows)
+    layout = StoreLayout(validate_hooks(hooks), int(shard_rows), int(chunk_rows))
+    meta = json.loads(canonical_json(meta))  # normalise (tuples -> lists) so resume compares like with like
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise SaekitError(f"{root} is a file, not a directory; choose a directory path for the store")
+    if rank == 0:
+        discard_unfinished_creation(root, FORMAT, STORE_ENTRIES)
+    non_empty = root.exists() and any(root.iterdir())
+    attrs = read_attrs(root) if non_empty else None
+    if rank > 0:
+        if attrs is None:
+            raise SaekitError(f"rank {rank}: no store at {root} yet; rank 0 must call create_store first (barrier after it)")
+        return _reopen(root, attrs, layout, meta, rank, world_size)
+    if non_empty:
+        if not (resume or overwrite):
+            what = "a saekit store" if attrs is not None else "not empty"
+            raise SaekitError(
+                f"{root} is {what}; pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or choose a new path"
+            )
+        if attrs is None:
+            why = "refusing to delete it" if overwrite else "cannot resume it"
+            raise SaekitError(f"{root} is not empty and not a saekit store; {why}, choose a new path")
+        if resume:
+            return _reopen(root, attrs, layout, meta, rank, world_size)
+        remove_entries(root, [p.name for p in root.iterdir()])
+    attrs = _create(root, layout, meta, capacity=int(n_rows))
+    return StoreWriter(root, layout, attrs, rank, world_size)
+
+
+def _check_create_args(
+    path: str | os.PathLike, resume: bool, overwrite: bool, rank: int, world_size: int, shard_rows: int, chunk_rows: int, n_rows: int
+) -> None:
+    if is_url(path):
+        raise SaekitError(f"stores are written to a local directory, not {path}; write locally, then copy")
+    if resume and overwrite:
+        raise SaekitError("pass either resume or overwrite, not both")
+    if sys.byteorder != "little":  # shard files are written as raw little-endian bytes
+        raise SaekitError("writing stores needs a little-endian machine (x86-64, arm64)")
+    if not 0 <= rank < world_size:
+        raise SaekitError(f"rank {rank} is outside 0..{world_size - 1}")
+    if shard_rows <= 0 or chunk_rows <= 0 or shard_rows % chunk_rows:
+        raise SaekitError(f"shard_rows ({shard_rows}) must be a positive multiple of chunk_rows ({chunk_rows})")
+    if n_rows <= 0:
+        raise SaekitError(f"n_rows (capacity) must be positive, got {n_rows}")
+
+
+def _reopen(root: Path, attrs: dict, layout: StoreLayout, meta: dict, rank: int, world_size: int) -> StoreWriter:
+    """A writer of the unfinished store at `root` (resume, or rank > 0 joining rank 0's store)."""
+    stored = check_attrs(root, attrs)
+    if attrs["complete"] and rank > 0:
+        raise SaekitError(f"rank {rank}: store {root} is already complete; nothing to write (overwrite it from rank 0 to rebuild)")
+    if attrs["complete"]:
+        raise SaekitError(f"store {root} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild")
+    _check_matches(root, stored, attrs["meta"], layout, meta)
+    return StoreWriter(root, layout, attrs, rank, world_size)
+
+
+def _check_matches(root: Path, stored: StoreLayout, stored_meta: dict, layout: StoreLayout, meta: dict) -> None:
+    if stored != layout:
+        raise SaekitError(
+            f"store {root} has layout {tuple(stored)} but this run asks for {tuple(layout)}; use the same hooks/shard sizes or a new path"
+        )
+    if canonical_json(stored_meta) != canonical_json(meta):
+        old, new = stored_meta, meta
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise SaekitError(
+            f"store {root} was written with different metadata (differs in: {', '.join(keys)}); resume with the same settings or use a new path"
+        )
+
+
+def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int) -> dict:
+    """An empty store at `root` with room for `capacity` rows; returns its attributes."""
+    attrs = {**identity(layout, meta), "complete": False, "n_rows": None}
+    sharding = {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows}
+
+    def build(group) -> None:
+        acts = group.create_group(ACTS)
+        for hook, d in layout.hooks.items():
+            create_sharded_array(acts, hook, (capacity, d), "uint16", **sharding, attrs={**BF16_ATTRS, "hook": hook, "d_model": d})
+        for name, what in ((TOKENS, "token id"), (POSITIONS, "position in sequence")):
+            create_sharded_array(group, name, (capacity,), "int32", **sharding, attrs={"description": f"{what} of every row"})
+
+    note = "saekit is creating a store here; if no harvest is running, rerun it with --resume\n"
+    create_marked_group(root, attrs, build, note)
+    return attrs
+
+
+def _shard_problem(root: Path, layout: StoreLayout, rec: ShardRecord) -> str | None:
+    """What is wrong with a finished shard saekit wrote (files there, crc32c of the valid rows
+    as recorded), or None. Used on resume; readers check through ActivationStore._load."""
+    for key in array_keys(layout):
+        row, dtype = array_spec(layout, key)
+        name = shard_key(key, 1 + len(row), rec.index)
+        try:
+            v = map_shard_file(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, rec.stop - rec.start)
+        except FileNotFoundError:
+            return f"{name}: missing"
+        except (OSError, ShardLayoutError) as e:
+            return f"{name}: unreadable ({type(e).__name__})"
+        if crc32c_of(v) != rec.crc32c[key]:
+            return f"{name}: corrupt (checksum mismatch)"
+    return None
+
+
+class StoreWriter:
+    """Writes whole shards of a store; see `create_store`.
+
+    `append` fills this writer's shards in order (for rank r of w: shards r, r+w, r+2w, ...);
+    `write_shard` writes one explicitly. `resume_row` counts the rows of this writer's stream that
+    are already safely on disk (leading complete shards); the caller continues from there.
+    `damaged` lists this writer's finished shards that failed their check on opening (redone).
+    """
+
+    def __init__(self, root: Path, layout: StoreLayout, attrs: dict, rank: int, world_size: int):
+        import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
+
+        self.path = root
+        self.layout = layout
+        self.meta = attrs["meta"]
+        self.rank, self.world_size = rank, world_size
+        self._records = root / RECORDS_DIR
+        self._group = zarr.open_group(str(root), mode="r+")
+        try:
+            self._arrays = {key: self._group[key] for key in array_keys(layout)}
+        except KeyError as e:
+            raise SaekitError(f"store {root} has no array {e}; it is damaged: re-harvest it with overwrite (--overwrite)") from e
+        self._records.mkdir(exist_ok=True)
+        done = store_records(root, layout)
+        self.damaged = self._drop_damaged(done)
+        # leading full shards of this writer's stream are kept; the first gap (or partial) is redone.
+        k = 0
+        while (rec := done.get(self._global_shard(k))) is not None and rec.stop - rec.start == layout.shard_rows:
+            k += 1
+        self._next_local = k
+        self.resume_row = k * layout.shard_rows
+        self._buf = self._new_buffer()
+        self._fill = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-stats")
+
+    def _drop_damaged(self, done: dict[int, ShardRecord]) -> list[str]:
+        """Check this writer's finished shards against their records (files there, crc32c of the
+        valid rows) and drop the record of each bad one, so it is redone. One line per bad shard."""
+        bad = []
+        for i in sorted(j for j in done if j % self.world_size == self.rank):
+            problem = _shard_problem(self.path, self.layout, done[i])
+            if problem is not None:
+                record_path(self._records, i).unlink(missing_ok=True)
+                del done[i]
+                bad.append(problem)
+        return bad
+
+    @property
+    def capacity(self) -> int:
+        return self._arrays[TOKENS].shape[0]
+
+    def _global_shard(self, local: int) -> int:
+        return self.rank + local * self.world_size
+
+    def _new_buffer(self) -> dict[str, np.ndarray]:
+        s = self.layout.shard_rows
+        buf = {f"{ACTS}/{h}": np.zeros((s, d), np.uint16) for h, d in self.layout.hooks.items()}
+        buf[TOKENS] = np.zeros(s, np.int32)
+        buf[POSITIONS] = np.zeros(s, np.int32)
+        return buf
+
+    def _convert(self, acts: dict, tokens, positions) -> tuple[dict[str, np.ndarray], int]:
+        """Validate one batch and convert it to the stored dtypes. Returns (array key -> rows, n)."""
+        hooks = self.layout.hooks
+        if set(acts) != set(hooks):
+            raise SaekitError(f"append got hooks {sorted(acts)} but the store has {sorted(hooks)}; pass exactly those")
+        out = {}
+        n = None
+        for h, d in hooks.items():
+            x = acts[h]
+            if x.ndim != 2 or x.shape[1] != d:
+                raise SaekitError(
+                    f"hook {h!r}: rows have shape {tuple(x.shape)} but the store holds [n, {d}]; pass [n, d_model] activations of that hook"
+                )
+            n = x.shape[0] if n is None else n
+            if x.shape[0] != n:
+                raise SaekitError(f"hook {h!r} has {x.shape[0]} rows but other hooks have {n}; pass the same rows for every hook")
+            out[f"{ACTS}/{h}"] = bf16_bits(x)
+        for key, v in ((TOKENS, tokens), (POSITIONS, positions)):
+            v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            if v.shape != (n,):
+                raise SaekitError(f"{key} has shape {v.shape} but there are {n} rows; pass one {key[:-1]} per row")
+            out[key] = v.astype(np.int32)
+        return out, n
+
+    def append(self, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
+        """Add rows. acts: hook -> [n, d_model] floats (stored as bf16); tokens, positions: [n] ints."""
+        data, n = self._convert(acts, tokens, positions)
+        s = self.layout.shard_rows
+        pos = 0
+        while pos < n:
+            take = min(n - pos, s - self._fill)
+            for key, v in data.items():
+                self._buf[key][self._fill : self._fill + take] = v[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == s:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._fill == 0:
+            return
+        index = self._global_shard(self._next_local)
+        for v in self._buf.values():
+            v[self._fill :] = 0  # a final partial shard's padding: zeros, not a previous shard's rows
+        self._write(index, self._buf, self._fill)
+        self._next_local += 1
+        self._fill = 0
+
+    def close(self) -> None:
+        """Write the buffered rows as this writer's last (partial) shard. Ranks > 0 end with this;
+        rank 0 calls finalize() instead, which does it too."""
+        self._flush()
+        self._pool.shutdown()
+
+    def write_shard(self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
+        """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard)."""
+        if index % self.world_size != self.rank:
+            raise SaekitError(f"shard {index} belongs to rank {index % self.world_size}, not rank {self.rank} of {self.world_size}")
+        data, n = self._convert(acts, tokens, positions)
+        if not 0 < n <= self.layout.shard_rows:
+            raise SaekitError(f"a shard holds 1..{self.layout.shard_rows} rows, got {n}; split the rows into shards")
+        self._write(index, data, n)
+
+    def shard_done(self, index: int) -> bool:
+        """True when shard `index` has a completion record (full or partial) on disk."""
+        return record_path(self._records, index).exists()
+
+    def _write(self, index: int, data: dict[str, np.ndarray], n: int) -> None:
+        self._ensure_capacity(index * self.layout.shard_rows + n)
+        hooks = list(self.layout.hooks)
+        # statistics in a helper thread while this one writes files: both release the GIL.
+        stats = self._pool.map(lambda h: row_stats(data[f"{ACTS}/{h}"][:n]), hooks)
+        write_recorded_shard(
+            self.path,
+            self._records,
+            index,
+            data,
+            n,
+            shard_rows=self.layout.shard_rows,
+            chunk_rows=self.layout.chunk_rows,
+            extra=lambda: record_sums(dict(zip(hooks, stats, strict=True))),
+        )
+
+    def _ensure_capacity(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        if self.world_size > 1:
+            raise SaekitError(
+                f"rows up to {rows} exceed the store's capacity {self.capacity}; with several writers pass a large enough n_rows to create_store"
+            )
+        new = max(rows, 2 * self.capacity)
+        for a in self._arrays.values():
+            a.resize((new, *a.shape[1:]))
+
+    def finalize(self, n_rows: int | None = None) -> None:
+        """Flush, optionally truncate to `n_rows`, combine statistics, hash and mark complete.
+
+        With several writers, only rank 0 calls this, after every rank has written (barrier first).
+        """
+        if self.rank != 0:
+            raise SaekitError(f"only rank 0 finalizes a store; rank {self.rank} should stop after writing and barrier")
+        self._flush()
+        order = self._finished_shards()
+        total = order[-1].stop if order else 0
+        if n_rows is not None:
+            if n_rows > total:
+                raise SaekitError(f"finalize(n_rows={n_rows}) but only {total} rows are written; write more rows or pass fewer")
+            total = int(n_rows)
+        if total == 0:
+            raise SaekitError(f"store {self.path} has no rows; append rows before finalize")
+        order = [r for r in order if r.start < total]
+        if order[-1].stop > total:  # truncating inside a shard: its checksums and stats change
+            order[-1] = self._record_from_disk(order[-1], total)
+        for a in self._arrays.values():
+            a.resize((total, *a.shape[1:]))
+        attrs = read_attrs(self.path) or {}
+        attrs.update(summary(self.layout, self.meta, order, total))  # format, version and hash with it
+        write_group_attrs(self.path, attrs)
+        # the records now live in the attributes; the directory is not part of the zarr hierarchy.
+        shutil.rmtree(self._records, ignore_errors=True)
+        self._pool.shutdown()
+
+    def _finished_shards(self) -> list[ShardRecord]:
+        """The records of the store's shards in order; an error naming the gap if any shard before the last is missing or partial."""
+        recs = store_records(self.path, self.layout)
+        order = leading_records(recs, self.layout.shard_rows)
+        last = order[-1].index if order else -1
+        later = sorted(j for j in recs if j > last)
+        if later:
+            if order and order[-1].stop - order[-1].start < self.layout.shard_rows:
+                why = f"shard {last} is partial"
+            else:
+                why = f"shards {sorted(set(range(last + 1, later[-1] + 1)) - set(recs))} have no completion record"
+            raise SaekitError(f"store {self.path} has a gap: {why} but later shards exist; rerun the writers with resume, then finalize")
+        return order
+
+    def _record_from_disk(self, rec: ShardRecord, stop: int) -> ShardRecord:
+        crc, stats = {}, {}
+        for key, a in self._arrays.items():
+            v = np.asarray(a[rec.start : stop])
+            crc[key] = crc32c_of(v)
+            if key.startswith(ACTS + "/"):
+                stats[key[len(ACTS) + 1 :]] = row_stats(v)
+        return ShardRecord(rec.index, rec.start, stop, crc, record_sums(stats))
