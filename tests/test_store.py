@@ -206,6 +206,21 @@ def test_sigkill_mid_write_then_resume_gives_the_same_store(tmp_path):
     assert (tmp_path / "s" / "zarr.json").read_bytes() == (tmp_path / "ref" / "zarr.json").read_bytes()
 
 
+def test_records_written_before_the_shared_shard_writer_still_count_on_resume(tmp_path):
+    x = rows_with_ids(300)
+    ref = write_store(tmp_path / "ref", x)
+    w = create_store(tmp_path / "s", {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
+    w.append({HOOK: x[:150]}, torch.arange(150) + 1000, torch.arange(150) % 8)  # shards 0 and 1 written
+    for p in (tmp_path / "s" / ".saekit-shards").glob("shard-*.json"):  # the checksums' old key
+        doc = json.loads(p.read_text())
+        doc["crc"] = doc.pop("crc32c")
+        p.write_text(json.dumps(doc))
+    w = create_store(tmp_path / "s", {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True)
+    assert w.resume_row == 2 * SHARD and w.damaged == []  # kept, not redone
+    st = write_store(tmp_path / "s", x, resume=True)
+    assert st.content_hash == ref.content_hash
+
+
 CHILD_RANK = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])
