@@ -64,7 +64,10 @@ def inputs(tmp_path_factory) -> Inputs:
     run = train(TrainConfig(store=str(store), out=str(root / "run"), n_features=64, k=4, batch_size=64, tokens=256,
                             eval_rows=256, checkpoint_every=2, device="cpu", progress=False)).out  # fmt: skip
     torch.manual_seed(0)
-    sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=128, d_sae=64, k=4)).save_model(root / "lens")
+    lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=128, d_sae=64, k=4))
+    with torch.no_grad():
+        lens.W_dec /= lens.W_dec.norm(dim=1, keepdim=True)  # as trained: saekit would warn about uneven row norms
+    lens.save_model(root / "lens")
     ckpt = make_tiny_gpt2(root / "tiny-gpt2")
     demo_out = demo(DemoConfig(out=str(root / "demo"), tokens=2048, steps=2, rows=256, progress=False)).store.parent
     return Inputs(Path(store), run, run / "sae", root / "lens", Path(ckpt), demo_out)
