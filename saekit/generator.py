@@ -76,10 +76,16 @@ def cached_activation_generator(
         raise SaekitError(f"skip_first_n_tokens {skip_first_n_tokens} leaves nothing of a {ctx_len}-token sequence")
     run_rows = math.ceil(acts_per_run / per_seq) * per_seq
     plan = make_plan(lm, [hook_name] if hook_name else [], texts, ctx_len=ctx_len, skip=skip_first_n_tokens,
-                     n_rows=run_rows, shard_rows=min(65536, run_rows), batch_size=generator_batch_size)
+                     n_rows=run_rows, shard_rows=_shard_rows(run_rows), batch_size=generator_batch_size)
     key = hashlib.sha256(json.dumps(plan.meta, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(save_to_disk) if save_to_disk else Path(DEFAULT_CACHE_ROOT) / f"generator-{key}"
     return _rebatch(_generator_rows(plan, root, max_runs), activation_batch_size)
+
+
+def _shard_rows(run_rows: int) -> int:
+    """A small run is one shard of one chunk; a larger one has shards of whole 4096-row chunks
+    (up to 65,536 rows; the store requires whole chunks), its last shard partly filled."""
+    return run_rows if run_rows <= 4096 else min(65536, math.ceil(run_rows / 4096) * 4096)
 
 
 def _generator_rows(plan: Plan, root: Path, max_runs: int | None) -> Iterator[torch.Tensor]:

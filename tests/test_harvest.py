@@ -312,6 +312,18 @@ def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeyp
     assert [p.name for p in stores][:2] == ["run-00000", "run-00001"] and open_store(stores[0]).n_rows == 1023
 
 
+def test_cached_activation_generator_takes_any_run_size(data, tmp_path):
+    """A run of 5022 rows (acts_per_run 5000, 31 rows per sequence) is one store; its rows are the
+    packed stream's, bit for bit the rows `saekit harvest` stores for the same texts."""
+    model = sources.load_model(data[1], torch.device("cpu"), torch.float32).model
+    gen = cached_activation_generator(model, data[2], hook_name=HOOKS[0], activation_batch_size=1000, acts_per_run=5000,
+                                      ctx_len=32, save_to_disk=str(tmp_path / "acts"), max_runs=1)
+    rows = torch.cat(list(gen))
+    want = open_store(run(cfg_for(data, tmp_path / "s", tokens=5022, dtype="fp32", hooks=[HOOKS[0]])).path)
+    assert rows.shape == (5022, 32) and open_store(tmp_path / "acts" / "run-00000").n_rows == 5022
+    assert torch.equal(rows.view(torch.int16), want.rows(HOOKS[0], 0, 5022).view(torch.int16))
+
+
 @pytest.mark.parametrize("first", ["saekit.harvest", "sae_kit.utils"])
 def test_generator_import_paths_named_in_the_docs_work_in_any_order(first):
     """Its home is saekit.generator (built on saekit.harvest); saekit.harvest and sae_kit.utils
