@@ -25,8 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saekit import embedded  # noqa: E402
-from saekit import sources as S  # noqa: E402
+from saekit import embedded, sources  # noqa: E402
 from saekit.harvest import HarvestConfig, run_loaded  # noqa: E402
 
 
@@ -37,14 +36,14 @@ def gpt2_small_random():
     cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre",
                                   model_name="gpt2-small-random", seed=0, default_prepend_bos=True)
-    with S._quiet():
+    with sources._quiet():
         model = HookedTransformer(cfg, tokenizer=embedded.load_embedded_tokenizer())
-    return S._finish(model, "gpt2-small-random", {"source": "bench"})
+    return sources.describe_model(model.eval(), "gpt2-small-random", {"source": "bench"})
 
 
-def load(name: str) -> tuple[S.LoadedModel, str]:
+def load(name: str) -> tuple[sources.LoadedModel, str]:
     if name == "embedded":
-        return S.load_model(None, torch.device("cpu"), torch.float32), "blocks.2.hook_resid_pre"
+        return sources.load_model(None, torch.device("cpu"), torch.float32), "blocks.2.hook_resid_pre"
     if name == "gpt2-small-random":
         return gpt2_small_random(), "blocks.8.hook_resid_pre"
     raise SystemExit(f"unknown bench model {name}")
@@ -65,11 +64,11 @@ def best_interleaved(fns: list, repeat: int) -> list[float]:
 def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, tmp: Path, shard_rows: int) -> dict:
     lm, hook = load(name)
     model = lm.model
-    texts = S.load_texts(None)  # the embedded corpus
+    texts = sources.load_texts(None)  # the embedded corpus
     layer = int(hook.split(".")[1])
     per_seq = ctx_len - 1
     n_seq = -(-tokens // per_seq)
-    seqs = torch.tensor([s for _, s in zip(range(n_seq), S.sequences(model, texts, ctx_len))])
+    seqs = torch.tensor([s for _, s in zip(range(n_seq), sources.sequences(model, texts, ctx_len))])
     batches = seqs.split(batch)
 
     def bare():

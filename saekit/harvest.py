@@ -14,6 +14,10 @@ ends with the same content hash; a finished store is verified before it is repor
 A writer thread takes finished shards off the forward loop: the model does not wait on the disk
 (the queue holds one shard, so a disk slower than the model applies back-pressure instead of
 filling memory).
+
+One main loop, `forward_to_shards`, does forward -> assemble -> write for both `run` (which adds
+a progress bar and splits the shards among ranks) and the original sae-kit API in
+`saekit.generator` (which also hands each computed row to its consumer).
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import itertools
 import json
 import math
 import queue
-import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -36,8 +40,10 @@ import torch
 from tqdm import tqdm
 
 from saekit import __version__
-from saekit import sources as S
 from saekit.errors import SaekitError, is_disk_full
+from saekit.sources import (HookSpec, LoadedModel, TextSource, default_hook, default_store_name, dtype_name,
+                            load_model, load_texts, model_packing, resolve_dtype, resolve_hooks, sequences, stop_layer)
+from saekit.store import create_store, open_store, read_attrs
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
 DEFAULT_CACHE_ROOT = "cache"
@@ -113,7 +119,7 @@ class HarvestResult(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-class Layout(NamedTuple):
+class RowLayout(NamedTuple):
     """Where sequence rows land in the store."""
 
     per_seq: int
@@ -159,7 +165,7 @@ class _AllHooksFired(Exception):
     """Raised by the last hook to abort the rest of the forward pass (nothing after it is needed)."""
 
 
-def forward_acts(model, tokens: torch.Tensor, hooks: list[S.HookSpec], skip: int) -> dict[str, torch.Tensor]:
+def forward_acts(model, tokens: torch.Tensor, hooks: list[HookSpec], skip: int) -> dict[str, torch.Tensor]:
     """Run `model` only as far as the hooks need and return each hook's activations.
 
     tokens: [b, ctx] -> {hook: [b, ctx - skip, d] bf16 on the CPU}. The pass stops at
@@ -179,42 +185,13 @@ def forward_acts(model, tokens: torch.Tensor, hooks: list[S.HookSpec], skip: int
         # Left-padding tokenizers make transformer-lens infer a mask from pad tokens, which
         # would hide our document separators (often the pad id); packed sequences have no padding.
         kwargs["attention_mask"] = torch.ones_like(tokens)
-    stop = S.stop_layer(hooks, model.cfg.n_layers)
+    stop = stop_layer(hooks, model.cfg.n_layers)
     with torch.inference_mode(), model.hooks(fwd_hooks=[(h.name, grab) for h in hooks]):
         try:
             model(tokens.to(model.cfg.device), stop_at_layer=stop, return_type=None, **kwargs)
         except _AllHooksFired:
             pass
     return {h.name: out[h.name].to("cpu") for h in hooks}
-
-
-class _Count:
-    """How many sequences the packed stream yielded (known once it is exhausted)."""
-
-    def __init__(self):
-        self.seen = 0
-        self.exhausted = False
-
-
-def _wanted_batches(seqs: Iterator[list[int]], wanted, n_seqs: int, batch_size: int,
-                    count: _Count) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Enumerate sequences 0..n_seqs-1, keep the wanted ones, group them into batches."""
-    idx: list[int] = []
-    rows: list[list[int]] = []
-    for i, s in enumerate(seqs):
-        if i >= n_seqs:
-            break
-        count.seen = i + 1
-        if wanted(i):
-            idx.append(i)
-            rows.append(s)
-            if len(idx) == batch_size:
-                yield idx, torch.tensor(rows, dtype=torch.long)
-                idx, rows = [], []
-    else:
-        count.exhausted = count.seen < n_seqs
-    if idx:
-        yield idx, torch.tensor(rows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +212,7 @@ class ShardAssembler:
     Only shards in `todo` are kept; rows arrive in store order for those shards.
     """
 
-    def __init__(self, hooks: list[S.HookSpec], layout: Layout, todo: set[int], skip: int):
+    def __init__(self, hooks: list[HookSpec], layout: RowLayout, todo: set[int], skip: int):
         self.hooks, self.layout, self.todo, self.skip = hooks, layout, todo, skip
         self._bufs: dict[int, dict] = {}  # shard -> buffers + fill
 
@@ -339,12 +316,12 @@ class ShardWriterThread:
 class Plan(NamedTuple):
     """Everything resolved before the first forward pass."""
 
-    model: S.LoadedModel
-    hooks: list[S.HookSpec]
-    texts: S.TextSource
-    packing: S.Packing
+    lm: LoadedModel
+    hooks: list[HookSpec]
+    texts: TextSource
+    ctx_len: int
     skip: int
-    layout: Layout
+    layout: RowLayout
     batch_size: int
     meta: dict
 
@@ -353,16 +330,16 @@ def _auto_batch(device: torch.device, ctx_len: int) -> int:
     return max(1, (32768 if device.type == "cuda" else 4096) // ctx_len)
 
 
-def make_plan(lm: S.LoadedModel, hook_names: list[str], texts: S.TextSource, *, ctx_len: int, skip: int,
+def make_plan(lm: LoadedModel, hook_names: list[str], texts: TextSource, *, ctx_len: int, skip: int,
               n_rows: int, shard_rows: int, batch_size: int, extra_meta: dict | None = None) -> Plan:
     """Validate hooks, context length and skip against the model; build the store metadata."""
     model = lm.model
-    hooks = S.resolve_hooks(model, hook_names or [S.default_hook(model)])
+    hooks = resolve_hooks(model, hook_names or [default_hook(model)])
     ctx_len = ctx_len or min(DEFAULT_CTX_LEN, model.cfg.n_ctx)
-    packing = S.model_packing(model, ctx_len)
+    packing = model_packing(model, ctx_len)
     if skip >= ctx_len:
         raise SaekitError(f"--skip-first-n-tokens {skip} leaves nothing of a {ctx_len}-token sequence: use fewer")
-    layout = Layout(ctx_len - skip, n_rows, shard_rows)
+    layout = RowLayout(ctx_len - skip, n_rows, shard_rows)
     device = torch.device(model.cfg.device)
     tok = model.tokenizer
     # Everything that decides the stored bytes, and nothing that does not (no ranks, batch size,
@@ -382,11 +359,11 @@ def make_plan(lm: S.LoadedModel, hook_names: list[str], texts: S.TextSource, *, 
         "skip_first_n_tokens": skip,
         "tokens": n_rows,
         "device_type": device.type,
-        "dtype": S.dtype_name(model.cfg.dtype),
+        "dtype": dtype_name(model.cfg.dtype),
         "activation_dtype": "bfloat16",
         **(extra_meta or {}),
     }
-    return Plan(lm, hooks, texts, packing, skip, layout, batch_size or _auto_batch(device, ctx_len), meta)
+    return Plan(lm, hooks, texts, ctx_len, skip, layout, batch_size or _auto_batch(device, ctx_len), meta)
 
 
 def _tokenizer_name(tok) -> str:
@@ -403,20 +380,68 @@ def _tokenizer_sha(tok) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _forward_stream(plan: Plan, wanted, n_seqs: int, count: _Count, first_seq: int = 0) -> Iterator[ActBatch]:
-    """Forward passes over the wanted sequences; sequence 0 is the packed stream's `first_seq`-th."""
-    seqs = S.pack(S.tokenize_docs(plan.model.model.tokenizer, plan.texts.docs()), plan.packing)
-    if first_seq:
-        seqs = itertools.islice(seqs, first_seq, None)
-    for idx, toks in _wanted_batches(seqs, wanted, n_seqs, plan.batch_size, count):
-        yield ActBatch(idx, toks, forward_acts(plan.model.model, toks, plan.hooks, plan.skip))
+# ---------------------------------------------------------------------------------------------
+# The main loop: forward -> assemble -> write, shared by `run` and saekit.generator
+# ---------------------------------------------------------------------------------------------
 
 
-def _todo_shards(writer, layout: Layout, rank: int, world: int) -> set[int]:
+class StreamEnd(NamedTuple):
+    """How far the main loop read the packed sequence stream."""
+
+    seen: int
+    """Sequences the stream yielded (at most as many as the shards to write need)."""
+    exhausted: bool
+    """The texts ran out before the last needed sequence: the store ends early."""
+
+
+def forward_to_shards(plan: Plan, writer, path: Path, todo: set[int],
+                      first_seq: int = 0) -> Generator[ActBatch, None, StreamEnd]:
+    """Run the model over the sequences that shards `todo` need and write those shards.
+
+    Sequence 0 is the packed stream's `first_seq`-th. Completed shards go to `writer` on a
+    writer thread; if the texts run out, the partly filled shard(s) end the store. Yields every
+    batch once its rows are placed (for a progress bar, or rows to hand on); returns how far the
+    stream went. Closing the generator early still lands the shards already queued.
+    """
+    wanted, n_seqs = _needed_seqs(plan.layout, todo)
+    seqs = itertools.islice(sequences(plan.lm.model, plan.texts, plan.ctx_len), first_seq, first_seq + n_seqs)
+    asm = ShardAssembler(plan.hooks, plan.layout, todo, plan.skip)
+    thread = ShardWriterThread(writer, path)
+    seen, idx, rows = 0, [], []
+    try:
+        for seen, seq in enumerate(seqs, 1):
+            if wanted(seen - 1):
+                idx.append(seen - 1)
+                rows.append(seq)
+                if len(idx) == plan.batch_size:
+                    yield _forward_batch(plan, asm, thread, idx, rows)
+                    idx, rows = [], []
+        if idx:
+            yield _forward_batch(plan, asm, thread, idx, rows)
+        if seen < n_seqs:
+            for shard in asm.flush():
+                thread.put(shard)
+    finally:
+        thread.close()
+    return StreamEnd(seen, seen < n_seqs)
+
+
+def _forward_batch(plan: Plan, asm: ShardAssembler, thread: ShardWriterThread, idx: list[int],
+                   rows: list[list[int]]) -> ActBatch:
+    """Sequences `idx` (their token ids `rows`) through the model; completed shards to the writer."""
+    tokens = torch.tensor(rows, dtype=torch.long)
+    batch = ActBatch(idx, tokens, forward_acts(plan.lm.model, tokens, plan.hooks, plan.skip))
+    for shard in asm.add(batch):
+        thread.put(shard)
+    return batch
+
+
+def todo_shards(writer, layout: RowLayout, rank: int = 0, world: int = 1) -> set[int]:
+    """The shards rank `rank` of `world` owns that are not on disk yet."""
     return {j for j in range(rank, layout.n_shards, world) if not writer.shard_done(j)}
 
 
-def _needed_seqs(layout: Layout, todo: set[int]):
+def _needed_seqs(layout: RowLayout, todo: set[int]):
     """(wanted(i), number of sequences to enumerate) for the shards still to write."""
     if not todo:
         return (lambda i: False), 0
@@ -433,7 +458,7 @@ def _needed_seqs(layout: Layout, todo: set[int]):
 
 
 def default_out(model_name: str, hooks: list[str], texts_name: str, root: str = DEFAULT_CACHE_ROOT) -> Path:
-    return Path(root) / S.default_store_name(model_name, hooks, texts_name)
+    return Path(root) / default_store_name(model_name, hooks, texts_name)
 
 
 def run(cfg: HarvestConfig) -> HarvestResult:
@@ -443,17 +468,16 @@ def run(cfg: HarvestConfig) -> HarvestResult:
     d = dist.init(cfg.device)
     try:
         # texts first: a bad dataset fails in a second, not after a possibly minutes-long model load
-        texts = S.load_texts(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
-        lm = S.load_model(cfg.model, d.device, S.resolve_dtype(cfg.dtype, d.device))
+        texts = load_texts(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
+        lm = load_model(cfg.model, d.device, resolve_dtype(cfg.dtype, d.device))
         return run_loaded(cfg, lm, texts)
     finally:
         dist.shutdown()
 
 
-def run_loaded(cfg: HarvestConfig, lm: S.LoadedModel, texts: S.TextSource) -> HarvestResult:
+def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> HarvestResult:
     """`run` with the model and texts already loaded (cfg.model/dataset/device/dtype are ignored)."""
     from saekit import dist
-    from saekit.store import create_store, open_store
 
     d = dist.init(str(lm.model.cfg.device))
     plan = make_plan(lm, cfg.hooks, texts, ctx_len=cfg.ctx_len, skip=cfg.skip_first_n_tokens, n_rows=cfg.tokens,
@@ -497,8 +521,6 @@ def _already_complete(out: Path, meta: dict) -> str | None:
     """The content hash of a finished store at `out` made with these arguments, once every shard
     and the statistics check out; None if there is no finished store there (create_store takes
     it from there); an error if it was made with other arguments or is damaged."""
-    from saekit.store import open_store, read_attrs
-
     attrs = read_attrs(out)  # None: nothing there, a file, or not a store
     if not (attrs or {}).get("complete"):
         return None
@@ -521,11 +543,15 @@ def _already_complete(out: Path, meta: dict) -> str | None:
 
 def _check_not_empty(plan: Plan) -> None:
     """Fail before creating a store when the texts do not fill even one sequence."""
-    if next(S.pack(S.tokenize_docs(plan.model.model.tokenizer, plan.texts.docs()), plan.packing), None) is None:
-        raise SaekitError(
-            f"dataset {plan.texts.name} is empty or shorter than one {plan.packing.ctx_len}-token sequence: "
-            "use more text or a smaller --ctx-len"
-        )
+    if next(sequences(plan.lm.model, plan.texts, plan.ctx_len), None) is None:
+        raise _too_short(plan)
+
+
+def _too_short(plan: Plan) -> SaekitError:
+    return SaekitError(
+        f"dataset {plan.texts.name} is empty or shorter than one {plan.ctx_len}-token sequence: "
+        "use more text or a smaller --ctx-len"
+    )
 
 
 def _canonical(obj) -> str:
@@ -537,172 +563,38 @@ def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progre
     layout = plan.layout
     for line in writer.damaged:
         print(f"resume: redoing a damaged shard ({line})", file=sys.stderr)
-    todo = _todo_shards(writer, layout, rank, world)
-    wanted, n_seqs = _needed_seqs(layout, todo)
-    total = sum(min(layout.shard_rows, layout.n_rows - j * layout.shard_rows) for j in todo)
+    todo = todo_shards(writer, layout, rank, world)
     if not todo:
         return 0.0
-    asm = ShardAssembler(plan.hooks, layout, todo, plan.skip)
-    count = _Count()
+    total = sum(min(layout.shard_rows, layout.n_rows - j * layout.shard_rows) for j in todo)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {out.name}", disable=not progress,
                file=sys.stderr, smoothing=0.1)
-    thread = ShardWriterThread(writer, out)
     t0, rows = time.perf_counter(), 0
-    try:
-        for batch in _forward_stream(plan, wanted, n_seqs, count):
-            for shard in asm.add(batch):
-                thread.put(shard)
-            n = sum(min(layout.seq_rows(i)[1], layout.n_rows) - layout.seq_rows(i)[0] for i in batch.seq)
-            rows += n
-            bar.update(n)
-        if count.exhausted:
-            for shard in asm.flush():
-                thread.put(shard)
-    finally:
-        bar.close()
-        thread.close()
+    with bar, closing(forward_to_shards(plan, writer, out, todo)) as loop:
+        try:
+            while True:  # not `for`: it would drop the loop's return value
+                n = sum(hi - lo for lo, hi in map(layout.seq_rows, next(loop).seq))
+                rows += n
+                bar.update(n)
+        except StopIteration as stop:
+            end: StreamEnd = stop.value
     elapsed = time.perf_counter() - t0
-    if count.exhausted:
-        have = count.seen * layout.per_seq
+    if end.exhausted:
+        have = end.seen * layout.per_seq
         if have == 0:
-            raise SaekitError(
-                f"dataset {plan.texts.name} is empty or shorter than one {layout.per_seq + plan.skip}-token sequence: "
-                "use more text or a smaller --ctx-len"
-            )
+            raise _too_short(plan)
         if progress:
-            print(f"dataset exhausted after {count.seen} sequences: the store holds {have} rows "
+            print(f"dataset exhausted after {end.seen} sequences: the store holds {have} rows "
                   f"instead of --tokens {layout.n_rows}", file=sys.stderr)
     return rows / elapsed if elapsed > 0 else 0.0
 
 
-# ---------------------------------------------------------------------------------------------
-# The original sae-kit API
-# ---------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    # `from saekit.harvest import cached_activation_generator`, the original API's import path
+    # before it moved, keeps working. Its home, saekit.generator, builds on this module, so
+    # importing it at the top would be circular.
+    if name == "cached_activation_generator":
+        from saekit.generator import cached_activation_generator
 
-
-def _object_identity(model, dataset, text_column: str) -> tuple[S.LoadedModel, S.TextSource]:
-    """Provenance for objects handed to us (rather than names we loaded ourselves)."""
-    cfg = model.cfg
-    name = cfg.model_name
-    meta = {"source": "object", "name": name, "transformer_lens_version": S._tl_version(),
-            "dtype": S.dtype_name(cfg.dtype), "n_layers": cfg.n_layers, "d_model": cfg.d_model,
-            "n_ctx": cfg.n_ctx, "weights_fingerprint": S.weights_fingerprint(model)}
-    if isinstance(dataset, S.TextSource):
-        texts = dataset
-    elif isinstance(dataset, (str, Path)):
-        texts = S.load_texts(str(dataset), text_column=text_column)
-    else:
-        texts = S.dataset_source(dataset, text_column)
-    return S.LoadedModel(model, name, meta), texts
-
-
-def cached_activation_generator(
-    model,
-    dataset,
-    hook_name: str | None = None,
-    activation_batch_size: int = 4096,
-    generator_batch_size: int = 24,
-    acts_per_run: int = 1_000_000,
-    ctx_len: int = 128,
-    skip_first_n_tokens: int = 1,
-    save_to_disk: str | None = None,
-    *,
-    text_column: str = "text",
-    max_runs: int | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield `[activation_batch_size, d_model]` bf16 activations of `hook_name`, harvesting
-    lazily into the activation cache: the original sae-kit API, backed by saekit stores.
-
-    model: a HookedTransformer with its tokenizer. dataset: an HF `Dataset`/`IterableDataset`
-    (e.g. `load_dataset("openwebtext", split="train", streaming=True)`), a local file or folder
-    path, or a `sources.TextSource`.
-
-    The packed token stream is cut into runs of about `acts_per_run` rows (whole sequences); each
-    run is one store, `<save_to_disk>/run-00000`, `run-00001`, ... where `save_to_disk` defaults
-    to `cache/generator-<key>` and `<key>` hashes the store metadata of run 0: model name and
-    weights fingerprint, dataset name/config/split/fingerprint and a hash of its first 16
-    documents, tokenizer, hook, ctx_len, skip, run size. A finished run is read back instead of
-    recomputed; a run cut short (the consumer stopped early) is resumed from its last whole
-    shard. The first batch arrives after one model batch (`generator_batch_size` sequences).
-
-    Rows come in store order, sequence after sequence; for shuffled training batches read the
-    stores with `saekit.store.open_store(path).shuffled_batches(...)`. The generator ends when
-    the dataset does, or after `max_runs` runs. Arguments are checked before the first batch.
-    """
-    lm, texts = _object_identity(model, dataset, text_column)
-    per_seq = ctx_len - skip_first_n_tokens
-    if per_seq <= 0:
-        raise SaekitError(f"skip_first_n_tokens {skip_first_n_tokens} leaves nothing of a {ctx_len}-token sequence")
-    run_rows = math.ceil(acts_per_run / per_seq) * per_seq
-    plan = make_plan(lm, [hook_name] if hook_name else [], texts, ctx_len=ctx_len, skip=skip_first_n_tokens,
-                     n_rows=run_rows, shard_rows=min(65536, run_rows), batch_size=generator_batch_size)
-    key = hashlib.sha256(json.dumps(plan.meta, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(save_to_disk) if save_to_disk else Path(DEFAULT_CACHE_ROOT) / f"generator-{key}"
-    return _rebatch(_generator_rows(plan, root, max_runs), activation_batch_size)
-
-
-def _generator_rows(plan: Plan, root: Path, max_runs: int | None) -> Iterator[torch.Tensor]:
-    seqs_per_run = plan.layout.n_rows // plan.layout.per_seq
-    for run_index in itertools.count():
-        if max_runs is not None and run_index >= max_runs:
-            return
-        first = run_index * seqs_per_run
-        run_plan = plan._replace(meta={**plan.meta, "generator_run": run_index, "first_sequence": first})
-        ended = yield from _run_rows(run_plan, root / f"run-{run_index:05d}", first)
-        if ended:
-            return
-
-
-def _rebatch(rows: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Row blocks of any size -> batches of exactly `batch_size` rows (the last may be short)."""
-    pending: list[torch.Tensor] = []
-    have = 0
-    for x in rows:
-        pending.append(x)
-        have += len(x)
-        if have >= batch_size:
-            buf = torch.cat(pending)
-            n_full = len(buf) // batch_size * batch_size
-            yield from buf[:n_full].split(batch_size)
-            pending, have = [buf[n_full:]], len(buf) - n_full
-    if have:
-        yield torch.cat(pending)
-
-
-def _run_rows(plan: Plan, path: Path, first_seq: int):
-    """Rows of one generator run, in store order: read back where `path` has them, computed (and
-    written) batch by batch otherwise. Returns True when the dataset ended inside this run."""
-    from saekit.store import create_store, open_store, read_attrs
-
-    hook, layout = plan.hooks[0].name, plan.layout
-    if (read_attrs(path) or {}).get("complete"):
-        store = open_store(path)  # a damaged run is an error here, not something to write over
-        yield from store.iter_rows(hook, 65536)
-        return store.n_rows < layout.n_rows
-    writer = create_store(path, plan.meta["hooks"], n_rows=layout.n_rows, meta=plan.meta, shard_rows=layout.shard_rows,
-                          chunk_rows=min(4096, layout.shard_rows), resume=path.exists())
-    start = writer.resume_row  # one writer: every shard before this row is on disk
-    if start:
-        yield from open_store(path, allow_incomplete=True).iter_rows(hook, 65536, 0, start)
-    todo = {j for j in range(layout.n_shards) if not writer.shard_done(j)}
-    wanted, n_seqs = _needed_seqs(layout, todo)
-    asm, count = ShardAssembler(plan.hooks, layout, todo, plan.skip), _Count()
-    thread = ShardWriterThread(writer, path)
-    try:
-        for batch in _forward_stream(plan, wanted, n_seqs, count, first_seq):
-            for shard in asm.add(batch):
-                thread.put(shard)
-            for b, i in enumerate(batch.seq):
-                lo, hi = layout.seq_rows(i)
-                if hi > max(lo, start):
-                    yield batch.acts[hook][b, max(lo, start) - lo : hi - lo]
-        if count.exhausted:
-            for shard in asm.flush():
-                thread.put(shard)
-    finally:
-        thread.close()  # also when the consumer stops early: queued whole shards still land
-    if count.exhausted and count.seen == 0:
-        shutil.rmtree(path, ignore_errors=True)  # the stream ended exactly at this run: no empty store
-        return True
-    writer.finalize()
-    return count.exhausted
+        return cached_activation_generator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from saekit import embedded
 from saekit.errors import SaekitError
 
 EMBEDDED = "embedded"
@@ -145,17 +146,21 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def _finish(model, name: str, meta: dict) -> LoadedModel:
-    model.eval()
+def describe_model(model, name: str, meta: dict) -> LoadedModel:
+    """`model` as it is (not even put in eval mode: it may be the caller's) with its provenance:
+    `meta` plus transformer-lens version, dtype, shape and weights fingerprint."""
     meta = {**meta, "transformer_lens_version": _tl_version(), "dtype": dtype_name(model.cfg.dtype),
             "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model, "n_ctx": model.cfg.n_ctx,
             "weights_fingerprint": weights_fingerprint(model)}
     return LoadedModel(model, name, meta)
 
 
-def _load_embedded(device, dtype) -> LoadedModel:
-    from saekit import embedded
+def _finish(model, name: str, meta: dict) -> LoadedModel:
+    model.eval()
+    return describe_model(model, name, meta)
 
+
+def _load_embedded(device, dtype) -> LoadedModel:
     model = embedded.load_embedded_model(device, dtype)
     return _finish(model, embedded.MODEL_NAME, {"source": "embedded", "name": embedded.MODEL_NAME})
 
@@ -479,8 +484,6 @@ def load_texts(spec: str | None, *, config: str | None = None, split: str = "tra
     """`spec`: None/'embedded', a .txt/.jsonl/.parquet file, a `save_to_disk` directory, or an HF
     hub dataset name (streamed, never downloaded whole)."""
     if spec in (None, "", EMBEDDED):
-        from saekit import embedded
-
         src = _jsonl_source(embedded.CORPUS_PATH, "text")
         # No path: the same corpus must give the same store wherever saekit is installed.
         return src._replace(name="embedded", meta={"source": "embedded", "sha256": src.meta["sha256"]})
@@ -730,7 +733,9 @@ def pack(token_docs: Iterable[list[int]], p: Packing) -> Iterator[list[int]]:
 
 
 def sequences(model, texts: TextSource, ctx_len: int) -> Iterator[list[int]]:
-    """All full sequences of `texts` for `model`, in order."""
+    """All full sequences of `texts` for `model`, in order: `[ctx_len]` token-id lists, documents
+    tokenized (`tokenize_docs`) and packed (`pack`) as `model_packing` says. The one path from
+    texts to sequences; harvest and its checks read the texts through it."""
     return pack(tokenize_docs(model.tokenizer, texts.docs()), model_packing(model, ctx_len))
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from saekit import sources as S
+from saekit import sources
 from saekit.errors import SaekitError
-from saekit.harvest import HarvestConfig, cached_activation_generator, run
+from saekit.generator import cached_activation_generator
+from saekit.harvest import HarvestConfig, run
 from saekit.store import RECORDS_DIR, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,11 +107,11 @@ def test_local_checkpoint_store_equals_run_with_cache(data, tmp_path):
     assert store.n_rows == 3000 and store.content_hash == res.content_hash
     assert store.meta["model"]["source"] == "hf_local" and store.meta["dtype"] == "float32"
 
-    lm = S.load_model(data[1], torch.device("cpu"), torch.float32)
-    texts = S.load_texts(data[2])
+    lm = sources.load_model(data[1], torch.device("cpu"), torch.float32)
+    texts = sources.load_texts(data[2])
     per_seq = 30
     n_seq = -(-3000 // per_seq)
-    seqs = torch.tensor(list(S.sequences(lm.model, texts, 32))[:n_seq])
+    seqs = torch.tensor(list(sources.sequences(lm.model, texts, 32))[:n_seq])
     for b in range(0, n_seq, 8):  # the harvest's batches
         with torch.no_grad():
             _, cache = lm.model.run_with_cache(seqs[b : b + 8], names_filter=HOOKS)
@@ -285,14 +286,14 @@ def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
 def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeypatch):
     import datasets
 
-    from saekit import harvest as H
+    import saekit.harvest
 
-    model = S.load_model(data[1], torch.device("cpu"), torch.float32).model
+    model = sources.load_model(data[1], torch.device("cpu"), torch.float32).model
     docs = [json.loads(line)["text"] for line in open(data[2])]
     ds = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()  # stands in for a streamed dataset
     calls = []
-    real = H.forward_acts
-    monkeypatch.setattr(H, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = saekit.harvest.forward_acts
+    monkeypatch.setattr(saekit.harvest, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(hook_name="blocks.1.hook_resid_pre", activation_batch_size=100, generator_batch_size=4,
               acts_per_run=1000, ctx_len=32, skip_first_n_tokens=1, save_to_disk=str(tmp_path / "acts"))
 
@@ -309,6 +310,30 @@ def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeyp
     assert len(calls) - n_calls <= 5  # only the unfinished third run's unwritten shard is recomputed
     stores = sorted((tmp_path / "acts").iterdir())
     assert [p.name for p in stores][:2] == ["run-00000", "run-00001"] and open_store(stores[0]).n_rows == 1023
+
+
+def test_cached_activation_generator_takes_any_run_size(data, tmp_path):
+    """A run of 5022 rows (acts_per_run 5000, 31 rows per sequence) is one store; its rows are the
+    packed stream's, bit for bit the rows `saekit harvest` stores for the same texts."""
+    model = sources.load_model(data[1], torch.device("cpu"), torch.float32).model
+    gen = cached_activation_generator(model, data[2], hook_name=HOOKS[0], activation_batch_size=1000, acts_per_run=5000,
+                                      ctx_len=32, save_to_disk=str(tmp_path / "acts"), max_runs=1)
+    rows = torch.cat(list(gen))
+    want = open_store(run(cfg_for(data, tmp_path / "s", tokens=5022, dtype="fp32", hooks=[HOOKS[0]])).path)
+    assert rows.shape == (5022, 32) and open_store(tmp_path / "acts" / "run-00000").n_rows == 5022
+    assert torch.equal(rows.view(torch.int16), want.rows(HOOKS[0], 0, 5022).view(torch.int16))
+
+
+@pytest.mark.parametrize("first", ["saekit.harvest", "sae_kit.utils"])
+def test_generator_import_paths_named_in_the_docs_work_in_any_order(first):
+    """Its home is saekit.generator (built on saekit.harvest); saekit.harvest and sae_kit.utils
+    still give it, whichever module a program imports first."""
+    code = (f"import {first}\n"
+            "import saekit.generator, sae_kit.utils\n"
+            "from saekit.harvest import cached_activation_generator as old\n"
+            "assert old is saekit.generator.cached_activation_generator is sae_kit.utils.cached_activation_generator\n")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # -- errors ---------------------------------------------------------------------------------------
