@@ -14,9 +14,11 @@ recomputed on `saekit pursue --resume`. Read the codes back with `open_codes`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +49,16 @@ _PARTS = (("indices", "int32", "atom index of each nonzero slot"), ("values", "f
 def group_name(method: str, k: int) -> str:
     """The codes.zarr group holding `method`'s codes at `k`."""
     return f"{method}_k{k}"
+
+
+def dictionary_sha256(sae: Any) -> str:
+    """Hash of the raw-space dictionary (W_dec, b_dec) bytes: identifies the codes' dictionary
+    (recorded in the codes' attributes, checked by whoever reads the codes back)."""
+    W, b = sae.decoder.raw_dictionary()
+    h = hashlib.sha256()
+    for t in (W, b):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def read_codes_attrs(root: Path) -> dict | None:

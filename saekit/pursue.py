@@ -23,7 +23,6 @@ are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw ac
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import warnings
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, group_name, read_codes_attrs
+from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
 from saekit.codes import open_codes as open_codes  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, output_dir
@@ -155,15 +154,6 @@ def load_sae(spec: str, device: Any = "cpu") -> Any:
     from saekit import sae
 
     return sae.load_sae(spec, device)
-
-
-def dictionary_sha256(sae: Any) -> str:
-    """Hash of the raw-space dictionary (W_dec, b_dec) bytes: identifies the codes' dictionary."""
-    W, b = sae.decoder.raw_dictionary()
-    h = hashlib.sha256()
-    for t in (W, b):
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 def _check_width(sae: Any, spec: str, d_model: int, hook: str) -> None:

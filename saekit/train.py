@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from saekit import dist
 from saekit.config import check_types
 from saekit.errors import SaekitError, os_error_message, output_dir
+from saekit.heldout import held_out_rows
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.sae import SparseAutoencoder, load_sae
 from saekit.store import HookStats, write_json_atomic
@@ -804,8 +805,8 @@ def _run(cfg: TrainConfig, d: dist.Dist) -> RunResult:
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)
     d_in = store.d_model(hook)
-    eval_rows = cfg.eval_rows or min(65536, store.n_rows // 10)
-    train_rows = store.n_rows - eval_rows
+    held = held_out_rows(store.n_rows, cfg.eval_rows)
+    eval_rows, train_rows = len(held), held.start
     if eval_rows <= 0 or train_rows <= 0:
         raise SaekitError(f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {store.n_rows}; change it")
     if cfg.batch_size % d.world_size:

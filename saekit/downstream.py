@@ -1,0 +1,342 @@
+"""The downstream measurement: what splicing reconstructions in at a hook does to a language model.
+
+    tokens -> model, clean, once per batch: logits and the hook's activations
+      -> each reconstruction callable: activations -> reconstruction -> spliced in at the hook
+      -> logits -> CE and KL(clean || spliced) per token; FVU, L0, cossim on the spliced rows
+
+`downstream_metrics(model, tokens, hook, reconstruct)` works for any transformer-lens model and any
+SAE object (a saekit SparseAutoencoder, a sae-lens SAE, a callable); `saekit.eval` runs it on a
+store's held-out sequences for every encoding at once. Each batch's clean logits are shared by
+every reconstruction and by the baselines: zeros ("zero ablation") and, given a mean, the mean
+activation ("mean ablation").
+
+Conventions (docs/eval.md gives the details and how they relate to SAELens's scores):
+- A reconstruction replaces the hook's activations at positions >= `splice_from`; earlier
+  positions keep their clean activations (saekit eval: the positions the store skipped).
+- A token counts when it is predicted from a spliced position: positions [splice_from, ctx - 1),
+  each predicting the next token; CE and KL average over the same tokens. Predictions from
+  earlier positions cannot change (the model is causal) and are left out.
+- CE loss recovered = (CE_ablation - CE) / (CE_ablation - CE_clean), each CE a mean over all
+  counted tokens: a ratio of means, not a mean of per-batch ratios.
+- KL(clean || spliced) = sum_v p_clean(v) (log p_clean(v) - log p_spliced(v)) per token, in nats.
+
+Speed: at `blocks.L.hook_resid_pre` (`hook_resid_post`) a spliced pass starts at block L (L + 1)
+from the spliced residual stream (transformer-lens `start_at_layer`); other hooks rerun the whole
+model with a replacement hook. The vocabulary-sized logits are reduced batch by batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from saekit.errors import SaekitError
+from saekit.metrics import ReconstructionStats
+
+CLEAN, ZERO, MEAN = "clean", "zero ablation", "mean ablation"
+# Relative error (||fresh - cached|| / ||cached||) allowed between the model's own activations and
+# the cached rows on the first batch. bf16 rounding alone gives ~0.2%, a bf16 harvest against an
+# fp32 rerun ~1%; another model or misaligned tokens give tens of percent.
+MAX_ACTS_ERROR = 0.05
+# Auto batch: sequences whose [batch, ctx, vocab] logits hold about this many floats (128 MiB).
+LOGITS_BUDGET = 2**25
+MAX_AUTO_BATCH = 64
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+class Downstream(NamedTuple):
+    """What splicing one reconstruction in at the hook does, over all counted tokens."""
+
+    ce: float
+    """Mean cross-entropy of the next token, in nats, with the reconstruction spliced in."""
+    delta_ce: float
+    """ce minus the clean model's ce."""
+    ce_recovered_zero: float
+    """(CE_zero - ce) / (CE_zero - CE_clean): 1 is as good as the clean model, 0 as bad as zeros."""
+    ce_recovered_mean: float
+    """The same against the mean ablation (nan without a mean)."""
+    kl_mean: float
+    """Mean over tokens of KL(clean || spliced), nats."""
+    kl_p90: float
+    """90th percentile over tokens of KL(clean || spliced)."""
+    kl_p99: float
+    """99th percentile over tokens of KL(clean || spliced)."""
+    fvu: float
+    """Fraction of variance of the encoded rows left unexplained (nan for the clean row)."""
+    l0: float
+    """Mean nonzero codes per row (nan when the encoding gives no codes)."""
+    cossim: float
+    """Mean cosine similarity of each row and its reconstruction."""
+    seconds: float
+    """Time spent on this row: encoding, the spliced forward pass and its reduction."""
+    n_tokens: int
+    """Tokens counted."""
+
+
+class Reconstruction(NamedTuple):
+    """What a reconstruction callable may return instead of a bare tensor (as `SparseAutoencoder`'s
+    forward does, which has these two fields among others)."""
+
+    reconstruction: Tensor
+    """[rows, d] the reconstructed activations."""
+    codes: Tensor | None
+    """[rows, n] codes (or their k values per row): only nonzeros are counted, for L0."""
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement, for any model, tokens, hook and reconstruction
+# --------------------------------------------------------------------------------------------
+
+# An encoding inside the loop: (x [rows, d] float32, the batch's sequence indices) -> a
+# reconstruction [rows, d], or an object with .reconstruction (and .codes).
+BatchEncoding = Callable[[Tensor, range], Any]
+
+
+def downstream_metrics(
+    model: Any,
+    tokens: Tensor,
+    hook: str,
+    reconstruct: Callable[[Tensor], Any] | Mapping[str, Callable[[Tensor], Any]],
+    *,
+    acts: Tensor | None = None,
+    splice_from: int = 1,
+    mean: Tensor | None = None,
+    batch_size: int = 0,
+    from_hook: bool = True,
+    progress: bool = False,
+) -> dict[str, Downstream]:
+    """What splicing reconstructions in at `hook` does to `model`'s next-token predictions.
+
+    model: a transformer-lens HookedTransformer. tokens: [n_seq, ctx] token ids.
+    reconstruct: x [rows, d] -> [rows, d], or an object with `.reconstruction` (and `.codes` for
+    L0); or a dict name -> such callables. Any SAE object works as is: a saekit SparseAutoencoder,
+    a sae-lens SAE, or e.g. `lambda x: sae.decode(sae.encode(x))`.
+    acts: [n_seq, ctx - splice_from, d] what the callables encode (e.g. cached rows), checked
+    against the model's own activations on the first batch; default: the model's own.
+    splice_from: first position replaced; earlier ones keep their clean activations. Counted:
+    predictions from positions [splice_from, ctx - 1). SAELens's convention is splice_from=0.
+    mean: [d] adds a "mean ablation" row and `ce_recovered_mean`.
+    from_hook: start spliced passes after a residual-stream hook (False: always a full forward).
+    Returns name -> Downstream: "clean", "zero ablation", ("mean ablation"), then each callable
+    ("reconstruction" for a single one).
+    """
+    named = dict(reconstruct) if isinstance(reconstruct, Mapping) else {"reconstruction": reconstruct}
+    encodings = {name: _ignore_rows(fn) for name, fn in named.items()}
+    read_acts = None
+    if acts is not None:
+        n, ctx = tokens.shape
+        acts = acts.reshape(n, ctx - splice_from, -1)
+        read_acts = lambda seqs: acts[seqs.start : seqs.stop]
+    return evaluate(model, tokens, hook, encodings, read_acts=read_acts, splice_from=splice_from, mean=mean,
+                    batch_size=batch_size, from_hook=from_hook, progress=progress)  # fmt: skip
+
+
+def _ignore_rows(fn: Callable[[Tensor], Any]) -> BatchEncoding:
+    return lambda x, seqs: fn(x)
+
+
+def evaluate(
+    model: Any,
+    tokens: Tensor,
+    hook: str,
+    encodings: Mapping[str, BatchEncoding],
+    *,
+    read_acts: Callable[[range], Tensor] | None,
+    splice_from: int,
+    mean: Tensor | None,
+    batch_size: int,
+    from_hook: bool,
+    progress: bool,
+) -> dict[str, Downstream]:
+    """`downstream_metrics` with encodings that also get each batch's sequence indices (e.g. to
+    look up stored codes) and `read_acts(seqs)` -> [len(seqs), ctx - splice_from, d] per batch."""
+    splicer = Splicer(model, hook, tokens, splice_from, from_hook)
+    baselines: dict[str, BatchEncoding] = {ZERO: lambda x, seqs: torch.zeros_like(x)}
+    if mean is not None:
+        row = mean.to(splicer.device, torch.float32).reshape(1, -1)
+        baselines[MEAN] = lambda x, seqs: row.expand_as(x)
+    taken = sorted(set(encodings) & {CLEAN, *baselines})
+    if taken:
+        raise SaekitError(f"encoding name {taken[0]!r} is taken by a baseline row: rename it")
+    fns = {**baselines, **encodings}
+    tallies = {name: _Tally() for name in [CLEAN, *fns]}
+    n = tokens.shape[0]
+    step = batch_size or max(1, min(MAX_AUTO_BATCH, LOGITS_BUDGET // (tokens.shape[1] * model.cfg.d_vocab)))
+    with tqdm(total=n, unit="seq", desc="eval", disable=not progress, dynamic_ncols=True) as bar, torch.inference_mode():
+        for lo in range(0, n, step):
+            seqs = range(lo, min(n, lo + step))
+            acts = read_acts(seqs) if read_acts is not None else None
+            _evaluate_batch(splicer, tokens[seqs.start : seqs.stop], seqs, acts, fns, tallies, check=lo == 0)
+            bar.update(len(seqs))
+    clean, zero = tallies[CLEAN].ce(), tallies[ZERO].ce()
+    mean_ce = tallies[MEAN].ce() if MEAN in tallies else math.nan
+    return {name: t.result(clean, zero, mean_ce) for name, t in tallies.items()}
+
+
+def rerun_layer(hook: str, n_layers: int) -> int | None:
+    """The block a forward pass can start at from `hook`'s activations: blocks.L.hook_resid_pre
+    -> L, blocks.L.hook_resid_post -> L + 1; None for any other hook."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(pre|post)", hook)
+    if m is None or int(m[1]) >= n_layers:
+        return None
+    return int(m[1]) + (m[2] == "post")
+
+
+class Splicer:
+    """Runs `model` clean and with activations replaced at `hook` (from `splice_from` on)."""
+
+    def __init__(self, model: Any, hook: str, tokens: Tensor, splice_from: int, from_hook: bool):
+        if hook not in model.hook_dict:
+            raise SaekitError(f"model {model.cfg.model_name} has no hook {hook!r}: pass a hook of this model")
+        if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+            raise SaekitError(f"tokens must be [n_seq, ctx] token ids, got {tuple(tokens.shape)} {tokens.dtype}")
+        if not 0 <= splice_from < tokens.shape[1] - 1:
+            raise SaekitError(f"splice_from={splice_from} leaves no prediction to count in {tokens.shape[1]}-token sequences")
+        self.model, self.hook, self.splice_from = model, hook, splice_from
+        self.device = torch.device(model.cfg.device)
+        shortformer = model.cfg.positional_embedding_type == "shortformer"  # needs its pos embed at every block
+        self.start_layer = rerun_layer(hook, model.cfg.n_layers) if from_hook and not shortformer else None
+        tok = model.tokenizer
+        # as harvest: left-padding tokenizers make transformer-lens infer a mask from pad tokens
+        self.left_padded = tok is not None and tok.padding_side == "left"
+
+    def _kwargs(self, tokens: Tensor) -> dict:
+        return {"attention_mask": torch.ones_like(tokens)} if self.left_padded else {}
+
+    def clean(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [b, ctx] -> (logits [b, ctx, vocab], the hook's activations [b, ctx, ...])."""
+        grabbed = {}
+
+        def grab(act: Tensor, hook: Any) -> None:
+            grabbed["act"] = act.clone()
+
+        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, grab)], **self._kwargs(tokens))
+        return logits, grabbed["act"]
+
+    def spliced(self, tokens: Tensor, clean_act: Tensor, x_hat: Tensor) -> Tensor:
+        """Logits [b, ctx, vocab] with x_hat [b * (ctx - splice_from), d] at positions >= splice_from."""
+        act = clean_act.clone()
+        act[:, self.splice_from :] = x_hat.reshape(act[:, self.splice_from :].shape).to(act.dtype)
+        if self.start_layer is not None:
+            return self.model(act, start_at_layer=self.start_layer, **self._kwargs(tokens))
+        return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, lambda a, hook: act)], **self._kwargs(tokens))
+
+
+def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor | None,
+                    fns: Mapping[str, BatchEncoding], tallies: dict[str, _Tally], check: bool) -> None:  # fmt: skip
+    s, device = splicer.splice_from, splicer.device
+    tokens = tokens.to(device)
+    targets = tokens[:, s + 1 :]
+    t0 = _now(device)
+    logits, clean_act = splicer.clean(tokens)
+    clean_logp = _log_probs(logits, s)
+    del logits
+    ce = _ce(clean_logp, targets)
+    tallies[CLEAN].add(ce, torch.zeros_like(ce), _now(device) - t0)
+    fresh = clean_act[:, s:].flatten(2)  # [b, ctx - s, d]
+    if acts is not None:
+        acts = acts.to(device)
+        if check:
+            _check_acts(fresh, acts, splicer.hook)
+    x = (fresh if acts is None else acts).reshape(-1, fresh.shape[-1]).float()
+    for name, fn in fns.items():
+        t0 = _now(device)
+        x_hat, codes = _unpack(fn(x, seqs), x, name)
+        logp = _log_probs(splicer.spliced(tokens, clean_act, x_hat), s)
+        tallies[name].add(_ce(logp, targets), _kl(clean_logp, logp), _now(device) - t0, x, x_hat, codes)
+
+
+def _log_probs(logits: Tensor, s: int) -> Tensor:
+    """[b, ctx, vocab] -> float32 log-probabilities of the counted predictions [b, ctx - 1 - s, vocab]."""
+    return F.log_softmax(logits[:, s:-1].float(), dim=-1)
+
+
+def _ce(logp: Tensor, targets: Tensor) -> Tensor:
+    """[b, t, vocab], [b, t] -> [b, t] nats."""
+    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _kl(clean_logp: Tensor, logp: Tensor) -> Tensor:
+    """KL(clean || spliced) per token [b, t]; exactly 0 where the two are equal."""
+    return F.kl_div(logp, clean_logp, reduction="none", log_target=True).sum(-1)
+
+
+def _check_acts(fresh: Tensor, acts: Tensor, hook: str) -> None:
+    """Refuse to evaluate rows that are not this model's activations on these tokens."""
+    if fresh.shape != acts.shape:
+        raise SaekitError(f"the activations given have shape {tuple(acts.shape)} per batch but the model's at {hook} have {tuple(fresh.shape)}")
+    err = float((fresh.float() - acts.float()).norm() / acts.float().norm().clamp_min(1e-30))
+    if not err <= MAX_ACTS_ERROR:
+        raise SaekitError(
+            f"the model's own activations at {hook} differ from the cached ones by {err:.1%} on the first sequences: "
+            "the model is not the one that produced them (saekit eval: pass that one with --model) or the tokens are not theirs"
+        )
+
+
+def _unpack(out: Any, x: Tensor, name: str) -> tuple[Tensor, Tensor | None]:
+    """(reconstruction [rows, d], codes or None) from what an encoding returned."""
+    rec = out if isinstance(out, Tensor) else getattr(out, "reconstruction", None)
+    if not isinstance(rec, Tensor) or rec.shape != x.shape:
+        got = tuple(rec.shape) if isinstance(rec, Tensor) else type(out).__name__
+        raise SaekitError(f"encoding {name!r} returned {got} for inputs {tuple(x.shape)}: return a reconstruction of the same shape")
+    codes = None if isinstance(out, Tensor) else getattr(out, "codes", None)
+    return rec.float(), codes
+
+
+def _now(device: torch.device) -> float:
+    """A clock for device work: waits for queued CUDA kernels so the times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _Tally:
+    """One row's sums over all batches: CE, per-token KL (kept for percentiles), reconstruction."""
+
+    def __init__(self) -> None:
+        self.ce_sum, self.n, self.seconds = 0.0, 0, 0.0
+        self.kl: list[Tensor] = []
+        self.recon: ReconstructionStats | None = None
+
+    def add(self, ce: Tensor, kl: Tensor, seconds: float, x: Tensor | None = None, x_hat: Tensor | None = None,
+            codes: Tensor | None = None) -> None:  # fmt: skip
+        self.ce_sum += float(ce.double().sum())
+        self.n += ce.numel()
+        self.kl.append(kl.flatten().cpu())
+        self.seconds += seconds
+        if x is not None:
+            self.recon = self.recon or ReconstructionStats()
+            self.recon.update(x, x_hat, codes)
+
+    def ce(self) -> float:
+        return self.ce_sum / self.n
+
+    def result(self, clean: float, zero: float, mean: float) -> Downstream:
+        kl = torch.cat(self.kl).double().numpy()
+        p90, p99 = np.percentile(kl, [90, 99])
+        r = self.recon.compute() if self.recon is not None else None
+        ce = self.ce()
+        return Downstream(
+            ce=ce, delta_ce=ce - clean, ce_recovered_zero=_recovered(zero, ce, clean),
+            ce_recovered_mean=_recovered(mean, ce, clean), kl_mean=float(kl.mean()), kl_p90=float(p90),
+            kl_p99=float(p99), fvu=r.fvu if r else math.nan, l0=r.l0 if r else math.nan,
+            cossim=r.cossim if r else math.nan, seconds=self.seconds, n_tokens=self.n,
+        )  # fmt: skip
+
+
+def _recovered(ablation: float, ce: float, clean: float) -> float:
+    """(CE_ablation - ce) / (CE_ablation - CE_clean); nan when the ablation costs nothing."""
+    gap = ablation - clean
+    return (ablation - ce) / gap if gap != 0 and not math.isnan(gap) else math.nan

@@ -1,0 +1,498 @@
+"""`EvalConfig` + `run(cfg)`: what each encoding's reconstruction does to the language model.
+
+    store: whole held-out sequences (token ids) and their cached rows
+      -> the store's model, clean, once per batch of sequences: logits and the hook's activations
+      -> each encoding: cached rows -> reconstruction -> spliced in at the hook -> logits
+      -> CE and KL(clean || spliced) per token; FVU, L0 and cossim on the same rows
+
+Every encoding (the SAE's encoder, extra encoders, each pursuit method at each k, computed here or
+read from a `saekit pursue` output) is measured on the same tokens against the same clean logits,
+beside three baselines: the cached bf16 rows themselves ("cache round-trip": what the cache's
+rounding alone costs), zeros ("zero ablation") and the store's mean row ("mean ablation").
+
+The measurement itself (splicing, CE, KL, the clean run and the ablations, the conventions) is
+`saekit.downstream`; this module finds what to measure it on. Sequences are rebuilt from the
+store's token ids (BOS put back when harvest skipped it; any other skip is refused), and the
+model is loaded as the store records it, then checked on the first batch: its own activations
+must match the cached rows, so a wrong model or misaligned tokens fail instead of being measured.
+By default the sequences are the held-out ones (`saekit.heldout`), never trained on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from saekit.codes import dictionary_sha256, group_name, open_codes
+from saekit.devices import resolve_device
+from saekit.downstream import (
+    CLEAN,
+    MEAN,
+    ZERO,
+    BatchEncoding,
+    Downstream,
+    Reconstruction,
+    evaluate,
+)
+from saekit.errors import SaekitError, output_dir
+from saekit.heldout import held_out_rows, run_eval_rows
+from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
+from saekit.sae import load_sae
+from saekit.shards import write_json_atomic
+from saekit.sources import load_model, resolve_dtype
+
+ROUND_TRIP = "cache round-trip"
+REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"
+
+
+# --------------------------------------------------------------------------------------------
+# Config and results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    """Everything `saekit eval` needs; each field is a CLI flag (`batch_size` -> `--batch-size`)."""
+
+    store: str = ""
+    """Activation store written by `saekit harvest`; its token ids are rerun through its model."""
+    sae: str = ""
+    """The SAE whose encoder (and dictionary, for the pursuits) is evaluated: a saekit run dir, a saekit SAE dir, a local sae-lens dir, or sae-lens RELEASE/ID."""
+    out: str = ""
+    """Output directory (report.json, report.md, delta_ce_vs_l0.png); must be new or empty."""
+    encoders: list[str] = field(default_factory=list)
+    """Extra encoders compared on the same tokens (e.g. an MLP-encoder run dir); each is loaded like --sae."""
+    k: list[int] = field(default_factory=list)
+    """Nonzeros per row for the pursuits: each method runs at each k against the SAE's dictionary."""
+    methods: list[str] = field(default_factory=lambda: ["gp", "mp"])
+    """Pursuit methods run at each k: gp, cgp, mp or omp (slow)."""
+    codes: str = ""
+    """A `saekit pursue` output: its codes are evaluated (not recomputed) for every (method, k) it holds; it must cover the evaluated rows."""
+    hook: str | None = None
+    """Hook to evaluate; default: the store's only hook."""
+    sequences: int = 0
+    """Evaluate the store's last N whole sequences; 0: the held-out ones (the rows `saekit train` holds out)."""
+    tokens: int = 0
+    """Evaluate the last whole sequences holding at least N of the store's rows; 0: see --sequences."""
+    model: str = ""
+    """Load this model (a transformer-lens name or a local checkpoint folder) instead of the one the store records, e.g. when its folder moved."""
+    batch_size: int = 0
+    """Sequences per forward pass; 0: as many as keep a batch's logits near 128 MiB (at most 64)."""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "fp32"
+    """Model dtype: fp32 (a ΔCE of hundredths of a nat needs it), bf16, fp16, or auto (bf16 on a GPU)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise SaekitError(msg)
+
+        need(bool(self.store), "--store is required: the activation store to evaluate on")
+        need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
+        need(bool(self.out), "--out is required: the directory for the report")
+        bad_k = [k for k in self.k if k <= 0]
+        need(not bad_k, f"--k {bad_k[0] if bad_k else ''} must be positive (nonzeros per row)")
+        need(len(set(self.k)) == len(self.k), f"--k values repeat ({', '.join(map(str, self.k))}): give each once")
+        unknown = [m for m in self.methods if m not in METHODS]
+        need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
+        need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
+        need(self.sequences >= 0 and self.tokens >= 0, "--sequences and --tokens must be >= 0 (0: the held-out sequences)")
+        need(not (self.sequences and self.tokens), "pass --sequences or --tokens, not both")
+        need(self.batch_size >= 0, f"--batch-size {self.batch_size} must be >= 0 (0: auto)")
+        resolve_dtype(self.dtype, torch.device("cpu"))  # an unknown --dtype is one line, now
+
+
+class EvalEntry(NamedTuple):
+    """One row of the report: one way of encoding (or a baseline), measured on the run's tokens."""
+
+    method: str
+    """'clean', a baseline, 'encoder' (the SAE's own), 'encoder:<name>', or a pursuit method."""
+    k: float | None
+    """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None otherwise."""
+    source: str
+    """The SAE, encoder or codes this row used; '' for the clean row and the baselines."""
+    metrics: Downstream
+
+
+class EvalResult(NamedTuple):
+    """What `run` returns."""
+
+    out: Path
+    """The output directory."""
+    entries: list[EvalEntry]
+    """The report's rows (also in report.json)."""
+    table: str
+    """The report table (markdown, also in report.md)."""
+    header: dict
+    """What was evaluated: store, hook, model, sequences, tokens counted, positions spliced."""
+
+
+# --------------------------------------------------------------------------------------------
+# From the store: sequences, tokens, the model
+# --------------------------------------------------------------------------------------------
+
+
+class SequenceLayout(NamedTuple):
+    """How a harvested store's rows form sequences: sequence i holds rows [i * per_seq, (i + 1) * per_seq)."""
+
+    ctx_len: int
+    """Tokens per sequence, BOS included."""
+    skip: int
+    """Leading positions of each sequence the store left out (0, or 1 for the BOS position)."""
+    bos_id: int | None
+    """Token at position 0 of every sequence (None: the model takes no BOS)."""
+
+    @property
+    def per_seq(self) -> int:
+        return self.ctx_len - self.skip
+
+
+def sequence_layout(store: Any) -> SequenceLayout:
+    """The store's sequences, when its token ids rebuild them exactly; else one line saying why not."""
+    meta = store.meta
+    ctx, skip, bos = meta.get("ctx_len"), meta.get("skip_first_n_tokens"), meta.get("bos_id")
+    if not (_is_int(ctx) and _is_int(skip) and 0 <= skip < ctx) or not (bos is None or _is_int(bos)):
+        raise SaekitError(
+            f"store {store.path} does not record how its rows form sequences (ctx_len, skip_first_n_tokens, bos_id): "
+            "saekit eval reruns the model on the sequences `saekit harvest` cached; pass a store it wrote"
+        )
+    if skip > 1 or (skip == 1 and bos is None):
+        what = f"the first {skip} tokens" if skip > 1 else "the first token (not a BOS token: the model takes none)"
+        raise SaekitError(
+            f"store {store.path} left out {what} of every sequence and keeps no ids for them, so its sequences "
+            "cannot be rebuilt to rerun the model: harvest with --skip-first-n-tokens 0, or 1 for a model with a BOS token"
+        )
+    return SequenceLayout(ctx, skip, bos)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def choose_sequences(cfg: EvalConfig, store: Any, layout: SequenceLayout, held_start: int, trained_here: bool) -> range:
+    """The whole sequences to evaluate: the held-out ones (their rows start at `held_start`), or
+    the store's last --sequences / enough for --tokens rows."""
+    per = layout.per_seq
+    whole = store.n_rows // per  # a last, partial sequence is never evaluated
+    if cfg.sequences or cfg.tokens:
+        want = cfg.sequences or -(-cfg.tokens // per)
+        if want > whole:
+            asked = f"--sequences {want}" if cfg.sequences else f"--tokens {cfg.tokens} (= {want} sequences of {per} rows)"
+            raise SaekitError(f"{asked} is more than the store's {whole} whole sequences: pass at most {whole} sequences")
+        seqs = range(whole - want, whole)
+        if trained_here and seqs.start * per < held_start:
+            warnings.warn(f"rows {seqs.start * per}..{held_start - 1} of these sequences trained {cfg.sae}: its figures there are not held-out ones", stacklevel=2)
+        return seqs
+    first = -(-max(held_start, 0) // per)
+    if first >= whole:
+        raise SaekitError(
+            f"the store's held-out rows [{held_start}, {store.n_rows}) hold no whole sequence of {per} rows: "
+            "pass --sequences N to evaluate the store's last N sequences"
+        )
+    return range(first, whole)
+
+
+def held_out_start(cfg: EvalConfig, store: Any, sae: Any) -> tuple[int, bool]:
+    """(first held-out row, whether the SAE was trained on this store). The run's own held-out
+    count when --sae is a run dir trained on this store, else the default rule."""
+    trained_here = isinstance(sae.metadata, dict) and sae.metadata.get("store_hash") == store.content_hash
+    eval_rows = run_eval_rows(cfg.sae) if trained_here else None
+    return held_out_rows(store.n_rows, eval_rows or 0).start, trained_here
+
+
+def sequence_tokens(store: Any, layout: SequenceLayout, seqs: range) -> Tensor:
+    """Token ids [len(seqs), ctx_len] of whole sequences, rebuilt from the store's rows (BOS put back)."""
+    per = layout.per_seq
+    r0, r1 = seqs.start * per, seqs.stop * per
+    positions = store.positions(r0, r1).reshape(-1, per)
+    if not bool((positions == torch.arange(layout.skip, layout.ctx_len, dtype=positions.dtype)).all()):
+        raise SaekitError(
+            f"rows {r0}..{r1 - 1} of store {store.path} are not whole sequences (their positions do not run "
+            f"{layout.skip}..{layout.ctx_len - 1}): it was not laid out by `saekit harvest`"
+        )
+    tokens = store.tokens(r0, r1).long().reshape(-1, per)
+    if layout.skip:
+        tokens = torch.cat([torch.full((len(seqs), 1), layout.bos_id, dtype=torch.long), tokens], dim=1)
+    return tokens
+
+
+def store_model_spec(store: Any) -> str:
+    """What `load_model` needs to load the model the store records, as harvest loaded it."""
+    model = store.meta.get("model")
+    model = model if isinstance(model, dict) else {}
+    source, name, path = model.get("source"), model.get("name"), model.get("path")
+    if source == "embedded":
+        return "embedded"
+    if source == "transformer_lens" and isinstance(name, str):
+        return name
+    if source == "hf_local" and isinstance(path, str):
+        if not Path(path).is_dir():
+            raise SaekitError(f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: pass its new place with --model")
+        return path
+    raise SaekitError(
+        f"store {store.path} was harvested from a model saekit cannot load from its record ({source or 'unknown'} "
+        f"{name or ''}): pass the same model with --model (a transformer-lens name or a checkpoint folder)"
+    )
+
+
+def check_model(lm: Any, store: Any, hook: str, layout: SequenceLayout, tokens: Tensor) -> None:
+    """One line when the loaded model cannot be the one that harvested the store."""
+    cfg = lm.model.cfg
+    if hook not in lm.model.hook_dict:
+        raise SaekitError(f"model {lm.name} has no hook {hook!r}: it is not the store's model; pass that one with --model")
+    if layout.ctx_len > cfg.n_ctx:
+        raise SaekitError(f"the store's sequences have {layout.ctx_len} tokens but model {lm.name} takes {cfg.n_ctx}: pass the store's model with --model")
+    if int(tokens.max()) >= cfg.d_vocab:
+        raise SaekitError(f"the store's token ids reach {int(tokens.max())} but model {lm.name} has {cfg.d_vocab} tokens: pass the store's model with --model")
+
+
+# --------------------------------------------------------------------------------------------
+# What is compared
+# --------------------------------------------------------------------------------------------
+
+
+class _Row(NamedTuple):
+    """A report row before it is measured."""
+
+    method: str
+    k: float | None
+    source: str
+    encoding: BatchEncoding | None  # None: the clean run and the ablations (evaluate adds them)
+
+
+def _check_sae(sae: Any, spec: str, store: Any, hook: str) -> None:
+    d_model = store.d_model(hook)
+    if sae.d_in != d_model:
+        raise SaekitError(f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook")
+    meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
+    if meant and meant != hook:
+        warnings.warn(f"SAE {spec} was trained on {meant}, not {hook}; the comparison may be meaningless", stacklevel=3)
+
+
+def _encoder_k(sae: Any) -> float | None:
+    return sae.k if sae.activation in ("topk", "batchtopk") else None
+
+
+def _open_codes(cfg: EvalConfig, store: Any, hook: str, sae: Any) -> Any:
+    """The --codes store, refused unless it was computed from this store, hook and dictionary."""
+    if not cfg.codes:
+        return None
+    codes = open_codes(cfg.codes)
+    a = codes.attrs
+    if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
+        raise SaekitError(f"codes in {cfg.codes} were computed from another store or hook ({a.get('hook')}): pass the store and --hook they were made from")
+    if a.get("dictionary_sha256") != dictionary_sha256(sae):
+        raise SaekitError(f"codes in {cfg.codes} were computed against another dictionary than --sae {cfg.sae}'s: pass the SAE they were made with")
+    return codes
+
+
+def _code_rows(codes: Any, cfg: EvalConfig, rows: range) -> int:
+    """The store row of the codes' first row, once the codes are known to hold every row of `rows`."""
+    held = codes.rows()
+    first = int(held[0]) if len(held) else 0
+    consecutive = bool(torch.equal(held, torch.arange(first, first + len(held), dtype=held.dtype)))
+    if not consecutive or rows.start < first or rows.stop > first + len(held):
+        raise SaekitError(
+            f"codes in {cfg.codes} cover store rows [{first}, {first + len(held)}) but the evaluation needs rows "
+            f"[{rows.start}, {rows.stop}): run `saekit pursue` over all rows (no --rows), or drop --codes to compute the pursuits here"
+        )
+    return first
+
+
+def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: int, device: torch.device) -> list[_Row]:
+    """Each method at each k, computed on the fly, and every (method, k) the --codes hold, read back."""
+    too_big = [k for k in cfg.k if k > sae.n_features]
+    if too_big:
+        raise SaekitError(f"--k {too_big[0]} is larger than the SAE's n_features={sae.n_features}; k must be between 1 and n_features")
+    W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
+    stored = {(codes.methods[g], k): g for g, k in codes.groups.items()} if codes is not None else {}
+    wanted = {(m, k) for m in cfg.methods for k in cfg.k} | set(stored)
+    order = sorted(wanted, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
+    first = _code_rows(codes, cfg, rows) if stored else 0
+    out = []
+    for method, k in order:
+        g = stored.get((method, k))
+        if g is None:
+            out.append(_Row(method, k, cfg.sae, _computed_pursuit(W, b, method, k)))
+        else:
+            c = codes.codes(g, rows.start - first, rows.stop - first)
+            out.append(_Row(method, k, f"{cfg.codes}:{g}", _stored_pursuit(c, W, b, per_seq)))
+    return out
+
+
+def _computed_pursuit(W: Tensor, b: Tensor, method: str, k: int) -> BatchEncoding:
+    def encode(x: Tensor, seqs: range) -> Reconstruction:
+        c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
+        return Reconstruction(reconstruct(c, W, b), c.values)
+
+    return encode
+
+
+def _stored_pursuit(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> BatchEncoding:
+    """codes: of every evaluated row, in order; a batch takes its sequences' rows."""
+
+    def encode(x: Tensor, seqs: range) -> Reconstruction:
+        lo, hi = seqs.start * per_seq, seqs.stop * per_seq
+        c = SparseCodes(codes.indices[lo:hi].to(W.device), codes.values[lo:hi].to(W.device))
+        return Reconstruction(reconstruct(c, W, b), c.values)
+
+    return encode
+
+
+def _rows(cfg: EvalConfig, store: Any, hook: str, sae: Any, seqs: range, per_seq: int, device: torch.device) -> list[_Row]:
+    """The report's rows in order: the clean run, the baselines, the encoder, extra encoders, pursuits."""
+    rows = [_Row(CLEAN, None, "", None), _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x), _Row(ZERO, None, "", None),
+            _Row(MEAN, None, "", None), _Row("encoder", _encoder_k(sae), cfg.sae, lambda x, s: sae(x))]  # fmt: skip
+    for spec in cfg.encoders:
+        enc = load_sae(spec, device)
+        _check_sae(enc, spec, store, hook)
+        name = f"encoder:{Path(spec).name or spec}"
+        if name in {r.method for r in rows}:  # e.g. two runs' sae/ dirs: keep both
+            name = f"encoder:{spec}#{len(rows)}"
+        rows.append(_Row(name, _encoder_k(enc), spec, lambda x, s, enc=enc: enc(x)))
+    codes = _open_codes(cfg, store, hook, sae)
+    rows += _pursuit_rows(cfg, sae, codes, range(seqs.start * per_seq, seqs.stop * per_seq), per_seq, device)
+    return rows
+
+
+def _row_name(r: _Row) -> str:
+    return group_name(r.method, int(r.k)) if r.method in METHODS else r.method
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg: EvalConfig) -> EvalResult:
+    """Evaluate every encoding of `cfg` on the store's held-out sequences (or those asked for); write the report."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    with output_dir(cfg.out, kept="nothing is written before the report", rerun="rerun the same command") as out:
+        if any(out.iterdir()):
+            raise SaekitError(f"--out {out} already exists and is not empty: choose a new --out (eval never overwrites a report)")
+        return _run(cfg, out, device, dtype)
+
+
+def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -> EvalResult:
+    from saekit.store import open_store
+
+    store = open_store(cfg.store)
+    hook = store.resolve_hook(cfg.hook)
+    layout = sequence_layout(store)
+    sae = load_sae(cfg.sae, device)
+    _check_sae(sae, cfg.sae, store, hook)
+    seqs = choose_sequences(cfg, store, layout, *held_out_start(cfg, store, sae))
+    rows = _rows(cfg, store, hook, sae, seqs, layout.per_seq, device)
+    tokens = sequence_tokens(store, layout, seqs)
+    lm = load_model(cfg.model or store_model_spec(store), device, dtype)
+    check_model(lm, store, hook, layout, tokens)
+
+    per, row0 = layout.per_seq, seqs.start * layout.per_seq
+    read = lambda s: store.rows(hook, row0 + s.start * per, row0 + s.stop * per).reshape(len(s), per, -1)
+    encodings = {_row_name(r): r.encoding for r in rows if r.encoding is not None}
+    results = evaluate(lm.model, tokens, hook, encodings, read_acts=read, splice_from=layout.skip,
+                       mean=store.stats(hook).mean, batch_size=cfg.batch_size, from_hook=True, progress=cfg.progress)  # fmt: skip
+    entries = [EvalEntry(r.method, r.k, r.source, results[_row_name(r)]) for r in rows]
+    header = {
+        "store": str(cfg.store), "hook": hook, "model": lm.name, "sae": cfg.sae, "n_features": sae.n_features,
+        "sequences": f"{seqs.start}..{seqs.stop - 1} ({len(seqs)} of {layout.ctx_len} tokens)",
+        "rows": f"{row0}..{seqs.stop * per - 1}", "spliced positions": f"{layout.skip}..{layout.ctx_len - 1}",
+        "counted predictions": f"from positions {layout.skip}..{layout.ctx_len - 2}", "tokens": results[CLEAN].n_tokens,
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    }  # fmt: skip
+    table = write_report(out, entries, header)
+    return EvalResult(out, entries, table, header)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_table(entries: list[EvalEntry]) -> str:
+    """The entries as a markdown table."""
+    lines = [
+        "| method | k | L0 | FVU | cossim | CE | ΔCE | CE rec. (zero) | CE rec. (mean) | KL mean | KL p90 | KL p99 | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in entries:
+        m = e.metrics
+        cells = [e.method, _fmt(e.k, "g"), _fmt(m.l0, ".2f"), _fmt(m.fvu, ".4f"), _fmt(m.cossim, ".4f"), _fmt(m.ce, ".4f"),
+                 _fmt(m.delta_ce, "+.3g"), _fmt(m.ce_recovered_zero, ".4f"), _fmt(m.ce_recovered_mean, ".4f"),
+                 _fmt(m.kl_mean, ".3g"), _fmt(m.kl_p90, ".3g"), _fmt(m.kl_p99, ".3g"), _fmt(m.seconds, ".2f")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json_value(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def entry_dict(e: EvalEntry) -> dict:
+    """One report.json entry: method, k, source and every Downstream field (NaN as null)."""
+    return {"method": e.method, "k": e.k, "source": e.source, **{k: _json_value(v) for k, v in e.metrics._asdict().items()}}
+
+
+def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
+    """report.json, report.md and delta_ce_vs_l0.png in `out`; returns the table."""
+    write_json_atomic(out / REPORT_JSON, {"header": header, "entries": [entry_dict(e) for e in entries]})
+    table = format_table(entries)
+    head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
+    md = (f"# saekit eval report\n\n{head}\n\nCE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
+          f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
+          f"rows. See docs/eval.md.\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n")  # fmt: skip
+    tmp = out / f".{REPORT_MD}.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, out / REPORT_MD)
+    plot_downstream(entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['tokens']} tokens")
+    return table
+
+
+def plot_downstream(entries: list[EvalEntry], path: Path, title: str = "") -> None:
+    """ΔCE and mean KL against L0: each pursuit method a curve over k, each encoder a labelled
+    point, the cache round-trip a dashed line (the floor the cache's rounding sets)."""
+    import matplotlib  # lazy: seconds to import, and only the report needs it
+
+    matplotlib.use("Agg")  # no display needed; also keeps the bytes independent of the backend
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    colors = plt.get_cmap("tab10").colors
+    methods = list(dict.fromkeys(e.method for e in entries if e.method in METHODS))
+    encoders = [e for e in entries if e.method.startswith("encoder")]
+    floor = next((e for e in entries if e.method == ROUND_TRIP), None)
+    for ax, metric, label in ((axes[0], "delta_ce", "ΔCE (nats / token)"), (axes[1], "kl_mean", "KL(clean ‖ spliced), mean")):
+        for i, m in enumerate(methods):
+            pts = sorted((e.metrics.l0, getattr(e.metrics, metric)) for e in entries if e.method == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[i % 10], label=m)
+        star_colors = ["black", *reversed(colors)]
+        for i, e in enumerate(encoders):
+            ax.scatter([e.metrics.l0], [getattr(e.metrics, metric)], marker="*", s=180, zorder=3,
+                       color=star_colors[i % len(star_colors)], label=e.method)  # fmt: skip
+        if floor is not None:
+            ax.axhline(getattr(floor.metrics, metric), color="gray", linestyle="--", linewidth=1, label=ROUND_TRIP)
+        ax.set_xlabel("L0 (mean nonzero codes per row)")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)

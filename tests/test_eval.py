@@ -1,0 +1,122 @@
+"""`saekit eval` and `saekit.downstream` on the embedded default's cache: splicing the clean
+activations is exact, the ablations are what they say, the `start_at_layer` path equals a full
+forward, SAELens's own evaluation code agrees, and every encoding is compared in one report."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saekit.downstream import CLEAN, ZERO, downstream_metrics
+from saekit.errors import SaekitError
+from saekit.eval import EvalConfig, run, sequence_layout, sequence_tokens
+from saekit.sae import SparseAutoencoder
+from saekit.sources import load_model
+from saekit.store import open_store
+from saekit.train import TrainConfig
+from saekit.train import run as train
+
+HOOK = "blocks.2.hook_resid_pre"
+N_EVAL = 2048  # held-out rows of the training run: sequences 242..257 of 127 rows
+
+
+@pytest.fixture(scope="module")
+def sae_run(embedded_store, tmp_path_factory):
+    """A TopK SAE (128 -> 512 latents, k 16), 300 steps of 256 rows: a few seconds."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    cfg = TrainConfig(store=str(embedded_store), out=str(out), n_features=512, k=16, batch_size=256, tokens=256 * 300,
+                      device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL, dead_tokens=20_000)  # fmt: skip
+    return train(cfg).out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(None, torch.device("cpu"), torch.float32).model
+
+
+@pytest.fixture(scope="module")
+def held_out(embedded_store):
+    """(token ids [16, 128], cached rows [16, 127, 128]) of the held-out sequences."""
+    store = open_store(embedded_store)
+    layout = sequence_layout(store)
+    seqs = range(-(-(store.n_rows - N_EVAL) // layout.per_seq), store.n_rows // layout.per_seq)
+    rows = store.rows(HOOK, seqs.start * layout.per_seq, seqs.stop * layout.per_seq)
+    return sequence_tokens(store, layout, seqs), rows.float().reshape(len(seqs), layout.per_seq, -1)
+
+
+def _same(a, b, rel=1e-5):
+    for f in a._fields:
+        if f != "seconds":
+            assert getattr(a, f) == pytest.approx(getattr(b, f), rel=rel, abs=1e-6, nan_ok=True), f
+
+
+# --- the measurement ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("from_hook", [True, False])
+def test_splicing_the_clean_activations_back_gives_exactly_clean_ce_and_zero_kl(model, held_out, from_hook):
+    tokens, _ = held_out
+    res = downstream_metrics(model, tokens[:6], HOOK, {"same": lambda x: x}, from_hook=from_hook)
+    same, clean = res["same"], res[CLEAN]
+    assert same.ce == clean.ce and same.delta_ce == 0.0
+    assert same.kl_mean == same.kl_p90 == same.kl_p99 == 0.0
+    assert same.fvu == 0.0 and same.n_tokens == 6 * 126  # positions 1..126 predict tokens 2..127
+
+
+def test_zero_ablation_matches_a_hand_written_one(model, held_out):
+    tokens, _ = held_out
+    tokens = tokens[:4]
+
+    def zero_after_bos(act, hook):
+        act[:, 1:] = 0
+        return act
+
+    with torch.no_grad():
+        clean = model(tokens)
+        ablated = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, zero_after_bos)])
+    # predictions from positions 1..126 of tokens 2..127
+    ce = F.cross_entropy(ablated[:, 1:-1].flatten(0, 1), tokens[:, 2:].flatten()).item()
+    kl = F.kl_div(ablated[:, 1:-1].log_softmax(-1), clean[:, 1:-1].log_softmax(-1), log_target=True, reduction="none")
+    zero = downstream_metrics(model, tokens, HOOK, {})[ZERO]
+    assert zero.ce == pytest.approx(ce, rel=1e-6)
+    assert zero.kl_mean == pytest.approx(kl.sum(-1).mean().item(), rel=1e-5)
+    assert zero.ce_recovered_zero == 0.0 and zero.fvu > 1  # zeros are worse than the mean
+
+
+def test_a_trained_sae_recovers_part_of_the_loss_and_start_at_layer_equals_a_full_forward(model, held_out, sae_run):
+    tokens, acts = held_out
+    sae = SparseAutoencoder.load(sae_run / "sae")
+    mean = acts.flatten(0, 1).mean(0)
+    fast = downstream_metrics(model, tokens, HOOK, {"sae": sae}, acts=acts, mean=mean)
+    full = downstream_metrics(model, tokens, HOOK, {"sae": sae}, acts=acts, mean=mean, from_hook=False)
+    for name in fast:
+        _same(fast[name], full[name])
+    m = fast["sae"]
+    assert 0 < m.ce_recovered_zero < 1 and 0 < m.ce_recovered_mean < 1
+    assert m.delta_ce > 0 and m.kl_mean > 0 and m.kl_p99 >= m.kl_p90 >= 0
+    assert m.l0 == pytest.approx(16)
+
+
+def test_clean_ce_spliced_ce_and_zero_ce_agree_with_sae_lens_own_evaluation(model, held_out, sae_run):
+    """SAELens splices every position (BOS too) and counts every prediction: splice_from=0."""
+    import sae_lens
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    tokens = held_out[0][:8]
+    sl = sae_lens.SAE.load_from_disk(str(sae_run / "sae_lens"))  # exported by train, normalization folded in
+    with torch.no_grad():
+        theirs = get_recons_loss(sl, model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True, hook_name=HOOK)
+    ours = downstream_metrics(model, tokens, HOOK, {"sae": SparseAutoencoder.load(sae_run / "sae")}, splice_from=0)
+    assert abs(ours[CLEAN].ce - theirs["ce_loss_without_sae"].mean().item()) < 1e-3
+    assert abs(ours["sae"].ce - theirs["ce_loss_with_sae"].mean().item()) < 1e-3
+    assert abs(ours[ZERO].ce - theirs["ce_loss_with_ablation"].mean().item()) < 1e-3
+    # the same KL direction; SAELens also averages the last position, which predicts nothing we count
+    assert abs(ours["sae"].kl_mean - theirs["kl_div_with_sae"][:, :-1].mean().item()) < 1e-3
+
+
+def test_activations_that_are_not_the_models_are_refused(model, held_out):
+    tokens, acts = held_out
+    with pytest.raises(SaekitError, match="differ from the cached ones by"):
+        downstream_metrics(model, tokens[:4], HOOK, lambda x: x, acts=acts[1:5])  # one sequence off
