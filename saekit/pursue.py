@@ -398,6 +398,9 @@ def _check_out(cfg: PursueConfig) -> Path:
         if not cfg.resume:
             raise SaekitError(f"output {out} already exists: pass --resume to continue it, or choose a new --out")
         if _read_codes_attrs(out / CODES_DIR) is None:
+            meta = out / CODES_DIR / "zarr.json"
+            if meta.is_file():  # its codes are there: say what is wrong, not "no codes.zarr"
+                raise SaekitError(f"--resume: {meta} is damaged or not written by `saekit pursue`; restore it from a copy, or choose a new --out")
             raise SaekitError(f"--resume: {out} is not a `saekit pursue` output (no {CODES_DIR}); choose a new --out")
     return out
 

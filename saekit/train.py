@@ -181,9 +181,13 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A TOML (.toml), YAML (.yaml/.yml, needs pyyaml) or JSON file of TrainConfig fields, as a dict."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # /dev/zero never ends; a FIFO waits for a writer
+            raise SaekitError(f"--config {path} is not a regular file: pass a .toml, .yaml/.yml or .json file")
         text = path.read_text()
     except OSError as e:
         raise SaekitError(f"cannot read --config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SaekitError(f"--config {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":

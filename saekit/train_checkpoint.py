@@ -191,7 +191,8 @@ class MetricsLog:
 
 def _lines_until(path: Path, step: int) -> list[str]:
     """The lines of metrics.jsonl up to `step`; a torn last line (a crash mid-write) is dropped."""
-    lines = [ln for ln in path.read_text().splitlines() if ln]
+    # metrics.jsonl is ASCII JSON: a byte that is not UTF-8 only makes its line unparsable (damaged)
+    lines = [ln for ln in path.read_bytes().decode(errors="replace").splitlines() if ln]
     kept = []
     for i, ln in enumerate(lines):
         try:

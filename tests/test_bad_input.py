@@ -1,0 +1,490 @@
+"""The bad-input table: `saekit` run on 84 bad inputs across every command (issue 9, item 12).
+
+Each row must
+  (a) exit non-zero,
+  (b) print exactly one `error:` line, last on stderr, and no traceback,
+  (c) change nothing already written: every file under the inputs it names (the shared store,
+      run dir, SAE dirs, checkpoint, demo) and under the row's own directory (its damaged copies,
+      an --out that existed) hashes the same afterwards, and no new file or directory appears
+      there. Only a command that stops partway (a full disk, a damaged shard that training or
+      pursuit reaches) may leave its partial output at a new --out, which --resume continues.
+
+The inputs are real: a store harvested from the embedded model, a run dir from `saekit train`, a
+saekit SAE dir, a sae-lens dir written by sae-lens's own save_model, a tiny HF checkpoint and a
+finished tiny demo; each row damages a copy. Rows run in-process through cli.main:main (a
+subprocess costs seconds of imports), except those that need a real non-root user (setpriv).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from cli_checks import NO_DAC, in_process, one_error, saekit
+
+HOOK = "blocks.2.hook_resid_pre"  # the embedded model's default hook (d_model 128)
+SHARD = f"acts/{HOOK}/c/1/0"  # the second of the store's four shard files
+NOISE = random.Random(0).randbytes(8192)
+
+
+class Inputs(NamedTuple):
+    """What was already written, shared by every row (rows damage copies, never these)."""
+
+    store: Path  # a complete store harvested from the embedded model: 2048 rows of HOOK, 4 shards
+    run: Path  # a finished `saekit train` run on it (64 latents, k 4) with a checkpoint
+    sae: Path  # run/sae: a saekit SAE directory
+    lens: Path  # a sae-lens TopK SAE (d_in 128, 64 latents) saved by sae-lens's save_model
+    ckpt: Path  # a tiny GPT-2 HF checkpoint (safetensors weights)
+    demo: Path  # a finished tiny `saekit demo` directory
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    import sae_lens
+    import torch
+    from test_sources import make_tiny_gpt2
+
+    from saekit.demo import DemoConfig
+    from saekit.demo import run as demo
+    from saekit.harvest import HarvestConfig
+    from saekit.harvest import run as harvest
+    from saekit.train import TrainConfig
+    from saekit.train import run as train
+
+    root = tmp_path_factory.mktemp("bad-input")
+    store = harvest(HarvestConfig(out=str(root / "store"), tokens=2048, shard_rows=512, chunk_rows=128, device="cpu",
+                                  progress=False)).path  # fmt: skip
+    run = train(TrainConfig(store=str(store), out=str(root / "run"), n_features=64, k=4, batch_size=64, tokens=256,
+                            eval_rows=256, checkpoint_every=2, device="cpu", progress=False)).out  # fmt: skip
+    torch.manual_seed(0)
+    lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=128, d_sae=64, k=4))
+    with torch.no_grad():
+        lens.W_dec /= lens.W_dec.norm(dim=1, keepdim=True)  # as trained: saekit would warn about uneven row norms
+    lens.save_model(root / "lens")
+    ckpt = make_tiny_gpt2(root / "tiny-gpt2")
+    demo_out = demo(DemoConfig(out=str(root / "demo"), tokens=2048, steps=2, rows=256, progress=False)).store.parent
+    return Inputs(Path(store), run, run / "sae", root / "lens", Path(ckpt), demo_out)
+
+
+class Env(NamedTuple):
+    """What a row's `make` gets."""
+
+    inputs: Inputs
+    tmp: Path  # the row's own directory (hashed before and after)
+    tmpfs: Callable  # the conftest fixture: tmpfs(size, ro=False) -> a mounted directory
+    capsys: pytest.CaptureFixture
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def store(self) -> Path:
+        return self.inputs.store
+
+    @property
+    def sae(self) -> Path:
+        return self.inputs.sae
+
+
+class Row(NamedTuple):
+    make: Callable[[Env], list]
+    """Builds the row's bad input under env.tmp; returns the arguments after `saekit`."""
+    says: str
+    """A fragment of the one `error:` line."""
+    needs: str = ""
+    """'tmpfs' (mounts one: root) or 'setpriv' (runs as a user without root's file-permission override)."""
+    partial: bool = False
+    """The command stops partway (a full disk; a damaged shard that training or pursuit reaches): its
+    new --out may keep the partial output, which --resume continues."""
+
+
+# --- commands, with every size small ------------------------------------------------------
+
+
+def harvest(out, *more) -> list:
+    return ["harvest", "--tokens", 256, "--device", "cpu", "--out", out, *more]
+
+
+def train(store, out, *more) -> list:
+    return ["train", "--store", store, "--out", out, "--n-features", 64, "--k", 4, "--batch-size", 64, "--tokens", 128,
+            "--eval-rows", 256, "--device", "cpu", "--no-progress", *more]  # fmt: skip
+
+
+def pursue(store, sae, out, *more) -> list:
+    return ["pursue", "--store", store, "--sae", sae, "--k", 2, "--method", "gp", "--device", "cpu", "--out", out, *more]
+
+
+def demo(out, *more) -> list:
+    return ["demo", "--tokens", 2048, "--steps", 2, "--rows", 256, "--device", "cpu", "--out", out, *more]
+
+
+# --- bad things to point them at ------------------------------------------------------------
+
+
+def copy(env: Env, src: Path, name: str | None = None) -> Path:
+    return Path(shutil.copytree(src, env.tmp / (name or src.name)))
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def damaged_codes(env: Env) -> Path:
+    """A finished `saekit pursue` output whose codes.zarr/zarr.json is cut short."""
+    out = env.tmp / "codes"
+    code, _, err = in_process(env.capsys, env.monkeypatch, *pursue(env.store, env.sae, out))
+    assert code == 0, err
+    truncate(out / "codes.zarr" / "zarr.json")
+    return out
+
+
+def noise(env: Env, name: str) -> Path:
+    return write(env.tmp / name, NOISE)
+
+
+def a_file(env: Env) -> Path:
+    return write(env.tmp / "notes.txt", "a file the user keeps")
+
+
+def read_only(env: Env) -> Path:
+    return env.tmpfs(1 << 20, ro=True) / "out"
+
+
+def locked(env: Env) -> Path:
+    (env.tmp / "locked").mkdir(mode=0o555)
+    return env.tmp / "locked" / "out"
+
+
+def too_long(env: Env) -> Path:
+    return env.tmp / ("x" * 300) / "out"
+
+
+def full_disk(env: Env, size: int) -> Path:
+    return env.tmpfs(size) / "out"
+
+
+def edit_json(path: Path, change) -> None:
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+
+def flip(path: Path, at: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def damaged_store(env: Env, how: str) -> Path:
+    """A copy of the store with one kind of damage."""
+    s = copy(env, env.inputs.store)
+    attrs = lambda change: edit_json(s / "zarr.json", lambda doc: change(doc["attributes"]))
+    if how == "missing shard":
+        (s / SHARD).unlink()
+    elif how == "flipped byte":
+        flip(s / SHARD)
+    elif how == "zarr.json cut short":
+        truncate(s / "zarr.json")
+    elif how == "n_rows 'lots'":
+        attrs(lambda a: a.update(n_rows="lots"))
+    elif how == "hook ../../x":
+        attrs(lambda a: a.update(hooks={"../../x": 128}))
+    elif how == "meta.ctx_len edited":
+        attrs(lambda a: a["meta"].update(ctx_len=99))
+    elif how == "mean_sq_norm x1000":
+        attrs(lambda a: a["stats"][HOOK].update(mean_sq_norm=a["stats"][HOOK]["mean_sq_norm"] * 1000))
+    else:
+        raise AssertionError(how)
+    return s
+
+
+def damaged_run(env: Env, file: str) -> Path:
+    run = copy(env, env.inputs.run)
+    truncate(run / file, keep=20)
+    return run
+
+
+def resume(run: Path) -> list:
+    return ["train", "--out", run, "--resume", "--no-progress"]
+
+
+def noisy_metrics(env: Env) -> Path:
+    run = copy(env, env.inputs.run)
+    write(run / "metrics.jsonl", NOISE)  # newlines among the bytes: not just a torn last line
+    return run
+
+
+def toml(env: Env, line: str) -> Path:
+    return write(env.tmp / "train.toml", f'store = "{env.inputs.store}"\nout = "{env.tmp / "run"}"\n{line}\n')
+
+
+def wide_sae(env: Env) -> Path:
+    """A saekit SAE of the wrong width for the store (d_in 32, the store's d_model is 128)."""
+    from saekit.sae import SparseAutoencoder
+
+    SparseAutoencoder(d_in=32, n_features=64, k=4).save(env.tmp / "wide")
+    return env.tmp / "wide"
+
+
+def sae_without_weights(env: Env) -> Path:
+    sae = copy(env, env.inputs.sae)
+    (sae / "sae.safetensors").unlink()
+    return sae
+
+
+def sae_cut_short(env: Env) -> Path:
+    sae = copy(env, env.inputs.sae)
+    truncate(sae / "sae.safetensors", keep=100)
+    return sae
+
+
+def sae_config_not_json(env: Env) -> Path:
+    sae = copy(env, env.inputs.sae)
+    write(sae / "config.json", b"\x89PNG\x00{")
+    return sae
+
+
+def lens_d_in_mismatch(env: Env) -> Path:
+    lens = copy(env, env.inputs.lens)
+    edit_json(lens / "cfg.json", lambda c: c.update(d_in=16))
+    return lens
+
+
+def pickled_checkpoint(env: Env) -> Path:
+    """The checkpoint with its weights as a pickled pytorch_model.bin only (what older
+    save_pretrained wrote); saekit must refuse it, never unpickle it."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = copy(env, env.inputs.ckpt)
+    torch.save(load_file(str(ckpt / "model.safetensors")), ckpt / "pytorch_model.bin")
+    (ckpt / "model.safetensors").unlink()
+    return ckpt
+
+
+def checkpoint_cut_short(env: Env) -> Path:
+    ckpt = copy(env, env.inputs.ckpt)
+    truncate(ckpt / "model.safetensors", keep=5000)
+    return ckpt
+
+
+def checkpoint_config_not_json(env: Env) -> Path:
+    ckpt = copy(env, env.inputs.ckpt)
+    write(ckpt / "config.json", "{'n_layer': 2,")
+    return ckpt
+
+
+def fifo(env: Env) -> Path:
+    os.mkfifo(env.tmp / "pipe.jsonl")  # opening it would wait for a writer forever
+    return env.tmp / "pipe.jsonl"
+
+
+def latin1(env: Env) -> Path:
+    words = "plain ascii words " * 300
+    return write(env.tmp / "latin1.txt", (words + "café" + words).encode("latin-1"))
+
+
+def not_a_demo(env: Env) -> Path:
+    (env.tmp / "mine").mkdir()
+    write(env.tmp / "mine" / "notes.txt", "keep")
+    return env.tmp / "mine"
+
+
+def demo_json_damaged(env: Env) -> Path:
+    (env.tmp / "d").mkdir()
+    write(env.tmp / "d" / "demo.json", '{"tokens": 20')
+    return env.tmp / "d"
+
+
+# --- the table ------------------------------------------------------------------------------
+
+STORE_DAMAGE = {
+    "missing shard": f"{SHARD}",
+    "flipped byte": f"{SHARD}",
+    "zarr.json cut short": "zarr.json is damaged (not valid JSON)",
+    "n_rows 'lots'": "damaged attributes: n_rows",
+    "hook ../../x": "damaged attributes: hook name '../../x'",
+    "meta.ctx_len edited": "content hash",
+    "mean_sq_norm x1000": "content hash",
+}
+
+
+def store_rows(command: str, damages: list[str]) -> dict[str, Row]:
+    """`command` on copies of the store with each of `damages`."""
+
+    def args(how: str) -> Callable[[Env], list]:
+        def make(env: Env) -> list:
+            s = damaged_store(env, how)
+            return {
+                "info": lambda: ["info", s],
+                "verify": lambda: ["verify", s],
+                "train": lambda: train(s, env.tmp / "run"),
+                "pursue": lambda: pursue(s, env.sae, env.tmp / "codes"),
+                # the fixture's own arguments, so only the damage differs
+                "harvest --resume": lambda: ["harvest", "--tokens", 2048, "--shard-rows", 512, "--chunk-rows", 128,
+                                             "--device", "cpu", "--out", s, "--resume"],
+                "harvest --overwrite": lambda: harvest(s, "--overwrite"),
+            }[command]()
+
+        return make
+
+    def says(how: str) -> str:
+        if command == "verify" and how in ("missing shard", "flipped byte"):
+            return "1 problem(s) in"  # the shard is named on stdout, above
+        return STORE_DAMAGE[how]
+
+    def midway(how: str) -> bool:  # train and pursue find a damaged shard when they reach it
+        return command in ("train", "pursue") and how in ("missing shard", "flipped byte")
+
+    return {f"{command} on a store: {how}": Row(args(how), says(how), partial=midway(how)) for how in damages}
+
+
+# fmt: off
+ROWS: dict[str, Row] = {
+    # -- harvest ----------------------------------------------------------------------------
+    "harvest --out on a read-only mount": Row(lambda env: harvest(read_only(env)), "Read-only file system", needs="tmpfs"),
+    "harvest --out without write permission": Row(lambda env: harvest(locked(env)), "Permission denied", needs="setpriv"),
+    "harvest --out name too long": Row(lambda env: harvest(too_long(env)), "too long"),
+    "harvest --out is a file": Row(lambda env: harvest(a_file(env)), "is a file, not a directory"),
+    "harvest --device tpu": Row(lambda env: harvest(env.tmp / "s", "--device", "tpu"), "unknown --device 'tpu'"),
+    "harvest random-bytes .jsonl": Row(lambda env: harvest(env.tmp / "s", "--dataset", noise(env, "n.jsonl")),
+                                       "is not UTF-8 text"),
+    "harvest random-bytes .parquet": Row(lambda env: harvest(env.tmp / "s", "--dataset", noise(env, "n.parquet")),
+                                         "not a readable Parquet file"),
+    "harvest random-bytes .txt": Row(lambda env: harvest(env.tmp / "s", "--dataset", noise(env, "n.txt")), "is not UTF-8 text"),
+    "harvest Latin-1 .txt": Row(lambda env: harvest(env.tmp / "s", "--dataset", latin1(env)), "not UTF-8 text: byte 0xe9"),
+    "harvest /dev/zero": Row(lambda env: harvest(env.tmp / "s", "--dataset", "/dev/zero"), "is a character device"),
+    "harvest a FIFO": Row(lambda env: harvest(env.tmp / "s", "--dataset", fifo(env)), "FIFO"),
+    "harvest a missing dataset file": Row(lambda env: harvest(env.tmp / "s", "--dataset", env.tmp / "gone.jsonl"), "gone.jsonl"),
+    "harvest pickled pytorch_model.bin": Row(lambda env: harvest(env.tmp / "s", "--model", pickled_checkpoint(env)),
+                                             "loads only safetensors weights"),
+    "harvest truncated model.safetensors": Row(lambda env: harvest(env.tmp / "s", "--model", checkpoint_cut_short(env)),
+                                               "model.safetensors is damaged"),
+    "harvest checkpoint config.json not JSON": Row(lambda env: harvest(env.tmp / "s", "--model", checkpoint_config_not_json(env)),
+                                                   "config.json is not JSON"),
+    "harvest --out a finished store, no --resume": Row(lambda env: harvest(copy(env, env.store)), "--resume"),
+    "harvest --resume with other --tokens": Row(lambda env: harvest(copy(env, env.store), "--resume"), "different metadata"),
+    **store_rows("harvest --resume", ["zarr.json cut short", "n_rows 'lots'", "flipped byte", "missing shard"]),
+    "harvest --overwrite a directory that is not a store": Row(lambda env: harvest(a_file(env).parent, "--overwrite"),
+                                                               "not a saekit store; refusing to delete it"),
+    **store_rows("harvest --overwrite", ["zarr.json cut short"]),
+    "harvest onto a full disk": Row(lambda env: harvest(full_disk(env, 64 << 10), "--tokens", 2048, "--shard-rows", 512,
+                                                        "--chunk-rows", 128), "disk full", needs="tmpfs", partial=True),
+    # -- train ------------------------------------------------------------------------------
+    "train --out on a read-only mount": Row(lambda env: train(env.store, read_only(env)), "Read-only file system", needs="tmpfs"),
+    "train --out without write permission": Row(lambda env: train(env.store, locked(env)), "Permission denied", needs="setpriv"),
+    "train --out name too long": Row(lambda env: train(env.store, too_long(env)), "too long"),
+    "train --out is a file": Row(lambda env: train(env.store, a_file(env)), "is a file, not a directory"),
+    "train --device tpu": Row(lambda env: train(env.store, env.tmp / "run", "--device", "tpu"), "unknown --device 'tpu'"),
+    "train --out a finished run, no --resume": Row(lambda env: train(env.store, copy(env, env.inputs.run)), "pass --resume"),
+    "train --resume, config.json cut short": Row(lambda env: resume(damaged_run(env, "config.json")), "config.json is damaged"),
+    "train --resume, state.json cut short": Row(lambda env: resume(damaged_run(env, "checkpoint/state.json")),
+                                                "checkpoint is unreadable (JSONDecodeError)"),
+    "train --resume, checkpoint weights cut short": Row(lambda env: resume(damaged_run(env, "checkpoint/model.safetensors")),
+                                                        "checkpoint is unreadable (SafetensorError)"),
+    "train --resume, run.json cut short": Row(lambda env: resume(damaged_run(env, "run.json")), "run.json is damaged"),
+    "train --resume, metrics.jsonl random bytes": Row(lambda env: resume(noisy_metrics(env)), "metrics.jsonl line 1 is damaged"),
+    'train --config normalize = "no"': Row(lambda env: ["train", "--config", toml(env, 'normalize = "no"')],
+                                           "normalize must be true or false, got 'no'"),
+    'train --config n-features = "lots"': Row(lambda env: ["train", "--config", toml(env, 'n-features = "lots"')],
+                                              "n-features must be an integer, got 'lots'"),
+    "train --config k = [1, 2]": Row(lambda env: ["train", "--config", toml(env, "k = [1, 2]")],
+                                     "k must be an integer, got [1, 2]"),
+    "train --config random bytes": Row(lambda env: ["train", "--config", noise(env, "c.toml")], "c.toml is not UTF-8 text"),
+    "train --config /dev/zero": Row(lambda env: ["train", "--config", "/dev/zero"], "--config /dev/zero is not a regular file"),
+    "train --k above --n-features": Row(lambda env: train(env.store, env.tmp / "run", "--k", 65),
+                                        "--k 65 is larger than --n-features 64"),
+    "train --from-pretrained of another width": Row(lambda env: train(env.store, env.tmp / "run", "--n-features", 0,
+                                                                      "--from-pretrained", wide_sae(env)), "d_in=32"),
+    "train --store missing": Row(lambda env: train(env.tmp / "gone", env.tmp / "run"), "gone"),
+    **store_rows("train", ["missing shard", "flipped byte", "zarr.json cut short", "meta.ctx_len edited", "mean_sq_norm x1000"]),
+    "train onto a full disk": Row(lambda env: train(env.store, full_disk(env, 16 << 10)), "disk full",
+                                  needs="tmpfs", partial=True),
+    # -- pursue -----------------------------------------------------------------------------
+    "pursue --out on a read-only mount": Row(lambda env: pursue(env.store, env.sae, read_only(env)), "Read-only file system",
+                                             needs="tmpfs"),
+    "pursue --out without write permission": Row(lambda env: pursue(env.store, env.sae, locked(env)), "Permission denied",
+                                                 needs="setpriv"),
+    "pursue --out name too long": Row(lambda env: pursue(env.store, env.sae, too_long(env)), "too long"),
+    "pursue --out is a file": Row(lambda env: pursue(env.store, env.sae, a_file(env)), "is a file, not a directory"),
+    "pursue --device tpu": Row(lambda env: pursue(env.store, env.sae, env.tmp / "o", "--device", "tpu"),
+                               "unknown --device 'tpu'"),
+    "pursue --sae without weights": Row(lambda env: pursue(env.store, sae_without_weights(env), env.tmp / "o"),
+                                        "no sae.safetensors: the weights file is missing"),
+    "pursue --sae truncated sae.safetensors": Row(lambda env: pursue(env.store, sae_cut_short(env), env.tmp / "o"),
+                                                  "sae.safetensors is damaged"),
+    "pursue --sae config.json not JSON": Row(lambda env: pursue(env.store, sae_config_not_json(env), env.tmp / "o"),
+                                             "config.json is not valid JSON"),
+    "pursue --sae sae-lens cfg.json d_in mismatch": Row(lambda env: pursue(env.store, lens_d_in_mismatch(env), env.tmp / "o"),
+                                                        "cfg.json says d_in=16"),
+    "pursue --sae of another width": Row(lambda env: pursue(env.store, wide_sae(env), env.tmp / "o"), "d_in=32"),
+    "pursue --k above n_features": Row(lambda env: pursue(env.store, env.inputs.lens, env.tmp / "o", "--k", 65),
+                                       "--k 65 is larger than the SAE's n_features=64"),
+    **store_rows("pursue", ["missing shard", "flipped byte", "n_rows 'lots'", "hook ../../x", "mean_sq_norm x1000"]),
+    "pursue --resume, codes.zarr/zarr.json cut short": Row(lambda env: pursue(env.store, env.sae, damaged_codes(env),
+                                                                              "--resume"), "codes.zarr/zarr.json is damaged"),
+    "pursue onto a full disk": Row(lambda env: pursue(env.store, env.sae, full_disk(env, 4 * 4096)), "disk full",
+                                   needs="tmpfs", partial=True),
+    # -- info, verify -----------------------------------------------------------------------
+    "info of a missing path": Row(lambda env: ["info", env.tmp / "gone"], "gone"),
+    "info of a directory that is not a store": Row(lambda env: ["info", a_file(env).parent], "is not a saekit activation store"),
+    **store_rows("info", ["zarr.json cut short", "n_rows 'lots'", "hook ../../x"]),
+    **store_rows("verify", ["missing shard", "flipped byte", "hook ../../x", "meta.ctx_len edited", "mean_sq_norm x1000"]),
+    # -- demo -------------------------------------------------------------------------------
+    "demo --out is a file": Row(lambda env: demo(a_file(env)), "is a file, not a directory"),
+    "demo --out name too long": Row(lambda env: demo(too_long(env)), "too long"),
+    "demo --out on a read-only mount": Row(lambda env: demo(read_only(env)), "Read-only file system", needs="tmpfs"),
+    "demo --device tpu": Row(lambda env: demo(env.tmp / "d", "--device", "tpu"), "unknown --device 'tpu'"),
+    "demo rerun with other sizes": Row(lambda env: demo(env.inputs.demo, "--steps", 3), "holds a demo run with other sizes"),
+    "demo --out a directory that is not a demo": Row(lambda env: demo(not_a_demo(env)), "is not empty"),
+    "demo --out with a damaged demo.json": Row(lambda env: demo(demo_json_damaged(env)), "demo.json is damaged"),
+}
+# fmt: on
+
+
+def tree(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """Every path under `root` (but `skip`): a file's sha256, or what else it is."""
+    seen = {}
+    for p in sorted(root.rglob("*")):
+        if skip is not None and (p == skip or skip in p.parents):
+            continue
+        kind = "dir" if p.is_dir() else "file" if p.is_file() else "other"  # a FIFO is never read
+        seen[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest() if kind == "file" else kind
+    return seen
+
+
+def _needs(what: str) -> None:
+    if what == "setpriv" and (os.geteuid() != 0 or not shutil.which("setpriv")):
+        pytest.skip("needs root and setpriv to run a command as a user without root's permission override")
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_bad_input_is_one_line_and_changes_nothing(name, inputs, tmp_path, tmpfs, capsys, monkeypatch):
+    row = ROWS[name]
+    _needs(row.needs)
+    env = Env(inputs, tmp_path / "row", tmpfs, capsys, monkeypatch)
+    env.tmp.mkdir()
+    args = [str(a) for a in row.make(env)]
+    shared = [p for p in inputs if any(a == str(p) or a.startswith(f"{p}/") for a in args)]
+    out = Path(args[args.index("--out") + 1]) if row.partial else None
+    before = tree(env.tmp, skip=out), {p: tree(p) for p in shared}
+
+    if row.needs == "setpriv":
+        r = saekit(*args, prefix=NO_DAC)
+        code, err = r.returncode, r.stderr
+    else:
+        code, _, err = in_process(capsys, monkeypatch, *args)
+
+    one_error(code, err, row.says)
+    assert (tree(env.tmp, skip=out), {p: tree(p) for p in shared}) == before
