@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from saekit.devices import device_clock
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
 
@@ -239,12 +239,12 @@ def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor 
     s, device = splicer.splice_from, splicer.device
     tokens = tokens.to(device)
     targets = tokens[:, s + 1 :]
-    t0 = _now(device)
+    t0 = device_clock(device)
     logits, clean_act = splicer.clean(tokens)
     clean_logp = _log_probs(logits, s)
     del logits
     ce = _ce(clean_logp, targets)
-    tallies[CLEAN].add(ce, torch.zeros_like(ce), _now(device) - t0)
+    tallies[CLEAN].add(ce, torch.zeros_like(ce), device_clock(device) - t0)
     fresh = clean_act[:, s:].flatten(2)  # [b, ctx - s, d]
     if acts is not None:
         acts = acts.to(device)
@@ -252,10 +252,10 @@ def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor 
             _check_acts(fresh, acts, splicer.hook)
     x = (fresh if acts is None else acts).reshape(-1, fresh.shape[-1]).float()
     for name, fn in fns.items():
-        t0 = _now(device)
+        t0 = device_clock(device)
         x_hat, codes = _unpack(fn(x, seqs), x, name)
         logp = _log_probs(splicer.spliced(tokens, clean_act, x_hat), s)
-        tallies[name].add(_ce(logp, targets), _kl(clean_logp, logp), _now(device) - t0, x, x_hat, codes)
+        tallies[name].add(_ce(logp, targets), _kl(clean_logp, logp), device_clock(device) - t0, x, x_hat, codes)
 
 
 def _log_probs(logits: Tensor, s: int) -> Tensor:
@@ -293,13 +293,6 @@ def _unpack(out: Any, x: Tensor, name: str) -> tuple[Tensor, Tensor | None]:
         raise SaekitError(f"encoding {name!r} returned {got} for inputs {tuple(x.shape)}: return a reconstruction of the same shape")
     codes = None if isinstance(out, Tensor) else getattr(out, "codes", None)
     return rec.float(), codes
-
-
-def _now(device: torch.device) -> float:
-    """A clock for device work: waits for queued CUDA kernels so the times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 class _Tally:

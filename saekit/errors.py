@@ -17,6 +17,20 @@ class SaekitError(Exception):
     """A user-facing error: bad input, a corrupt or incomplete store, a refused overwrite."""
 
 
+def one_line(e: BaseException | str, limit: int = 200) -> str:
+    """An exception's message (or any text) squeezed onto one line, for quoting inside a
+    SaekitError: whitespace runs become one space; past `limit` characters it is cut at a word
+    and marked with '...'. An empty message gives the exception's type name."""
+    text = " ".join(str(e).split()) or (type(e).__name__ if isinstance(e, BaseException) else "(no message)")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def is_non_empty(path: Path) -> bool:
+    """`path` is a file, or a directory with anything in it: an output written there could
+    clobber something, so each command refuses it (with its own advice) unless told otherwise."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def is_disk_full(e: BaseException | None) -> bool:
     """True when `e`, or an exception it was raised from, is a full disk or an exceeded quota."""
     while e is not None:

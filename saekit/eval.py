@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from saekit.codes import dictionary_sha256, group_name, open_codes
-from saekit.devices import resolve_device
+from saekit.devices import resolve_device, resolve_dtype
 from saekit.downstream import (
     CLEAN,
     MEAN,
@@ -41,12 +41,12 @@ from saekit.downstream import (
     Reconstruction,
     evaluate,
 )
-from saekit.errors import SaekitError, output_dir
+from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.heldout import held_out_rows, run_eval_rows
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
-from saekit.sae import load_sae
+from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import write_json_atomic
-from saekit.sources import load_model, resolve_dtype
+from saekit.sources import load_model
 
 ROUND_TRIP = "cache round-trip"
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"
@@ -109,7 +109,7 @@ class EvalConfig:
         need(self.sequences >= 0 and self.tokens >= 0, "--sequences and --tokens must be >= 0 (0: the held-out sequences)")
         need(not (self.sequences and self.tokens), "pass --sequences or --tokens, not both")
         need(self.batch_size >= 0, f"--batch-size {self.batch_size} must be >= 0 (0: auto)")
-        resolve_dtype(self.dtype, torch.device("cpu"))  # an unknown --dtype is one line, now
+        resolve_dtype(self.dtype, what="--dtype")  # an unknown --dtype is one line, now
 
 
 class EvalEntry(NamedTuple):
@@ -270,19 +270,6 @@ class _Row(NamedTuple):
     encoding: BatchEncoding | None  # None: the clean run and the ablations (evaluate adds them)
 
 
-def _check_sae(sae: Any, spec: str, store: Any, hook: str) -> None:
-    d_model = store.d_model(hook)
-    if sae.d_in != d_model:
-        raise SaekitError(f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook")
-    meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
-    if meant and meant != hook:
-        warnings.warn(f"SAE {spec} was trained on {meant}, not {hook}; the comparison may be meaningless", stacklevel=3)
-
-
-def _encoder_k(sae: Any) -> float | None:
-    return sae.k if sae.activation in ("topk", "batchtopk") else None
-
-
 def _open_codes(cfg: EvalConfig, store: Any, hook: str, sae: Any) -> Any:
     """The --codes store, refused unless it was computed from this store, hook and dictionary."""
     if not cfg.codes:
@@ -352,14 +339,14 @@ def _stored_pursuit(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> B
 def _rows(cfg: EvalConfig, store: Any, hook: str, sae: Any, seqs: range, per_seq: int, device: torch.device) -> list[_Row]:
     """The report's rows in order: the clean run, the baselines, the encoder, extra encoders, pursuits."""
     rows = [_Row(CLEAN, None, "", None), _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x), _Row(ZERO, None, "", None),
-            _Row(MEAN, None, "", None), _Row("encoder", _encoder_k(sae), cfg.sae, lambda x, s: sae(x))]  # fmt: skip
+            _Row(MEAN, None, "", None), _Row("encoder", encoder_k(sae), cfg.sae, lambda x, s: sae(x))]  # fmt: skip
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
-        _check_sae(enc, spec, store, hook)
+        check_sae_fits_hook(enc, spec, store.d_model(hook), hook)
         name = f"encoder:{Path(spec).name or spec}"
         if name in {r.method for r in rows}:  # e.g. two runs' sae/ dirs: keep both
             name = f"encoder:{spec}#{len(rows)}"
-        rows.append(_Row(name, _encoder_k(enc), spec, lambda x, s, enc=enc: enc(x)))
+        rows.append(_Row(name, encoder_k(enc), spec, lambda x, s, enc=enc: enc(x)))
     codes = _open_codes(cfg, store, hook, sae)
     rows += _pursuit_rows(cfg, sae, codes, range(seqs.start * per_seq, seqs.stop * per_seq), per_seq, device)
     return rows
@@ -377,9 +364,9 @@ def _row_name(r: _Row) -> str:
 def run(cfg: EvalConfig) -> EvalResult:
     """Evaluate every encoding of `cfg` on the store's held-out sequences (or those asked for); write the report."""
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, what="--dtype")
     with output_dir(cfg.out, kept="nothing is written before the report", rerun="rerun the same command") as out:
-        if any(out.iterdir()):
+        if is_non_empty(out):
             raise SaekitError(f"--out {out} already exists and is not empty: choose a new --out (eval never overwrites a report)")
         return _run(cfg, out, device, dtype)
 
@@ -391,7 +378,7 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
     hook = store.resolve_hook(cfg.hook)
     layout = sequence_layout(store)
     sae = load_sae(cfg.sae, device)
-    _check_sae(sae, cfg.sae, store, hook)
+    check_sae_fits_hook(sae, cfg.sae, store.d_model(hook), hook)
     seqs = choose_sequences(cfg, store, layout, *held_out_start(cfg, store, sae))
     rows = _rows(cfg, store, hook, sae, seqs, layout.per_seq, device)
     tokens = sequence_tokens(store, layout, seqs)
@@ -421,7 +408,11 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if spec.endswith("4f") and v and abs(v) < 5e-4:  # e.g. the cache round-trip's ΔCE: not 0.0000
+        return format(v, spec[:-2] + "1e")
+    return format(v, spec)
 
 
 def format_table(entries: list[EvalEntry]) -> str:
@@ -433,8 +424,8 @@ def format_table(entries: list[EvalEntry]) -> str:
     for e in entries:
         m = e.metrics
         cells = [e.method, _fmt(e.k, "g"), _fmt(m.l0, ".2f"), _fmt(m.fvu, ".4f"), _fmt(m.cossim, ".4f"), _fmt(m.ce, ".4f"),
-                 _fmt(m.delta_ce, "+.3g"), _fmt(m.ce_recovered_zero, ".4f"), _fmt(m.ce_recovered_mean, ".4f"),
-                 _fmt(m.kl_mean, ".3g"), _fmt(m.kl_p90, ".3g"), _fmt(m.kl_p99, ".3g"), _fmt(m.seconds, ".2f")]  # fmt: skip
+                 _fmt(m.delta_ce, "+.4f"), _fmt(m.ce_recovered_zero, ".4f"), _fmt(m.ce_recovered_mean, ".4f"),
+                 _fmt(m.kl_mean, ".4f"), _fmt(m.kl_p90, ".4f"), _fmt(m.kl_p99, ".4f"), _fmt(m.seconds, ".2f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

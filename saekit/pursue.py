@@ -24,8 +24,6 @@ are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw ac
 from __future__ import annotations
 
 import os
-import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +35,11 @@ from tqdm import tqdm
 
 from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
 from saekit.codes import open_codes as open_codes  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
-from saekit.devices import resolve_device
-from saekit.errors import SaekitError, output_dir
+from saekit.devices import device_clock, resolve_device
+from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
+from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import discard_unfinished_creation, write_json_atomic
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
@@ -145,39 +144,8 @@ class PursueResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Loading what is compared
-# --------------------------------------------------------------------------------------------
-
-
-def load_sae(spec: str, device: Any = "cpu") -> Any:
-    """Moved to `saekit.sae.load_sae`; this name delegates to it."""
-    from saekit import sae
-
-    return sae.load_sae(spec, device)
-
-
-def _check_width(sae: Any, spec: str, d_model: int, hook: str) -> None:
-    if sae.d_in != d_model:
-        raise SaekitError(f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook")
-    meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
-    if meant and meant != hook:
-        warnings.warn(f"SAE {spec} was trained on {meant}, not {hook}; the comparison may be meaningless", stacklevel=3)
-
-
-def _encoder_k(sae: Any) -> float | None:
-    return sae.k if sae.activation in ("topk", "batchtopk") else None
-
-
-# --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-
-
-def _now(device: torch.device) -> float:
-    """A clock for device work: waits for queued CUDA kernels so the times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _check_out(cfg: PursueConfig) -> Path:
@@ -186,7 +154,7 @@ def _check_out(cfg: PursueConfig) -> Path:
         # a creation of codes.zarr cut off before its attributes (e.g. a full disk) holds no codes;
         # codes.zarr is saekit's own directory inside --out, so it goes and is made again.
         discard_unfinished_creation(out / CODES_DIR, CODES_FORMAT, own_entries=None)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if is_non_empty(out):
         if not cfg.resume:
             raise SaekitError(f"output {out} already exists: pass --resume to continue it, or choose a new --out")
         if read_codes_attrs(out / CODES_DIR) is None:
@@ -229,14 +197,14 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         raise SaekitError(f"--rows {n_rows} is more than the store's {store.n_rows} rows; pass fewer (0: all)")
 
     sae = load_sae(cfg.sae, device)
-    _check_width(sae, cfg.sae, d_model, hook)
+    check_sae_fits_hook(sae, cfg.sae, d_model, hook)
     too_big = [k for k in cfg.k if k > sae.n_features]
     if too_big:
         raise SaekitError(f"--k {too_big[0]} is larger than the SAE's n_features={sae.n_features}; k must be between 1 and n_features")
     extras = []
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
-        _check_width(enc, spec, d_model, hook)
+        check_sae_fits_hook(enc, spec, d_model, hook)
         name = f"encoder:{Path(spec).name or spec}"
         if name in {"encoder", *(e[0] for e in extras)}:  # e.g. two runs' sae/ dirs: keep both
             name = f"encoder:{spec}#{len(extras) + 1}"
@@ -254,8 +222,8 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     stats = _stream(cfg, store, hook, codes, sae, extras, W, b, device)
     codes.finalize()
 
-    entries = [_entry("encoder", _encoder_k(sae), stats["encoder"], None, cfg.sae)]
-    entries += [_entry(name, _encoder_k(enc), stats[name], None, spec) for name, spec, enc in extras]
+    entries = [_entry("encoder", encoder_k(sae), stats["encoder"], None, cfg.sae)]
+    entries += [_entry(name, encoder_k(enc), stats[name], None, spec) for name, spec, enc in extras]
     for g, spec in groups.items():
         entries.append(_entry(spec["method"], spec["k"], stats[g]._replace(seconds=codes.seconds(g)), f"{CODES_DIR}/{g}", cfg.sae))
     header = {"store": str(cfg.store), "hook": hook, "rows": n_rows, "sae": cfg.sae, "n_features": sae.n_features, "device": str(device)}
@@ -291,15 +259,15 @@ def _stream(cfg: PursueConfig, store: Any, hook: str, codes: CodesStore, sae: An
                 x = x_shard[b0:b1].to(device).float()
                 with torch.no_grad():
                     for name, enc in encoders:
-                        t0 = _now(device)
+                        t0 = device_clock(device)
                         res = enc(x)
-                        seconds[name] += _now(device) - t0
+                        seconds[name] += device_clock(device) - t0
                         stats[name].update(x, res.reconstruction, res.codes)
                 for g, k in codes.groups.items():
                     if g in fresh:
-                        t0 = _now(device)
+                        t0 = device_clock(device)
                         c = pursuit(x, W, k, method=codes.methods[g], b_dec=b, dense=False)
-                        spent[g] += _now(device) - t0
+                        spent[g] += device_clock(device) - t0
                         fresh[g][f"{g}/indices"][b0:b1] = c.indices.to("cpu", torch.int32).numpy()
                         fresh[g][f"{g}/values"][b0:b1] = c.values.cpu().numpy()
                         arrays = fresh[g]

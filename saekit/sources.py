@@ -25,41 +25,10 @@ from typing import Any, NamedTuple
 import torch
 
 from saekit import embedded
-from saekit.errors import SaekitError
+from saekit.devices import dtype_name
+from saekit.errors import SaekitError, one_line
 
 EMBEDDED = "embedded"
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    """An exception's message squeezed onto one short line (SaekitError messages are one line)."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and dtype
-# ---------------------------------------------------------------------------------------------
-
-_DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None/'auto' -> bf16 on a GPU (tensor cores), fp32 on the CPU (bf16 matmuls are slow there)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise SaekitError(f"unknown --dtype '{dtype}': use auto, bf16, fp32 or fp16")
-    return _DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +159,7 @@ def _load_tl_name(spec: str, device, dtype) -> LoadedModel:
             model = HookedTransformer.from_pretrained(spec, device=str(device), dtype=dtype)
     except (OSError, ConnectionError, ValueError) as e:
         raise SaekitError(
-            f"could not load model '{spec}' from the Hugging Face hub ({_first_line(e, 100)}): "
+            f"could not load model '{spec}' from the Hugging Face hub ({one_line(e, 100)}): "
             "check the network, or pass a local checkpoint directory with --model"
         ) from e
     return _finish(model, official.split("/")[-1], {"source": "transformer_lens", "name": official})
@@ -210,7 +179,7 @@ def _load_local_hf(path: Path, device, dtype) -> LoadedModel:
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, AttributeError, TypeError) as e:
         # transformer-lens's converters fail on configs they do not know with any of these
-        raise SaekitError(f"could not load the checkpoint in {path} ({_first_line(e, 100)}): transformer-lens supports GPT-2-style save_pretrained checkpoints") from e
+        raise SaekitError(f"could not load the checkpoint in {path} ({one_line(e, 100)}): transformer-lens supports GPT-2-style save_pretrained checkpoints") from e
     cfg_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
     return _finish(model, path.name, {"source": "hf_local", "path": str(path), "config_sha256": cfg_sha,
                                       "architecture": model.cfg.original_architecture})
@@ -230,7 +199,7 @@ def _check_checkpoint(path: Path) -> None:
     try:
         cfg = json.loads(config.read_bytes())
     except ValueError as e:  # not JSON, or not UTF-8
-        raise SaekitError(f"{config} is not JSON ({_first_line(e, 60)}): save the checkpoint again with save_pretrained") from e
+        raise SaekitError(f"{config} is not JSON ({one_line(e, 60)}): save the checkpoint again with save_pretrained") from e
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise SaekitError(f"{config} has no model_type: it is not a transformers config; save the checkpoint with save_pretrained")
     if cfg["model_type"] == "gpt2" and "n_ctx" not in cfg:
@@ -249,7 +218,7 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             return [path / name for name in sorted(set(json.loads(index.read_bytes())["weight_map"].values()))]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SaekitError(f"{index} is damaged ({_first_line(e, 60)}): save the checkpoint again with save_pretrained") from e
+            raise SaekitError(f"{index} is damaged ({one_line(e, 60)}): save the checkpoint again with save_pretrained") from e
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     pickles = sorted(f.name for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES)
@@ -269,7 +238,7 @@ def _check_weights(path: Path) -> None:
             with safe_open(str(f), "pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise SaekitError(f"weights file {f} is damaged or missing ({_first_line(e, 80)}): "
+            raise SaekitError(f"weights file {f} is damaged or missing ({one_line(e, 80)}): "
                               "copy the checkpoint again or re-save it with save_pretrained") from e
 
 
@@ -303,7 +272,7 @@ def _convert_local_hf(path: Path, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise SaekitError(f"checkpoint {path} has no usable tokenizer ({_first_line(e, 80)}): save one beside it with tokenizer.save_pretrained") from e
+        raise SaekitError(f"checkpoint {path} has no usable tokenizer ({one_line(e, 80)}): save one beside it with tokenizer.save_pretrained") from e
     cfg = _tl_config(path, hf_model, device, dtype)
     state = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -530,7 +499,7 @@ def _jsonl_rows(path: Path) -> Iterator[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SaekitError(f"{path} line {i} is not JSON ({_first_line(e, 60)}): "
+                raise SaekitError(f"{path} line {i} is not JSON ({one_line(e, 60)}): "
                                   'each line must be one JSON object, e.g. {"text": "..."}') from e
             if not isinstance(row, dict):
                 kind = next(name for t, name in _JSON_KINDS if isinstance(row, t))
@@ -553,7 +522,7 @@ def _parquet_file(path: Path):
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise SaekitError(f"--dataset {path} is not a readable Parquet file ({_first_line(e, 80)}): "
+        raise SaekitError(f"--dataset {path} is not a readable Parquet file ({one_line(e, 80)}): "
                           "pass an intact .parquet file, or the texts as .jsonl or .txt") from e
 
 
@@ -575,7 +544,7 @@ def _parquet_source(path: Path, column: str) -> TextSource:
                 yield batch
                 n += batch.num_rows
         except (pa.ArrowException, OSError) as e:
-            raise SaekitError(f"--dataset {path} is damaged past row {n} ({_first_line(e, 80)}): "
+            raise SaekitError(f"--dataset {path} is damaged past row {n} ({one_line(e, 80)}): "
                               "pass an intact copy") from e
 
     def docs() -> Iterator[str]:
@@ -600,7 +569,7 @@ def _load_saved(path: Path):
         if not saved:
             raise SaekitError(f"--dataset {path} is a directory but not a datasets save_to_disk folder "
                               "(no state.json or dataset_dict.json): pass such a folder or a .txt/.jsonl/.parquet file") from e
-        raise SaekitError(f"--dataset {path} is a damaged save_to_disk folder ({_first_line(e, 80)}): "
+        raise SaekitError(f"--dataset {path} is a damaged save_to_disk folder ({one_line(e, 80)}): "
                           "save the dataset there again") from e
 
 
@@ -627,7 +596,7 @@ def _hub_source(name: str, config: str | None, split: str, column: str) -> TextS
         ds = load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # noqa: BLE001 - datasets raises many types (hub, network, config) here
         raise SaekitError(
-            f"dataset '{name}' could not be opened ({_first_line(e, 100)}): check the name, --dataset-config, "
+            f"dataset '{name}' could not be opened ({one_line(e, 100)}): check the name, --dataset-config, "
             "--split and the network, or pass a local .txt/.jsonl/.parquet file or a save_to_disk folder"
         ) from e
     return dataset_source(ds, column, name=name, split=split, config=config)

@@ -155,14 +155,6 @@ def test_unknown_hook_lists_closest(tiny_ckpt):
     assert sources.stop_layer(sources.resolve_hooks(model, ["ln_final.hook_normalized"]), 2) is None
 
 
-def test_device_and_dtype_defaults():
-    assert sources.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert sources.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert sources.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(SaekitError, match="--dtype"):
-        sources.resolve_dtype("int8", CPU)
-
-
 # -- the embedded default ---------------------------------------------------------------------
 
 
