@@ -34,7 +34,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -241,9 +240,8 @@ def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor 
     targets = tokens[:, s + 1 :]
     t0 = device_clock(device)
     logits, clean_act = splicer.clean(tokens)
-    clean_logp = _log_probs(logits, s)
-    del logits
-    ce = _ce(clean_logp, targets)
+    clean = _Predictions(logits, s)
+    ce = clean.ce(targets)
     tallies[CLEAN].add(ce, torch.zeros_like(ce), device_clock(device) - t0)
     fresh = clean_act[:, s:].flatten(2)  # [b, ctx - s, d]
     if acts is not None:
@@ -254,23 +252,30 @@ def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor 
     for name, fn in fns.items():
         t0 = device_clock(device)
         x_hat, codes = _unpack(fn(x, seqs), x, name)
-        logp = _log_probs(splicer.spliced(tokens, clean_act, x_hat), s)
-        tallies[name].add(_ce(logp, targets), _kl(clean_logp, logp), device_clock(device) - t0, x, x_hat, codes)
+        spliced = _Predictions(splicer.spliced(tokens, clean_act, x_hat), s)
+        tallies[name].add(spliced.ce(targets), clean.kl_to(spliced), device_clock(device) - t0, x, x_hat, codes)
 
 
-def _log_probs(logits: Tensor, s: int) -> Tensor:
-    """[b, ctx, vocab] -> float32 log-probabilities of the counted predictions [b, ctx - 1 - s, vocab]."""
-    return F.log_softmax(logits[:, s:-1].float(), dim=-1)
+class _Predictions:
+    """The counted next-token predictions of one forward pass. CE and KL come from the logits and
+    their logsumexp, without log-softmax tensors: half the vocabulary-sized passes per row."""
 
+    def __init__(self, logits: Tensor, s: int):
+        self.logits = logits[:, s:-1].float()  # [b, t, vocab], t = ctx - 1 - s
+        self.lse = torch.logsumexp(self.logits, dim=-1)  # [b, t]
+        self._probs: Tensor | None = None
 
-def _ce(logp: Tensor, targets: Tensor) -> Tensor:
-    """[b, t, vocab], [b, t] -> [b, t] nats."""
-    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+    def ce(self, targets: Tensor) -> Tensor:
+        """Cross-entropy of targets [b, t] -> [b, t] nats."""
+        return self.lse - self.logits.gather(-1, targets[..., None]).squeeze(-1)
 
-
-def _kl(clean_logp: Tensor, logp: Tensor) -> Tensor:
-    """KL(clean || spliced) per token [b, t]; exactly 0 where the two are equal."""
-    return F.kl_div(logp, clean_logp, reduction="none", log_target=True).sum(-1)
+    def kl_to(self, other: _Predictions) -> Tensor:
+        """KL(self || other) per token [b, t], as sum_v p (logits - other.logits) + (other.lse - lse)
+        sum_v p: exactly 0 where the logits are equal."""
+        if self._probs is None:  # computed once, shared by every row of the batch
+            self._probs = torch.exp(self.logits - self.lse[..., None])
+            self._mass = self._probs.sum(-1)
+        return torch.linalg.vecdot(self._probs, self.logits - other.logits) + (other.lse - self.lse) * self._mass
 
 
 def _check_acts(fresh: Tensor, acts: Tensor, hook: str) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from saekit.codes import dictionary_sha256, group_name, open_codes
-from saekit.devices import resolve_device, resolve_dtype
+from saekit.devices import dtype_name, resolve_device, resolve_dtype
 from saekit.downstream import (
     CLEAN,
     MEAN,
@@ -43,6 +43,7 @@ from saekit.downstream import (
 )
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.heldout import held_out_rows, run_eval_rows
+from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
 from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import write_json_atomic
@@ -396,7 +397,7 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
         "sequences": f"{seqs.start}..{seqs.stop - 1} ({len(seqs)} of {layout.ctx_len} tokens)",
         "rows": f"{row0}..{seqs.stop * per - 1}", "spliced positions": f"{layout.skip}..{layout.ctx_len - 1}",
         "counted predictions": f"from positions {layout.skip}..{layout.ctx_len - 2}", "tokens": results[CLEAN].n_tokens,
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device), "dtype": dtype_name(dtype),
     }  # fmt: skip
     table = write_report(out, entries, header)
     return EvalResult(out, entries, table, header)
@@ -457,33 +458,15 @@ def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
 def plot_downstream(entries: list[EvalEntry], path: Path, title: str = "") -> None:
     """ΔCE and mean KL against L0: each pursuit method a curve over k, each encoder a labelled
     point, the cache round-trip a dashed line (the floor the cache's rounding sets)."""
-    import matplotlib  # lazy: seconds to import, and only the report needs it
 
-    matplotlib.use("Agg")  # no display needed; also keeps the bytes independent of the backend
-    import matplotlib.pyplot as plt
+    def ys(e: EvalEntry) -> tuple[float, float]:
+        return e.metrics.delta_ce, e.metrics.kl_mean
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
-    colors = plt.get_cmap("tab10").colors
-    methods = list(dict.fromkeys(e.method for e in entries if e.method in METHODS))
-    encoders = [e for e in entries if e.method.startswith("encoder")]
-    floor = next((e for e in entries if e.method == ROUND_TRIP), None)
-    for ax, metric, label in ((axes[0], "delta_ce", "ΔCE (nats / token)"), (axes[1], "kl_mean", "KL(clean ‖ spliced), mean")):
-        for i, m in enumerate(methods):
-            pts = sorted((e.metrics.l0, getattr(e.metrics, metric)) for e in entries if e.method == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[i % 10], label=m)
-        star_colors = ["black", *reversed(colors)]
-        for i, e in enumerate(encoders):
-            ax.scatter([e.metrics.l0], [getattr(e.metrics, metric)], marker="*", s=180, zorder=3,
-                       color=star_colors[i % len(star_colors)], label=e.method)  # fmt: skip
-        if floor is not None:
-            ax.axhline(getattr(floor.metrics, metric), color="gray", linestyle="--", linewidth=1, label=ROUND_TRIP)
-        ax.set_xlabel("L0 (mean nonzero codes per row)")
-        ax.set_ylabel(f"{label} (lower is better)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    curves: dict[str, list] = {}
+    for e in entries:
+        if e.method in METHODS:
+            curves.setdefault(e.method, []).append((e.metrics.l0, ys(e)))
+    points = {e.method: (e.metrics.l0, ys(e)) for e in entries if e.method.startswith("encoder")}
+    levels = {e.method: ys(e) for e in entries if e.method == ROUND_TRIP}
+    labels = ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
+    plot_against_l0(path, labels, curves, points, levels, title=title)

@@ -38,6 +38,7 @@ from saekit.codes import open_codes as open_codes  # re-exported: docs named sae
 from saekit.devices import device_clock, resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
+from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
 from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import discard_unfinished_creation, write_json_atomic
@@ -333,28 +334,9 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
 
 def plot_fvu_vs_l0(entries: Sequence[Entry], path: Path, title: str = "") -> None:
     """FVU against L0: each encoder a labelled point, each pursuit method a curve over k."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; also keeps the bytes independent of the backend
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    colors = plt.get_cmap("tab10").colors
-    methods = list(dict.fromkeys(e.method for e in entries if e.codes is not None))
-    for i, m in enumerate(methods):
-        pts = sorted((e.l0, e.fvu) for e in entries if e.method == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[i % 10], label=m)
-    # encoders: stars in black, then the palette's far end, so they never share a method's colour
-    star_colors = ["black", *reversed(colors)]
-    for i, e in enumerate(e for e in entries if e.codes is None):
-        ax.scatter([e.l0], [e.fvu], marker="*", s=180, zorder=3, color=star_colors[i % len(star_colors)], label=e.method)
-    ax.set_xlabel("L0 (mean nonzero codes per row)")
-    ax.set_ylabel("FVU (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
+    curves: dict[str, list] = {}
+    for e in entries:
+        if e.codes is not None:
+            curves.setdefault(e.method, []).append((e.l0, (e.fvu,)))
+    points = {e.method: (e.l0, (e.fvu,)) for e in entries if e.codes is None}
+    plot_against_l0(path, ["FVU (lower is better)"], curves, points, title=title)

@@ -120,3 +120,58 @@ def test_activations_that_are_not_the_models_are_refused(model, held_out):
     tokens, acts = held_out
     with pytest.raises(SaekitError, match="differ from the cached ones by"):
         downstream_metrics(model, tokens[:4], HOOK, lambda x: x, acts=acts[1:5])  # one sequence off
+
+
+# --- saekit eval on a store -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_encoder(sae_run, tmp_path_factory):
+    """An MLP encoder over the SAE's dictionary whose MLP path is still zero: it encodes exactly
+    as the SAE's own encoder, so its row must equal the encoder's."""
+    sae = SparseAutoencoder.load(sae_run / "sae")
+    mlp = SparseAutoencoder(decoder=sae.decoder, k=16, d_hidden=32, n_hidden=1, metadata=sae.metadata)
+    with torch.no_grad():
+        mlp.encoder.W_enc.copy_(sae.encoder.W_enc)
+        mlp.encoder.b_enc.copy_(sae.encoder.b_enc)
+    return mlp.save(tmp_path_factory.mktemp("mlp") / "mlp")
+
+
+@pytest.fixture(scope="module")
+def pursued(embedded_store, sae_run, tmp_path_factory):
+    """`saekit pursue` gp at k 16 over every row of the store."""
+    from saekit.pursue import PursueConfig
+    from saekit.pursue import run as pursue
+
+    out = tmp_path_factory.mktemp("pursue") / "out"
+    pursue(PursueConfig(store=str(embedded_store), sae=str(sae_run), out=str(out), k=[16], methods=["gp"], device="cpu", progress=False))
+    return out
+
+
+def test_eval_compares_every_encoding_on_the_held_out_sequences(embedded_store, sae_run, mlp_encoder, pursued, tmp_path):
+    res = run(EvalConfig(store=str(embedded_store), sae=str(sae_run), out=str(tmp_path / "a"), encoders=[str(mlp_encoder)],
+                         k=[4, 16], codes=str(pursued), device="cpu", progress=False))  # fmt: skip
+    rows = {(e.method, e.k): e for e in res.entries}
+    assert list(rows) == [("clean", None), ("cache round-trip", None), ("zero ablation", None), ("mean ablation", None),
+                          ("encoder", 16), ("encoder:mlp", 16), ("gp", 4), ("gp", 16), ("mp", 4), ("mp", 16)]  # fmt: skip
+    assert res.header["rows"] == "30734..32765"  # the 16 whole sequences inside the run's 2048 held-out rows
+    assert all(e.metrics.n_tokens == 16 * 126 for e in res.entries)
+    _same(rows[("encoder:mlp", 16)].metrics, rows[("encoder", 16)].metrics, rel=1e-6)
+    assert rows[("gp", 16)].source == f"{pursued}:gp_k16"  # read back, not recomputed
+    assert rows[("gp", 4)].source == str(sae_run)  # not in the codes: computed here
+    trip = rows[("cache round-trip", None)].metrics
+    assert 0 <= abs(trip.delta_ce) < 1e-3 and trip.kl_mean < 1e-4  # bf16 rounding costs next to nothing
+    enc = rows[("encoder", 16)].metrics
+    assert 0 < enc.ce_recovered_zero < 1 and enc.l0 == pytest.approx(16)
+    report = json.loads((res.out / "report.json").read_text())
+    assert [e["method"] for e in report["entries"]] == [m for m, _ in rows]
+    assert report["entries"][0]["fvu"] is None  # NaN is written as null
+    assert "| encoder:mlp | 16 |" in (res.out / "report.md").read_text()
+    assert (res.out / "delta_ce_vs_l0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the codes read back from `saekit pursue` give what computing them here gives
+    again = run(EvalConfig(store=str(embedded_store), sae=str(sae_run), out=str(tmp_path / "b"), k=[16], methods=["gp"],
+                           device="cpu", progress=False))  # fmt: skip
+    here = next(e for e in again.entries if e.method == "gp")
+    assert here.source == str(sae_run)
+    _same(here.metrics, rows[("gp", 16)].metrics, rel=1e-6)
