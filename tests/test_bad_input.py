@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 84 bad inputs across every command (issue 9, item 12).
+"""The bad-input table: `saekit` run on 99 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -117,6 +117,10 @@ def train(store, out, *more) -> list:
 
 def pursue(store, sae, out, *more) -> list:
     return ["pursue", "--store", store, "--sae", sae, "--k", 2, "--method", "gp", "--device", "cpu", "--out", out, *more]
+
+
+def evaluate(store, sae, out, *more) -> list:
+    return ["eval", "--store", store, "--sae", sae, "--device", "cpu", "--no-progress", "--out", out, *more]
 
 
 def demo(out, *more) -> list:
@@ -307,6 +311,49 @@ def demo_json_damaged(env: Env) -> Path:
     return env.tmp / "d"
 
 
+def store_without_sequences(env: Env) -> Path:
+    """A store written through the writer API, as a custom pipeline would: rows and token ids, but no
+    harvest metadata saying how the rows form sequences (the ids cannot be rerun)."""
+    import torch
+
+    from saekit.store import create_store
+
+    w = create_store(env.tmp / "custom", {HOOK: 128}, n_rows=512, meta={"model": "embedded"}, shard_rows=256, chunk_rows=128)
+    w.append({HOOK: torch.randn(512, 128)}, torch.zeros(512), torch.arange(512) % 128)
+    w.finalize()
+    return env.tmp / "custom"
+
+
+def store_without_tokens(env: Env) -> Path:
+    s = copy(env, env.inputs.store)
+    shutil.rmtree(s / "tokens")
+    return s
+
+
+def store_skipping_two(env: Env) -> Path:
+    """A store harvested with --skip-first-n-tokens 2: the first two ids of each sequence are gone."""
+    from saekit.harvest import HarvestConfig
+    from saekit.harvest import run as harvest_run
+
+    return harvest_run(HarvestConfig(out=str(env.tmp / "skip2"), tokens=512, skip_first_n_tokens=2, device="cpu",
+                                     progress=False)).path  # fmt: skip
+
+
+def pursued(env: Env, sae: Path, *more) -> Path:
+    """A finished `saekit pursue` output (gp, k 2) of `sae` on the store."""
+    out = env.tmp / "codes"
+    code, _, err = in_process(env.capsys, env.monkeypatch, *pursue(env.store, sae, out, *more))
+    assert code == 0, err
+    return out
+
+
+def same_shape_model(env: Env) -> Path:
+    """A GPT-2 checkpoint of the embedded model's shape (4 layers, d_model 128) with other weights."""
+    from test_sources import make_tiny_gpt2
+
+    return make_tiny_gpt2(env.tmp / "other-model", n_ctx=256, n_embd=128, n_layer=4)
+
+
 # --- the table ------------------------------------------------------------------------------
 
 STORE_DAMAGE = {
@@ -436,6 +483,34 @@ ROWS: dict[str, Row] = {
                                                                               "--resume"), "codes.zarr/zarr.json is damaged"),
     "pursue onto a full disk": Row(lambda env: pursue(env.store, env.sae, full_disk(env, 4 * 4096)), "disk full",
                                    needs="tmpfs", partial=True),
+    # -- eval -------------------------------------------------------------------------------
+    "eval --out is a file": Row(lambda env: evaluate(env.store, env.inputs.run, a_file(env)), "is a file, not a directory"),
+    "eval --out on a read-only mount": Row(lambda env: evaluate(env.store, env.inputs.run, read_only(env)),
+                                           "Read-only file system", needs="tmpfs"),
+    "eval --out not empty": Row(lambda env: evaluate(env.store, env.inputs.run, a_file(env).parent), "is not empty"),
+    "eval --device tpu": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--device", "tpu"),
+                             "unknown --device 'tpu'"),
+    "eval on a store without sequences": Row(lambda env: evaluate(store_without_sequences(env), env.inputs.run, env.tmp / "o"),
+                                             "does not record how its rows form sequences"),
+    "eval on a store without token ids": Row(lambda env: evaluate(store_without_tokens(env), env.inputs.run, env.tmp / "o"),
+                                             "tokens/c/0"),
+    "eval on a store that skipped 2 tokens": Row(lambda env: evaluate(store_skipping_two(env), env.inputs.run, env.tmp / "o"),
+                                                 "cannot be rebuilt"),
+    "eval --model that cannot be loaded": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--model",
+                                                                   env.tmp / "gone"), "unknown model"),
+    "eval --model of another shape": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--model", env.inputs.ckpt),
+                                         "has no hook 'blocks.2.hook_resid_pre'"),
+    "eval --model with other weights": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--model",
+                                                                same_shape_model(env)), "differ from the cached ones by"),
+    "eval --k above n_features": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--k", 65),
+                                     "--k 65 is larger than the SAE's n_features=64"),
+    "eval --sae of another width": Row(lambda env: evaluate(env.store, wide_sae(env), env.tmp / "o"), "d_in=32"),
+    "eval --sequences more than the store has": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--sequences", 17),
+                                                    "--sequences 17 is more than the store's 16 whole sequences"),
+    "eval --codes of other rows": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--codes",
+                                                           pursued(env, env.inputs.run, "--rows", 256)), "cover store rows [0, 256)"),
+    "eval --codes of another dictionary": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--codes",
+                                                                   pursued(env, env.inputs.lens)), "another dictionary"),
     # -- info, verify -----------------------------------------------------------------------
     "info of a missing path": Row(lambda env: ["info", env.tmp / "gone"], "gone"),
     "info of a directory that is not a store": Row(lambda env: ["info", a_file(env).parent], "is not a saekit activation store"),

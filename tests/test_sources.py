@@ -25,7 +25,7 @@ from saekit.errors import SaekitError
 CPU = torch.device("cpu")
 
 
-def make_tiny_gpt2(out, n_ctx: int = 64, seed: int = 0):
+def make_tiny_gpt2(out, n_ctx: int = 64, seed: int = 0, n_embd: int = 32, n_layer: int = 2):
     """A tiny GPT-2 (random weights) + a byte-level BPE tokenizer trained offline, saved HF-style."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -36,7 +36,7 @@ def make_tiny_gpt2(out, n_ctx: int = 64, seed: int = 0):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     torch.manual_seed(seed)
     # n_ctx mirrors the hub's gpt2 config.json, which carries it beside n_positions.
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_ctx, n_ctx=n_ctx, n_embd=32, n_layer=2, n_head=2,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_ctx, n_ctx=n_ctx, n_embd=n_embd, n_layer=n_layer, n_head=2,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
