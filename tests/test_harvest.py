@@ -240,28 +240,19 @@ def test_sigkill_during_store_creation_then_resume_or_overwrite(data, tmp_path):
         assert open_store(out).content_hash == want
 
 
-def test_disk_full_says_so_and_stays_resumable(data, tmp_path, monkeypatch, capsys):
-    import errno
-
-    from saekit import store as store_mod
-
-    want = run(cfg_for(data, tmp_path / "ref")).content_hash
-    real, calls = store_mod.StoreWriter.write_shard, []
-
-    def full_disk(self, index, *a, **k):
-        calls.append(index)
-        if len(calls) == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, index, *a, **k)
-
-    monkeypatch.setattr(store_mod.StoreWriter, "write_shard", full_disk)
-    out = tmp_path / "full"
+def test_disk_full_says_so_and_stays_resumable(data, tmp_path, tmpfs, capsys):
+    """A real full disk (a tmpfs about half the store's size): one line, then --resume on a
+    bigger disk finishes with the same content hash as an uninterrupted harvest."""
+    ref = run(cfg_for(data, tmp_path / "ref"))
+    size = sum(f.stat().st_size for f in ref.path.rglob("*") if f.is_file())
+    disk = tmpfs(size // 2)
+    out = disk / "full"
     code, err = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
                     "--out", str(out), "--tokens", "3000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
                     "--chunk-rows", "64", "--device", "cpu", capsys=capsys)
     assert_one_line_error(code, err, r"disk full.*--resume")
-    monkeypatch.setattr(store_mod.StoreWriter, "write_shard", real)
-    assert run(cfg_for(data, out, resume=True)).content_hash == want
+    tmpfs.remount(disk, 4 * size)
+    assert run(cfg_for(data, out, resume=True)).content_hash == ref.content_hash
 
 
 # -- distributed ----------------------------------------------------------------------------------
