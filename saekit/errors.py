@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,3 +105,20 @@ def _remove_if_empty(path: Path, made: bool) -> None:
             path.rmdir()  # only succeeds while empty
         except OSError:
             pass
+
+
+def path_mode(path: Path, flag: str) -> int | None:
+    """`path`'s st_mode (following links), None when nothing is there; unreadable is an error."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise SaekitError(f"{flag} {path} cannot be read ({e.strerror or e}): check its permissions") from e
+
+
+def file_kind(mode: int) -> str:
+    """What a st_mode is, in words, for messages ("a FIFO (named pipe)", "a file", ...)."""
+    kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")]
+    return next((name for test, name in kinds if test(mode)), "not a file")

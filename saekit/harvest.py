@@ -42,8 +42,8 @@ from tqdm import tqdm
 from saekit import __version__
 from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, is_disk_full
-from saekit.sources import (HookSpec, LoadedModel, TextSource, default_hook, default_store_name,
-                            load_model, load_texts, model_packing, resolve_hooks, sequences, stop_layer)
+from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
+from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
 from saekit.store import create_store, open_store, read_attrs
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
