@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harvest import best_interleaved, load  # noqa: E402  (bench/harvest.py: the same models and hooks)
 
-from saekit import sources  # noqa: E402
+from saekit import texts  # noqa: E402
 from saekit.downstream import CLEAN, ZERO, downstream_metrics  # noqa: E402
 from saekit.sae import SparseAutoencoder  # noqa: E402
 
@@ -57,7 +57,7 @@ def bench_model(name: str, n_seq: int, ctx_len: int, batch: int, repeat: int, tm
 
     lm, hook = load(name)
     model, layer = lm.model, int(hook.split(".")[1])
-    tokens = torch.tensor([s for _, s in zip(range(n_seq), sources.sequences(model, sources.load_texts(None), ctx_len))])
+    tokens = torch.tensor([s for _, s in zip(range(n_seq), texts.sequences(model, texts.load_texts(None), ctx_len))])
     batches = list(tokens.split(batch))
     d = model.cfg.d_model
     torch.manual_seed(0)
