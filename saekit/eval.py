@@ -43,11 +43,11 @@ from saekit.downstream import (
 )
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.heldout import held_out_rows, run_eval_rows
+from saekit.models import load_model
 from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
 from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import write_json_atomic
-from saekit.models import load_model
 
 ROUND_TRIP = "cache round-trip"
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"

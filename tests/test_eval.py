@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from saekit.downstream import CLEAN, ZERO, downstream_metrics
 from saekit.errors import SaekitError
 from saekit.eval import EvalConfig, run, sequence_layout, sequence_tokens
-from saekit.sae import SparseAutoencoder
 from saekit.models import load_model
+from saekit.sae import SparseAutoencoder
 from saekit.store import open_store
 from saekit.train import TrainConfig
 from saekit.train import run as train
