@@ -31,11 +31,12 @@ _INTERRUPTED = {
 
 def _register() -> None:
     # Each module adds its commands to `app`; keep this list in CLI order.
-    from cli import demo_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
+    from cli import demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
 
     harvest_cmds.register(app)
     train_cmds.register(app)
     pursue_cmds.register(app)
+    eval_cmds.register(app)
     store_cmds.register(app)
     demo_cmds.register(app)
     for info in app.registered_commands:

@@ -68,12 +68,12 @@ class EvalConfig:
     """The SAE whose encoder (and dictionary, for the pursuits) is evaluated: a saekit run dir, a saekit SAE dir, a local sae-lens dir, or sae-lens RELEASE/ID."""
     out: str = ""
     """Output directory (report.json, report.md, delta_ce_vs_l0.png); must be new or empty."""
-    encoders: list[str] = field(default_factory=list)
-    """Extra encoders compared on the same tokens (e.g. an MLP-encoder run dir); each is loaded like --sae."""
+    encoders: list[str] = field(default_factory=list, metadata={"flag": "--encoder"})
+    """Extra encoders compared on the same tokens (e.g. an MLP-encoder run dir), each loaded like --sae; repeat --encoder for several."""
     k: list[int] = field(default_factory=list)
-    """Nonzeros per row for the pursuits: each method runs at each k against the SAE's dictionary."""
-    methods: list[str] = field(default_factory=lambda: ["gp", "mp"])
-    """Pursuit methods run at each k: gp, cgp, mp or omp (slow)."""
+    """Nonzeros per row for the pursuits (repeat --k): each method runs at each k against the SAE's dictionary."""
+    methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
+    """Pursuit methods run at each --k: gp, cgp, mp or omp (slow); repeat --method for several."""
     codes: str = ""
     """A `saekit pursue` output: its codes are evaluated (not recomputed) for every (method, k) it holds; it must cover the evaluated rows."""
     hook: str | None = None

@@ -25,7 +25,7 @@ def _saekit(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_stage_is_registered():
-    assert {"harvest", "train", "pursue", "info", "verify", "demo"} <= set(COMMANDS)
+    assert {"harvest", "train", "pursue", "eval", "info", "verify", "demo"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -36,7 +36,7 @@ def test_help(command):
 
 
 def test_library_never_imports_the_cli():
-    code = "import sys, saekit.store, saekit.harvest, saekit.sae, saekit.pursuit, saekit.train, saekit.pursue, saekit.demo; print(any(m == 'cli' or m.startswith('cli.') for m in sys.modules))"
+    code = "import sys, saekit.store, saekit.harvest, saekit.sae, saekit.pursuit, saekit.train, saekit.pursue, saekit.eval, saekit.demo; print(any(m == 'cli' or m.startswith('cli.') for m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
@@ -67,12 +67,13 @@ def _args(command: str, out, inputs, device: str = "cpu") -> list:
         "train": ["train", "--store", store, "--n-features", 16, "--k", 2, "--batch-size", 64, "--tokens", 64,
                   "--device", device, "--no-progress", "--out", out],
         "pursue": ["pursue", "--store", store, "--sae", sae, "--k", 2, "--device", device, "--out", out],
+        "eval": ["eval", "--store", store, "--sae", sae, "--device", device, "--out", out],
         "demo": ["demo", "--tokens", 4096, "--steps", 10, "--rows", 1024, "--device", device, "--out", out],
     }[command]  # fmt: skip
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:x", "banana"])
-@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "demo"])
+@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "eval", "demo"])
 def test_a_bad_device_is_the_same_line_in_every_command(tmp_path, inputs, capsys, monkeypatch, command, device):
     code, _, err = in_process(capsys, monkeypatch, *_args(command, tmp_path / "out", inputs, device))
     line = one_error(code, err)
@@ -89,7 +90,7 @@ OUT_CASES = {
 
 
 # (harvest's own check of an --out that is a file belongs to harvest's tests)
-@pytest.mark.parametrize("command, case", [(c, k) for c in ("harvest", "train", "pursue", "demo") for k in OUT_CASES
+@pytest.mark.parametrize("command, case", [(c, k) for c in ("harvest", "train", "pursue", "eval", "demo") for k in OUT_CASES
                                            if (c, k) != ("harvest", "a file")])  # fmt: skip
 def test_an_out_that_cannot_be_written_is_one_line(tmp_path, inputs, tmpfs, capsys, monkeypatch, command, case):
     if case == "read-only":
