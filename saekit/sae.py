@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from saekit.config import check_k
 from saekit.errors import SaekitError
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
@@ -152,8 +153,7 @@ class Normalization(NamedTuple):
 
 
 def _check_k(k: float, n_features: int, integer: bool) -> None:
-    if not (0 < k <= n_features):
-        raise SaekitError(f"k={k} is out of range: k (active latents per token) must be between 1 and n_features={n_features}")
+    check_k(k, n_features)
     if integer and float(k) != int(k):
         raise SaekitError(f"k={k} must be a whole number for TopK (Batch-TopK allows a fractional average)")
 

@@ -32,7 +32,7 @@ from saekit.store_format import (
     content_hash,
     read_attrs,
 )
-from saekit.store_reader import ActivationStore, open_store
+from saekit.store_reader import ActivationStore, InfoConfig, VerifyConfig, open_store
 from saekit.store_writer import StoreWriter, create_store
 
 __all__ = [
@@ -41,8 +41,10 @@ __all__ = [
     "RECORDS_DIR",
     "ActivationStore",
     "HookStats",
+    "InfoConfig",
     "StoreLayout",
     "StoreWriter",
+    "VerifyConfig",
     "Window",
     "bf16_bits",
     "bits_to_bf16",
