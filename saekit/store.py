@@ -14,7 +14,8 @@ This module is the store's public face; the work lives in:
 
     saekit.store_format   names, layout, bf16 encoding, attribute checks, content hash, statistics
     saekit.store_writer   create_store, StoreWriter: whole shards, resume, several ranks
-    saekit.store_reader   open_store, ActivationStore: memory-mapped reads, checks, verify
+    saekit.store_reader   open_store, ActivationStore: memory-mapped reads, checks, verify;
+                          InfoConfig, VerifyConfig (what `saekit info` / `verify` take)
     saekit.shuffle        shuffle_plan and the shuffled batch stream
     saekit.shards         what both saekit stores share: shard files, completion records,
                           atomic attributes, recognisable creation
