@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from saekit.config import check_k
+from saekit.config import check_k, check_non_negative
 from saekit.errors import SaekitError
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
@@ -84,8 +84,7 @@ class SAEConfig:
             _check_k(self.k, self.n_features, integer=self.activation == "topk")
             if self.activation == "topk":
                 self.k = int(self.k)
-        if self.n_hidden < 0:
-            raise SaekitError(f"n_hidden={self.n_hidden} must be >= 0 (0 means no MLP path)")
+        check_non_negative("n_hidden", self.n_hidden, "no MLP path")
         if self.n_hidden > 0 and (self.d_hidden is None or self.d_hidden <= 0):
             raise SaekitError(f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden=")
         if self.dtype not in _DTYPES:

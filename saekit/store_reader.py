@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saekit.config import need
+from saekit.config import check_positive, need
 from saekit.errors import SaekitError
 from saekit.shards import CREATING, ShardLayoutError, ShardRecord, crc32c_of, is_plain_sharded, map_shard_file, shard_key
 from saekit.shuffle import batch_stream, shuffle_plan, skip_windows
@@ -348,8 +348,7 @@ class ActivationStore:
         batch may be short unless `drop_last`. See `saekit.shuffle`.
         """
         key = f"{ACTS}/{self.resolve_hook(hook)}"
-        if batch_size <= 0:
-            raise SaekitError(f"batch_size must be positive, got {batch_size}")
+        check_positive("batch_size", batch_size)
         plan = shuffle_plan(
             self.n_rows if stop_row is None else min(stop_row, self.n_rows),
             self.layout.chunk_rows,
