@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from saekit import embedded, sources  # noqa: E402
+from saekit import embedded, models, texts  # noqa: E402
 from saekit.harvest import HarvestConfig, run_loaded  # noqa: E402
 
 
@@ -36,14 +36,14 @@ def gpt2_small_random():
     cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre",
                                   model_name="gpt2-small-random", seed=0, default_prepend_bos=True)
-    with sources._quiet():
+    with models._quiet():
         model = HookedTransformer(cfg, tokenizer=embedded.load_embedded_tokenizer())
-    return sources.describe_model(model.eval(), "gpt2-small-random", {"source": "bench"})
+    return models.describe_model(model.eval(), "gpt2-small-random", {"source": "bench"})
 
 
-def load(name: str) -> tuple[sources.LoadedModel, str]:
+def load(name: str) -> tuple[models.LoadedModel, str]:
     if name == "embedded":
-        return sources.load_model(None, torch.device("cpu"), torch.float32), "blocks.2.hook_resid_pre"
+        return models.load_model(None, torch.device("cpu"), torch.float32), "blocks.2.hook_resid_pre"
     if name == "gpt2-small-random":
         return gpt2_small_random(), "blocks.8.hook_resid_pre"
     raise SystemExit(f"unknown bench model {name}")
@@ -64,11 +64,11 @@ def best_interleaved(fns: list, repeat: int) -> list[float]:
 def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, tmp: Path, shard_rows: int) -> dict:
     lm, hook = load(name)
     model = lm.model
-    texts = sources.load_texts(None)  # the embedded corpus
+    corpus = texts.load_texts(None)  # the embedded corpus
     layer = int(hook.split(".")[1])
     per_seq = ctx_len - 1
     n_seq = -(-tokens // per_seq)
-    seqs = torch.tensor([s for _, s in zip(range(n_seq), sources.sequences(model, texts, ctx_len))])
+    seqs = torch.tensor([s for _, s in zip(range(n_seq), texts.sequences(model, corpus, ctx_len))])
     batches = seqs.split(batch)
 
     def bare():
@@ -80,7 +80,7 @@ def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, t
         out = tmp / f"{name}-store"
         cfg = HarvestConfig(hooks=[hook], out=str(out), tokens=tokens, ctx_len=ctx_len, batch_size=batch,
                             overwrite=True, progress=False, shard_rows=shard_rows, chunk_rows=min(4096, shard_rows))
-        run_loaded(cfg, lm, texts)
+        run_loaded(cfg, lm, corpus)
 
     def naive():
         d = tmp / f"{name}-naive"

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from saekit import train as T
+from saekit import train, train_loss
 from saekit.metrics import FiringTracker
 from saekit.sae import SparseAutoencoder
 from saekit.store import create_store, open_store
+from saekit.train_checkpoint import Position
 
 HOOK = "blocks.8.hook_resid_pre"
 
@@ -53,13 +54,13 @@ class SaekitStep:
         torch.manual_seed(0)
         self.sae = SparseAutoencoder(d_in=d, n_features=n, k=k).to(device).train()
         self.sae.set_input_normalization(mean, msn)
-        var = T.normalized_variance(self.sae, mean, msn)
-        self.model = T.Objective(self.sae, "encoder", k, d // 2, 1 / 32, var)
+        var = train_loss.normalized_variance(self.sae, mean, msn)
+        self.model = train_loss.Objective(self.sae, "encoder", k, d // 2, 1 / 32, var)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4)
         self.firing = FiringTracker(n, window=10_000_000, device=device)
 
     def __call__(self, x: torch.Tensor) -> None:
-        T.train_step(self.model, self.sae, self.opt, self.firing, x, 1e-4)
+        train.train_step(self.model, self.sae, self.opt, self.firing, x, 1e-4)
 
 
 class SaeLensStep:
@@ -139,7 +140,7 @@ def main() -> None:
         ram = store.rows(HOOK, 0, a.rows).clone()  # the same rows, in memory (bf16, as read from disk)
         ours = SaekitStep(a.d_in, a.n_features, a.k, stats.mean, stats.mean_sq_norm, device)
         theirs = SaeLensStep(a.d_in, a.n_features, a.k, device)
-        disk = T.batches(store, HOOK, stop_row=a.rows, local_batch=a.batch, seed=0, start=T.Position())
+        disk = train.batches(store, HOOK, stop_row=a.rows, local_batch=a.batch, seed=0, start=Position())
         disk_x = (x for x, _ in disk)
         ram_x = ram_batches(ram, a.batch)
         ram_f32 = (x.float() for x in ram_batches(ram, a.batch))

@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, one_line
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def _parse(path: Path, text: str) -> Any:
     except SaekitError:
         raise
     except Exception as e:  # tomllib / yaml / json parse errors
-        raise SaekitError(f"--config {path} does not parse: {str(e).splitlines()[0]}") from None
+        raise SaekitError(f"--config {path} does not parse: {one_line(e)}") from None
     raise SaekitError(f"--config {path}: use a .toml, .yaml/.yml or .json file")
 
 

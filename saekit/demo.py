@@ -24,7 +24,7 @@ import torch
 
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
-from saekit.errors import SaekitError, output_dir
+from saekit.errors import SaekitError, is_non_empty, output_dir
 
 if TYPE_CHECKING:
     from saekit.pursue import PursueResult
@@ -152,7 +152,7 @@ def _claim(out: Path, cfg: DemoConfig) -> None:
         if diff:
             raise SaekitError(f"{out} holds a demo run with other sizes ({'; '.join(diff)}); choose a new --out or delete {out}")
         return
-    if any(out.iterdir()):
+    if is_non_empty(out):
         raise SaekitError(f"{out} is not empty but has no {DEMO_FILE} (not a saekit demo, or one from an older saekit); choose a new --out or delete {out}")
     write_json_atomic(path, sizes)
 

@@ -41,6 +41,7 @@ CORPUS_PATH = DATA_DIR / "corpus.jsonl"
 TOKENIZER_DIR = DATA_DIR / "embedded-tokenizer"
 WEIGHTS_PATH = DATA_DIR / "embedded-gpt2.safetensors"
 
+EMBEDDED = "embedded"  # what --model / --dataset say to mean the embedded default
 MODEL_NAME = "saekit-embedded"
 EOT = "<|endoftext|>"
 EOT_ID = 256  # BOS and document separator, like GPT-2's <|endoftext|>

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,20 @@ from pathlib import Path
 
 class SaekitError(Exception):
     """A user-facing error: bad input, a corrupt or incomplete store, a refused overwrite."""
+
+
+def one_line(e: BaseException | str, limit: int = 200) -> str:
+    """An exception's message (or any text) squeezed onto one line, for quoting inside a
+    SaekitError: whitespace runs become one space; past `limit` characters it is cut at a word
+    and marked with '...'. An empty message gives the exception's type name."""
+    text = " ".join(str(e).split()) or (type(e).__name__ if isinstance(e, BaseException) else "(no message)")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def is_non_empty(path: Path) -> bool:
+    """`path` is a file, or a directory with anything in it: an output written there could
+    clobber something, so each command refuses it (with its own advice) unless told otherwise."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def is_disk_full(e: BaseException | None) -> bool:
@@ -90,3 +105,20 @@ def _remove_if_empty(path: Path, made: bool) -> None:
             path.rmdir()  # only succeeds while empty
         except OSError:
             pass
+
+
+def path_mode(path: Path, flag: str) -> int | None:
+    """`path`'s st_mode (following links), None when nothing is there; unreadable is an error."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise SaekitError(f"{flag} {path} cannot be read ({e.strerror or e}): check its permissions") from e
+
+
+def file_kind(mode: int) -> str:
+    """What a st_mode is, in words, for messages ("a FIFO (named pipe)", "a file", ...)."""
+    kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")]
+    return next((name for test, name in kinds if test(mode)), "not a file")

@@ -21,7 +21,8 @@ import torch
 from saekit.errors import SaekitError
 from saekit.harvest import (DEFAULT_CACHE_ROOT, ActBatch, Plan, RowLayout, StreamEnd, forward_to_shards, make_plan,
                             todo_shards)
-from saekit.sources import LoadedModel, TextSource, dataset_source, describe_model, load_texts
+from saekit.models import LoadedModel, describe_model
+from saekit.texts import TextSource, dataset_source, load_texts
 from saekit.store import create_store, open_store, read_attrs
 
 
@@ -56,7 +57,7 @@ def cached_activation_generator(
 
     model: a HookedTransformer with its tokenizer. dataset: an HF `Dataset`/`IterableDataset`
     (e.g. `load_dataset("openwebtext", split="train", streaming=True)`), a local file or folder
-    path, or a `sources.TextSource`.
+    path, or a `texts.TextSource`.
 
     The packed token stream is cut into runs of about `acts_per_run` rows (whole sequences); each
     run is one store, `<save_to_disk>/run-00000`, `run-00001`, ... where `save_to_disk` defaults

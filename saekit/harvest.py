@@ -41,9 +41,10 @@ from tqdm import tqdm
 
 from saekit import __version__
 from saekit.config import check_non_negative, check_positive, need
+from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, is_disk_full
-from saekit.sources import (HookSpec, LoadedModel, TextSource, default_hook, default_store_name, dtype_name,
-                            load_model, load_texts, model_packing, resolve_dtype, resolve_hooks, sequences, stop_layer)
+from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
+from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
 from saekit.store import create_store, open_store, read_attrs
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
@@ -459,23 +460,19 @@ def default_out(model_name: str, hooks: list[str], texts_name: str, root: str = 
 
 def run(cfg: HarvestConfig) -> HarvestResult:
     """Harvest per `cfg` into a store; under torchrun every rank calls this (rank 0 finalizes)."""
-    from saekit import dist
-
-    d = dist.init(cfg.device)
+    d = init_dist(cfg.device)
     try:
         # texts first: a bad dataset fails in a second, not after a possibly minutes-long model load
         texts = load_texts(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
-        lm = load_model(cfg.model, d.device, resolve_dtype(cfg.dtype, d.device))
+        lm = load_model(cfg.model, d.device, resolve_dtype(cfg.dtype, d.device, what="--dtype"))
         return run_loaded(cfg, lm, texts)
     finally:
-        dist.shutdown()
+        shutdown_dist(d)  # ends the group only if init_dist started it: a caller's group is kept
 
 
 def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> HarvestResult:
     """`run` with the model and texts already loaded (cfg.model/dataset/device/dtype are ignored)."""
-    from saekit import dist
-
-    d = dist.init(str(lm.model.cfg.device))
+    d = init_dist(str(lm.model.cfg.device))
     plan = make_plan(lm, cfg.hooks, texts, ctx_len=cfg.ctx_len, skip=cfg.skip_first_n_tokens, n_rows=cfg.tokens,
                      shard_rows=cfg.shard_rows, batch_size=cfg.batch_size)
     out = Path(cfg.out) if cfg.out else default_out(lm.name, [h.name for h in plan.hooks], texts.name)
@@ -493,10 +490,10 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
                                       overwrite=cfg.overwrite, world_size=d.world_size)
         except SaekitError as e:
             err = str(e)
-    err = dist.broadcast_error(err)
+    err = broadcast_error(err)
     if err is not None:
         raise SaekitError(err)
-    done_hash = dist.broadcast_error(done_hash)
+    done_hash = broadcast_error(done_hash)
     if done_hash is not None:
         if d.main:
             print(f"store {out} is already complete ({done_hash}); nothing to do", file=sys.stderr)
@@ -505,7 +502,7 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         writer = create_store(out, plan.meta["hooks"], n_rows=cfg.tokens, meta=plan.meta, shard_rows=cfg.shard_rows,
                               chunk_rows=cfg.chunk_rows, rank=d.rank, world_size=d.world_size)
     rate = _harvest_shards(plan, writer, out, d.rank, d.world_size, cfg.progress and d.main)
-    dist.barrier()
+    barrier()
     if not d.main:
         return HarvestResult(out, 0, "", rate)
     writer.finalize()

@@ -52,11 +52,11 @@ def compute_metrics(activations: torch.Tensor, features: torch.Tensor, reconstru
     FVU is against the mean of the activations passed in; for more tokens than fit in one call use
     `ReconstructionStats`.
     """
-    _check_pair(activations, reconstruction)
+    _check_same_shape(activations, reconstruction)
     return float(l0(features)), float(fvu(activations, reconstruction))
 
 
-def _check_pair(x: torch.Tensor, x_hat: torch.Tensor) -> None:
+def _check_same_shape(x: torch.Tensor, x_hat: torch.Tensor) -> None:
     if x.shape != x_hat.shape:
         raise SaekitError(f"activations {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape: pass matching [tokens, d] tensors")
 
@@ -95,7 +95,7 @@ class ReconstructionStats:
     stats.compute().fvu
     """
 
-    # Layout of the scalar sums, in one vector so a single all_reduce combines ranks.
+    # Layout of the scalar sums, kept in one vector so each batch adds to them in one operation.
     _FIELDS = ("n", "sq_norm", "sq_err", "cossim", "l2_ratio", "l0", "l1", "n_codes")
 
     def __init__(self) -> None:
@@ -105,7 +105,7 @@ class ReconstructionStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         """x, x_hat: [tokens, d] (leading dims are flattened); codes: [tokens, n_features] or None."""
-        _check_pair(x, x_hat)
+        _check_same_shape(x, x_hat)
         x = x.reshape(-1, x.shape[-1]).double()
         x_hat = x_hat.reshape(-1, x_hat.shape[-1]).double()
         if self._sum_x is not None and self._sum_x.numel() != x.shape[-1]:
@@ -134,14 +134,6 @@ class ReconstructionStats:
         else:
             self._sums += batch
             self._sum_x += x.sum(dim=0)
-
-    def all_reduce_(self) -> None:
-        """Sum the statistics over torch.distributed ranks (a no-op without a process group)."""
-        import torch.distributed as dist
-
-        if self._sums is not None and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self._sums)
-            dist.all_reduce(self._sum_x)
 
     def compute(self) -> ReconstructionMetrics:
         if self._sums is None:

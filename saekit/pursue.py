@@ -40,9 +40,10 @@ from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, group_name, 
 from saekit.codes import open_codes as open_codes  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
-from saekit.errors import SaekitError, output_dir
+from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
+from saekit.sae import load_sae
 from saekit.shards import discard_unfinished_creation, write_json_atomic
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
@@ -147,13 +148,6 @@ class PursueResult(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def load_sae(spec: str, device: Any = "cpu") -> Any:
-    """Moved to `saekit.sae.load_sae`; this name delegates to it."""
-    from saekit import sae
-
-    return sae.load_sae(spec, device)
-
-
 def dictionary_sha256(sae: Any) -> str:
     """Hash of the raw-space dictionary (W_dec, b_dec) bytes: identifies the codes' dictionary."""
     W, b = sae.decoder.raw_dictionary()
@@ -163,7 +157,7 @@ def dictionary_sha256(sae: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _check_width(sae: Any, spec: str, d_model: int, hook: str) -> None:
+def _check_sae_fits_hook(sae: Any, spec: str, d_model: int, hook: str) -> None:
     if sae.d_in != d_model:
         raise SaekitError(f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook")
     meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
@@ -193,7 +187,7 @@ def _check_out(cfg: PursueConfig) -> Path:
         # a creation of codes.zarr cut off before its attributes (e.g. a full disk) holds no codes;
         # codes.zarr is saekit's own directory inside --out, so it goes and is made again.
         discard_unfinished_creation(out / CODES_DIR, CODES_FORMAT, own_entries=None)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if is_non_empty(out):
         if not cfg.resume:
             raise SaekitError(f"output {out} already exists: pass --resume to continue it, or choose a new --out")
         if read_codes_attrs(out / CODES_DIR) is None:
@@ -236,13 +230,13 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         raise SaekitError(f"--rows {n_rows} is more than the store's {store.n_rows} rows; pass fewer (0: all)")
 
     sae = load_sae(cfg.sae, device)
-    _check_width(sae, cfg.sae, d_model, hook)
+    _check_sae_fits_hook(sae, cfg.sae, d_model, hook)
     for k in cfg.k:
         check_k(k, sae.n_features, "--k", "the SAE's n_features")
     extras = []
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
-        _check_width(enc, spec, d_model, hook)
+        _check_sae_fits_hook(enc, spec, d_model, hook)
         name = f"encoder:{Path(spec).name or spec}"
         if name in {"encoder", *(e[0] for e in extras)}:  # e.g. two runs' sae/ dirs: keep both
             name = f"encoder:{spec}#{len(extras) + 1}"

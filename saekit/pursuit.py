@@ -18,7 +18,9 @@ All four share one greedy loop; they differ only in how they update the coeffici
   coefficients by nonnegative least squares (Lawson-Hanson, float64). Slowest, most accurate.
 
 Cost per iteration is one `[b, d] x [d, n]` correlation matmul; everything else touches only the
-<= k selected atoms (`embedding_bag` over gathered rows), never a dense `[b, n] x [n, d]` product.
+<= k selected atoms (`decode_sparse`, an `embedding_bag` over their rows), never a dense
+`[b, n] x [n, d]` product. `decode_sparse` is saekit's one decode from indices: training's TopK
+path, AuxK, evaluation and `saekit pursue` use it too.
 Coefficient math is float32 (float64 in the NNLS refit) whatever the input dtype; rows are
 processed in chunks to bound memory; results are deterministic on the CPU and do not depend on
 the chunk size.
@@ -94,18 +96,34 @@ def to_dense(codes: SparseCodes, n_features: int) -> Tensor:
     return dense.reshape(*lead, n_features)
 
 
+def decode_sparse(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """sum_j values[..., j] * W_dec[indices[..., j]] (+ b_dec): the one decode from indices.
+
+    indices: [..., k] int64; values: [..., k]; W_dec: [n_features, d]; b_dec: [d] or None
+    -> [..., d] in W_dec's dtype, on W_dec's device (indices and values must be there too).
+    Gathers only the k chosen atoms per row (`embedding_bag`), never a dense [.., n] x [n, d]
+    product or a [.., k, d] buffer; differentiable in values, W_dec and b_dec. Equals
+    `to_dense(SparseCodes(indices, values), n) @ W_dec + b_dec` up to rounding.
+    """
+    lead, k = indices.shape[:-1], indices.shape[-1]
+    if k == 0:
+        out = W_dec.new_zeros(lead.numel(), W_dec.shape[1])
+    else:
+        flat_idx, flat_val = indices.reshape(-1, k), values.reshape(-1, k).to(W_dec.dtype)
+        out = F.embedding_bag(flat_idx, W_dec, per_sample_weights=flat_val, mode="sum")
+    if b_dec is not None:
+        out = out + b_dec
+    return out.reshape(*lead, W_dec.shape[1])
+
+
 def reconstruct(codes: SparseCodes, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
-    """codes @ W_dec + b_dec in float32, gathering only the k atoms each row uses.
+    """codes @ W_dec + b_dec in float32 on W_dec's device, without grad (`decode_sparse`).
 
     codes: indices/values [..., k]; W_dec: [n_features, d]; b_dec: [d] or None -> [..., d]
     """
     W = W_dec.detach().float()
-    lead = codes.indices.shape[:-1]
-    k = codes.indices.shape[-1]
-    out = _combine(codes.indices.reshape(-1, k).to(W.device), codes.values.reshape(-1, k).to(W), W)
-    if b_dec is not None:
-        out = out + b_dec.detach().float().to(W.device)
-    return out.reshape(*lead, W.shape[1])
+    bias = None if b_dec is None else b_dec.detach().float().to(W.device)
+    return decode_sparse(codes.indices.to(W.device), codes.values.to(W), W, bias)
 
 
 def gradient_pursuit(
@@ -200,7 +218,7 @@ def pursuit_trace(
     norms_out: list[Tensor] = [xc.norm(dim=1)]
 
     def record(state: "_State", t: int) -> None:
-        r = state.x - _combine(state.indices[:, : t + 1], state.values[:, : t + 1], W_unit)
+        r = state.x - decode_sparse(state.indices[:, : t + 1], state.values[:, : t + 1], W_unit)
         norms_out.append(r.norm(dim=1)[: xc.shape[0]])
 
     codes = _pursue_chunk(xc, W_unit, k, method, on_step=record)
@@ -367,13 +385,13 @@ def _projected_gradient(s: _State, t: int, sel: _Selection) -> Tensor:
 
 def _gp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
     g = _projected_gradient(s, t, sel)
-    g_image = _combine(s.indices[:, : t + 1], g, W)  # [b, d] = g @ A
+    g_image = decode_sparse(s.indices[:, : t + 1], g, W)  # [b, d] = g @ A
     _projected_step_(s, W, t, sel.corr, g, g_image)
 
 
 def _cgp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
     g = _projected_gradient(s, t, sel)
-    g_image = _combine(s.indices[:, : t + 1], g, W)
+    g_image = decode_sparse(s.indices[:, : t + 1], g, W)
     if t == 0:
         direction, image = g, g_image
     else:
@@ -432,7 +450,7 @@ def _omp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
         tol=1e-9 * s.x[rows].double().norm(dim=1),
     )
     s.values[rows, :m] = c.float()
-    s.residual[rows] = s.x[rows] - _combine(s.indices[rows, :m], s.values[rows, :m], W)
+    s.residual[rows] = s.x[rows] - decode_sparse(s.indices[rows, :m], s.values[rows, :m], W)
 
 
 _UPDATES = {"gp": _gp_update_, "cgp": _cgp_update_, "mp": _mp_update_, "omp": _omp_update_}
@@ -474,13 +492,13 @@ def _backtrack_(
     """
     idx = s.indices[rows, :m]
     x = s.x[rows]
-    before = x - _combine(idx, start, W)
+    before = x - decode_sparse(idx, start, W)
     limit = (before * before).sum(1)
     best_values, best_residual = start, before
     pending = torch.ones_like(step, dtype=torch.bool)
     for _ in range(BACKTRACK_STEPS + 1):
         cand = (start + step[:, None] * direction).clamp_min_(0)
-        res = x - _combine(idx, cand, W)
+        res = x - decode_sparse(idx, cand, W)
         ok = pending & ((res * res).sum(1) <= limit)
         best_values = torch.where(ok[:, None], cand, best_values)
         best_residual = torch.where(ok[:, None], res, best_residual)
@@ -536,16 +554,6 @@ def _nnls(G: Tensor, h: Tensor, c: Tensor, tol: Tensor, ridge: float = 1e-10) ->
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _combine(indices: Tensor, weights: Tensor, W: Tensor) -> Tensor:
-    """sum_j weights[:, j] * W[indices[:, j]] without materializing [b, k, d].
-
-    indices, weights: [b, m]; W: [n, d] -> [b, d] (W's dtype)
-    """
-    if indices.shape[1] == 0:
-        return W.new_zeros(indices.shape[0], W.shape[1])
-    return F.embedding_bag(indices, W, per_sample_weights=weights.to(W.dtype), mode="sum")
 
 
 def _row_max(a: Tensor, groups: int = 16) -> tuple[Tensor, Tensor]:

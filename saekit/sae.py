@@ -10,8 +10,9 @@ new encoder keeps them) and are the identity unless `set_input_normalization` se
 cache's statistics. `SparseAutoencoder.encode` takes raw activations and `decode` returns raw
 activations; `Decoder.raw_dictionary()` gives the equivalent raw-space atoms for pursuit code.
 
-Loading sae-lens SAEs (`from_pretrained`) and exporting to sae-lens (`export_sae_lens`) are at the
-bottom; sae-lens is imported lazily because it pulls in transformer-lens (seconds of import time).
+Loading sae-lens SAEs (`from_pretrained`, `from_sae_lens`) and exporting to sae-lens
+(`export_sae_lens`) are methods here, implemented in `saekit.sae_lens_io`. `load_sae(spec)` at the
+bottom is the one loader for every kind of SAE (run dir, saekit dir, sae-lens dir or release).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from saekit.config import check_k, check_non_negative
-from saekit.errors import SaekitError
+from saekit.devices import dtype_name, resolve_dtype
+from saekit.errors import SaekitError, is_non_empty, one_line
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 WEIGHTS_FILE = "sae.safetensors"
@@ -39,7 +40,6 @@ SAE_LENS_WEIGHTS = "sae_weights.safetensors"
 SAE_LENS_CONFIG = "cfg.json"
 FORMAT_NAME = "saekit-sae"
 FORMAT_VERSION = 1
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ class SAEConfig:
     threshold_lr: float = 0.01
     """Batch-TopK: rate of the running (exponential) average of the smallest kept activation."""
     dtype: str = "float32"
-    """Parameter dtype: 'float32', 'float64', 'bfloat16' or 'float16'."""
+    """Parameter dtype: 'float32', 'float64', 'bfloat16' or 'float16' (or an alias in saekit.devices.DTYPES)."""
     metadata: dict = field(default_factory=dict)
     """Free-form provenance kept through save/load/export (e.g. model_name, hook_name, source)."""
 
@@ -81,14 +81,13 @@ class SAEConfig:
         if self.activation in ("topk", "batchtopk"):
             if self.k is None:
                 raise SaekitError(f"activation {self.activation!r} needs k (active latents per token): pass k=")
-            _check_k(self.k, self.n_features, integer=self.activation == "topk")
+            _check_k_range(self.k, self.n_features, integer=self.activation == "topk")
             if self.activation == "topk":
                 self.k = int(self.k)
         check_non_negative("n_hidden", self.n_hidden, "no MLP path")
         if self.n_hidden > 0 and (self.d_hidden is None or self.d_hidden <= 0):
             raise SaekitError(f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden=")
-        if self.dtype not in _DTYPES:
-            raise SaekitError(f"unknown dtype {self.dtype!r}: use one of {', '.join(_DTYPES)}")
+        resolve_dtype(self.dtype)  # one line for an unknown name
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
@@ -151,7 +150,7 @@ class Normalization(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_k(k: float, n_features: int, integer: bool) -> None:
+def _check_k_range(k: float, n_features: int, integer: bool) -> None:
     check_k(k, n_features)
     if integer and float(k) != int(k):
         raise SaekitError(f"k={k} must be a whole number for TopK (Batch-TopK allows a fractional average)")
@@ -206,53 +205,9 @@ def normalization_from_stats(
     return Normalization(mean=shift.float(), scale=factor)
 
 
-class _Folded(NamedTuple):
-    W_enc: torch.Tensor
-    b_enc: torch.Tensor
-    W_dec: torch.Tensor
-    b_dec: torch.Tensor
-
-
-def fold_normalization(
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    mean: torch.Tensor,
-    scale: float,
-    apply_preencoder_bias: bool,
-) -> _Folded:
-    """Fold x_n = (x - mean) * scale into a linear SAE so it takes raw x with *identical codes*.
-
-    W_enc: [d, n], b_enc: [n], W_dec: [n, d], b_dec: [d], mean: [d].
-    Encoder: (x_n - b_dec) @ W_enc = (x - b') @ (scale W_enc) with b' = mean + b_dec / scale.
-    Decoder: (c @ W_dec + b_dec) / scale + mean = c @ (W_dec / scale) + b'.
-    Decoder rows then have norm 1/scale: codes stay identical, which is what an exporter promises.
-    """
-    b_raw = mean + b_dec / scale
-    W_enc_raw = W_enc * scale
-    b_enc_raw = b_enc if apply_preencoder_bias else b_enc - (mean * scale) @ W_enc
-    return _Folded(W_enc_raw, b_enc_raw, W_dec / scale, b_raw)
-
-
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise SaekitError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 class Decoder(nn.Module):
@@ -265,7 +220,7 @@ class Decoder(nn.Module):
 
     def __init__(self, n_features: int, d_in: int, dtype: torch.dtype | str = torch.float32, device: Any = None):
         super().__init__()
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         W = torch.empty(n_features, d_in, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(W)
         self.W_dec = nn.Parameter(W)
@@ -325,7 +280,7 @@ class Decoder(nn.Module):
 
     def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [..., n_features] -> [..., d_in] reconstruction in the normalized space."""
-        _check_width(codes, self.n_features, "codes", "n_features")
+        _check_last_dim(codes, self.n_features, "codes", "n_features")
         return codes.to(self.dtype) @ self.W_dec + self.b_dec
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -333,11 +288,6 @@ class Decoder(nn.Module):
         return self.denormalize(self.decode_normalized(codes))
 
     forward = decode
-
-    @property
-    def has_normalization(self) -> bool:
-        """True when input normalization is set (not the identity)."""
-        return bool(self.input_scale != 1) or bool(self.input_mean.any())
 
     def raw_dictionary(self) -> Dictionary:
         """The atoms in raw activation space: pursuit against them gives codes that `decode` accepts.
@@ -374,7 +324,7 @@ class Decoder(nn.Module):
         self.W_dec.grad.sub_(parallel * unit)
 
 
-def _check_width(t: torch.Tensor, expected: int, what: str, name: str) -> None:
+def _check_last_dim(t: torch.Tensor, expected: int, what: str, name: str) -> None:
     if t.dim() == 0 or t.shape[-1] != expected:
         got = "a scalar" if t.dim() == 0 else f"last dimension {t.shape[-1]}"
         raise SaekitError(f"{what} have {got} but this SAE expects {name}={expected}: pass [..., {expected}] tensors")
@@ -406,13 +356,13 @@ class Encoder(nn.Module):
         threshold_lr: float = 0.01,
     ):
         super().__init__()
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         if activation is None:
             activation = "topk" if k is not None else "relu"
         cfg = SAEConfig(
             d_in=d_in, n_features=n_features, activation=activation, k=k, d_hidden=d_hidden,
             n_hidden=n_hidden, apply_preencoder_bias=apply_preencoder_bias,
-            threshold_lr=threshold_lr, dtype=_dtype_name(dtype),
+            threshold_lr=threshold_lr, dtype=dtype_name(dtype),
         )
         self.activation = cfg.activation
         self.k = cfg.k
@@ -556,14 +506,14 @@ class SparseAutoencoder(nn.Module):
                 raise SaekitError("k, activation, d_hidden and n_hidden describe a new encoder, but you passed one: drop them or drop encoder=")
             if decoder is None:
                 decoder = _decoder_from_encoder(encoder)
-            _check_pair(encoder, decoder, d_in, n_features)
+            _check_encoder_fits_decoder(encoder, decoder, d_in, n_features)
         else:
             if decoder is None:
                 if d_in is None or n_features is None:
                     raise SaekitError("give d_in and n_features (and k), or a decoder=, or an encoder= and decoder=")
-                decoder = Decoder(n_features, d_in, dtype=_resolve_dtype(dtype), device=device)
+                decoder = Decoder(n_features, d_in, dtype=resolve_dtype(dtype), device=device)
             else:
-                _check_pair(None, decoder, d_in, n_features)
+                _check_encoder_fits_decoder(None, decoder, d_in, n_features)
             if activation is None and k is None:
                 raise SaekitError("a new encoder needs k (TopK), or activation='relu' / 'batchtopk' with k")
             encoder = Encoder(
@@ -620,7 +570,7 @@ class SparseAutoencoder(nn.Module):
         return SAEConfig(
             d_in=self.d_in, n_features=self.n_features, activation=self.activation, k=self.k,
             d_hidden=self.d_hidden, n_hidden=self.n_hidden, apply_preencoder_bias=self.apply_preencoder_bias,
-            threshold_lr=self.encoder.threshold_lr, dtype=_dtype_name(self.dtype), metadata=dict(self.metadata),
+            threshold_lr=self.encoder.threshold_lr, dtype=dtype_name(self.dtype), metadata=dict(self.metadata),
         )
 
     @classmethod
@@ -634,7 +584,7 @@ class SparseAutoencoder(nn.Module):
     # ---- computation ----
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         """x: [..., d_in] raw activations -> ForwardOutput (codes, pre_acts, reconstruction, sae_in, sae_out)."""
-        _check_width(x, self.d_in, "inputs", "d_in")
+        _check_last_dim(x, self.d_in, "inputs", "d_in")
         sae_in = self.decoder.normalize(x)
         codes, pre = self.encoder(sae_in, self.decoder.b_dec)
         sae_out = self.decoder.decode_normalized(codes)
@@ -643,7 +593,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., d_in] raw activations -> codes [..., n_features] (dense, mostly zeros)."""
-        _check_width(x, self.d_in, "inputs", "d_in")
+        _check_last_dim(x, self.d_in, "inputs", "d_in")
         return self.encoder(self.decoder.normalize(x), self.decoder.b_dec).codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -660,7 +610,7 @@ class SparseAutoencoder(nn.Module):
         """
         if self.activation != "batchtopk":
             raise SaekitError(f"only Batch-TopK SAEs have a threshold to calibrate; this one is {self.activation}")
-        _check_width(x, self.d_in, "inputs", "d_in")
+        _check_last_dim(x, self.d_in, "inputs", "d_in")
         pre = self.encoder.pre_activations(self.decoder.normalize(x), self.decoder.b_dec).relu().flatten()
         m = int(self.k * x.shape[0])
         if not 0 < m < pre.numel():
@@ -698,7 +648,7 @@ class SparseAutoencoder(nn.Module):
             save_file(state, str(tmp / WEIGHTS_FILE))
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
-        _publish_dir(path, write, overwrite)
+        publish_dir(path, write, overwrite)
         return path
 
     @classmethod
@@ -715,7 +665,7 @@ class SparseAutoencoder(nn.Module):
             raise SaekitError(f"{path} is not a saved saekit SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}): check the path")
         if not weights_file.is_file():
             raise SaekitError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}: the weights file is missing; copy it next to {CONFIG_FILE} or re-save the SAE")
-        cfg = SAEConfig.from_dict(_read_json(cfg_file, "a saekit SAE config"))
+        cfg = SAEConfig.from_dict(read_json_object(cfg_file, "a saekit SAE config"))
         sae = cls.from_config(cfg, device="meta")
         state = _read_weights(weights_file, device)
         expected = sae.state_dict()
@@ -732,6 +682,7 @@ class SparseAutoencoder(nn.Module):
         sae.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True)
         return sae.eval()
 
+    # ---- sae-lens (implemented in saekit.sae_lens_io, imported on use: it imports this module) ----
     @classmethod
     def from_pretrained(
         cls,
@@ -749,10 +700,9 @@ class SparseAutoencoder(nn.Module):
         replaces it with TopK(k). `d_hidden`/`n_hidden` add a zero-initialized MLP path. See
         `from_sae_lens` for how decoder norms are handled. Returns the SAE in eval mode.
         """
-        sl = _load_sae_lens(release, sae_id, str(device))
-        sae = cls.from_sae_lens(sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
-        sae.metadata.setdefault("source", {"release": str(release), "sae_id": sae_id})
-        return sae
+        from saekit import sae_lens_io
+
+        return sae_lens_io.load_pretrained(release, sae_id, device, k=k, d_hidden=d_hidden, n_hidden=n_hidden)
 
     @classmethod
     def from_sae_lens(
@@ -768,60 +718,9 @@ class SparseAutoencoder(nn.Module):
         ranks latents by the rescaled pre-activations, which can change its selection when row norms
         differ: a warning says so.
         """
-        arch = sl.cfg.architecture()
-        native = _SAE_LENS_ARCHS.get(arch)
-        if native is None:
-            raise SaekitError(f"sae-lens architecture {arch!r} is not supported: saekit loads {', '.join(sorted(_SAE_LENS_ARCHS))}")
-        norm_mode = getattr(sl.cfg, "normalize_activations", "none")
-        if norm_mode == "expected_average_only_in":
-            # sae-lens applies nothing at run time in this mode when the factor is unknown; match it.
-            warnings.warn("this sae-lens SAE expects inputs scaled by a factor sae-lens could not find; loaded without it, as sae-lens does", stacklevel=2)
-        elif norm_mode != "none":
-            raise SaekitError(f"sae-lens normalize_activations={norm_mode!r} (a per-token transform) is not supported: saekit loads SAEs that take raw activations")
+        from saekit import sae_lens_io
 
-        with torch.no_grad():
-            W_enc = sl.W_enc.detach().clone()
-            b_enc = sl.b_enc.detach().clone()
-            W_dec = sl.W_dec.detach().clone()
-            b_dec = sl.b_dec.detach().clone()
-            norms = W_dec.norm(dim=1).clamp_min(1e-8)
-            rescaled = bool(getattr(sl.cfg, "rescale_acts_by_decoder_norm", False))
-            threshold = _sae_lens_threshold(sl, arch)
-            if threshold is not None and not rescaled:
-                threshold = threshold * norms
-            if native in ("topk", "batchtopk") and not rescaled and k is None and _uneven(norms):
-                warnings.warn(
-                    "decoder rows of this sae-lens TopK SAE have unequal norms; saekit ranks latents by pre-activation x row norm, so a few selections can differ",
-                    stacklevel=2,
-                )
-
-        activation = "topk" if k is not None else native
-        k_value = k if k is not None else (getattr(sl.cfg, "k", None) if native in ("topk", "batchtopk") else None)
-        decoder = Decoder(W_dec.shape[0], W_dec.shape[1], dtype=W_dec.dtype, device="meta")
-        encoder = Encoder(
-            W_enc.shape[0], W_enc.shape[1], k_value, d_hidden, n_hidden,
-            apply_preencoder_bias=bool(sl.cfg.apply_b_dec_to_input), dtype=W_enc.dtype, device="meta",
-            activation=activation, threshold_lr=float(getattr(sl.cfg, "topk_threshold_lr", 0.01)),
-        )
-        target = torch.device(device) if device is not None else W_enc.device
-        decoder.to_empty(device=target)
-        encoder.to_empty(device=target)
-        with torch.no_grad():
-            decoder.W_dec.copy_(W_dec / norms[:, None])
-            decoder.b_dec.copy_(b_dec)
-            decoder.input_mean.zero_()
-            decoder.input_scale.fill_(1.0)
-            encoder.W_enc.copy_(W_enc * norms[None, :])
-            encoder.b_enc.copy_(b_enc * norms)
-            encoder.threshold.copy_(threshold if threshold is not None else torch.zeros_like(b_enc))
-            if encoder.activation == "batchtopk" and threshold is None:
-                encoder.threshold.fill_(math.nan)
-            if encoder.mlp is not None:
-                _reset_mlp_(encoder.mlp)
-        meta = getattr(sl.cfg, "metadata", None)
-        keep = {key: getattr(meta, key, None) for key in ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")}
-        sae = cls(encoder=encoder, decoder=decoder, metadata={key: v for key, v in keep.items() if v is not None})
-        return sae.eval()
+        return sae_lens_io.from_sae_lens(sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
 
     def export_sae_lens(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a directory that `sae_lens.SAE.load_from_disk(path)` opens with the same encode and
@@ -830,39 +729,12 @@ class SparseAutoencoder(nn.Module):
         TopK -> sae-lens 'topk'; ReLU -> 'standard'; JumpReLU and Batch-TopK (its inference
         threshold) -> 'jumprelu'. MLP encoders have no sae-lens counterpart.
         """
-        if self.encoder.mlp is not None:
-            raise SaekitError("MLP encoders exist only in saekit (sae-lens has no MLP-encoder architecture): use sae.save(path) instead")
-        if self.activation == "batchtopk" and bool(self.encoder.threshold.isnan().any()):
-            raise SaekitError("this Batch-TopK SAE has no inference threshold yet (it is estimated during training): train it before exporting")
-        import sae_lens
-        from sae_lens.saes.sae import SAEMetadata
+        from saekit import sae_lens_io
 
-        dec, enc = self.decoder, self.encoder
-        with torch.no_grad():
-            folded = fold_normalization(
-                enc.W_enc.float(), enc.b_enc.float(), dec.W_dec.float(), dec.b_dec.float(),
-                dec.input_mean.float(), float(dec.input_scale), enc.apply_preencoder_bias,
-            )
-        common = {
-            "d_in": self.d_in, "d_sae": self.n_features, "dtype": _dtype_name(self.dtype), "device": "cpu",
-            "apply_b_dec_to_input": self.apply_preencoder_bias,
-            "metadata": SAEMetadata(**{key: v for key, v in self.metadata.items() if isinstance(key, str)}),
-        }
-        if self.activation == "topk":
-            sl = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(k=int(self.k), rescale_acts_by_decoder_norm=False, **common))
-        elif self.activation == "relu":
-            sl = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(**common))
-        else:
-            sl = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(**common))
-        state = {"W_enc": folded.W_enc, "b_enc": folded.b_enc, "W_dec": folded.W_dec, "b_dec": folded.b_dec}
-        if isinstance(sl, sae_lens.JumpReLUSAE):
-            state["threshold"] = enc.threshold.float()
-        sl.load_state_dict({key: v.detach().cpu().to(sl.dtype) for key, v in state.items()})
-        _publish_dir(Path(path), lambda tmp: sl.save_model(tmp), overwrite)
-        return Path(path)
+        return sae_lens_io.export_sae_lens(self, path, overwrite)
 
 
-def _check_pair(encoder: Encoder | None, decoder: Decoder, d_in: int | None, n_features: int | None) -> None:
+def _check_encoder_fits_decoder(encoder: Encoder | None, decoder: Decoder, d_in: int | None, n_features: int | None) -> None:
     if encoder is not None and encoder.d_in != decoder.d_in:
         raise SaekitError(f"encoder d_in={encoder.d_in} does not match decoder d_in={decoder.d_in}: they must read the same activations")
     if encoder is not None and encoder.n_features != decoder.n_features:
@@ -881,19 +753,9 @@ def _decoder_from_encoder(encoder: Encoder) -> Decoder:
     return decoder
 
 
-@torch.no_grad()
-def _reset_mlp_(mlp: nn.Sequential) -> None:
-    """Re-run default init after `to_empty` (meta tensors carry no values), last layer at zero."""
-    linears = [m for m in mlp if isinstance(m, nn.Linear)]
-    for layer in linears[:-1]:
-        layer.reset_parameters()
-    nn.init.zeros_(linears[-1].weight)
-    nn.init.zeros_(linears[-1].bias)
-
-
-def _publish_dir(path: Path, write: Any, overwrite: bool) -> None:
+def publish_dir(path: Path, write: Any, overwrite: bool) -> None:
     """Write a directory aside with `write(tmp)` and rename it into place (never half-written)."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    if is_non_empty(path) and not overwrite:
         raise SaekitError(f"{path} already exists and is not empty: choose a new path or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -908,151 +770,11 @@ def _publish_dir(path: Path, write: Any, overwrite: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# sae-lens loading
-# --------------------------------------------------------------------------------------------
-
-# sae-lens architecture -> saekit native activation. Batch-TopK exists in sae-lens only as a
-# training architecture (its inference form is saved as jumprelu); matryoshka encodes the same way.
-_SAE_LENS_ARCHS = {
-    "standard": "relu",
-    "topk": "topk",
-    "batchtopk": "batchtopk",
-    "matryoshka_batchtopk": "batchtopk",
-    "jumprelu": "jumprelu",
-}
-
-_LIST_RELEASES = (
-    "list them with: python -c \"from sae_lens.loading.pretrained_saes_directory import "
-    "get_pretrained_saes_directory as d; print(list(d()))\""
-)
-
-
-def _uneven(norms: torch.Tensor) -> bool:
-    return bool((norms.max() - norms.min()) > 1e-4 * norms.max())
-
-
-def _sae_lens_threshold(sl: Any, arch: str) -> torch.Tensor | None:
-    if arch == "jumprelu":
-        return sl.threshold.detach().clone().float().to(sl.W_enc.dtype)
-    if arch in ("batchtopk", "matryoshka_batchtopk"):
-        value = sl.topk_threshold.detach().to(sl.W_enc.dtype)
-        return value.expand(sl.cfg.d_sae).clone()
-    return None
-
-
-def _load_sae_lens(release: str | os.PathLike, sae_id: str | None, device: str) -> Any:
-    """A sae-lens SAE from a local directory or the hub; every failure becomes one SaekitError line."""
-    local = Path(release)
-    if local.is_dir():
-        folder = local / sae_id if sae_id and (local / sae_id / "cfg.json").is_file() else local
-        if not (folder / "cfg.json").is_file():
-            where = f"{local} or {local / sae_id}" if sae_id else str(local)
-            raise SaekitError(f"no sae-lens SAE (cfg.json + sae_weights.safetensors) in {where}: check the path")
-        return _load_sae_lens_dir(folder, device)
-
-    import sae_lens
-
-    try:
-        return sae_lens.SAE.from_pretrained(str(release), sae_id, device=device)
-    except ValueError as e:
-        msg = str(e)
-        if msg.startswith("Release"):
-            raise SaekitError(f"unknown sae-lens release {str(release)!r}; {_LIST_RELEASES}") from None
-        if msg.startswith("ID"):
-            raise SaekitError(
-                f"unknown SAE id {sae_id!r} in release {str(release)!r}; list its ids with: python -c \"from "
-                f"sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory as d; "
-                f"print(list(d()['{release}'].saes_map))\""
-            ) from None
-        raise SaekitError(f"sae-lens could not load {release}/{sae_id}: {_one_line(msg)}") from None
-    except Exception as e:
-        raise _hub_error(str(release), sae_id, e) from None
-
-
-def _load_sae_lens_dir(folder: Path, device: str) -> Any:
-    import sae_lens
-    from sae_lens.registry import SAE_CLASS_REGISTRY
-
-    cfg = _read_json(folder / SAE_LENS_CONFIG, "a sae-lens SAE config")
-    arch = cfg.get("architecture", "standard")
-    if arch not in _SAE_LENS_ARCHS:
-        raise SaekitError(f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sorted(_SAE_LENS_ARCHS))}")
-    if not (folder / SAE_LENS_WEIGHTS).is_file():
-        raise SaekitError(f"{folder} has {SAE_LENS_CONFIG} but no {SAE_LENS_WEIGHTS}: copy the weights next to it")
-    _check_sae_lens_weights(folder, cfg)
-    # Training-only architectures (batchtopk) load through TrainingSAE; the rest through SAE.
-    loader = sae_lens.SAE if arch in SAE_CLASS_REGISTRY else sae_lens.TrainingSAE
-    try:
-        return loader.load_from_disk(str(folder), device=device)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise SaekitError(f"sae-lens could not load {folder}: {_one_line(str(e))}") from None
-
-
-def _check_sae_lens_weights(folder: Path, cfg: dict) -> None:
-    """Say plainly when the weights are damaged or do not match cfg.json (sae-lens reports either
-    as a multi-line state_dict dump). Reads only the safetensors header."""
-    from safetensors import SafetensorError, safe_open
-
-    weights = folder / SAE_LENS_WEIGHTS
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            names = f.keys()  # a safetensors handle has no `in`
-            shape = list(f.get_slice("W_dec").get_shape()) if "W_dec" in names else None
-    except SafetensorError as e:
-        raise SaekitError(f"{weights} is damaged ({_one_line(str(e))}): download or copy it again") from None
-    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
-    if shape is not None and shape != [d_sae, d_in]:
-        raise SaekitError(
-            f"{folder / SAE_LENS_CONFIG} says d_in={d_in}, d_sae={d_sae} but its weights have W_dec {shape} "
-            f"(d_sae x d_in): the config does not belong to these weights"
-        )
-
-
-def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
-    try:
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - huggingface_hub always ships with sae-lens
-        GatedRepoError = LocalEntryNotFoundError = OfflineModeIsEnabled = RepositoryNotFoundError = ()  # type: ignore
-    what = f"{release}/{sae_id}" if sae_id else release
-    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_network_error(e):
-        return SaekitError(f"could not download SAE {what} from the Hugging Face hub (no network or hub unreachable): connect, or pass a local sae-lens directory")
-    if isinstance(e, GatedRepoError):
-        return SaekitError(f"SAE {what} is in a gated Hugging Face repo: accept its terms on the hub and log in (huggingface-cli login)")
-    if isinstance(e, RepositoryNotFoundError):
-        return SaekitError(f"no Hugging Face repo for SAE {what}: check the release name; {_LIST_RELEASES}")
-    return SaekitError(f"could not load SAE {what} through sae-lens: {type(e).__name__}: {_one_line(str(e))}")
-
-
-def _is_network_error(e: BaseException) -> bool:
-    names = {type(c).__name__ for c in _causes(e)}
-    return bool(names & {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror", "NewConnectionError"})
-
-
-def _causes(e: BaseException | None):
-    seen = 0
-    while e is not None and seen < 10:
-        yield e
-        e = e.__cause__ or e.__context__
-        seen += 1
-
-
-def _one_line(msg: str, limit: int = 300) -> str:
-    """msg with its lines joined; past `limit` characters, cut at a word and marked with '...'."""
-    flat = " ".join(msg.split()) or "(no message)"
-    return flat if len(flat) <= limit else flat[:limit].rsplit(" ", 1)[0] + " ..."
-
-
-# --------------------------------------------------------------------------------------------
 # Files, and the one loader for every kind of SAE
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json(file: Path, what: str) -> dict:
+def read_json_object(file: Path, what: str) -> dict:
     """The JSON object in `file`; anything else is one SaekitError line naming the file."""
     try:
         raw = json.loads(file.read_bytes())
@@ -1075,7 +797,7 @@ def _read_weights(file: Path, device: Any) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file), device=str(torch.device(device)))
     except SafetensorError as e:
-        raise SaekitError(f"{file} is damaged ({_one_line(str(e))}): re-save the SAE or copy the file again") from None
+        raise SaekitError(f"{file} is damaged ({one_line(e)}): re-save the SAE or copy the file again") from None
     except OSError as e:
         raise SaekitError(f"cannot read {file}: {e.strerror}") from None
 
@@ -1104,7 +826,7 @@ def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
     if (path / "sae").is_dir():
         path = path / "sae"  # a training run directory (its own config.json is the training config)
     saekit_cfg, lens_cfg = (path / CONFIG_FILE).is_file(), (path / SAE_LENS_CONFIG).is_file()
-    if saekit_cfg and (not lens_cfg or _read_json(path / CONFIG_FILE, "an SAE config").get("format") == FORMAT_NAME):
+    if saekit_cfg and (not lens_cfg or read_json_object(path / CONFIG_FILE, "an SAE config").get("format") == FORMAT_NAME):
         return SparseAutoencoder.load(path, device=device)
     if lens_cfg:
         return SparseAutoencoder.from_pretrained(path, None, device=device)

@@ -6,13 +6,13 @@ One loop, three things it can train, each set by a small part:
 - a new encoder, linear or MLP, against a frozen dictionary (`--from-pretrained`; optionally
   starting from that SAE's encoder, the skip-connection init);
 - the dictionary itself under nonlinear codes (`--codes pursuit|both`, or an MLP encoder with the
-  decoder training): `Objective` decides where the codes come from — the encoder (MSE + AuxK),
-  gradient pursuit against the current dictionary (codes without grad, MSE step on the decoder),
-  or both.
+  decoder training): `Objective` (in `saekit.train_loss`) decides where the codes come from — the
+  encoder (MSE + AuxK), gradient pursuit against the current dictionary (codes without grad, MSE
+  step on the decoder), or both.
 
 Shared by all: shuffled batches from the store, Adam with linear warm-up and decay, unit-norm
 decoder rows, dead-latent tracking, held-out evaluation, checkpoints that resume bit for bit on
-the CPU, and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
+the CPU (`saekit.train_checkpoint`), and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
 
 Losses are in the dictionary's normalized space and divided by the training rows' total variance
 there, so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
@@ -35,21 +35,20 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saekit import dist
-from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, check_types, need
-from saekit.errors import SaekitError, os_error_message, output_dir
+from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, need
+from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
+from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
+from saekit.pursuit import to_dense
 from saekit.sae import SparseAutoencoder, load_sae
 from saekit.store import HookStats, write_json_atomic
+from saekit.train_checkpoint import CKPT, MetricsLog, Position, checkpoint_dir, load_checkpoint, read_metrics, save_checkpoint
+from saekit.train_loss import Losses, Objective, normalized_variance, pursuit_decode
 
 CODES = ("encoder", "pursuit", "both")
 TRAIN_ACTIVATIONS = ("topk", "batchtopk")
-# Set SAEKIT_DENSE_DECODE=1 to decode TopK codes with a dense [b, n] @ [n, d] matmul instead of
-# gathering the k chosen atoms (the eager reference path; same math, slower for k << n).
-DENSE_DECODE = os.environ.get("SAEKIT_DENSE_DECODE", "") not in ("", "0")
 
 # Fields that must match the run being resumed: they decide the model and the data stream.
 # Others (lr, budget, eval and logging cadence, device) may change on resume (then the result
@@ -240,11 +239,6 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float, decay_frac: floa
 # --------------------------------------------------------------------------------------------
 
 
-def load_dictionary(spec: str, device: Any = "cpu") -> SparseAutoencoder:
-    """Moved to `saekit.sae.load_sae`; this name delegates to it."""
-    return load_sae(spec, device)
-
-
 def build_sae(cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu",
               pretrained: SparseAutoencoder | None = None) -> SparseAutoencoder:  # fmt: skip
     """The SAE to train, as the resolved `cfg` (`resolve`) says, on `device`, in train mode, with
@@ -281,127 +275,9 @@ def _copy_matching_(dst: nn.Module, src: nn.Module) -> None:
             mine[name].copy_(t)
 
 
-def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
-    """sum_j values[:, j] * W_dec[indices[:, j]] (+ b_dec), differentiable in values and W_dec.
-
-    indices, values: [b, k]; W_dec: [n, d]; b_dec: [d] -> [b, d]. Touches k rows per token, not n.
-    """
-    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
-    return out if b_dec is None else out + b_dec
-
-
-class Encoded(NamedTuple):
-    """The encoder's codes for a batch, as the loss needs them."""
-
-    sae_out: Tensor  # [b, d] reconstruction in the normalized space
-    pre_acts: Tensor  # [b, n] pre-activations (AuxK picks dead latents from them)
-    counts: Tensor  # [n] tokens on which each latent fired
-
-
-def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
-    """Encode normalized inputs [b, d] and decode them; TopK decodes only the chosen atoms."""
-    enc, dec = sae.encoder, sae.decoder
-    if enc.activation == "topk" and not DENSE_DECODE:
-        pre = enc.pre_activations(sae_in, dec.b_dec)
-        values, indices = pre.topk(int(enc.k), dim=-1, sorted=False)
-        values = values.relu()
-        counts = pre.new_zeros(pre.shape[-1]).index_add_(0, indices.flatten(), (values > 0).flatten().to(pre.dtype))
-        return Encoded(sparse_decode(indices, values, dec.W_dec, dec.b_dec), pre, counts)
-    codes, pre = enc(sae_in, dec.b_dec)  # Batch-TopK also updates its inference threshold here
-    return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype))
-
-
-def auxk_loss(pre_acts: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
-    """OpenAI's AuxK: the k_aux largest dead latents of each token reconstruct the main residual.
-
-    pre_acts: [b, n]; dead: [n] bool; residual: [b, d] (detached); W_dec: [n, d] -> scalar:
-    squared error over the residual's variance, scaled by min(n_dead / k_aux, 1).
-    """
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return pre_acts.new_zeros(())
-    values, indices = pre_acts.masked_fill(~dead, -math.inf).topk(min(k_aux, n_dead), dim=-1, sorted=False)
-    e_hat = sparse_decode(indices, values.relu(), W_dec)
-    variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return min(n_dead / k_aux, 1.0) * (e_hat - residual).pow(2).sum() / variance
-
-
-def pursuit_decode(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Gradient-pursuit codes against the current dictionary (no grad), decoded with grad.
-
-    sae_in: [b, d] normalized -> (reconstruction [b, d], counts [n] tokens each atom was used on).
-    """
-    from saekit.pursuit import gradient_pursuit
-
-    dec = sae.decoder
-    codes = gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec)
-    used = (codes.values > 0).to(sae_in.dtype)
-    counts = sae_in.new_zeros(dec.n_features).index_add_(0, codes.indices.flatten(), used.flatten())
-    return sparse_decode(codes.indices, codes.values, dec.W_dec, dec.b_dec), counts
-
-
-class Losses(NamedTuple):
-    """One batch's losses (scalars) and firing counts."""
-
-    loss: Tensor  # what backward() sees: fvu + auxk_coef * auxk + pursuit_fvu
-    fvu: Tensor  # encoder codes: squared error / total variance (0 with codes='pursuit')
-    auxk: Tensor
-    pursuit_fvu: Tensor  # pursuit codes' fvu (0 with codes='encoder')
-    counts: Tensor  # [n] tokens on which each latent fired (encoder codes, else pursuit codes)
-
-
-class Objective(nn.Module):
-    """The loss of one batch. DDP wraps this module, so all trained parameters are used in forward.
-
-    variance: E||x_n - mean||^2 over the store, in the dictionary's normalized space; dividing
-    the summed squared error by batch * variance makes the loss an FVU.
-    """
-
-    def __init__(self, sae: SparseAutoencoder, codes: str, k: int, k_aux: int, auxk_coef: float, variance: float):
-        super().__init__()
-        self.sae = sae
-        self.codes, self.k, self.k_aux, self.auxk_coef, self.variance = codes, k, k_aux, auxk_coef, variance
-
-    def _fvu(self, sae_out: Tensor, sae_in: Tensor) -> Tensor:
-        return (sae_out - sae_in).pow(2).sum() / (sae_in.shape[0] * self.variance)
-
-    def forward(self, x: Tensor, dead: Tensor) -> Losses:
-        """x: [b, d] raw activations; dead: [n] bool latents for AuxK."""
-        sae_in = self.sae.decoder.normalize(x)
-        zero = sae_in.new_zeros(())
-        loss, fvu, aux, pfvu, counts = zero, zero, zero, zero, None
-        if self.codes != "pursuit":
-            enc = encode_decode(self.sae, sae_in)
-            fvu = self._fvu(enc.sae_out, sae_in)
-            if self.auxk_coef > 0:
-                residual = (sae_in - enc.sae_out).detach()
-                aux = auxk_loss(enc.pre_acts, dead, residual, self.sae.decoder.W_dec, self.k_aux)
-            loss, counts = fvu + self.auxk_coef * aux, enc.counts
-        if self.codes != "encoder":
-            recon, pcounts = pursuit_decode(self.sae, sae_in, self.k)
-            pfvu = self._fvu(recon, sae_in)
-            loss = loss + pfvu
-            counts = pcounts if counts is None else counts
-        return Losses(loss, fvu, aux, pfvu, counts)
-
-
-def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:
-    """Total variance of the store's activations in the SAE's normalized space (x - m) * s."""
-    variance = float(mean_sq_norm) - float(mean.double().pow(2).sum())
-    return max(variance, 1e-12) * float(sae.decoder.input_scale) ** 2
-
-
 # --------------------------------------------------------------------------------------------
 # Data, evaluation
 # --------------------------------------------------------------------------------------------
-
-
-class Position(NamedTuple):
-    """Where training stands: optimizer steps taken, and the next batch of which epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
 
 
 def _batches_per_epoch(store, stop_row: int, local_batch: int, seed: int, epoch: int, world_size: int) -> int:
@@ -442,8 +318,6 @@ def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, ba
     """FVU (against the held-out set's mean), L0 and cosine similarity on rows [start, stop), in
     raw activation space, comparable with sae-lens and with `saekit pursue`. (FVU is the same in
     the normalized space, an affine map of it; cosine similarity is not.)"""
-    from saekit.pursuit import gradient_pursuit, to_dense
-
     was_training = sae.training
     sae.eval()
     enc, pur = ReconstructionStats(), ReconstructionStats()
@@ -452,10 +326,8 @@ def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, ba
         out = sae(x)
         enc.update(x, out.reconstruction, out.codes)
         if codes != "encoder":
-            dec = sae.decoder
-            pc = gradient_pursuit(out.sae_in, dec.W_dec, k, b_dec=dec.b_dec)
-            recon = dec.denormalize(sparse_decode(pc.indices, pc.values, dec.W_dec, dec.b_dec))
-            pur.update(x, recon, to_dense(pc, dec.n_features))
+            pc = pursuit_decode(sae, out.sae_in, k)
+            pur.update(x, sae.decoder.denormalize(pc.sae_out), to_dense(pc.codes, sae.n_features))
     sae.train(was_training)
     m = enc.compute()
     result = {"eval/fvu": m.fvu, "eval/l0": m.l0, "eval/cossim": m.cossim}
@@ -463,138 +335,6 @@ def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, ba
         p = pur.compute()
         result |= {"eval/pursuit_fvu": p.fvu, "eval/pursuit_l0": p.l0}
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints: safetensors for tensors, JSON for the rest (nothing is pickled)
-# --------------------------------------------------------------------------------------------
-
-CKPT = "checkpoint"
-
-
-def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
-    """Write out/checkpoint/ aside and swap it in, so a crash leaves the previous one intact."""
-    tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_checkpoint(tmp, sae, opt, firing, pos)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # give back the space a failed write took (disk full)
-        raise
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_checkpoint(tmp: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
-    names = {p: n for n, p in sae.named_parameters()}
-    opt_state = {f"{names[p]}/{key}": v.detach().contiguous().cpu() for p, s in opt.state.items() for key, v in s.items()}
-    save_file(opt_state, str(tmp / "optimizer.safetensors"))
-    fs = firing.state_dict()
-    state = {"firing/" + k: v.contiguous().cpu() for k, v in fs.items() if isinstance(v, Tensor)}
-    state["rng/cpu"] = torch.get_rng_state()
-    if sae.device.type == "cuda":
-        state["rng/cuda"] = torch.cuda.get_rng_state(sae.device)
-    save_file(state, str(tmp / "state.safetensors"))
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
-    meta = {"position": pos._asdict(), "param_groups": groups, "firing_window_tokens": fs["window_tokens"]}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-
-
-def checkpoint_dir(out: Path) -> Path | None:
-    """The newest complete checkpoint in a run dir (the .old one if a swap was interrupted)."""
-    for name in (CKPT, f"{CKPT}.old"):
-        if (out / name / "state.json").is_file():
-            return out / name
-    return None
-
-
-def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker) -> Position:
-    """Restore weights, optimizer, firing tracker and RNG from `ckpt`; returns the data position.
-
-    A damaged checkpoint is one line before anything is restored."""
-    from safetensors.torch import load_file
-
-    device = sae.device
-    try:
-        meta = json.loads((ckpt / "state.json").read_text())
-        model = load_file(str(ckpt / "model.safetensors"), device=str(device))
-        opt_flat = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
-        state = load_file(str(ckpt / "state.safetensors"))
-    except Exception as e:
-        raise SaekitError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to restart, or restore it") from None
-    groups = opt.state_dict()["param_groups"]
-    meta = _checked_meta(meta, ckpt, groups)
-    index = {n: i for i, (n, p) in enumerate((n, p) for n, p in sae.named_parameters() if p.requires_grad)}
-    per_param: dict[int, dict[str, Tensor]] = {}
-    for key, v in opt_flat.items():
-        name, _, field = key.rpartition("/")
-        if name not in index:
-            raise SaekitError(f"checkpoint {ckpt} trains {name} but this run does not: resume with the same flags")
-        per_param.setdefault(index[name], {})[field] = v
-    for g, saved in zip(groups, meta["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k in g})
-    try:
-        sae.load_state_dict(model)
-        opt.load_state_dict({"state": per_param, "param_groups": groups})
-        firing.load_state_dict({
-            "tokens_since_fired": state["firing/tokens_since_fired"], "fire_counts": state["firing/fire_counts"],
-            "window_tokens": meta["firing_window_tokens"], "last_density": state.get("firing/last_density"),
-        })  # fmt: skip
-        torch.set_rng_state(state["rng/cpu"])
-        if "rng/cuda" in state and device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng/cuda"], device)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        why = " ".join(str(e).split())[:120]
-        raise SaekitError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {why}); delete it to restart, or restore it") from None
-    return Position(**meta["position"])
-
-
-class _CheckpointMeta(NamedTuple):
-    """What state.json of a checkpoint holds."""
-
-    position: dict  # Position's fields
-    param_groups: list[dict]  # Adam's hyper-parameters, one dict per group
-    firing_window_tokens: int
-
-
-def _checked_meta(meta: Any, ckpt: Path, groups: list[dict]) -> dict[str, Any]:
-    """state.json as `save_checkpoint` writes it (position reduced to Position's fields), or one
-    line naming what is wrong."""
-
-    def need(ok: bool, why: str) -> None:
-        if not ok:
-            raise SaekitError(f"checkpoint {ckpt} is damaged (state.json: {why}); delete it to restart, or restore it")
-
-    need(isinstance(meta, dict), "not a JSON object")
-    missing = [k for k in _CheckpointMeta._fields if k not in meta]
-    need(not missing, f"no {', '.join(missing)}")
-    try:
-        meta = check_types(_CheckpointMeta, meta, "state.json")
-        pos = check_types(Position, meta["position"], "state.json position")
-    except SaekitError as e:
-        raise SaekitError(f"checkpoint {ckpt} is damaged ({e}); delete it to restart, or restore it") from None
-    need(all(k in pos and pos[k] >= 0 for k in Position._fields), f"position needs {', '.join(Position._fields)} >= 0, has {pos}")
-    need(len(meta["param_groups"]) == len(groups), f"{len(meta['param_groups'])} optimizer param groups, this run has {len(groups)}")
-    for g, saved in zip(groups, meta["param_groups"]):
-        for k, v in saved.items():
-            need(k not in g or _same_kind(v, g[k]), f"param_groups {k} is {v!r}")
-    return meta | {"position": {k: pos[k] for k in Position._fields}}
-
-
-def _same_kind(saved: Any, current: Any) -> bool:
-    """A saved optimizer hyper-parameter can replace the current one (JSON turns tuples into lists)."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if number(current):
-        return number(saved)
-    if isinstance(current, (list, tuple)):
-        return isinstance(saved, (list, tuple)) and len(saved) == len(current) and all(map(_same_kind, saved, current))
-    return type(saved) is type(current)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,73 +362,7 @@ def _wandb(cfg: TrainConfig, out: Path, run_id: str) -> Any:
     try:
         return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), config=asdict(cfg), id=run_id, resume="allow")
     except Exception as e:  # no API key, no network, ...
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise SaekitError(f"--wandb: wandb.init failed ({type(e).__name__}: {why}); run `wandb login`, set WANDB_MODE=offline, or drop --wandb") from None
-
-
-class MetricsLog:
-    """metrics.jsonl in the run dir, mirrored to wandb (rank 0 only). One JSON object per line."""
-
-    def __init__(self, out: Path, wandb_run: Any, main: bool, keep_until: int):
-        self.path = out / "metrics.jsonl"
-        self.main = main
-        self.wandb = wandb_run
-        if main and self.path.exists():
-            # Resuming: drop lines past the checkpoint, so the file reads as one uninterrupted run.
-            lines = _lines_until(self.path, keep_until)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines))
-            os.replace(tmp, self.path)
-
-    def log(self, step: int, tokens: int, data: dict[str, float]) -> None:
-        if not self.main:
-            return
-        record = {"step": step, "tokens": tokens, **{k: _num(v) for k, v in data.items()}}
-        _append_whole(self.path, json.dumps(record) + "\n")
-        self.wandb.log(data, step=step)
-
-
-def _lines_until(path: Path, step: int) -> list[str]:
-    """The lines of metrics.jsonl up to `step`; a torn last line (a crash mid-write) is dropped."""
-    # metrics.jsonl is ASCII JSON: a byte that is not UTF-8 only makes its line unparsable (damaged)
-    lines = [ln for ln in path.read_bytes().decode(errors="replace").splitlines() if ln]
-    kept = []
-    for i, ln in enumerate(lines):
-        try:
-            line_step = json.loads(ln)["step"]
-            ok = isinstance(line_step, int)
-        except (ValueError, TypeError, KeyError):
-            ok = False
-        if not ok and i == len(lines) - 1:
-            break
-        if not ok:
-            raise SaekitError(f"--resume: {path} line {i + 1} is damaged; delete that line (or restore the file) and rerun")
-        if line_step <= step:
-            kept.append(ln)
-    return kept
-
-
-def _append_whole(path: Path, text: str) -> None:
-    """Append `text` whole or not at all: a line torn by a full disk is cut off again."""
-    with open(path, "ab", buffering=0) as f:
-        start = f.seek(0, os.SEEK_END)
-        data = memoryview(text.encode())
-        try:
-            while data:
-                data = data[f.write(data) :]
-        except OSError:
-            f.truncate(start)
-            raise
-
-
-def _num(v: Any) -> Any:
-    v = float(v)
-    return v if math.isfinite(v) else str(v)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of a run's metrics.jsonl."""
-    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+        raise SaekitError(f"--wandb: wandb.init failed ({type(e).__name__}: {one_line(e)}); run `wandb login`, set WANDB_MODE=offline, or drop --wandb") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,7 +382,7 @@ class RunResult(NamedTuple):
 def check_run_dir(cfg: TrainConfig) -> None:
     """Refuse to reuse a run directory unless resuming one."""
     out = Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if is_non_empty(out):
         if not cfg.resume:
             raise SaekitError(f"run directory {out} already exists: pass --resume to continue it, or choose a new --out")
         if not (out / "config.json").is_file():
@@ -760,17 +434,17 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def run(cfg: TrainConfig) -> RunResult:
     """Train as `cfg` says; under torchrun every rank calls this. See the module docstring."""
-    d = dist.init(cfg.device)
+    d = init_dist(cfg.device)
     try:
         with output_dir(cfg.out, kept="the last checkpoint is kept"):
             check_run_dir(cfg)
-            dist.barrier()  # every rank has checked before rank 0 writes anything
+            barrier()  # every rank has checked before rank 0 writes anything
             return _run(cfg, d)
     finally:
-        dist.shutdown(d)
+        shutdown_dist(d)
 
 
-def _run(cfg: TrainConfig, d: dist.Dist) -> RunResult:
+def _run(cfg: TrainConfig, d: Dist) -> RunResult:
     from saekit.store import open_store
 
     store = open_store(cfg.store)
@@ -815,7 +489,7 @@ class _Session:
     cfg: TrainConfig
     out: Path
     store: Any
-    d: dist.Dist
+    d: Dist
     sae: SparseAutoencoder
     model: nn.Module  # the Objective, DDP-wrapped with several ranks
     opt: torch.optim.Optimizer
@@ -842,10 +516,10 @@ class _Session:
         if self.d.main:
             save_checkpoint(self.out, self.sae, self.opt, self.firing, self.pos)
         self.ckpt_step = self.pos.step
-        dist.barrier()
+        barrier()
 
 
-def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: dist.Dist, variance: float) -> _Session:
+def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: float) -> _Session:
     """Open (or resume) the run directory, wrap the objective for DDP, restore the checkpoint.
 
     Everything read back (config, run info, checkpoint, metrics) is checked before anything in
@@ -868,7 +542,7 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: dist.Dist, varian
     firing = FiringTracker(sae.n_features, window=cfg.dead_tokens, device=d.device)
     pos = load_checkpoint(ckpt, sae, opt, firing) if ckpt is not None else Position()
     log = MetricsLog(out, _NoWandb(), d.main, keep_until=pos.step if ckpt is not None else -1)
-    dist.barrier()
+    barrier()
     if d.main:
         info = _run_info(out) | {"d_in": sae.d_in, "steps": cfg.tokens // cfg.batch_size, "world_size": d.world_size,
                                   "store_hash": store.content_hash}  # fmt: skip
@@ -921,7 +595,7 @@ def _loop(s: _Session) -> RunResult:
             last_eval = {k: v for k, v in next(m for m in reversed(read_metrics(s.out)) if "eval/fvu" in m).items() if "/" in k}
         _publish(s.out, s.sae)
         s.log.wandb.finish()
-    dist.barrier()
+    barrier()
     return RunResult(s.out, s.sae, s.pos.step, last_eval)
 
 
@@ -960,7 +634,7 @@ def train_step(model: nn.Module, sae: SparseAutoencoder, opt: torch.optim.Optimi
     losses: Losses = model(x, firing.dead_mask())
     losses.loss.backward()  # DDP averages the gradients over ranks here
     # One all-reduce carries the losses for logging and the firing counts for dead latents.
-    packed = dist.all_reduce_(torch.cat([torch.stack(losses[:4]).detach().float(), losses.counts.detach().float()]))
+    packed = all_reduce_(torch.cat([torch.stack(losses[:4]).detach().float(), losses.counts.detach().float()]))
     values = (packed[:4] / world_size).tolist()
     stats = dict(zip(("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu"), values))
     if not math.isfinite(values[0]):

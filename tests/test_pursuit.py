@@ -12,6 +12,7 @@ from saekit.errors import SaekitError
 from saekit.pursuit import (
     METHODS,
     SparseCodes,
+    decode_sparse,
     gradient_pursuit,
     matching_pursuit,
     original_gradient_pursuit,
@@ -225,17 +226,17 @@ def test_a_zero_coefficient_with_negative_gradient_is_not_a_clamp(method, monkey
     """Only a positive coefficient that the step would push below 0 is a clamp (it makes the step
     back off and restarts CGP's direction); one already at 0 whose gradient points down simply
     stays at 0."""
-    import saekit.pursuit as P
+    import saekit.pursuit
 
     backtracked = []
-    real = P._backtrack_
+    real = saekit.pursuit._backtrack_
 
     def spy(s, W, m, rows, start, direction, step):
         crossing = (start > 0) & (start + step[:, None] * direction < 0)
         backtracked.append(crossing.any(dim=1))
         return real(s, W, m, rows, start, direction, step)
 
-    monkeypatch.setattr(P, "_backtrack_", spy)
+    monkeypatch.setattr(saekit.pursuit, "_backtrack_", spy)
     W = dictionary(512, 64, clusters=32)
     x = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
     pursuit(x, W, 32, method=method)
@@ -368,6 +369,36 @@ def test_reconstruct_equals_dense_decode():
     g = torch.Generator().manual_seed(6)
     codes = SparseCodes(torch.randint(0, 256, (10, 5), generator=g), torch.rand(10, 5, generator=g))
     torch.testing.assert_close(reconstruct(codes, W, b_dec), to_dense(codes, 256) @ W + b_dec)
+
+
+@pytest.mark.parametrize("lead", [(7,), (2, 3), ()])
+@pytest.mark.parametrize("bias", [True, False])
+def test_decode_sparse_equals_the_dense_decode_and_its_gradients(lead, bias):
+    """The one decode from indices (training's TopK path, AuxK, pursuit, evaluation) gives the
+    dense decode's values and the same gradients for the values, W_dec and b_dec."""
+    n, d, k = 40, 12, 5
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    idx = torch.rand(*lead, n, generator=g).argsort(dim=-1)[..., :k]
+    val = torch.rand(*lead, k, generator=g, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*lead, d, generator=g, dtype=torch.float64)
+
+    sparse = decode_sparse(idx, val, W, b)
+    dense = torch.zeros(*lead, n, dtype=torch.float64).scatter(-1, idx, val) @ W + (0 if b is None else b)
+    assert sparse.shape == (*lead, d)
+    torch.testing.assert_close(sparse, dense)
+    params = [val, W] + ([b] if bias else [])
+    grads_sparse = torch.autograd.grad(sparse, params, upstream)
+    grads_dense = torch.autograd.grad(dense, params, upstream)
+    for got, want in zip(grads_sparse, grads_dense):
+        torch.testing.assert_close(got, want)
+
+
+def test_decode_sparse_of_no_codes_is_the_bias():
+    W, b = torch.randn(16, 4), torch.randn(4)
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    torch.testing.assert_close(decode_sparse(empty, torch.zeros(3, 0), W, b), b.expand(3, 4))
 
 
 @pytest.mark.parametrize("call,needle", [

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from saekit import embedded, sources
+from saekit import embedded, models, texts
 from saekit.errors import SaekitError
 
 CPU = torch.device("cpu")
@@ -63,8 +63,8 @@ def no_network(monkeypatch):
 
 def test_pack_keeps_every_document_and_cuts_full_sequences():
     docs = [[1, 2], [3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]  # short ones included
-    p = sources.Packing(ctx_len=5, bos_id=99, sep_id=0)
-    seqs = list(sources.pack(docs, p))
+    p = texts.Packing(ctx_len=5, bos_id=99, sep_id=0)
+    seqs = list(texts.pack(docs, p))
     assert all(len(s) == 5 and s[0] == 99 for s in seqs)
     stream = [t for s in seqs for t in s[1:]]
     expected = [t for d in docs for t in (*d, 0)]
@@ -74,7 +74,7 @@ def test_pack_keeps_every_document_and_cuts_full_sequences():
 
 
 def test_pack_without_bos():
-    seqs = list(sources.pack([[1, 2, 3, 4, 5, 6, 7]], sources.Packing(3, None, None)))
+    seqs = list(texts.pack([[1, 2, 3, 4, 5, 6, 7]], texts.Packing(3, None, None)))
     assert seqs == [[1, 2, 3], [4, 5, 6]]
 
 
@@ -92,22 +92,22 @@ def test_local_text_formats_agree(tmp_path):
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"body": docs})}).save_to_disk(str(tmp_path / "saved_dict"))
     for spec, kw in [("d.jsonl", {}), ("d.parquet", {}), ("saved", {}), ("saved_dict", {"split": "test"})]:
-        src = sources.load_texts(str(tmp_path / spec), text_column="body", **kw)
+        src = texts.load_texts(str(tmp_path / spec), text_column="body", **kw)
         assert list(src.docs()) == docs, spec
         assert list(src.docs()) == docs, f"{spec}: a second pass must give the same documents"
     (tmp_path / "book.txt").write_text("line one\n\nline two\n")
-    assert list(sources.load_texts(str(tmp_path / "book.txt")).docs()) == ["line one\n\nline two\n"]
+    assert list(texts.load_texts(str(tmp_path / "book.txt")).docs()) == ["line one\n\nline two\n"]
 
 
 def test_text_errors_name_the_fix(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(SaekitError, match="no column 'text'.*body.*--text-column"):
-        list(sources.load_texts(str(tmp_path / "d.jsonl")).docs())
+        list(texts.load_texts(str(tmp_path / "d.jsonl")).docs())
     with pytest.raises(SaekitError, match="no such file"):
-        sources.load_texts(str(tmp_path / "missing.jsonl"))
+        texts.load_texts(str(tmp_path / "missing.jsonl"))
     (tmp_path / "d.csv").write_text("text\nx\n")
     with pytest.raises(SaekitError, match="unsupported file type"):
-        sources.load_texts(str(tmp_path / "d.csv"))
+        texts.load_texts(str(tmp_path / "d.csv"))
 
 
 def test_in_memory_dataset_identity_tracks_content():
@@ -115,10 +115,10 @@ def test_in_memory_dataset_identity_tracks_content():
 
     a = datasets.Dataset.from_dict({"text": ["alpha", "beta"]}).to_iterable_dataset()
     b = datasets.Dataset.from_dict({"text": ["alpha", "gamma"]}).to_iterable_dataset()
-    ma, mb = sources.dataset_source(a).meta, sources.dataset_source(b).meta
+    ma, mb = texts.dataset_source(a).meta, texts.dataset_source(b).meta
     assert ma["head_sha256"] != mb["head_sha256"]
-    assert sources.dataset_source(a).meta == ma  # stable
-    assert list(sources.dataset_source(a).docs()) == ["alpha", "beta"]
+    assert texts.dataset_source(a).meta == ma  # stable
+    assert list(texts.dataset_source(a).docs()) == ["alpha", "beta"]
 
 
 # -- models and hooks -----------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_in_memory_dataset_identity_tracks_content():
 def test_local_checkpoint_loads_offline_and_matches_hf(tiny_ckpt, no_network):
     from transformers import GPT2LMHeadModel
 
-    lm = sources.load_model(str(tiny_ckpt), CPU, torch.float32)
+    lm = models.load_model(str(tiny_ckpt), CPU, torch.float32)
     assert lm.name == "tiny-gpt2" and lm.meta["source"] == "hf_local"
     model = lm.model
     tokens = torch.tensor([[model.tokenizer.bos_token_id] + model.tokenizer.encode("the lazy fox")])
@@ -140,27 +140,19 @@ def test_local_checkpoint_loads_offline_and_matches_hf(tiny_ckpt, no_network):
 
 def test_unknown_model_suggests_close_names():
     with pytest.raises(SaekitError, match=r"unknown model 'gpt2-smal'.*closest:.*gpt2-small"):
-        sources.load_model("gpt2-smal", CPU, torch.float32)
+        models.load_model("gpt2-smal", CPU, torch.float32)
 
 
 def test_unknown_hook_lists_closest(tiny_ckpt):
-    model = sources.load_model(str(tiny_ckpt), CPU, torch.float32).model
+    model = models.load_model(str(tiny_ckpt), CPU, torch.float32).model
     with pytest.raises(SaekitError, match=r"unknown hook 'blocks.1.hook_resid_pr'.*closest: blocks.1.hook_resid_pre"):
-        sources.resolve_hooks(model, ["blocks.1.hook_resid_pr"])
+        models.resolve_hooks(model, ["blocks.1.hook_resid_pr"])
     with pytest.raises(SaekitError, match="not a per-token activation"):
-        sources.resolve_hooks(model, ["blocks.0.attn.hook_pattern"])
-    specs = sources.resolve_hooks(model, ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"])
+        models.resolve_hooks(model, ["blocks.0.attn.hook_pattern"])
+    specs = models.resolve_hooks(model, ["blocks.1.hook_resid_pre", "blocks.0.attn.hook_z"])
     assert [(h.d, h.layer) for h in specs] == [(32, 1), (32, 0)]  # hook_z: heads * d_head flattened
-    assert sources.stop_layer(specs, 2) == 2
-    assert sources.stop_layer(sources.resolve_hooks(model, ["ln_final.hook_normalized"]), 2) is None
-
-
-def test_device_and_dtype_defaults():
-    assert sources.resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert sources.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert sources.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(SaekitError, match="--dtype"):
-        sources.resolve_dtype("int8", CPU)
+    assert models.stop_layer(specs, 2) == 2
+    assert models.stop_layer(models.resolve_hooks(model, ["ln_final.hook_normalized"]), 2) is None
 
 
 # -- the embedded default ---------------------------------------------------------------------
@@ -192,8 +184,8 @@ def test_embedded_model_is_trained_and_structured():
     random_init = embedded._new_model(embedded.embedded_config())
     docs = embedded.load_embedded_corpus()
     assert 0.3e6 < sum(map(len, docs)) < 2e6
-    tail = sources.TextSource(lambda: iter(docs[-40:]), "corpus-tail", {})
-    seqs = list(itertools.islice(sources.sequences(model, tail, 128), 16))
+    tail = texts.TextSource(lambda: iter(docs[-40:]), "corpus-tail", {})
+    seqs = list(itertools.islice(texts.sequences(model, tail, 128), 16))
     loss, spread, bos = _structure(model, seqs)
     r_loss, r_spread, r_bos = _structure(random_init, seqs)
     assert loss < 2.5 < r_loss  # nats per byte; uniform over 257 tokens would be 5.55
@@ -385,15 +377,15 @@ def test_text_checks_name_the_offset_line_and_fix(tmp_path):
     }
     for name, pattern in cases.items():
         with pytest.raises(SaekitError, match=pattern):
-            sources.load_texts(str(tmp_path / name))
+            texts.load_texts(str(tmp_path / name))
     (tmp_path / "zero.txt").symlink_to("/dev/zero")
     with pytest.raises(SaekitError, match="zero.txt is a character device, not a regular file"):
-        sources.load_texts(str(tmp_path / "zero.txt"))
+        texts.load_texts(str(tmp_path / "zero.txt"))
     # a UTF-8 byte-order mark is an encoding marker, not text
     (tmp_path / "bom.txt").write_bytes(codecs.BOM_UTF8 + "héllo".encode())
     (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + b'{"text": "h\xc3\xa9llo"}\n')
-    assert list(sources.load_texts(str(tmp_path / "bom.txt")).docs()) == ["héllo"]
-    assert list(sources.load_texts(str(tmp_path / "bom.jsonl")).docs()) == ["héllo"]
+    assert list(texts.load_texts(str(tmp_path / "bom.txt")).docs()) == ["héllo"]
+    assert list(texts.load_texts(str(tmp_path / "bom.jsonl")).docs()) == ["héllo"]
 
 
 def test_malformed_rows_files_and_folders_name_the_problem(tmp_path):
@@ -406,58 +398,58 @@ def test_malformed_rows_files_and_folders_name_the_problem(tmp_path):
     for kind, line in [("string", '"a string"'), ("number", "3.5"), ("null", "null"), ("boolean", "true")]:
         (tmp_path / f"{kind}.jsonl").write_text(fine + line + "\n")
         with pytest.raises(SaekitError, match=rf"line 1001 is a JSON {kind}, not an object"):
-            sources.load_texts(str(tmp_path / f"{kind}.jsonl"))
+            texts.load_texts(str(tmp_path / f"{kind}.jsonl"))
     (tmp_path / "int-text.jsonl").write_text(fine + json.dumps({"text": 3}) + "\n")
     with pytest.raises(SaekitError, match="column 'text' holds int, not text"):
-        sources.load_texts(str(tmp_path / "int-text.jsonl"))
+        texts.load_texts(str(tmp_path / "int-text.jsonl"))
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(SaekitError, match="empty.parquet is not a readable Parquet file"):
-        sources.load_texts(str(tmp_path / "empty.parquet"))
+        texts.load_texts(str(tmp_path / "empty.parquet"))
     pq.write_table(pa.table({"text": [f"document {i}" for i in range(4000)]}), tmp_path / "cut.parquet", row_group_size=500)
     group = pq.ParquetFile(tmp_path / "cut.parquet").metadata.row_group(5).column(0)
     data = bytearray((tmp_path / "cut.parquet").read_bytes())
     data[group.data_page_offset : group.data_page_offset + group.total_compressed_size] = b"Z" * group.total_compressed_size
     (tmp_path / "cut.parquet").write_bytes(data)
     with pytest.raises(SaekitError, match=r"cut.parquet is damaged past row \d+"):
-        sources.load_texts(str(tmp_path / "cut.parquet"))
+        texts.load_texts(str(tmp_path / "cut.parquet"))
     pq.write_table(pa.table({"text": [None, None], "n": [1, 2]}), tmp_path / "nums.parquet")
     with pytest.raises(SaekitError, match="column 'n' holds int64, not text"):
-        sources.load_texts(str(tmp_path / "nums.parquet"), text_column="n")
+        texts.load_texts(str(tmp_path / "nums.parquet"), text_column="n")
     datasets.Dataset.from_dict({"text": ["some text"] * 4}).save_to_disk(str(tmp_path / "saved"))
     arrow = next((tmp_path / "saved").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:100])
     with pytest.raises(SaekitError, match="saved is a damaged save_to_disk folder"):
-        sources.load_texts(str(tmp_path / "saved"))
+        texts.load_texts(str(tmp_path / "saved"))
     (tmp_path / "plain").mkdir()
     with pytest.raises(SaekitError, match="not a datasets save_to_disk folder .*no state.json"):
-        sources.load_texts(str(tmp_path / "plain"))
+        texts.load_texts(str(tmp_path / "plain"))
 
 
 def test_checkpoint_checks(tiny_ckpt, tmp_path):
     with pytest.raises(SaekitError, match="model.safetensors is a file, not a checkpoint folder"):
-        sources.load_model(str(tiny_ckpt / "model.safetensors"), CPU, torch.float32)
+        models.load_model(str(tiny_ckpt / "model.safetensors"), CPU, torch.float32)
     no_weights = Path(shutil.copytree(tiny_ckpt, tmp_path / "no-weights"))
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(SaekitError, match="no-weights has no model.safetensors"):
-        sources.load_model(str(no_weights), CPU, torch.float32)
+        models.load_model(str(no_weights), CPU, torch.float32)
     (no_weights / "config.json").write_text("[1, 2]")
     with pytest.raises(SaekitError, match="config.json has no model_type"):
-        sources.load_model(str(no_weights), CPU, torch.float32)
+        models.load_model(str(no_weights), CPU, torch.float32)
     # pickled weights beside the safetensors ones are left alone
     both = Path(shutil.copytree(tiny_ckpt, tmp_path / "both"))
     _pickled_weights(both, tmp_path / "UNPICKLED")
-    want = sources.load_model(str(tiny_ckpt), CPU, torch.float32).meta["weights_fingerprint"]
-    assert sources.load_model(str(both), CPU, torch.float32).meta["weights_fingerprint"] == want
+    want = models.load_model(str(tiny_ckpt), CPU, torch.float32).meta["weights_fingerprint"]
+    assert models.load_model(str(both), CPU, torch.float32).meta["weights_fingerprint"] == want
     assert not (tmp_path / "UNPICKLED").exists()
 
 
 def test_checkpoint_in_a_llama_or_gemma_folder_loads_by_its_config(tiny_ckpt, tmp_path):
     """transformer-lens guesses the architecture of a path containing 'llama' or 'gemma' from its
     name; a GPT-2 checkpoint kept under such a folder must still load as what config.json says."""
-    want = sources.load_model(str(tiny_ckpt), CPU, torch.float32).meta["weights_fingerprint"]
+    want = models.load_model(str(tiny_ckpt), CPU, torch.float32).meta["weights_fingerprint"]
     for parent in ["llama-study", "gemma-runs"]:
         ckpt = shutil.copytree(tiny_ckpt, tmp_path / parent / "tiny-gpt2")
-        lm = sources.load_model(str(ckpt), CPU, torch.float32)
+        lm = models.load_model(str(ckpt), CPU, torch.float32)
         assert lm.name == lm.model.cfg.model_name == "tiny-gpt2"
         assert lm.meta["architecture"] == "GPT2LMHeadModel" and lm.meta["weights_fingerprint"] == want
 
@@ -471,11 +463,11 @@ def test_unreadable_dataset_and_model_paths_are_one_line(tmp_path):
     (tmp_path / "locked").chmod(0)
     code = (
         "import sys, torch\n"
-        "from saekit import sources\n"
+        "from saekit import models, texts\n"
         "from saekit.errors import SaekitError\n"
-        f"for load in [lambda: sources.load_texts({str(tmp_path / 'texts.jsonl')!r}),\n"
-        f"             lambda: sources.load_texts({str(tmp_path / 'locked' / 'texts.jsonl')!r}),\n"
-        f"             lambda: sources.load_model({str(tmp_path / 'locked' / 'ckpt')!r}, torch.device('cpu'), torch.float32)]:\n"
+        f"for load in [lambda: texts.load_texts({str(tmp_path / 'texts.jsonl')!r}),\n"
+        f"             lambda: texts.load_texts({str(tmp_path / 'locked' / 'texts.jsonl')!r}),\n"
+        f"             lambda: models.load_model({str(tmp_path / 'locked' / 'ckpt')!r}, torch.device('cpu'), torch.float32)]:\n"
         "    try:\n"
         "        load()\n"
         "    except SaekitError as e:\n"

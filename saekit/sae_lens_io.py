@@ -1,0 +1,379 @@
+"""Conversion between saekit's `SparseAutoencoder` and sae-lens: loading sae-lens SAEs (hub
+releases and local directories) and exporting to sae-lens's on-disk format.
+
+The entry points are the SAE's own methods (`SparseAutoencoder.from_pretrained`,
+`.from_sae_lens`, `.export_sae_lens`) and `saekit.sae.load_sae`; they call into this module.
+sae-lens is imported inside the functions that need it, because it pulls in transformer-lens
+(seconds of import time).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from saekit.devices import dtype_name
+from saekit.errors import SaekitError, one_line
+from saekit.sae import (
+    SAE_LENS_CONFIG,
+    SAE_LENS_WEIGHTS,
+    Decoder,
+    Encoder,
+    SparseAutoencoder,
+    publish_dir,
+    read_json_object,
+)
+
+# sae-lens architecture -> saekit native activation. Batch-TopK exists in sae-lens only as a
+# training architecture (its inference form is saved as jumprelu); matryoshka encodes the same way.
+SAE_LENS_ARCHS = {
+    "standard": "relu",
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",
+    "jumprelu": "jumprelu",
+}
+
+_LIST_RELEASES = (
+    "list them with: python -c \"from sae_lens.loading.pretrained_saes_directory import "
+    "get_pretrained_saes_directory as d; print(list(d()))\""
+)
+# sae-lens config metadata kept in a loaded SAE's `metadata`
+_KEPT_METADATA = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")
+
+
+# --------------------------------------------------------------------------------------------
+# sae-lens -> saekit
+# --------------------------------------------------------------------------------------------
+
+
+def load_pretrained(
+    release: str | os.PathLike,
+    sae_id: str | None = None,
+    device: Any = "cpu",
+    k: int | None = None,
+    d_hidden: int | None = None,
+    n_hidden: int = 0,
+) -> SparseAutoencoder:
+    """`SparseAutoencoder.from_pretrained`: a sae-lens SAE from the hub or a local directory."""
+    sl = _load_sae_lens(release, sae_id, str(device))
+    sae = from_sae_lens(sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
+    sae.metadata.setdefault("source", {"release": str(release), "sae_id": sae_id})
+    return sae
+
+
+class _UnitRowWeights(NamedTuple):
+    """A sae-lens SAE's weights with decoder rows rescaled to unit norm (norms folded into the
+    encoder), as saekit keeps them."""
+
+    W_enc: torch.Tensor  # [d_in, n]
+    b_enc: torch.Tensor  # [n]
+    W_dec: torch.Tensor  # [n, d_in], unit rows
+    b_dec: torch.Tensor  # [d_in]
+    threshold: torch.Tensor | None  # [n] JumpReLU / Batch-TopK threshold in saekit's units
+
+
+def from_sae_lens(
+    sl: Any, k: int | None = None, d_hidden: int | None = None, n_hidden: int = 0, device: Any = None
+) -> SparseAutoencoder:
+    """`SparseAutoencoder.from_sae_lens`: convert an in-memory sae-lens SAE (see that method)."""
+    arch = sl.cfg.architecture()
+    native = _native_activation(sl, arch)
+    weights = _unit_row_weights(sl, arch, warn_topk=native in ("topk", "batchtopk") and k is None)
+    activation = "topk" if k is not None else native
+    k_value = k if k is not None else (getattr(sl.cfg, "k", None) if native in ("topk", "batchtopk") else None)
+    decoder = Decoder(weights.W_dec.shape[0], weights.W_dec.shape[1], dtype=weights.W_dec.dtype, device="meta")
+    encoder = Encoder(
+        weights.W_enc.shape[0],
+        weights.W_enc.shape[1],
+        k_value,
+        d_hidden,
+        n_hidden,
+        apply_preencoder_bias=bool(sl.cfg.apply_b_dec_to_input),
+        dtype=weights.W_enc.dtype,
+        device="meta",
+        activation=activation,
+        threshold_lr=float(getattr(sl.cfg, "topk_threshold_lr", 0.01)),
+    )
+    target = torch.device(device) if device is not None else weights.W_enc.device
+    decoder.to_empty(device=target)
+    encoder.to_empty(device=target)
+    _copy_weights_(encoder, decoder, weights)
+    meta = getattr(sl.cfg, "metadata", None)
+    keep = {key: getattr(meta, key, None) for key in _KEPT_METADATA}
+    sae = SparseAutoencoder(encoder=encoder, decoder=decoder, metadata={key: v for key, v in keep.items() if v is not None})
+    return sae.eval()
+
+
+def _native_activation(sl: Any, arch: str) -> str:
+    """saekit's activation for a sae-lens architecture; refuses what saekit cannot load as is."""
+    native = SAE_LENS_ARCHS.get(arch)
+    if native is None:
+        raise SaekitError(f"sae-lens architecture {arch!r} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}")
+    norm_mode = getattr(sl.cfg, "normalize_activations", "none")
+    if norm_mode == "expected_average_only_in":
+        # sae-lens applies nothing at run time in this mode when the factor is unknown; match it.
+        warnings.warn("this sae-lens SAE expects inputs scaled by a factor sae-lens could not find; loaded without it, as sae-lens does", stacklevel=4)
+    elif norm_mode != "none":
+        raise SaekitError(f"sae-lens normalize_activations={norm_mode!r} (a per-token transform) is not supported: saekit loads SAEs that take raw activations")
+    return native
+
+
+@torch.no_grad()
+def _unit_row_weights(sl: Any, arch: str, warn_topk: bool) -> _UnitRowWeights:
+    """Copies of sl's weights with each decoder row's norm n_i folded into the encoder
+    (W_enc[:, i] *= n_i, b_enc[i] *= n_i, threshold *= n_i unless sae-lens already measures codes
+    that way). warn_topk: say so when a TopK SAE's row norms differ (a few selections can change)."""
+    W_dec = sl.W_dec.detach().clone()
+    norms = W_dec.norm(dim=1).clamp_min(1e-8)
+    rescaled = bool(getattr(sl.cfg, "rescale_acts_by_decoder_norm", False))
+    threshold = _sae_lens_threshold(sl, arch)
+    if threshold is not None and not rescaled:
+        threshold = threshold * norms
+    if warn_topk and not rescaled and _uneven(norms):
+        warnings.warn(
+            "decoder rows of this sae-lens TopK SAE have unequal norms; saekit ranks latents by pre-activation x row norm, so a few selections can differ",
+            stacklevel=4,
+        )
+    return _UnitRowWeights(
+        sl.W_enc.detach() * norms[None, :],
+        sl.b_enc.detach() * norms,
+        W_dec / norms[:, None],
+        sl.b_dec.detach().clone(),
+        threshold,
+    )
+
+
+@torch.no_grad()
+def _copy_weights_(encoder: Encoder, decoder: Decoder, w: _UnitRowWeights) -> None:
+    """Fill modules made on the meta device (then `to_empty`) with the converted weights."""
+    decoder.W_dec.copy_(w.W_dec)
+    decoder.b_dec.copy_(w.b_dec)
+    decoder.input_mean.zero_()
+    decoder.input_scale.fill_(1.0)
+    encoder.W_enc.copy_(w.W_enc)
+    encoder.b_enc.copy_(w.b_enc)
+    encoder.threshold.copy_(w.threshold if w.threshold is not None else torch.zeros_like(w.b_enc))
+    if encoder.activation == "batchtopk" and w.threshold is None:
+        encoder.threshold.fill_(math.nan)
+    if encoder.mlp is not None:
+        _reset_mlp_(encoder.mlp)
+
+
+@torch.no_grad()
+def _reset_mlp_(mlp: nn.Sequential) -> None:
+    """Re-run default init after `to_empty` (meta tensors carry no values), last layer at zero."""
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    for layer in linears[:-1]:
+        layer.reset_parameters()
+    nn.init.zeros_(linears[-1].weight)
+    nn.init.zeros_(linears[-1].bias)
+
+
+# --------------------------------------------------------------------------------------------
+# saekit -> sae-lens
+# --------------------------------------------------------------------------------------------
+
+
+class FoldedWeights(NamedTuple):
+    """A linear SAE's weights with the input normalization folded in (they take raw x)."""
+
+    W_enc: torch.Tensor  # [d, n]
+    b_enc: torch.Tensor  # [n]
+    W_dec: torch.Tensor  # [n, d]
+    b_dec: torch.Tensor  # [d]
+
+
+def fold_normalization(
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    mean: torch.Tensor,
+    scale: float,
+    apply_preencoder_bias: bool,
+) -> FoldedWeights:
+    """Fold x_n = (x - mean) * scale into a linear SAE so it takes raw x with *identical codes*.
+
+    W_enc: [d, n], b_enc: [n], W_dec: [n, d], b_dec: [d], mean: [d].
+    Encoder: (x_n - b_dec) @ W_enc = (x - b') @ (scale W_enc) with b' = mean + b_dec / scale.
+    Decoder: (c @ W_dec + b_dec) / scale + mean = c @ (W_dec / scale) + b'.
+    Decoder rows then have norm 1/scale: codes stay identical, which is what an exporter promises.
+    """
+    b_raw = mean + b_dec / scale
+    W_enc_raw = W_enc * scale
+    b_enc_raw = b_enc if apply_preencoder_bias else b_enc - (mean * scale) @ W_enc
+    return FoldedWeights(W_enc_raw, b_enc_raw, W_dec / scale, b_raw)
+
+
+def export_sae_lens(sae: SparseAutoencoder, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`SparseAutoencoder.export_sae_lens`: write `path/` in sae-lens's format (see that method)."""
+    if sae.encoder.mlp is not None:
+        raise SaekitError("MLP encoders exist only in saekit (sae-lens has no MLP-encoder architecture): use sae.save(path) instead")
+    if sae.activation == "batchtopk" and bool(sae.encoder.threshold.isnan().any()):
+        raise SaekitError("this Batch-TopK SAE has no inference threshold yet (it is estimated during training): train it before exporting")
+    sl = _to_sae_lens(sae)
+    publish_dir(Path(path), sl.save_model, overwrite)
+    return Path(path)
+
+
+def _to_sae_lens(sae: SparseAutoencoder) -> Any:
+    """An in-memory sae-lens SAE (on the CPU) computing what `sae` computes on raw activations."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    dec, enc = sae.decoder, sae.encoder
+    with torch.no_grad():
+        folded = fold_normalization(
+            enc.W_enc.float(),
+            enc.b_enc.float(),
+            dec.W_dec.float(),
+            dec.b_dec.float(),
+            dec.input_mean.float(),
+            float(dec.input_scale),
+            enc.apply_preencoder_bias,
+        )
+    common = {
+        "d_in": sae.d_in,
+        "d_sae": sae.n_features,
+        "dtype": dtype_name(sae.dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_preencoder_bias,
+        "metadata": SAEMetadata(**{key: v for key, v in sae.metadata.items() if isinstance(key, str)}),
+    }
+    if sae.activation == "topk":
+        sl = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(k=int(sae.k), rescale_acts_by_decoder_norm=False, **common))
+    elif sae.activation == "relu":
+        sl = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(**common))
+    else:
+        sl = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(**common))
+    state = folded._asdict()
+    if isinstance(sl, sae_lens.JumpReLUSAE):
+        state["threshold"] = enc.threshold.float()
+    sl.load_state_dict({key: v.detach().cpu().to(sl.dtype) for key, v in state.items()})
+    return sl
+
+
+# --------------------------------------------------------------------------------------------
+# Reading sae-lens SAEs: local directories and the hub, every failure one line
+# --------------------------------------------------------------------------------------------
+
+
+def _uneven(norms: torch.Tensor) -> bool:
+    return bool((norms.max() - norms.min()) > 1e-4 * norms.max())
+
+
+def _sae_lens_threshold(sl: Any, arch: str) -> torch.Tensor | None:
+    if arch == "jumprelu":
+        return sl.threshold.detach().clone().float().to(sl.W_enc.dtype)
+    if arch in ("batchtopk", "matryoshka_batchtopk"):
+        value = sl.topk_threshold.detach().to(sl.W_enc.dtype)
+        return value.expand(sl.cfg.d_sae).clone()
+    return None
+
+
+def _load_sae_lens(release: str | os.PathLike, sae_id: str | None, device: str) -> Any:
+    """A sae-lens SAE from a local directory or the hub; every failure becomes one SaekitError line."""
+    local = Path(release)
+    if local.is_dir():
+        folder = local / sae_id if sae_id and (local / sae_id / "cfg.json").is_file() else local
+        if not (folder / "cfg.json").is_file():
+            where = f"{local} or {local / sae_id}" if sae_id else str(local)
+            raise SaekitError(f"no sae-lens SAE (cfg.json + sae_weights.safetensors) in {where}: check the path")
+        return _load_sae_lens_dir(folder, device)
+
+    import sae_lens
+
+    try:
+        return sae_lens.SAE.from_pretrained(str(release), sae_id, device=device)
+    except ValueError as e:
+        msg = str(e)
+        if msg.startswith("Release"):
+            raise SaekitError(f"unknown sae-lens release {str(release)!r}; {_LIST_RELEASES}") from None
+        if msg.startswith("ID"):
+            raise SaekitError(
+                f"unknown SAE id {sae_id!r} in release {str(release)!r}; list its ids with: python -c \"from "
+                f"sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory as d; "
+                f"print(list(d()['{release}'].saes_map))\""
+            ) from None
+        raise SaekitError(f"sae-lens could not load {release}/{sae_id}: {one_line(msg)}") from None
+    except Exception as e:
+        raise _hub_error(str(release), sae_id, e) from None
+
+
+def _load_sae_lens_dir(folder: Path, device: str) -> Any:
+    import sae_lens
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    cfg = read_json_object(folder / SAE_LENS_CONFIG, "a sae-lens SAE config")
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAE_LENS_ARCHS:
+        raise SaekitError(f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}")
+    if not (folder / SAE_LENS_WEIGHTS).is_file():
+        raise SaekitError(f"{folder} has {SAE_LENS_CONFIG} but no {SAE_LENS_WEIGHTS}: copy the weights next to it")
+    _check_sae_lens_weights(folder, cfg)
+    # Training-only architectures (batchtopk) load through TrainingSAE; the rest through SAE.
+    loader = sae_lens.SAE if arch in SAE_CLASS_REGISTRY else sae_lens.TrainingSAE
+    try:
+        return loader.load_from_disk(str(folder), device=device)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise SaekitError(f"sae-lens could not load {folder}: {one_line(e)}") from None
+
+
+def _check_sae_lens_weights(folder: Path, cfg: dict) -> None:
+    """Say plainly when the weights are damaged or do not match cfg.json (sae-lens reports either
+    as a multi-line state_dict dump). Reads only the safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = folder / SAE_LENS_WEIGHTS
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()  # a safetensors handle has no `in`
+            shape = list(f.get_slice("W_dec").get_shape()) if "W_dec" in names else None
+    except SafetensorError as e:
+        raise SaekitError(f"{weights} is damaged ({one_line(e)}): download or copy it again") from None
+    d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+    if shape is not None and shape != [d_sae, d_in]:
+        raise SaekitError(
+            f"{folder / SAE_LENS_CONFIG} says d_in={d_in}, d_sae={d_sae} but its weights have W_dec {shape} "
+            f"(d_sae x d_in): the config does not belong to these weights"
+        )
+
+
+def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
+    try:
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - huggingface_hub always ships with sae-lens
+        GatedRepoError = LocalEntryNotFoundError = OfflineModeIsEnabled = RepositoryNotFoundError = ()  # type: ignore
+    what = f"{release}/{sae_id}" if sae_id else release
+    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_network_error(e):
+        return SaekitError(f"could not download SAE {what} from the Hugging Face hub (no network or hub unreachable): connect, or pass a local sae-lens directory")
+    if isinstance(e, GatedRepoError):
+        return SaekitError(f"SAE {what} is in a gated Hugging Face repo: accept its terms on the hub and log in (huggingface-cli login)")
+    if isinstance(e, RepositoryNotFoundError):
+        return SaekitError(f"no Hugging Face repo for SAE {what}: check the release name; {_LIST_RELEASES}")
+    return SaekitError(f"could not load SAE {what} through sae-lens: {type(e).__name__}: {one_line(e)}")
+
+
+def _is_network_error(e: BaseException) -> bool:
+    names = {type(c).__name__ for c in _causes(e)}
+    return bool(names & {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror", "NewConnectionError"})
+
+
+def _causes(e: BaseException | None):
+    seen = 0
+    while e is not None and seen < 10:
+        yield e
+        e = e.__cause__ or e.__context__
+        seen += 1

@@ -1,0 +1,135 @@
+"""The loss of one training batch: the codes it decodes and how it is measured.
+
+Codes come from the encoder (TopK decodes only the k chosen atoms through `decode_sparse`, plus
+OpenAI's AuxK loss on dead latents), from gradient pursuit against the current dictionary (no
+grad to the codes, grad to the dictionary), or both. Losses are squared errors in the
+dictionary's normalized space divided by the store's variance there, so they read as FVUs.
+`saekit.train` runs the loop around `Objective`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from saekit.pursuit import SparseCodes, decode_sparse, gradient_pursuit
+from saekit.sae import SparseAutoencoder
+
+# Set SAEKIT_DENSE_DECODE=1 to decode TopK codes with a dense [b, n] @ [n, d] matmul instead of
+# gathering the k chosen atoms (the eager reference path; same math, slower for k << n).
+DENSE_DECODE = os.environ.get("SAEKIT_DENSE_DECODE", "") not in ("", "0")
+
+
+class Encoded(NamedTuple):
+    """The encoder's codes for a batch, as the loss needs them."""
+
+    sae_out: Tensor  # [b, d] reconstruction in the normalized space
+    pre_acts: Tensor  # [b, n] pre-activations (AuxK picks dead latents from them)
+    counts: Tensor  # [n] tokens on which each latent fired
+
+
+def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
+    """Encode normalized inputs [b, d] and decode them; TopK decodes only the chosen atoms."""
+    enc, dec = sae.encoder, sae.decoder
+    if enc.activation == "topk" and not DENSE_DECODE:
+        pre = enc.pre_activations(sae_in, dec.b_dec)
+        values, indices = pre.topk(int(enc.k), dim=-1, sorted=False)
+        values = values.relu()
+        counts = firing_counts(indices, values, dec.n_features, pre.dtype)
+        return Encoded(decode_sparse(indices, values, dec.W_dec, dec.b_dec), pre, counts)
+    codes, pre = enc(sae_in, dec.b_dec)  # Batch-TopK also updates its inference threshold here
+    return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype))
+
+
+def auxk_loss(pre_acts: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
+    """OpenAI's AuxK: the k_aux largest dead latents of each token reconstruct the main residual.
+
+    pre_acts: [b, n]; dead: [n] bool; residual: [b, d] (detached); W_dec: [n, d] -> scalar:
+    squared error over the residual's variance, scaled by min(n_dead / k_aux, 1).
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre_acts.new_zeros(())
+    values, indices = pre_acts.masked_fill(~dead, -math.inf).topk(min(k_aux, n_dead), dim=-1, sorted=False)
+    e_hat = decode_sparse(indices, values.relu(), W_dec)
+    variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return min(n_dead / k_aux, 1.0) * (e_hat - residual).pow(2).sum() / variance
+
+
+def firing_counts(indices: Tensor, values: Tensor, n_features: int, dtype: torch.dtype) -> Tensor:
+    """indices, values: [b, k] codes -> [n_features] tokens on which each latent is nonzero."""
+    used = (values > 0).flatten().to(dtype)
+    return torch.zeros(n_features, dtype=dtype, device=values.device).index_add_(0, indices.flatten(), used)
+
+
+class PursuitDecoded(NamedTuple):
+    """Gradient-pursuit codes for a batch and their reconstruction."""
+
+    codes: SparseCodes  # indices/values [b, k], found without grad
+    sae_out: Tensor  # [b, d] reconstruction in the normalized space, with grad to the dictionary
+
+
+def pursuit_decode(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> PursuitDecoded:
+    """Gradient-pursuit codes against the current dictionary (no grad), decoded with grad.
+
+    sae_in: [b, d] normalized inputs.
+    """
+    dec = sae.decoder
+    codes = gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec)
+    return PursuitDecoded(codes, decode_sparse(codes.indices, codes.values, dec.W_dec, dec.b_dec))
+
+
+class Losses(NamedTuple):
+    """One batch's losses (scalars) and firing counts."""
+
+    loss: Tensor  # what backward() sees: fvu + auxk_coef * auxk + pursuit_fvu
+    fvu: Tensor  # encoder codes: squared error / total variance (0 with codes='pursuit')
+    auxk: Tensor
+    pursuit_fvu: Tensor  # pursuit codes' fvu (0 with codes='encoder')
+    counts: Tensor  # [n] tokens on which each latent fired (encoder codes, else pursuit codes)
+
+
+class Objective(nn.Module):
+    """The loss of one batch. DDP wraps this module, so all trained parameters are used in forward.
+
+    variance: E||x_n - mean||^2 over the store, in the dictionary's normalized space; dividing
+    the summed squared error by batch * variance makes the loss an FVU.
+    """
+
+    def __init__(self, sae: SparseAutoencoder, codes: str, k: int, k_aux: int, auxk_coef: float, variance: float):
+        super().__init__()
+        self.sae = sae
+        self.codes, self.k, self.k_aux, self.auxk_coef, self.variance = codes, k, k_aux, auxk_coef, variance
+
+    def _fvu(self, sae_out: Tensor, sae_in: Tensor) -> Tensor:
+        return (sae_out - sae_in).pow(2).sum() / (sae_in.shape[0] * self.variance)
+
+    def forward(self, x: Tensor, dead: Tensor) -> Losses:
+        """x: [b, d] raw activations; dead: [n] bool latents for AuxK."""
+        sae_in = self.sae.decoder.normalize(x)
+        zero = sae_in.new_zeros(())
+        loss, fvu, aux, pfvu, counts = zero, zero, zero, zero, None
+        if self.codes != "pursuit":
+            enc = encode_decode(self.sae, sae_in)
+            fvu = self._fvu(enc.sae_out, sae_in)
+            if self.auxk_coef > 0:
+                residual = (sae_in - enc.sae_out).detach()
+                aux = auxk_loss(enc.pre_acts, dead, residual, self.sae.decoder.W_dec, self.k_aux)
+            loss, counts = fvu + self.auxk_coef * aux, enc.counts
+        if self.codes != "encoder":
+            pc = pursuit_decode(self.sae, sae_in, self.k)
+            pfvu = self._fvu(pc.sae_out, sae_in)
+            loss = loss + pfvu
+            if counts is None:
+                counts = firing_counts(pc.codes.indices, pc.codes.values, self.sae.n_features, sae_in.dtype)
+        return Losses(loss, fvu, aux, pfvu, counts)
+
+
+def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:
+    """Total variance of the store's activations in the SAE's normalized space (x - m) * s."""
+    variance = float(mean_sq_norm) - float(mean.double().pow(2).sum())
+    return max(variance, 1e-12) * float(sae.decoder.input_scale) ** 2
