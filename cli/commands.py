@@ -76,13 +76,13 @@ def signature(cls: type) -> inspect.Signature:
     for f in fields(cls):
         assert f.name != "config", f"{cls.__name__}.config would shadow --config"
         kind = _flag_type(hints[f.name])
-        help = " ".join(filter(None, [docs.get(f.name, ""), _default_text(f)]))
+        text = " ".join(filter(None, [docs.get(f.name, ""), _default_text(f)]))
         if "argument" in f.metadata:
-            param = typer.Argument(..., metavar=f.metadata["argument"], help=help, show_default=False)
+            param = typer.Argument(..., metavar=f.metadata["argument"], help=text, show_default=False)
         else:
             flag = flag_of(f)
             decl = f"{flag}/--no-{flag[2:]}" if kind is bool else flag
-            param = typer.Option(None, decl, help=help, show_default=False)
+            param = typer.Option(None, decl, help=text, show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=Optional[kind]))
     return inspect.Signature(params)
 
@@ -131,7 +131,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def build_config(cmd: Command, config: str | None, given: dict[str, Any]) -> Any:
     """cmd.config from defaults < saved settings < --config file < flags given. Each file is
     checked on its own, so an error names the file that holds the bad value."""
-    flags = {k: v for k, v in given.items() if v is not None and v != []}  # a flag not given
+    flags = {k: v for k, v in given.items() if v is not None}  # None: a flag not given
     file = check_dict(cmd.config, read_config_file(config), f"--config {config}", f"saekit {cmd.name} --help") if config else {}
     saved = cmd.saved(file | flags) if cmd.saved else {}
     return cmd.config(**(saved | file | flags))

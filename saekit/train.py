@@ -153,6 +153,7 @@ class TrainConfig:
         self._check_budget()
 
     def _check_budget(self) -> None:
+        """The budget, optimizer, loss and cadence settings."""
         check_non_negative("--tokens", self.tokens, "one pass over the store")
         check_positive("--batch-size", self.batch_size)
         check_non_negative("--lr", self.lr, "auto")
@@ -211,11 +212,10 @@ def _n_features(cfg: TrainConfig, hook: str, d_in: int, pretrained: SparseAutoen
     """The dictionary's size: the pretrained one's, or --n-features, or expansion_factor x d_in."""
     if pretrained is None:
         return cfg.n_features or (cfg.expansion_factor or 8) * d_in
-    need(pretrained.d_in == d_in, f"--from-pretrained {cfg.from_pretrained} has d_in={pretrained.d_in} but hook {hook} has "
-                                  f"d_model={d_in}: use the dictionary trained on this hook")  # fmt: skip
-    need(not cfg.n_features or cfg.n_features == pretrained.n_features,
-         f"--n-features {cfg.n_features} differs from the pretrained dictionary's {pretrained.n_features}: drop --n-features")  # fmt: skip
-    return pretrained.n_features
+    src, n = cfg.from_pretrained, pretrained.n_features
+    need(pretrained.d_in == d_in, f"--from-pretrained {src} has d_in={pretrained.d_in} but hook {hook} has d_model={d_in}: use the dictionary trained on this hook")
+    need(cfg.n_features in (0, n), f"--n-features {cfg.n_features} differs from the pretrained dictionary's {n}: drop --n-features")
+    return n
 
 
 def _train_decoder(cfg: TrainConfig) -> bool:
@@ -239,8 +239,9 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float, decay_frac: floa
 # --------------------------------------------------------------------------------------------
 
 
-def build_sae(cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu",
-              pretrained: SparseAutoencoder | None = None) -> SparseAutoencoder:  # fmt: skip
+def build_sae(
+    cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu", pretrained: SparseAutoencoder | None = None
+) -> SparseAutoencoder:
     """The SAE to train, as the resolved `cfg` (`resolve`) says, on `device`, in train mode, with
     frozen parts marked not trainable.
 

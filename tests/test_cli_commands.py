@@ -72,8 +72,8 @@ def config_harvest(tmp_path, inputs, capsys, monkeypatch):
 
 
 def config_train(tmp_path, inputs, capsys, monkeypatch):
-    toml = _toml(tmp_path / "t.toml", store=str(inputs[0]), n_features=16, k=2, batch_size=32, tokens=64, device="cpu",
-                 progress=False)  # fmt: skip
+    settings = dict(store=str(inputs[0]), n_features=16, k=2, batch_size=32, tokens=64, device="cpu", progress=False)
+    toml = _toml(tmp_path / "t.toml", **settings)
     code, _, err = in_process(capsys, monkeypatch, "train", "--config", toml, "--out", tmp_path / "run", "--k", 4)
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -82,8 +82,8 @@ def config_train(tmp_path, inputs, capsys, monkeypatch):
 
 def config_pursue(tmp_path, inputs, capsys, monkeypatch):
     # keys may be the flag names (`method`) or the field names (`methods`)
-    toml = _toml(tmp_path / "p.toml", store=str(inputs[0]), sae=str(inputs[1]), k=[2, 3], method=["gp"], device="cpu",
-                 progress=False)  # fmt: skip
+    settings = dict(store=str(inputs[0]), sae=str(inputs[1]), k=[2, 3], method=["gp"], device="cpu", progress=False)
+    toml = _toml(tmp_path / "p.toml", **settings)
     code, _, err = in_process(capsys, monkeypatch, "pursue", "--config", toml, "--out", tmp_path / "o", "--k", 4)
     assert code == 0, err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
@@ -121,8 +121,8 @@ def config_demo(tmp_path, inputs, capsys, monkeypatch):
     assert digest(out) == before
 
 
-CONFIG_CASES = {f.__name__.removeprefix("config_"): f for f in (config_harvest, config_train, config_pursue, config_info,
-                                                                 config_verify, config_demo)}  # fmt: skip
+CASES = (config_harvest, config_train, config_pursue, config_info, config_verify, config_demo)
+CONFIG_CASES = {f.__name__.removeprefix("config_"): f for f in CASES}
 
 
 def test_the_config_cases_cover_every_command():
