@@ -67,8 +67,9 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
 
     The attributes are checked (types, and the content hash recomputed from them: no data read)
     before anything uses them. allow_incomplete: read the complete shards of a store still being
-    written (or killed). check: verify each shard's crc32c the first time it is touched (a missing
-    shard file is an error either way).
+    written (or killed). check: every shard file of a local store must be there now (a stat each,
+    so a stage fails before it writes anything), and each shard's crc32c is verified the first
+    time it is touched. A missing shard file is an error on every read either way.
     """
     import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
@@ -90,7 +91,10 @@ def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False
         )
     if group is None:
         group = zarr.open_group(str(root), mode="r")
-    return ActivationStore(path_or_url, root, group, attrs, check)
+    store = ActivationStore(path_or_url, root, group, attrs, check)
+    if check:
+        store.check_files_present()
+    return store
 
 
 def _open_url(url: str | os.PathLike) -> tuple[Any, dict]:
@@ -246,6 +250,18 @@ class ActivationStore:
         if check and crc32c_of(v) != self._shards[index]["crc32c"][key]:
             raise _BadShard(self.path, name, "corrupt (checksum mismatch)")
         return v
+
+    def check_files_present(self) -> None:
+        """Raise for the first missing or empty shard file of a local store (URL stores: no-op;
+        their shards are checked as they are read)."""
+        if self._root is None:
+            return
+        for index in sorted(self._shards):
+            for key in self._array_keys():
+                name = shard_key(key, 1 + len(array_spec(self.layout, key)[0]), index)
+                size = self._file_size(name)
+                if not size:
+                    raise _BadShard(self.path, name, "missing" if size is None else "empty (0 bytes)")
 
     def _file_size(self, name: str) -> int | None:
         """Bytes of a shard file, None when it is not there."""

@@ -128,6 +128,8 @@ def test_train_and_pursue_refuse_a_store_with_a_missing_shard(tmp_path, url):
     r = saekit("pursue", "--store", store, "--sae", tmp_path / "sae", "--k", 2, "--method", "gp", "--out", tmp_path / "codes",
                "--device", "cpu")
     assert_one_error_line(r, shard, "missing")
+    if not url:  # a local store's shard files are checked when it is opened: nothing is written first
+        assert not (tmp_path / "run").exists() and not (tmp_path / "codes").exists()
 
 
 def edit_attrs(root, change) -> None:
