@@ -1,1 +1,2 @@
-"""The saekit command-line interface (typer). Thin: each command builds a config and calls the library."""
+"""The saekit command-line interface (typer), installed as `saekit.cli`. Thin: each command builds
+its stage's config from flags and a --config file (`commands`) and calls the library."""

@@ -1,15 +1,19 @@
-"""`saekit` entry point: registers each stage's commands and turns errors into one line.
+"""`saekit` entry point: one table of commands, each generated the same way (`saekit.cli.commands`),
+and every error as one line.
 
 A SaekitError, and as a safety net any OSError a command lets escape (a full disk, a read-only
-file system, ...), is printed as `error: <one line>` with exit status 1; Ctrl-C prints one line
-saying how to continue, with exit status 130. Never a traceback.
+file system, ...), is printed as `error: <one line>` with exit status 1; a usage error (an
+unknown flag, a value of the wrong type, a missing argument) as `error: <click's message>; see
+saekit <cmd> --help` with exit status 2; Ctrl-C prints one line saying how to continue, with exit
+status 130. Never a traceback, never a usage box.
 """
 
-import functools
 import sys
 
 import typer
 
+from saekit.cli import demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
+from saekit.cli.commands import add_command
 from saekit.errors import SaekitError, os_error_message
 
 app = typer.Typer(
@@ -20,59 +24,44 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# What Ctrl-C leaves behind, per command (commands that write nothing just stop).
-_INTERRUPTED = {
-    "harvest": "finished shards are kept; rerun the same command with --resume to continue",
-    "train": "the last checkpoint is kept; rerun the same command with --resume to continue",
-    "pursue": "finished code shards are kept; rerun the same command with --resume to continue",
-    "demo": "finished stages are kept; rerun the same command to continue",
-}
+# In CLI order.
+COMMANDS = [harvest_cmds.COMMAND, train_cmds.COMMAND, pursue_cmds.COMMAND, eval_cmds.COMMAND, *store_cmds.COMMANDS,
+            demo_cmds.COMMAND]
+for _command in COMMANDS:
+    add_command(app, _command)
 
-
-def _register() -> None:
-    # Each module adds its commands to `app`; keep this list in CLI order.
-    from cli import demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
-
-    harvest_cmds.register(app)
-    train_cmds.register(app)
-    pursue_cmds.register(app)
-    eval_cmds.register(app)
-    store_cmds.register(app)
-    demo_cmds.register(app)
-    for info in app.registered_commands:
-        info.callback = _interruptible(info.name or info.callback.__name__, info.callback)
-
-
-def _interruptible(name: str, command):
-    """The command, printing one line on Ctrl-C (typer would exit 130 silently, or show a traceback
-    from inside the library)."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            what = _INTERRUPTED.get(name)
-            typer.echo(f"interrupted: {what}" if what else "interrupted", err=True)
-            raise typer.Exit(130) from None
-
-    return run
-
-
-_register()
+# click's base exception, reached through typer's public BadParameter: typer (since 0.26) vendors
+# click as a private module, and an installed `click` package would be another copy.
+ClickError = typer.BadParameter.__mro__[2]  # BadParameter -> UsageError -> ClickException
 
 
 def main() -> None:
-    # Standalone mode lets click handle --help, usage errors and typer.Exit; a SaekitError is a
-    # user-facing error: one line, non-zero exit, no traceback.
+    # Without click's standalone mode, usage errors come here instead of being printed in a box;
+    # a SaekitError is a user-facing error: one line, non-zero exit, no traceback.
     try:
-        app()
+        code = app(prog_name="saekit", standalone_mode=False)
+    except ClickError as e:  # usage: an unknown flag, a value of the wrong type, a missing argument
+        if type(e).__name__ != "NoArgsIsHelpError":  # bare `saekit` has printed the help already
+            typer.echo(f"error: {usage_error_line(e)}", err=True)
+        sys.exit(e.exit_code)  # 2 for usage errors, as click says
     except SaekitError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
     except OSError as e:  # the safety net; the stages say more specific things where they can
         typer.echo(f"error: {os_error_message(e)}", err=True)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) from a command returns its code
+
+
+def usage_error_line(e: Exception) -> str:
+    """click's message on one line, and where to look: `saekit <cmd> --help`."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        where = ctx.command_path
+    else:  # some parser errors carry no context: name the command from the arguments
+        where = " ".join(["saekit", *[a for a in sys.argv[1:2] if a in {c.name for c in COMMANDS}]])
+    return f"{message}; see {where} --help"
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
 
 import typer
 
+from saekit.cli.commands import Command
 from saekit.errors import SaekitError
+from saekit.store import FORMAT_VERSION, InfoConfig, VerifyConfig, open_store
 
 
 def _human_bytes(n: int | None) -> str:
@@ -21,15 +22,10 @@ def _human_bytes(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
-def info(
-    store: Annotated[str, typer.Argument(help="Store directory (or fsspec URL, e.g. file:///path).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the store's attributes as JSON.")] = False,
-) -> None:
+def info(cfg: InfoConfig) -> None:
     """Show a store's hooks, rows, d_model, dtype, size, provenance, content hash and completeness."""
-    from saekit.store import open_store
-
-    st = open_store(store, allow_incomplete=True, check=False)  # info is how you find out a store is incomplete (or damaged)
-    if as_json:
+    st = open_store(cfg.store, allow_incomplete=True, check=False)  # info is how you find out a store is incomplete (or damaged)
+    if cfg.as_json:
         attrs = {k: v for k, v in st.attrs.items() if k != "stats"}  # mean vectors are long
         typer.echo(json.dumps({**attrs, "path": str(st.path), "size_bytes": st.size_on_disk()}, indent=1))
         return
@@ -60,19 +56,15 @@ def info(
         typer.echo(f"  {k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
 
-def verify(
-    store: Annotated[str, typer.Argument(help="Store directory (or fsspec URL).")],
-) -> None:
+def verify(cfg: VerifyConfig) -> None:
     """Recompute the content hash, every shard's checksum and the statistics; exit non-zero naming each problem."""
-    from saekit.store import FORMAT_VERSION, open_store
-
-    st = open_store(store, allow_incomplete=True, check=False)  # verify checks every shard itself
-    bad = st.verify(progress=sys.stderr.isatty())
+    st = open_store(cfg.store, allow_incomplete=True, check=False)  # verify checks every shard itself
+    bad = st.verify(progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress)
     for line in bad:
         typer.echo(f"bad: {line}")
     if bad:
         raise SaekitError(
-            f"{len(bad)} problem(s) in {store} (listed above); re-harvest into a new store or restore the files from a copy"
+            f"{len(bad)} problem(s) in {cfg.store} (listed above); re-harvest into a new store or restore the files from a copy"
         )
     what = "complete" if st.complete else "incomplete (finished shards only)"
     typer.echo(f"ok: {st.n_shards} shard(s), {st.n_rows:,} rows and statistics verified; store {what}; {st.content_hash or 'no hash yet'}")
@@ -83,6 +75,4 @@ def verify(
         )
 
 
-def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("verify")(verify)
+COMMANDS = [Command("info", InfoConfig, info), Command("verify", VerifyConfig, verify)]

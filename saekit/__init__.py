@@ -1,7 +1,8 @@
 """saekit: sparse autoencoders over a shared on-disk activation cache.
 
-The library never imports the CLI (`cli/`). Submodules are imported lazily by users:
-`saekit.store`, `saekit.harvest`, `saekit.sae`, `saekit.pursuit`, `saekit.train`, `saekit.pursue`.
+The library never imports the CLI (`saekit.cli`, installed from the top-level `cli/` folder).
+Submodules are imported lazily by users: `saekit.store`, `saekit.harvest`, `saekit.sae`,
+`saekit.pursuit`, `saekit.train`, `saekit.pursue`.
 """
 
 from saekit.errors import SaekitError

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
 
@@ -53,9 +54,9 @@ class DemoConfig:
     rows: int = 8192
     """Rows the encoder and the pursuits are compared on (the store's first rows)."""
     pursue_k: list[int] = field(default_factory=lambda: [4, 8, 32])
-    """Pursuit k's besides the encoder's L0 (which is always added)."""
-    methods: list[str] = field(default_factory=lambda: ["gp", "mp"])
-    """Pursuit methods."""
+    """Pursuit k's besides the encoder's L0 (which is always added); repeat --pursue-k for several."""
+    methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
+    """Pursuit methods (see `saekit pursue`); repeat --method for several."""
     device: str = "cpu"
     """Device for every stage: 'cpu' (the demo is sized for it), 'auto' or 'cuda'."""
     progress: bool = True
@@ -66,18 +67,13 @@ class DemoConfig:
     one (measured: 533 s instead of ~30 s for the default demo next to one busy process)."""
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise SaekitError(f"--threads {self.threads} must be 0 (torch's default) or more")
+        check_non_negative("--threads", self.threads, "torch's default")
         for name in ("tokens", "n_features", "k", "steps", "batch_size", "rows"):
-            if getattr(self, name) <= 0:
-                raise SaekitError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
-        if self.k > self.n_features:
-            raise SaekitError(f"--k {self.k} is larger than --n-features {self.n_features}; k must be <= n_features")
-        bad = [k for k in self.pursue_k if not 0 < k <= self.n_features]
-        if bad:
-            raise SaekitError(f"pursuit k {bad[0]} must be between 1 and --n-features {self.n_features}")
-        if self.rows > self.tokens:
-            raise SaekitError(f"--rows {self.rows} is more than the --tokens {self.tokens} harvested; pass fewer")
+            check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_k(self.k, self.n_features, "--k", "--n-features")
+        for k in self.pursue_k:
+            check_k(k, self.n_features, "--pursue-k", "--n-features")
+        need(self.rows <= self.tokens, f"--rows {self.rows} is more than the --tokens {self.tokens} harvested; pass fewer")
 
 
 class DemoResult(NamedTuple):

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from saekit.codes import dictionary_sha256, group_name, open_codes
+from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
 from saekit.downstream import (
     CLEAN,
@@ -94,22 +95,19 @@ class EvalConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SaekitError(msg)
-
         need(bool(self.store), "--store is required: the activation store to evaluate on")
         need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
         need(bool(self.out), "--out is required: the directory for the report")
-        bad_k = [k for k in self.k if k <= 0]
-        need(not bad_k, f"--k {bad_k[0] if bad_k else ''} must be positive (nonzeros per row)")
+        for k in self.k:
+            check_positive("--k", k)
         need(len(set(self.k)) == len(self.k), f"--k values repeat ({', '.join(map(str, self.k))}): give each once")
         unknown = [m for m in self.methods if m not in METHODS]
         need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
         need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
-        need(self.sequences >= 0 and self.tokens >= 0, "--sequences and --tokens must be >= 0 (0: the held-out sequences)")
+        check_non_negative("--sequences", self.sequences, "the held-out sequences")
+        check_non_negative("--tokens", self.tokens, "the held-out sequences")
         need(not (self.sequences and self.tokens), "pass --sequences or --tokens, not both")
-        need(self.batch_size >= 0, f"--batch-size {self.batch_size} must be >= 0 (0: auto)")
+        check_non_negative("--batch-size", self.batch_size, "auto")
         resolve_dtype(self.dtype, what="--dtype")  # an unknown --dtype is one line, now
 
 
@@ -299,9 +297,8 @@ def _code_rows(codes: Any, cfg: EvalConfig, rows: range) -> int:
 
 def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: int, device: torch.device) -> list[_Row]:
     """Each method at each k, computed on the fly, and every (method, k) the --codes hold, read back."""
-    too_big = [k for k in cfg.k if k > sae.n_features]
-    if too_big:
-        raise SaekitError(f"--k {too_big[0]} is larger than the SAE's n_features={sae.n_features}; k must be between 1 and n_features")
+    for k in cfg.k:
+        check_k(k, sae.n_features, "--k", "the SAE's n_features")
     W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
     stored = {(codes.methods[g], k): g for g, k in codes.groups.items()} if codes is not None else {}
     wanted = {(m, k) for m in cfg.methods for k in cfg.k} | set(stored)

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from saekit import __version__
+from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, is_disk_full
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
@@ -55,11 +56,11 @@ class HarvestConfig:
     """What to harvest and where. 0/None means "pick a sensible default"."""
 
     model: str | None = None
-    """transformer-lens model name ('gpt2-small'), a local HF checkpoint folder, or None/'embedded'."""
-    hooks: list[str] = field(default_factory=list)
-    """Hook names to cache, all in one forward pass. Empty: `blocks.{n_layers // 2}.hook_resid_pre`."""
+    """transformer-lens model name ('gpt2-small'), a local HF checkpoint folder, or 'embedded' (None: the default)."""
+    hooks: list[str] = field(default_factory=list, metadata={"flag": "--hook"})
+    """Hook names to cache, all in one forward pass; repeat --hook for several. Empty: `blocks.{n_layers // 2}.hook_resid_pre`."""
     dataset: str | None = None
-    """HF hub dataset name (streamed), a .txt/.jsonl/.parquet file, a save_to_disk folder, or None/'embedded'."""
+    """HF hub dataset name (streamed), a .txt/.jsonl/.parquet file, a save_to_disk folder, or 'embedded' (None: the default)."""
     dataset_config: str | None = None
     """HF dataset configuration name (e.g. 'wikitext-103-raw-v1')."""
     split: str = "train"
@@ -81,9 +82,9 @@ class HarvestConfig:
     dtype: str = "auto"
     """Model dtype: auto (bf16 on a GPU, fp32 on the CPU), bf16, fp32 or fp16. The cache is bf16 either way."""
     resume: bool = False
-    """Continue an interrupted harvest in `out` (same arguments required)."""
+    """Continue an interrupted harvest in --out (same arguments required)."""
     overwrite: bool = False
-    """Replace an existing store in `out`."""
+    """Replace an existing store in --out."""
     shard_rows: int = 65536
     """Rows per shard file (the unit of writing, resuming and splitting across ranks)."""
     chunk_rows: int = 4096
@@ -92,16 +93,11 @@ class HarvestConfig:
     """Show a progress bar (rank 0 only)."""
 
     def __post_init__(self):
-        if self.tokens <= 0:
-            raise SaekitError(f"--tokens must be positive, got {self.tokens}")
-        if self.ctx_len < 0:
-            raise SaekitError(f"--ctx-len must be positive (or 0 for the default), got {self.ctx_len}")
-        if self.batch_size < 0:
-            raise SaekitError(f"--batch-size must be positive (or 0 for auto), got {self.batch_size}")
-        if self.skip_first_n_tokens < 0:
-            raise SaekitError(f"--skip-first-n-tokens must be 0 or more, got {self.skip_first_n_tokens}")
-        if self.resume and self.overwrite:
-            raise SaekitError("pass either --resume or --overwrite, not both")
+        check_positive("--tokens", self.tokens)
+        check_non_negative("--ctx-len", self.ctx_len, "min(128, the model's n_ctx)")
+        check_non_negative("--batch-size", self.batch_size, "auto")
+        check_non_negative("--skip-first-n-tokens", self.skip_first_n_tokens, "keep every position")
+        need(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
 
 
 class HarvestResult(NamedTuple):

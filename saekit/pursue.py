@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
 from saekit.codes import open_codes as open_codes  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
+from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
@@ -47,7 +48,7 @@ REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
 # store and the SAE are identified by content (so either may move), and encoders, batch size and
 # device change only the report, so they may differ on resume.
-IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "rows")
+CODES_IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "rows")
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,15 +67,15 @@ class PursueConfig:
     out: str = ""
     """Output directory (codes.zarr, report.json, report.md, fvu_vs_l0.png). Must not exist unless --resume."""
     k: list[int] = field(default_factory=list)
-    """Nonzeros per row for each pursuit; give several to trace FVU against L0."""
-    methods: list[str] = field(default_factory=lambda: ["gp", "mp"])
-    """Pursuit methods: gp (gradient), cgp (conjugate gradient), mp (matching), omp (orthogonal, slow)."""
+    """Nonzeros per row for each pursuit; repeat --k to trace FVU against L0 (e.g. --k 16 --k 32)."""
+    methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
+    """Pursuit methods: gp (gradient), cgp (conjugate gradient), mp (matching), omp (orthogonal, slow); repeat --method for several."""
     hook: str | None = None
     """Hook to read; default: the store's only hook."""
     rows: int = 0
     """Use the first N rows of the store; 0: all of them."""
-    encoders: list[str] = field(default_factory=list)
-    """Extra encoders to compare on the same rows (e.g. an MLP-encoder run dir); each is loaded like --sae."""
+    encoders: list[str] = field(default_factory=list, metadata={"flag": "--encoder"})
+    """Extra encoders to compare on the same rows (e.g. an MLP-encoder run dir), each loaded like --sae; repeat --encoder for several."""
     batch_size: int = 2048
     """Rows per pursuit/encoder batch (the pursuit further chunks rows to bound memory)."""
     device: str = "auto"
@@ -85,23 +86,19 @@ class PursueConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SaekitError(msg)
-
         need(bool(self.store), "--store is required: the activation store to read")
         need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
         need(bool(self.out), "--out is required: the directory for codes and the report")
         need(bool(self.k), "--k is required: nonzeros per row for the pursuit (repeat --k for several)")
-        bad_k = [k for k in self.k if k <= 0]
-        need(not bad_k, f"--k {bad_k[0] if bad_k else ''} must be positive (nonzeros per row)")
+        for k in self.k:
+            check_positive("--k", k)
         need(len(set(self.k)) == len(self.k), f"--k values repeat ({', '.join(map(str, self.k))}): give each once")
         need(bool(self.methods), f"--method is required: one or more of {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
         need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
-        need(self.rows >= 0, f"--rows {self.rows} must be >= 0 (0: all rows)")
-        need(self.batch_size > 0, f"--batch-size {self.batch_size} must be positive")
+        check_non_negative("--rows", self.rows, "all rows")
+        check_positive("--batch-size", self.batch_size)
 
 
 class Entry(NamedTuple):
@@ -171,7 +168,7 @@ def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: 
     attrs = read_codes_attrs(root)
     if attrs is None:
         return CodesStore.create(root, identity=identity, groups=groups, n_rows=n_rows, shard_rows=layout.shard_rows, chunk_rows=layout.chunk_rows)
-    diff = [k for k in IDENTITY if attrs.get(k) != identity[k]]
+    diff = [k for k in CODES_IDENTITY if attrs.get(k) != identity[k]]
     if attrs.get("shard_rows") != layout.shard_rows:
         diff.append("the store's shard layout")
     if diff:
@@ -199,9 +196,8 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
 
     sae = load_sae(cfg.sae, device)
     check_sae_fits_hook(sae, cfg.sae, d_model, hook)
-    too_big = [k for k in cfg.k if k > sae.n_features]
-    if too_big:
-        raise SaekitError(f"--k {too_big[0]} is larger than the SAE's n_features={sae.n_features}; k must be between 1 and n_features")
+    for k in cfg.k:
+        check_k(k, sae.n_features, "--k", "the SAE's n_features")
     extras = []
     for spec in cfg.encoders:
         enc = load_sae(spec, device)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saekit.config import check_k
 from saekit.errors import SaekitError
 
 # Correlations below sqrt(float32 eps) * ||x|| are residual rounding noise, not signal (the same
@@ -611,8 +612,7 @@ def _prepare(
             f"activations have width {x.shape[-1] if x.ndim else 0} but the dictionary has "
             f"d={d}; use the dictionary trained on this hook"
         )
-    if not 0 < k <= n:
-        raise SaekitError(f"k must be between 1 and n_features={n}, got {k}")
+    check_k(k, n)
     xc = x.detach().to(W.device, torch.float32).reshape(-1, d)
     if b_dec is not None:
         xc = xc - b_dec.to(W.device, torch.float32)

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from saekit.config import check_k, check_non_negative
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError, is_non_empty, one_line
 
@@ -84,8 +85,7 @@ class SAEConfig:
             _check_k_range(self.k, self.n_features, integer=self.activation == "topk")
             if self.activation == "topk":
                 self.k = int(self.k)
-        if self.n_hidden < 0:
-            raise SaekitError(f"n_hidden={self.n_hidden} must be >= 0 (0 means no MLP path)")
+        check_non_negative("n_hidden", self.n_hidden, "no MLP path")
         if self.n_hidden > 0 and (self.d_hidden is None or self.d_hidden <= 0):
             raise SaekitError(f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden=")
         resolve_dtype(self.dtype)  # one line for an unknown name
@@ -152,8 +152,7 @@ class Normalization(NamedTuple):
 
 
 def _check_k_range(k: float, n_features: int, integer: bool) -> None:
-    if not (0 < k <= n_features):
-        raise SaekitError(f"k={k} is out of range: k (active latents per token) must be between 1 and n_features={n_features}")
+    check_k(k, n_features)
     if integer and float(k) != int(k):
         raise SaekitError(f"k={k} must be a whole number for TopK (Batch-TopK allows a fractional average)")
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from saekit.config import check_positive
 from saekit.errors import SaekitError
 from saekit.store_format import bits_to_bf16
 
@@ -42,8 +43,7 @@ def shuffle_plan(
     """
     if not 0 <= rank < world_size:
         raise SaekitError(f"rank {rank} is outside 0..{world_size - 1}")
-    if window_blocks <= 0:
-        raise SaekitError(f"window_blocks must be positive, got {window_blocks}")
+    check_positive("window_blocks", window_blocks)
     n_blocks = math.ceil(n_rows / block_rows)
     order = np.random.default_rng([seed, epoch]).permutation(n_blocks)[rank::world_size]
     plan = []

@@ -14,7 +14,8 @@ This module is the store's public face; the work lives in:
 
     saekit.store_format   names, layout, bf16 encoding, attribute checks, content hash, statistics
     saekit.store_writer   create_store, StoreWriter: whole shards, resume, several ranks
-    saekit.store_reader   open_store, ActivationStore: memory-mapped reads, checks, verify
+    saekit.store_reader   open_store, ActivationStore: memory-mapped reads, checks, verify;
+                          InfoConfig, VerifyConfig (what `saekit info` / `verify` take)
     saekit.shuffle        shuffle_plan and the shuffled batch stream
     saekit.shards         what both saekit stores share: shard files, completion records,
                           atomic attributes, recognisable creation
@@ -32,7 +33,7 @@ from saekit.store_format import (
     content_hash,
     read_attrs,
 )
-from saekit.store_reader import ActivationStore, open_store
+from saekit.store_reader import ActivationStore, InfoConfig, VerifyConfig, open_store
 from saekit.store_writer import StoreWriter, create_store
 
 __all__ = [
@@ -41,8 +42,10 @@ __all__ = [
     "RECORDS_DIR",
     "ActivationStore",
     "HookStats",
+    "InfoConfig",
     "StoreLayout",
     "StoreWriter",
+    "VerifyConfig",
     "Window",
     "bf16_bits",
     "bits_to_bf16",

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from saekit.config import check_positive, need
 from saekit.errors import SaekitError
 from saekit.shards import CREATING, ShardLayoutError, ShardRecord, crc32c_of, is_plain_sharded, map_shard_file, shard_key
 from saekit.shuffle import batch_stream, shuffle_plan, skip_windows
@@ -362,8 +364,7 @@ class ActivationStore:
         batch may be short unless `drop_last`. See `saekit.shuffle`.
         """
         key = f"{ACTS}/{self.resolve_hook(hook)}"
-        if batch_size <= 0:
-            raise SaekitError(f"batch_size must be positive, got {batch_size}")
+        check_positive("batch_size", batch_size)
         plan = shuffle_plan(
             self.n_rows if stop_row is None else min(stop_row, self.n_rows),
             self.layout.chunk_rows,
@@ -425,3 +426,34 @@ class ActivationStore:
         if rec is None:
             return problems, None
         return problems, ShardRecord(i, rec["start"], rec["stop"], rec["crc32c"], record_sums(stats))
+
+
+# --------------------------------------------------------------------------------------------
+# What `saekit info` and `saekit verify` take (one flag per field)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InfoConfig:
+    """A store's hooks, rows, d_model, dtype, size, provenance, content hash and completeness."""
+
+    store: str = field(default="", metadata={"argument": "STORE"})
+    """Store directory (or fsspec URL, e.g. file:///path)."""
+    as_json: bool = field(default=False, metadata={"flag": "--json"})
+    """Print the store's attributes as JSON."""
+
+    def __post_init__(self) -> None:
+        need(bool(self.store), "STORE is required: the store directory (or fsspec URL) to show")
+
+
+@dataclass
+class VerifyConfig:
+    """Recompute a store's content hash, every shard's checksum and the statistics."""
+
+    store: str = field(default="", metadata={"argument": "STORE"})
+    """Store directory (or fsspec URL)."""
+    progress: bool | None = None
+    """Show a progress bar; default: when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        need(bool(self.store), "STORE is required: the store directory (or fsspec URL) to verify")

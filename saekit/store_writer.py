@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saekit.config import check_positive
 from saekit.errors import SaekitError
 from saekit.shards import (
     RECORDS_DIR,
@@ -127,8 +128,7 @@ def _check_create_args(
         raise SaekitError(f"rank {rank} is outside 0..{world_size - 1}")
     if shard_rows <= 0 or chunk_rows <= 0 or shard_rows % chunk_rows:
         raise SaekitError(f"shard_rows ({shard_rows}) must be a positive multiple of chunk_rows ({chunk_rows})")
-    if n_rows <= 0:
-        raise SaekitError(f"n_rows (capacity) must be positive, got {n_rows}")
+    check_positive("n_rows (capacity)", n_rows)
 
 
 def _reopen(root: Path, attrs: dict, layout: StoreLayout, meta: dict, rank: int, world_size: int) -> StoreWriter:

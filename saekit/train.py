@@ -29,7 +29,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saekit.config import check_types
+from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, need
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
 from saekit.heldout import held_out_rows
@@ -136,30 +136,38 @@ class TrainConfig:
     """wandb project name."""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SaekitError(msg)
-
         need(bool(self.store), "--store is required: the activation store to train on")
         need(bool(self.out), "--out is required: the run directory to write")
         need(self.activation in TRAIN_ACTIVATIONS, f"--activation {self.activation!r}: use one of {', '.join(TRAIN_ACTIVATIONS)}")
         need(self.codes in CODES, f"--codes {self.codes!r}: use one of {', '.join(CODES)}")
-        need(self.k > 0, f"--k {self.k} must be positive")
-        need(self.n_features >= 0 and self.expansion_factor >= 0, "--n-features and --expansion-factor must be >= 0 (0 means auto)")
+        check_positive("--k", self.k)
+        check_non_negative("--n-features", self.n_features, "expansion_factor x d_in")
+        check_non_negative("--expansion-factor", self.expansion_factor, "8")
         need(not (self.n_features and self.expansion_factor), "pass --n-features or --expansion-factor, not both")
-        need(not self.n_features or self.k <= self.n_features, f"--k {self.k} is larger than --n-features {self.n_features}: k must be <= n_features")
-        need(self.d_hidden >= 0 and self.n_hidden >= 0, "--d-hidden and --n-hidden must be >= 0")
+        if self.n_features:  # else known once the store (or the pretrained dictionary) is open: `resolve`
+            check_k(self.k, self.n_features, "--k", "--n-features")
+        check_non_negative("--d-hidden", self.d_hidden, "a linear encoder")
+        check_non_negative("--n-hidden", self.n_hidden, "1 with --d-hidden")
         need(not self.n_hidden or self.d_hidden, f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)")
         need(not self.init_encoder or bool(self.from_pretrained), "--init-encoder needs --from-pretrained (the SAE whose encoder to start from)")
         need(not (self.codes == "pursuit" and self.train_decoder is False), "--codes pursuit trains only the dictionary: drop --no-train-decoder")
-        need(self.tokens >= 0, f"--tokens {self.tokens} must be >= 0 (0: one pass over the store)")
-        need(self.batch_size > 0, f"--batch-size {self.batch_size} must be positive")
-        need(self.lr >= 0, f"--lr {self.lr} must be >= 0 (0: auto)")
-        need(0 <= self.warmup_frac <= 1 and 0 <= self.decay_frac <= 1, "--warmup-frac and --decay-frac must be in [0, 1]")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """The budget, optimizer, loss and cadence settings."""
+        check_non_negative("--tokens", self.tokens, "one pass over the store")
+        check_positive("--batch-size", self.batch_size)
+        check_non_negative("--lr", self.lr, "auto")
+        check_fraction("--warmup-frac", self.warmup_frac)
+        check_fraction("--decay-frac", self.decay_frac)
         need(self.warmup_frac + self.decay_frac <= 1, "--warmup-frac plus --decay-frac must be <= 1")
-        need(self.auxk_coef >= 0 and self.k_aux >= 0 and self.dead_tokens >= 0, "--auxk-coef, --k-aux and --dead-tokens must be >= 0")
-        need(self.eval_rows >= 0 and self.eval_every >= 0 and self.checkpoint_every >= 0, "--eval-rows, --eval-every and --checkpoint-every must be >= 0")
-        need(self.log_every > 0, f"--log-every {self.log_every} must be positive")
+        check_non_negative("--auxk-coef", self.auxk_coef, "no AuxK loss")
+        check_non_negative("--k-aux", self.k_aux, "d_in // 2")
+        check_non_negative("--dead-tokens", self.dead_tokens, "min(10M, tokens // 10)")
+        check_non_negative("--eval-rows", self.eval_rows, "min(65536, rows // 10)")
+        check_non_negative("--eval-every", self.eval_every, "ten times per run")
+        check_non_negative("--checkpoint-every", self.checkpoint_every, "only at the end")
+        check_positive("--log-every", self.log_every)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -168,55 +176,21 @@ class TrainConfig:
 
     @classmethod
     def check_dict(cls, d: dict[str, Any], source: str) -> dict[str, Any]:
-        """`d` with keys as field names ('-' -> '_') and values of the fields' types, or one line
-        naming the unknown key (a typo would otherwise be ignored) or the mistyped value."""
-        names = {f.name for f in fields(cls)}
-        d = {str(k).replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SaekitError(f"{source} has unknown key(s) {', '.join(unknown)}; see `saekit train --help` for the names")
-        return check_types(cls, d, source)
+        """`d` with keys as field names and values of the fields' types (`saekit.config.check_dict`)."""
+        return check_dict(cls, d, source, "saekit train --help")
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A TOML (.toml), YAML (.yaml/.yml, needs pyyaml) or JSON file of TrainConfig fields, as a dict."""
-    path = Path(path)
-    try:
-        if path.exists() and not path.is_file():  # /dev/zero never ends; a FIFO waits for a writer
-            raise SaekitError(f"--config {path} is not a regular file: pass a .toml, .yaml/.yml or .json file")
-        text = path.read_text()
-    except OSError as e:
-        raise SaekitError(f"cannot read --config {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SaekitError(f"--config {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise SaekitError(f"--config {path} is YAML but pyyaml is not installed: pip install pyyaml, or use TOML") from None
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise SaekitError(f"--config {path}: use a .toml, .yaml/.yml or .json file")
-    except SaekitError:
-        raise
-    except Exception as e:  # tomllib / yaml / json parse errors
-        raise SaekitError(f"--config {path} does not parse: {one_line(e)}") from None
-    if not isinstance(data, dict):
-        raise SaekitError(f"--config {path} must hold a table of flag names and values")
-    return data
-
-
-def resolve(cfg: TrainConfig, *, hook: str, d_in: int, n_features: int, train_rows: int) -> TrainConfig:
-    """Fill the 0-means-auto fields from the store and the dictionary (saved as config.json)."""
+def resolve(cfg: TrainConfig, *, hook: str, d_in: int, n_rows: int, pretrained: SparseAutoencoder | None = None) -> TrainConfig:
+    """Fill the 0-means-auto fields from the store (its hook, d_in and rows) and from `pretrained`
+    (the --from-pretrained dictionary), and check what they decide. `build_sae` builds from the
+    result, and it is saved as config.json."""
+    n_features = _n_features(cfg, hook, d_in, pretrained)
+    check_k(cfg.k, n_features, "--k", "n_features")
+    held = held_out_rows(n_rows, cfg.eval_rows)
+    eval_rows, train_rows = len(held), held.start
+    need(eval_rows > 0 and train_rows > 0, f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {n_rows}; change it")
     tokens = cfg.tokens or train_rows
+    need(tokens >= cfg.batch_size, f"--tokens {tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size")
     steps = tokens // cfg.batch_size
     return replace(
         cfg,
@@ -229,9 +203,20 @@ def resolve(cfg: TrainConfig, *, hook: str, d_in: int, n_features: int, train_ro
         lr=cfg.lr or 2e-4 / math.sqrt(n_features / 2**14),
         k_aux=cfg.k_aux or max(1, d_in // 2),
         dead_tokens=cfg.dead_tokens or max(1, min(10_000_000, tokens // 10)),
+        eval_rows=eval_rows,
         eval_every=cfg.eval_every or max(1, steps // 10),
         resume=False,  # how a run was started is not part of what it is
     )
+
+
+def _n_features(cfg: TrainConfig, hook: str, d_in: int, pretrained: SparseAutoencoder | None) -> int:
+    """The dictionary's size: the pretrained one's, or --n-features, or expansion_factor x d_in."""
+    if pretrained is None:
+        return cfg.n_features or (cfg.expansion_factor or 8) * d_in
+    src, n = cfg.from_pretrained, pretrained.n_features
+    need(pretrained.d_in == d_in, f"--from-pretrained {src} has d_in={pretrained.d_in} but hook {hook} has d_model={d_in}: use the dictionary trained on this hook")
+    need(cfg.n_features in (0, n), f"--n-features {cfg.n_features} differs from the pretrained dictionary's {n}: drop --n-features")
+    return n
 
 
 def _train_decoder(cfg: TrainConfig) -> bool:
@@ -255,44 +240,32 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float, decay_frac: floa
 # --------------------------------------------------------------------------------------------
 
 
-def build_sae(cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu") -> SparseAutoencoder:
-    """The SAE to train, on `device`, in train mode, with frozen parts marked not trainable.
+def build_sae(
+    cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu", pretrained: SparseAutoencoder | None = None
+) -> SparseAutoencoder:
+    """The SAE to train, as the resolved `cfg` (`resolve`) says, on `device`, in train mode, with
+    frozen parts marked not trainable.
 
-    New: sizes from cfg, inputs normalized by the store's statistics (mean [d_in], E||x||^2).
-    --from-pretrained: a new encoder (linear path = the dictionary's transpose, or the pretrained
-    encoder with --init-encoder; any MLP path starts at zero) over the pretrained decoder.
+    New: cfg.n_features latents, inputs normalized by the store's statistics (mean [d_in], E||x||^2).
+    From `pretrained` (--from-pretrained): a new encoder (linear path = the dictionary's transpose,
+    or the pretrained encoder with --init-encoder; any MLP path starts at zero) over its decoder.
     """
-    mlp = {"d_hidden": cfg.d_hidden or None, "n_hidden": cfg.n_hidden or (1 if cfg.d_hidden else 0)}
-    if cfg.from_pretrained:
-        src = load_sae(cfg.from_pretrained, device)
-        if src.d_in != d_in:
-            raise SaekitError(
-                f"--from-pretrained {cfg.from_pretrained} has d_in={src.d_in} but hook {cfg.hook} has d_model={d_in}: use the dictionary trained on this hook"
-            )
-        if cfg.n_features and cfg.n_features != src.n_features:
-            raise SaekitError(f"--n-features {cfg.n_features} differs from the pretrained dictionary's {src.n_features}: drop --n-features")
-        _check_k_fits(cfg.k, src.n_features)
-        sae = SparseAutoencoder(decoder=src.decoder, k=cfg.k, activation=cfg.activation, **mlp)
+    mlp = {"d_hidden": cfg.d_hidden or None, "n_hidden": cfg.n_hidden}
+    if pretrained is not None:
+        sae = SparseAutoencoder(decoder=pretrained.decoder, k=cfg.k, activation=cfg.activation, **mlp)
         if cfg.init_encoder:
-            _copy_matching_(sae.encoder, src.encoder)
+            _copy_matching_(sae.encoder, pretrained.encoder)
     else:
-        n = cfg.n_features or (cfg.expansion_factor or 8) * d_in
-        _check_k_fits(cfg.k, n)
-        sae = SparseAutoencoder(d_in=d_in, n_features=n, k=cfg.k, activation=cfg.activation, **mlp)
+        sae = SparseAutoencoder(d_in=d_in, n_features=cfg.n_features, k=cfg.k, activation=cfg.activation, **mlp)
         if cfg.normalize:
             sae.set_input_normalization(mean, mean_sq_norm)
         else:
             with torch.no_grad():  # start the bias at the data mean, as the normalized path does
                 sae.decoder.b_dec.copy_(mean)
     sae.to(device).train()
-    sae.decoder.trainable = _train_decoder(cfg)
+    sae.decoder.trainable = cfg.train_decoder
     sae.encoder.trainable = cfg.codes != "pursuit"
     return sae
-
-
-def _check_k_fits(k: int, n_features: int) -> None:
-    if k > n_features:
-        raise SaekitError(f"--k {k} is larger than n_features {n_features}: k must be <= n_features")
 
 
 @torch.no_grad()
@@ -479,19 +452,13 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)
     d_in = store.d_model(hook)
-    held = held_out_rows(store.n_rows, cfg.eval_rows)
-    eval_rows, train_rows = len(held), held.start
-    if eval_rows <= 0 or train_rows <= 0:
-        raise SaekitError(f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {store.n_rows}; change it")
     if cfg.batch_size % d.world_size:
         raise SaekitError(f"--batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
-    stats = training_stats(store, hook, train_rows)
-
-    torch.manual_seed(cfg.seed)
-    sae = build_sae(replace(cfg, hook=hook), d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device)
-    cfg = replace(resolve(cfg, hook=hook, d_in=d_in, n_features=sae.n_features, train_rows=train_rows), eval_rows=eval_rows)
-    if cfg.tokens < cfg.batch_size:
-        raise SaekitError(f"--tokens {cfg.tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size")
+    torch.manual_seed(cfg.seed)  # before loading: building the pretrained SAE's modules draws from it
+    pretrained = load_sae(cfg.from_pretrained, d.device) if cfg.from_pretrained else None
+    cfg = resolve(cfg, hook=hook, d_in=d_in, n_rows=store.n_rows, pretrained=pretrained)
+    stats = training_stats(store, hook, store.n_rows - cfg.eval_rows)
+    sae = build_sae(cfg, d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device, pretrained=pretrained)
     sae.metadata.update(_provenance(store, hook))
     session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
     return _loop(session)

@@ -1,5 +1,5 @@
 """Helpers for tests of what a user sees when a command fails: the real CLI in a subprocess (or
-in-process through cli.main:main), one `error:` line, no traceback, and files left unchanged."""
+in-process through saekit.cli.main:main), one `error:` line, no traceback, and files left unchanged."""
 
 import hashlib
 import os
@@ -14,16 +14,16 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 
 def saekit(*args, prefix: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m cli.main ARGS` in a subprocess (under `prefix`, e.g. NO_DAC), one torch thread."""
+    """`python -m saekit.cli.main ARGS` in a subprocess (under `prefix`, e.g. NO_DAC), one torch thread."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    cmd = [*(prefix or []), sys.executable, "-m", "cli.main", *map(str, args)]
+    cmd = [*(prefix or []), sys.executable, "-m", "saekit.cli.main", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def in_process(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    """`saekit ARGS` through cli.main:main in this process: (exit code, stdout, stderr)."""
-    from cli.main import main
+    """`saekit ARGS` through saekit.cli.main:main in this process: (exit code, stdout, stderr)."""
+    from saekit.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["saekit", *map(str, args)])
     with pytest.raises(SystemExit) as e:

@@ -11,7 +11,7 @@ Each row must
 
 The inputs are real: a store harvested from the embedded model, a run dir from `saekit train`, a
 saekit SAE dir, a sae-lens dir written by sae-lens's own save_model, a tiny HF checkpoint and a
-finished tiny demo; each row damages a copy. Rows run in-process through cli.main:main (a
+finished tiny demo; each row damages a copy. Rows run in-process through saekit.cli.main:main (a
 subprocess costs seconds of imports), except those that need a real non-root user (setpriv).
 """
 
@@ -477,7 +477,7 @@ ROWS: dict[str, Row] = {
                                                         "cfg.json says d_in=16"),
     "pursue --sae of another width": Row(lambda env: pursue(env.store, wide_sae(env), env.tmp / "o"), "d_in=32"),
     "pursue --k above n_features": Row(lambda env: pursue(env.store, env.inputs.lens, env.tmp / "o", "--k", 65),
-                                       "--k 65 is larger than the SAE's n_features=64"),
+                                       "--k 65 is larger than the SAE's n_features 64"),
     **store_rows("pursue", ["missing shard", "flipped byte", "n_rows 'lots'", "hook ../../x", "mean_sq_norm x1000"]),
     "pursue --resume, codes.zarr/zarr.json cut short": Row(lambda env: pursue(env.store, env.sae, damaged_codes(env),
                                                                               "--resume"), "codes.zarr/zarr.json is damaged"),
@@ -503,7 +503,7 @@ ROWS: dict[str, Row] = {
     "eval --model with other weights": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--model",
                                                                 same_shape_model(env)), "differ from the cached ones by"),
     "eval --k above n_features": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--k", 65),
-                                     "--k 65 is larger than the SAE's n_features=64"),
+                                     "--k 65 is larger than the SAE's n_features 64"),
     "eval --sae of another width": Row(lambda env: evaluate(env.store, wide_sae(env), env.tmp / "o"), "d_in=32"),
     "eval --sequences more than the store has": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--sequences", 17),
                                                     "--sequences 17 is more than the store's 16 whole sequences"),

@@ -13,7 +13,7 @@ import pytest
 from cli_checks import NO_DAC, REPO, digest, in_process, one_error, saekit
 from test_cli_store import make_store
 
-from cli.main import app
+from saekit.cli.main import app
 from saekit.sae import SparseAutoencoder
 from saekit.store import RECORDS_DIR, open_store
 
@@ -21,7 +21,7 @@ COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands
 
 
 def _saekit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "saekit.cli.main", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_every_stage_is_registered():
@@ -36,7 +36,8 @@ def test_help(command):
 
 
 def test_library_never_imports_the_cli():
-    code = "import sys, saekit.store, saekit.harvest, saekit.sae, saekit.pursuit, saekit.train, saekit.pursue, saekit.eval, saekit.demo; print(any(m == 'cli' or m.startswith('cli.') for m in sys.modules))"
+    code = ("import sys, saekit.config, saekit.store, saekit.harvest, saekit.sae, saekit.pursuit, saekit.train, saekit.pursue, "
+            "saekit.eval, saekit.demo; print(any(m in ('cli', 'saekit.cli') or m.startswith(('cli.', 'saekit.cli.')) for m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
@@ -131,7 +132,7 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> tupl
 
 def _popen(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "saekit.cli.main", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""`saekit info` / `saekit verify` through cli.main:main, the wrapper that turns SaekitError into
+"""`saekit info` / `saekit verify` through saekit.cli.main:main, the wrapper that turns SaekitError into
 one `error:` line and a non-zero exit."""
 
 import json
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.main import main
+from saekit.cli.main import main
 from saekit.store import create_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, case):
         f.write_bytes(f.read_bytes()[:100])
         args = ["verify", tmp_path / "s"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -102,7 +102,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, case):
 
 def saekit(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess, *wants: str) -> None:

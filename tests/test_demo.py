@@ -39,7 +39,7 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     monkeypatch.setattr(saekit.harvest, "forward_acts", never)
     monkeypatch.setattr(saekit.train, "train_step", never)
     monkeypatch.setattr(CodesStore, "write", never)
-    from cli.main import main
+    from saekit.cli.main import main
 
     args = [f"--{k}={v}" for k, v in SIZES.items()]
     monkeypatch.setattr(sys, "argv", ["saekit", "demo", "--out", str(out), *args])

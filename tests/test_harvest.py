@@ -54,7 +54,7 @@ def cfg_for(data, out, **kw) -> HarvestConfig:
 
 def cli(*args, capsys=None):
     """Run `saekit ...` in-process through the real entry point; returns (exit code, stderr)."""
-    from cli.main import main
+    from saekit.cli.main import main
 
     old = sys.argv
     sys.argv = ["saekit", *args]
@@ -82,7 +82,7 @@ def assert_one_line_error(code, err, pattern):
 
 def test_embedded_default_end_to_end(tmp_path):
     """No --model/--dataset/--hook: the embedded model and corpus, the middle layer, cache/<...>."""
-    r = subprocess.run([sys.executable, "-m", "cli.main", "harvest", "--tokens", "1500", "--shard-rows", "512",
+    r = subprocess.run([sys.executable, "-m", "saekit.cli.main", "harvest", "--tokens", "1500", "--shard-rows", "512",
                         "--chunk-rows", "128"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "cache" / "saekit-embedded__blocks.2.hook_resid_pre__embedded"
@@ -265,7 +265,7 @@ def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
             "--tokens", "5000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256", "--chunk-rows", "64",
             "--device", "cpu"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "cli.main", "harvest", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                        "-m", "saekit.cli.main", "harvest", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     store = open_store(out)
     assert store.content_hash == want and store.n_rows == 5000

@@ -319,7 +319,7 @@ def test_errors(tmp_path, store, sae_dir):
     assert "d_model=24" in msg
     _one_line_error("--k 0 must be positive", _cfg, tmp_path, store, sae_dir, k=[0])
     _one_line_error("--k -3 must be positive", _cfg, tmp_path, store, sae_dir, k=[2, -3])
-    _one_line_error(f"--k {N_FEATURES + 1} is larger than the SAE's n_features={N_FEATURES}", run,
+    _one_line_error(f"--k {N_FEATURES + 1} is larger than the SAE's n_features {N_FEATURES}", run,
                     _cfg(tmp_path, store, sae_dir, k=[N_FEATURES + 1]))  # fmt: skip
     msg = _one_line_error("unknown --method 'lasso'", _cfg, tmp_path, store, sae_dir, methods=["gp", "lasso"])
     assert all(m in msg for m in METHODS)
@@ -339,7 +339,7 @@ def test_errors(tmp_path, store, sae_dir):
 
 
 def _saekit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_runs_and_prints_the_table(tmp_path, store, sae_dir):
@@ -355,7 +355,7 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path, store, sae_dir, caps
     assert p.returncode == 1
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: unknown --method 'nope'"), p.stderr
     # the rest through the same entry point, in-process (each subprocess costs seconds of imports)
-    from cli.main import main
+    from saekit.cli.main import main
 
     def cli(*args) -> tuple[int, str]:
         monkeypatch.setattr(sys, "argv", ["saekit", "pursue", *map(str, args)])
@@ -367,7 +367,7 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path, store, sae_dir, caps
     wide = _store(tmp_path / "wide", d=D + 8, n=64)
     cases = [
         (["--k", 0, *base], "--k 0 must be positive"),
-        (["--k", 999, *base], "--k 999 is larger than the SAE's n_features=64"),
+        (["--k", 999, *base], "--k 999 is larger than the SAE's n_features 64"),
         (["--k", 2, "--store", wide, "--sae", sae_dir, "--out", tmp_path / "o3"], "d_in=16 but hook"),
         ([*base], "--k is required"),
     ]
@@ -404,7 +404,7 @@ def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(tmp_path, stor
 
 
 def test_help(capsys, monkeypatch):
-    from cli.main import main
+    from saekit.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["saekit", "pursue", "--help"])
     with pytest.raises(SystemExit) as e:

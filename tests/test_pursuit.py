@@ -402,8 +402,8 @@ def test_decode_sparse_of_no_codes_is_the_bias():
 
 
 @pytest.mark.parametrize("call,needle", [
-    (lambda x, W: pursuit(x, W, 0), "k must be between 1 and n_features=256"),
-    (lambda x, W: pursuit(x, W, 257), "k must be between 1 and n_features=256"),
+    (lambda x, W: pursuit(x, W, 0), "k 0 must be positive"),
+    (lambda x, W: pursuit(x, W, 257), "k 257 is larger than n_features 256"),
     (lambda x, W: pursuit(x[:, :16], W, 4), "width 16 but the dictionary has d=32"),
     (lambda x, W: pursuit(x, W, 4, method="lasso"), "unknown pursuit method 'lasso'"),
     (lambda x, W: gradient_pursuit(x, object(), 4), "decoder must be a W_dec tensor"),

@@ -343,11 +343,11 @@ def _sae():
 
 
 ERRORS = {
-    "k zero": (lambda: SparseAutoencoder(D_IN, D_SAE, 0), "k=0 is out of range"),
-    "k negative": (lambda: SparseAutoencoder(D_IN, D_SAE, -3), "out of range"),
-    "k too big": (lambda: SparseAutoencoder(D_IN, D_SAE, D_SAE + 1), "n_features=128"),
+    "k zero": (lambda: SparseAutoencoder(D_IN, D_SAE, 0), "k 0 must be positive"),
+    "k negative": (lambda: SparseAutoencoder(D_IN, D_SAE, -3), "k -3 must be positive"),
+    "k too big": (lambda: SparseAutoencoder(D_IN, D_SAE, D_SAE + 1), "k 129 is larger than n_features 128"),
     "k fractional topk": (lambda: SparseAutoencoder(D_IN, D_SAE, 2.5), "whole number"),
-    "k too big from decoder": (lambda: SparseAutoencoder(decoder=Decoder(D_SAE, D_IN), k=500), "out of range"),
+    "k too big from decoder": (lambda: SparseAutoencoder(decoder=Decoder(D_SAE, D_IN), k=500), "k 500 is larger than n_features 128"),
     "n_hidden without d_hidden": (lambda: SparseAutoencoder(D_IN, D_SAE, K, n_hidden=2), "needs d_hidden"),
     "encoder/decoder d_in": (
         lambda: SparseAutoencoder(encoder=Encoder(16, D_SAE, K), decoder=Decoder(D_SAE, D_IN)),
@@ -507,14 +507,14 @@ def test_cli_pursue_with_a_bad_sae_is_one_error_line(tmp_path, capsys, monkeypat
 
     from test_cli_store import make_store
 
-    from cli.main import main
+    from saekit.cli.main import main
 
     store = make_store(tmp_path / "store")
     run, _, lens = _saved(tmp_path)
     _truncate(run / "sae" / "sae.safetensors")
     _set_json(lens / "cfg.json", d_in=16)
     base = ["pursue", "--store", store, "--k", 2, "--out", tmp_path / "out"]
-    p = subprocess.run([sys.executable, "-m", "cli.main", *map(str, base), "--sae", run], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, base), "--sae", run], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)  # fmt: skip
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
     assert "is damaged" in p.stderr

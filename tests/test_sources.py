@@ -233,7 +233,7 @@ class Refusal(NamedTuple):
 
 
 def _harvest(out: Path, args: list) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cli.main", "harvest", "--tokens", "512", "--device", "cpu", "--out", out, *args]
+    cmd = [sys.executable, "-m", "saekit.cli.main", "harvest", "--tokens", "512", "--device", "cpu", "--out", out, *args]
     return subprocess.run(list(map(str, cmd)), env=CLI_ENV, capture_output=True, text=True, timeout=120, check=False)
 
 

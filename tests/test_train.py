@@ -291,7 +291,7 @@ def test_lr_warms_up_then_decays_to_zero():
 
 
 def _cli(capsys, monkeypatch, *args) -> tuple[int, str]:
-    from cli.main import main
+    from saekit.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["saekit", *map(str, args)])
     with pytest.raises(SystemExit) as e:
@@ -323,7 +323,7 @@ def test_cli_flags_override_the_config_file(embedded_store, tmp_path, capsys, mo
 def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from saekit.cli.main import app
 
     res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
