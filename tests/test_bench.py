@@ -14,8 +14,10 @@ TINY = {
     "train.py": ["--d-in", "32", "--n-features", "128", "--k", "4", "--batch", "64", "--steps", "2", "--rounds", "1", "--rows", "4096"],
     "harvest.py": ["--models", "embedded", "--tokens", "4096", "--repeat", "1"],
     "pursuit.py": ["--small", "--repeats", "1"],
+    "eval.py": ["--models", "embedded", "--sequences", "4", "--batch-size", "2", "--repeat", "1"],
 }
-RATIO_LINE = {"store.py": "targets:", "train.py": "step ratio", "harvest.py": "harvest/bare", "pursuit.py": "original gp / saekit gp"}
+RATIO_LINE = {"store.py": "targets:", "train.py": "step ratio", "harvest.py": "harvest/bare", "pursuit.py": "original gp / saekit gp",
+              "eval.py": "sae_lens / saekit"}
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
