@@ -86,10 +86,10 @@ def bench_model(name: str, n_seq: int, ctx_len: int, batch: int, repeat: int, tm
     # them alike); best of the repeats.
     clean, per_encoding, per_splice = (min(r[name].seconds for r in results["rows"]) for name in (CLEAN, "sae", "same"))
     diff = max(abs(mine[CLEAN].ce - lens["ce_loss_without_sae"]), abs(mine["sae"].ce - lens["ce_loss_with_sae"]),
-               abs(mine[ZERO].ce - lens["ce_loss_with_ablation"]))  # fmt: skip
+               abs(mine[ZERO].ce - lens["ce_loss_with_ablation"]))
     return {"model": name, "hook": hook, "tokens": tokens.numel(), "sae_lens": t_lens, "saekit": t_ours, "forward": t_fwd,
             "clean": clean, "per_encoding": per_encoding, "per_splice": per_splice,
-            "after": (model.cfg.n_layers - layer) / model.cfg.n_layers, "ce_diff": diff}  # fmt: skip
+            "after": (model.cfg.n_layers - layer) / model.cfg.n_layers, "ce_diff": diff}
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from saekit.cli.commands import Command
 from saekit.eval import EvalConfig, run
 
 
-def evaluate(cfg: EvalConfig) -> None:
+def run_eval(cfg: EvalConfig) -> None:
     """Splice each encoding's reconstruction into the model at the hook: CE, ΔCE, CE loss recovered and
     KL(clean ‖ spliced) on the store's held-out sequences, beside FVU and L0 (see docs/eval.md)."""
     res = run(cfg)
@@ -16,4 +16,4 @@ def evaluate(cfg: EvalConfig) -> None:
     typer.echo(f"report: {res.out / 'report.md'}")
 
 
-COMMAND = Command("eval", EvalConfig, evaluate)
+COMMAND = Command("eval", EvalConfig, run_eval)

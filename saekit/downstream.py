@@ -138,15 +138,15 @@ def downstream_metrics(
         n, ctx = tokens.shape
         acts = acts.reshape(n, ctx - splice_from, -1)
         read_acts = lambda seqs: acts[seqs.start : seqs.stop]
-    return evaluate(model, tokens, hook, encodings, read_acts=read_acts, splice_from=splice_from, mean=mean,
-                    batch_size=batch_size, from_hook=from_hook, progress=progress)  # fmt: skip
+    return evaluate_encodings(model, tokens, hook, encodings, read_acts=read_acts, splice_from=splice_from, mean=mean,
+                    batch_size=batch_size, from_hook=from_hook, progress=progress)
 
 
 def _ignore_rows(fn: Callable[[Tensor], Any]) -> BatchEncoding:
     return lambda x, seqs: fn(x)
 
 
-def evaluate(
+def evaluate_encodings(
     model: Any,
     tokens: Tensor,
     hook: str,
@@ -234,7 +234,7 @@ class Splicer:
 
 
 def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor | None,
-                    fns: Mapping[str, BatchEncoding], tallies: dict[str, _Tally], check: bool) -> None:  # fmt: skip
+                    fns: Mapping[str, BatchEncoding], tallies: dict[str, _Tally], check: bool) -> None:
     s, device = splicer.splice_from, splicer.device
     tokens = tokens.to(device)
     targets = tokens[:, s + 1 :]
@@ -309,7 +309,7 @@ class _Tally:
         self.recon: ReconstructionStats | None = None
 
     def add(self, ce: Tensor, kl: Tensor, seconds: float, x: Tensor | None = None, x_hat: Tensor | None = None,
-            codes: Tensor | None = None) -> None:  # fmt: skip
+            codes: Tensor | None = None) -> None:
         self.ce_sum += float(ce.double().sum())
         self.n += ce.numel()
         self.kl.append(kl.flatten().cpu())
@@ -331,7 +331,7 @@ class _Tally:
             ce_recovered_mean=_recovered(mean, ce, clean), kl_mean=float(kl.mean()), kl_p90=float(p90),
             kl_p99=float(p99), fvu=r.fvu if r else math.nan, l0=r.l0 if r else math.nan,
             cossim=r.cossim if r else math.nan, seconds=self.seconds, n_tokens=self.n,
-        )  # fmt: skip
+        )
 
 
 def _recovered(ablation: float, ce: float, clean: float) -> float:

@@ -33,15 +33,7 @@ from torch import Tensor
 from saekit.codes import dictionary_sha256, group_name, open_codes
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
-from saekit.downstream import (
-    CLEAN,
-    MEAN,
-    ZERO,
-    BatchEncoding,
-    Downstream,
-    Reconstruction,
-    evaluate,
-)
+from saekit.downstream import CLEAN, MEAN, ZERO, BatchEncoding, Downstream, Reconstruction, evaluate_encodings
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.heldout import held_out_rows, run_eval_rows
 from saekit.models import load_model
@@ -337,7 +329,7 @@ def _stored_pursuit(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> B
 def _rows(cfg: EvalConfig, store: Any, hook: str, sae: Any, seqs: range, per_seq: int, device: torch.device) -> list[_Row]:
     """The report's rows in order: the clean run, the baselines, the encoder, extra encoders, pursuits."""
     rows = [_Row(CLEAN, None, "", None), _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x), _Row(ZERO, None, "", None),
-            _Row(MEAN, None, "", None), _Row("encoder", encoder_k(sae), cfg.sae, lambda x, s: sae(x))]  # fmt: skip
+            _Row(MEAN, None, "", None), _Row("encoder", encoder_k(sae), cfg.sae, lambda x, s: sae(x))]
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
         check_sae_fits_hook(enc, spec, store.d_model(hook), hook)
@@ -386,8 +378,8 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
     per, row0 = layout.per_seq, seqs.start * layout.per_seq
     read = lambda s: store.rows(hook, row0 + s.start * per, row0 + s.stop * per).reshape(len(s), per, -1)
     encodings = {_row_name(r): r.encoding for r in rows if r.encoding is not None}
-    results = evaluate(lm.model, tokens, hook, encodings, read_acts=read, splice_from=layout.skip,
-                       mean=store.stats(hook).mean, batch_size=cfg.batch_size, from_hook=True, progress=cfg.progress)  # fmt: skip
+    results = evaluate_encodings(lm.model, tokens, hook, encodings, read_acts=read, splice_from=layout.skip,
+                       mean=store.stats(hook).mean, batch_size=cfg.batch_size, from_hook=True, progress=cfg.progress)
     entries = [EvalEntry(r.method, r.k, r.source, results[_row_name(r)]) for r in rows]
     header = {
         "store": str(cfg.store), "hook": hook, "model": lm.name, "sae": cfg.sae, "n_features": sae.n_features,
@@ -395,7 +387,7 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
         "rows": f"{row0}..{seqs.stop * per - 1}", "spliced positions": f"{layout.skip}..{layout.ctx_len - 1}",
         "counted predictions": f"from positions {layout.skip}..{layout.ctx_len - 2}", "tokens": results[CLEAN].n_tokens,
         "device": str(device), "dtype": dtype_name(dtype),
-    }  # fmt: skip
+    }
     table = write_report(out, entries, header)
     return EvalResult(out, entries, table, header)
 
@@ -423,7 +415,7 @@ def format_table(entries: list[EvalEntry]) -> str:
         m = e.metrics
         cells = [e.method, _fmt(e.k, "g"), _fmt(m.l0, ".2f"), _fmt(m.fvu, ".4f"), _fmt(m.cossim, ".4f"), _fmt(m.ce, ".4f"),
                  _fmt(m.delta_ce, "+.4f"), _fmt(m.ce_recovered_zero, ".4f"), _fmt(m.ce_recovered_mean, ".4f"),
-                 _fmt(m.kl_mean, ".4f"), _fmt(m.kl_p90, ".4f"), _fmt(m.kl_p99, ".4f"), _fmt(m.seconds, ".2f")]  # fmt: skip
+                 _fmt(m.kl_mean, ".4f"), _fmt(m.kl_p90, ".4f"), _fmt(m.kl_p99, ".4f"), _fmt(m.seconds, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -444,7 +436,7 @@ def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     md = (f"# saekit eval report\n\n{head}\n\nCE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
           f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
-          f"rows. See docs/eval.md.\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n")  # fmt: skip
+          f"rows. See docs/eval.md.\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n")
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)
     os.replace(tmp, out / REPORT_MD)

@@ -26,7 +26,7 @@ def sae_run(embedded_store, tmp_path_factory):
     """A TopK SAE (128 -> 512 latents, k 16), 300 steps of 256 rows: a few seconds."""
     out = tmp_path_factory.mktemp("eval") / "run"
     cfg = TrainConfig(store=str(embedded_store), out=str(out), n_features=512, k=16, batch_size=256, tokens=256 * 300,
-                      device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL, dead_tokens=20_000)  # fmt: skip
+                      device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL, dead_tokens=20_000)
     return train(cfg).out
 
 
@@ -150,10 +150,10 @@ def pursued(embedded_store, sae_run, tmp_path_factory):
 
 def test_eval_compares_every_encoding_on_the_held_out_sequences(embedded_store, sae_run, mlp_encoder, pursued, tmp_path):
     res = run(EvalConfig(store=str(embedded_store), sae=str(sae_run), out=str(tmp_path / "a"), encoders=[str(mlp_encoder)],
-                         k=[4, 16], codes=str(pursued), device="cpu", progress=False))  # fmt: skip
+                         k=[4, 16], codes=str(pursued), device="cpu", progress=False))
     rows = {(e.method, e.k): e for e in res.entries}
     assert list(rows) == [("clean", None), ("cache round-trip", None), ("zero ablation", None), ("mean ablation", None),
-                          ("encoder", 16), ("encoder:mlp", 16), ("gp", 4), ("gp", 16), ("mp", 4), ("mp", 16)]  # fmt: skip
+                          ("encoder", 16), ("encoder:mlp", 16), ("gp", 4), ("gp", 16), ("mp", 4), ("mp", 16)]
     assert res.header["rows"] == "30734..32765"  # the 16 whole sequences inside the run's 2048 held-out rows
     assert all(e.metrics.n_tokens == 16 * 126 for e in res.entries)
     _same(rows[("encoder:mlp", 16)].metrics, rows[("encoder", 16)].metrics, rel=1e-6)
@@ -171,7 +171,7 @@ def test_eval_compares_every_encoding_on_the_held_out_sequences(embedded_store, 
 
     # the codes read back from `saekit pursue` give what computing them here gives
     again = run(EvalConfig(store=str(embedded_store), sae=str(sae_run), out=str(tmp_path / "b"), k=[16], methods=["gp"],
-                           device="cpu", progress=False))  # fmt: skip
+                           device="cpu", progress=False))
     here = next(e for e in again.entries if e.method == "gp")
     assert here.source == str(sae_run)
     _same(here.metrics, rows[("gp", 16)].metrics, rel=1e-6)
