@@ -35,14 +35,14 @@ def test_help_lists_every_config_field_with_its_docstring(cmd):
         assert docs[f.name] in text, f.name
 
 
-@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "demo", "verify"])
+@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "eval", "demo", "verify"])
 def test_every_command_with_a_progress_bar_has_progress_and_no_progress(command):
     assert "--progress --no-progress" in _help(command)
 
 
 def test_list_flags_keep_their_singular_names():
     assert " --hook " in _help("harvest")
-    assert all(f" {flag} " in _help("pursue") for flag in ("--k", "--method", "--encoder"))
+    assert all(f" {flag} " in _help(cmd) for flag in ("--k", "--method", "--encoder") for cmd in ("pursue", "eval"))
     assert " --method " in _help("demo") and " --json " in _help("info")
 
 
@@ -90,6 +90,19 @@ def config_pursue(tmp_path, inputs, capsys, monkeypatch):
     assert [(e["method"], e["k"]) for e in report if e["codes"]] == [("gp", 4)]  # the flags' k list replaces the file's
 
 
+def config_eval(tmp_path, inputs, capsys, monkeypatch, embedded_store):
+    # eval reruns a model: the embedded store and an SAE for its d_model 128
+    SparseAutoencoder(d_in=128, n_features=256, k=4).save(tmp_path / "sae")
+    settings = dict(store=str(embedded_store), sae=str(tmp_path / "sae"), k=[2, 3], method=["gp"], sequences=2,
+                    device="cpu", progress=False)
+    toml = _toml(tmp_path / "e.toml", **settings)
+    code, _, err = in_process(capsys, monkeypatch, "eval", "--config", toml, "--out", tmp_path / "o", "--k", 4)
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [(e["method"], e["k"]) for e in report["entries"] if e["method"] == "gp"] == [("gp", 4)]
+    assert report["entries"][0]["n_tokens"] == 2 * 126  # the file's --sequences 2
+
+
 def config_info(tmp_path, inputs, capsys, monkeypatch):
     toml = _toml(tmp_path / "i.toml", json=True)
     code, out, err = in_process(capsys, monkeypatch, "info", inputs[0], "--config", toml)
@@ -121,7 +134,7 @@ def config_demo(tmp_path, inputs, capsys, monkeypatch):
     assert digest(out) == before
 
 
-CASES = (config_harvest, config_train, config_pursue, config_info, config_verify, config_demo)
+CASES = (config_harvest, config_train, config_pursue, config_eval, config_info, config_verify, config_demo)
 CONFIG_CASES = {f.__name__.removeprefix("config_"): f for f in CASES}
 
 
@@ -130,8 +143,9 @@ def test_the_config_cases_cover_every_command():
 
 
 @pytest.mark.parametrize("command", sorted(CONFIG_CASES))
-def test_a_config_file_works_for_every_command_and_flags_override_it(tmp_path, inputs, capsys, monkeypatch, command):
-    CONFIG_CASES[command](tmp_path, inputs, capsys, monkeypatch)
+def test_a_config_file_works_for_every_command_and_flags_override_it(tmp_path, inputs, capsys, monkeypatch, command, request):
+    more = [request.getfixturevalue("embedded_store")] if command == "eval" else []
+    CONFIG_CASES[command](tmp_path, inputs, capsys, monkeypatch, *more)
 
 
 @pytest.mark.parametrize("command", ["harvest", "pursue", "demo"])
