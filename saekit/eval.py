@@ -111,8 +111,10 @@ class EvalEntry(NamedTuple):
     k: float | None
     """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None otherwise."""
     source: str
-    """The SAE, encoder or codes this row used; '' for the clean row and the baselines."""
+    """The SAE, encoder or codes (OUT:group) this row used; the store for the cache round-trip; ''
+    for the clean row and the ablations."""
     metrics: Downstream
+    """CE, ΔCE, CE loss recovered, KL, FVU, L0, ... of this row (`saekit.downstream.Downstream`)."""
 
 
 class EvalResult(NamedTuple):
