@@ -26,10 +26,14 @@ def one_line(e: BaseException | str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+WRITE_PROBE = ".saekit-write-test-"  # + pid: `output_dir`'s check that --out is writable
+
+
 def is_non_empty(path: Path) -> bool:
     """`path` is a file, or a directory with anything in it: an output written there could
-    clobber something, so each command refuses it (with its own advice) unless told otherwise."""
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+    clobber something, so each command refuses it (with its own advice) unless told otherwise.
+    Another process's write probe does not count (ranks of one torchrun probe at the same time)."""
+    return path.exists() and (not path.is_dir() or any(not p.name.startswith(WRITE_PROBE) for p in path.iterdir()))
 
 
 def is_disk_full(e: BaseException | None) -> bool:
@@ -82,7 +86,7 @@ def output_dir(path: str | os.PathLike, *, kept: str, rerun: str = "rerun the sa
             raise SaekitError(f"{flag} {out} is a file, not a directory: choose a directory path (or move the file)")
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".saekit-write-test-{os.getpid()}"
+        probe = out / f"{WRITE_PROBE}{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as e:

@@ -187,6 +187,16 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return str(e.value)
 
 
+def test_another_ranks_write_probe_does_not_make_the_run_dir_taken(embedded_store, tmp_path):
+    """Under torchrun every rank probes --out for writing at once; rank 0 must not see rank 1's
+    probe file as an existing run (that race made the two-rank test flaky)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".saekit-write-test-99999").touch()  # rank 1's probe, caught in flight
+    run(cfg(embedded_store, out, tokens=512, batch_size=256, eval_rows=1024))
+    assert (out / "sae" / "sae.safetensors").is_file()
+
+
 def test_incomplete_store_is_refused(tmp_path):
     w = create_store(tmp_path / "partial", {"h": 8}, n_rows=128, meta={}, shard_rows=64, chunk_rows=16)
     w.append({"h": torch.randn(128, 8)}, torch.zeros(128), torch.zeros(128))  # never finalized
