@@ -47,7 +47,9 @@ def sae_lens_eval(sl, model, hook: str, batches: list[torch.Tensor]) -> dict[str
     parts: dict[str, list] = {}
     with torch.no_grad():
         for b in batches:
-            for name, v in get_recons_loss(sl, model, ActivationScaler(), b, compute_kl=True, compute_ce_loss=True, hook_name=hook).items():
+            for name, v in get_recons_loss(
+                sl, model, ActivationScaler(), b, compute_kl=True, compute_ce_loss=True, hook_name=hook
+            ).items():
                 parts.setdefault(name, []).append(v)
     return {name: torch.cat(v).mean().item() for name, v in parts.items()}
 
@@ -68,7 +70,9 @@ def bench_model(name: str, n_seq: int, ctx_len: int, batch: int, repeat: int, tm
 
     def ours(encodings: dict | None = None, key: str = "saekit"):
         encodings = {"sae": sae} if encodings is None else encodings
-        results.setdefault(key, []).append(downstream_metrics(model, tokens, hook, encodings, splice_from=0, batch_size=batch))
+        results.setdefault(key, []).append(
+            downstream_metrics(model, tokens, hook, encodings, splice_from=0, batch_size=batch)
+        )
 
     def theirs():
         results["sae_lens"] = sae_lens_eval(sl, model, hook, batches)
@@ -85,17 +89,32 @@ def bench_model(name: str, n_seq: int, ctx_len: int, batch: int, repeat: int, tm
     # Each row's own time, summed over the same batches as the clean pass (so a load spike hits
     # them alike); best of the repeats.
     clean, per_encoding, per_splice = (min(r[name].seconds for r in results["rows"]) for name in (CLEAN, "sae", "same"))
-    diff = max(abs(mine[CLEAN].ce - lens["ce_loss_without_sae"]), abs(mine["sae"].ce - lens["ce_loss_with_sae"]),
-               abs(mine[ZERO].ce - lens["ce_loss_with_ablation"]))
-    return {"model": name, "hook": hook, "tokens": tokens.numel(), "sae_lens": t_lens, "saekit": t_ours, "forward": t_fwd,
-            "clean": clean, "per_encoding": per_encoding, "per_splice": per_splice,
-            "after": (model.cfg.n_layers - layer) / model.cfg.n_layers, "ce_diff": diff}
+    diff = max(
+        abs(mine[CLEAN].ce - lens["ce_loss_without_sae"]),
+        abs(mine["sae"].ce - lens["ce_loss_with_sae"]),
+        abs(mine[ZERO].ce - lens["ce_loss_with_ablation"]),
+    )
+    return {
+        "model": name,
+        "hook": hook,
+        "tokens": tokens.numel(),
+        "sae_lens": t_lens,
+        "saekit": t_ours,
+        "forward": t_fwd,
+        "clean": clean,
+        "per_encoding": per_encoding,
+        "per_splice": per_splice,
+        "after": (model.cfg.n_layers - layer) / model.cfg.n_layers,
+        "ce_diff": diff,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="embedded,gpt2-small-random")
-    ap.add_argument("--sequences", type=int, default=0, help="sequences per measurement (0: 256 embedded, 16 gpt2-small)")
+    ap.add_argument(
+        "--sequences", type=int, default=0, help="sequences per measurement (0: 256 embedded, 16 gpt2-small)"
+    )
     ap.add_argument("--ctx-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass, for both implementations")
     ap.add_argument("--repeat", type=int, default=3)
@@ -103,8 +122,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ctx_len {args.ctx_len}, "
-          f"batch {args.batch_size} sequences, best of {args.repeat}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, ctx_len {args.ctx_len}, "
+        f"batch {args.batch_size} sequences, best of {args.repeat}"
+    )
     with tempfile.TemporaryDirectory(prefix="saekit-bench-") as tmp:
         for name in args.models.split(","):
             n_seq = args.sequences or (256 if name == "embedded" else 16)
@@ -112,12 +133,20 @@ def main() -> None:
             target = r["after"] + 0.1
             print(f"\n{r['model']} ({r['hook']}, {r['tokens']:,} tokens; clean, SAE and zero-ablation CE and KL)")
             print(f"  sae_lens get_recons_loss  {r['sae_lens']:8.3f} s")
-            print(f"  saekit downstream         {r['saekit']:8.3f} s   sae_lens / saekit = {r['sae_lens'] / r['saekit']:.2f} (target >= 1.5)")
-            print(f"  one full forward          {r['forward']:8.3f} s   (the clean pass, with its hook and reduction: {r['clean']:.3f} s)")
-            print(f"  per extra encoding        {r['per_encoding']:8.3f} s   extra / clean pass = {r['per_encoding'] / r['clean']:.2f} "
-                  f"(target <= {target:.2f}: {r['after']:.2f} of the layers follow the hook, + 0.1)")
-            print(f"    of which the splice     {r['per_splice']:8.3f} s   splice / clean pass = {r['per_splice'] / r['clean']:.2f} "
-                  "(an identity reconstruction: the rerun from the hook and the CE/KL reduction, no encoder)")
+            print(
+                f"  saekit downstream         {r['saekit']:8.3f} s   sae_lens / saekit = {r['sae_lens'] / r['saekit']:.2f} (target >= 1.5)"
+            )
+            print(
+                f"  one full forward          {r['forward']:8.3f} s   (the clean pass, with its hook and reduction: {r['clean']:.3f} s)"
+            )
+            print(
+                f"  per extra encoding        {r['per_encoding']:8.3f} s   extra / clean pass = {r['per_encoding'] / r['clean']:.2f} "
+                f"(target <= {target:.2f}: {r['after']:.2f} of the layers follow the hook, + 0.1)"
+            )
+            print(
+                f"    of which the splice     {r['per_splice']:8.3f} s   splice / clean pass = {r['per_splice'] / r['clean']:.2f} "
+                "(an identity reconstruction: the rerun from the hook and the CE/KL reduction, no encoder)"
+            )
             print(f"  largest |CE saekit - CE sae_lens| = {r['ce_diff']:.2e} nats")
 
 

@@ -33,9 +33,20 @@ def gpt2_small_random():
     """GPT-2 small's shape (12 x 768, 12 heads, 50257 vocab) with random weights, byte tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LNPre",
-                                  model_name="gpt2-small-random", seed=0, default_prepend_bos=True)
+    cfg = HookedTransformerConfig(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        n_ctx=1024,
+        d_vocab=50257,
+        act_fn="gelu_new",
+        normalization_type="LNPre",
+        model_name="gpt2-small-random",
+        seed=0,
+        default_prepend_bos=True,
+    )
     with models._quiet():
         model = HookedTransformer(cfg, tokenizer=embedded.load_embedded_tokenizer())
     return models.describe_model(model.eval(), "gpt2-small-random", {"source": "bench"})
@@ -78,8 +89,17 @@ def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, t
 
     def harvest():
         out = tmp / f"{name}-store"
-        cfg = HarvestConfig(hooks=[hook], out=str(out), tokens=tokens, ctx_len=ctx_len, batch_size=batch,
-                            overwrite=True, progress=False, shard_rows=shard_rows, chunk_rows=min(4096, shard_rows))
+        cfg = HarvestConfig(
+            hooks=[hook],
+            out=str(out),
+            tokens=tokens,
+            ctx_len=ctx_len,
+            batch_size=batch,
+            overwrite=True,
+            progress=False,
+            shard_rows=shard_rows,
+            chunk_rows=min(4096, shard_rows),
+        )
         run_loaded(cfg, lm, corpus)
 
     def naive():
@@ -99,9 +119,14 @@ def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, t
     store = open_store(tmp / f"{name}-store")
     naive_bytes = sum(p.stat().st_size for p in (tmp / f"{name}-naive").iterdir())
     return {
-        "model": name, "hook": hook, "rows": store.n_rows,
-        "bare_rows_s": rows / t_bare, "harvest_rows_s": store.n_rows / t_harvest, "naive_rows_s": rows / t_naive,
-        "bytes_per_row": store.size_on_disk() / store.n_rows, "naive_bytes_per_row": naive_bytes / rows,
+        "model": name,
+        "hook": hook,
+        "rows": store.n_rows,
+        "bare_rows_s": rows / t_bare,
+        "harvest_rows_s": store.n_rows / t_harvest,
+        "naive_rows_s": rows / t_naive,
+        "bytes_per_row": store.size_on_disk() / store.n_rows,
+        "naive_bytes_per_row": naive_bytes / rows,
         "d_model": model.cfg.d_model,
     }
 
@@ -117,8 +142,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ctx_len {args.ctx_len}, "
-          f"batch {args.batch_size} sequences, best of {args.repeat}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, ctx_len {args.ctx_len}, "
+        f"batch {args.batch_size} sequences, best of {args.repeat}"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="saekit-bench-"))
     try:
         for name in args.models.split(","):
@@ -129,10 +156,16 @@ def main() -> None:
             r = bench_model(name, tokens, args.ctx_len, args.batch_size, args.repeat, tmp, shard_rows)
             print(f"\n{r['model']} ({r['hook']}, {r['rows']:,} rows, d_model {r['d_model']})")
             print(f"  bare forward   {r['bare_rows_s']:>10,.0f} rows/s")
-            print(f"  harvest        {r['harvest_rows_s']:>10,.0f} rows/s   harvest/bare  = {r['harvest_rows_s'] / r['bare_rows_s']:.2f}")
-            print(f"  naive          {r['naive_rows_s']:>10,.0f} rows/s   harvest/naive = {r['harvest_rows_s'] / r['naive_rows_s']:.2f}")
-            print(f"  disk           {r['bytes_per_row']:.1f} bytes/row (bf16 payload {2 * r['d_model']} + token/position 8); "
-                  f"naive torch.save fp32: {r['naive_bytes_per_row']:.1f}")
+            print(
+                f"  harvest        {r['harvest_rows_s']:>10,.0f} rows/s   harvest/bare  = {r['harvest_rows_s'] / r['bare_rows_s']:.2f}"
+            )
+            print(
+                f"  naive          {r['naive_rows_s']:>10,.0f} rows/s   harvest/naive = {r['harvest_rows_s'] / r['naive_rows_s']:.2f}"
+            )
+            print(
+                f"  disk           {r['bytes_per_row']:.1f} bytes/row (bf16 payload {2 * r['d_model']} + token/position 8); "
+                f"naive torch.save fp32: {r['naive_bytes_per_row']:.1f}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -23,8 +23,8 @@ is a tested implementation of the same algorithm.
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -183,14 +183,15 @@ def main() -> None:
                 secs, outs[name] = timed(fn, dev)
             best[name] = min(best[name], secs)
 
-    fvus = {name: fvu(x, reconstruct(out, W, b_dec))
-            for name, out in outs.items() if name.startswith("saekit")}
+    fvus = {name: fvu(x, reconstruct(out, W, b_dec)) for name, out in outs.items() if name.startswith("saekit")}
     fvus["original gp"] = fvu(xc, outs["original gp"] @ W)
     fvus["dense ref gp"] = fvu(xc, outs["dense ref gp"] @ W)
     fvus["sae-lens mp"] = fvu(x, sae.decode(outs["sae-lens mp"]).detach())
     gp = best["saekit gp"]
-    print(f"device={dev} threads={torch.get_num_threads()} d={d} n={n} k={k} b={b} "
-          f"repeats={args.repeats} torch={torch.__version__}")
+    print(
+        f"device={dev} threads={torch.get_num_threads()} d={d} n={n} k={k} b={b} "
+        f"repeats={args.repeats} torch={torch.__version__}"
+    )
     for name, secs in best.items():
         extra = f"  fvu {fvus[name]:.5f}" if name in fvus else ""
         print(f"  {name:<14} {secs:8.3f} s{extra}")
@@ -200,8 +201,10 @@ def main() -> None:
     print(f"sae-lens mp / saekit gp     = {best['sae-lens mp'] / gp:5.2f}x")
     print(f"sae-lens mp / saekit mp     = {best['sae-lens mp'] / best['saekit mp']:5.2f}x")
     rel = abs(fvus["saekit gp"] - fvus["dense ref gp"]) / fvus["dense ref gp"]
-    print(f"fvu: gp {fvus['saekit gp']:.5f} vs original {fvus['original gp']:.5f} and dense ref "
-          f"{fvus['dense ref gp']:.5f} (rel diff {rel:.1e}); sae-lens mp {fvus['sae-lens mp']:.5f}")
+    print(
+        f"fvu: gp {fvus['saekit gp']:.5f} vs original {fvus['original gp']:.5f} and dense ref "
+        f"{fvus['dense ref gp']:.5f} (rel diff {rel:.1e}); sae-lens mp {fvus['sae-lens mp']:.5f}"
+    )
 
 
 if __name__ == "__main__":

@@ -120,8 +120,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096, help="shuffled minibatch rows")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the warm reads (best kept)")
     ap.add_argument("--dir", default=None, help="where to put the temporary store (default: $TMPDIR)")
-    ap.add_argument("--no-drop-caches", action="store_true",
-                    help="cold reads: evict only the store's files (posix_fadvise), not the whole page cache")
+    ap.add_argument(
+        "--no-drop-caches",
+        action="store_true",
+        help="cold reads: evict only the store's files (posix_fadvise), not the whole page cache",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="saekit-bench-", dir=args.dir))
@@ -135,7 +138,9 @@ def main() -> None:
 def run(args, root: Path) -> None:
     n, d = args.rows, args.d
     data = make_rows(n, d)
-    print(f"data: {n:,} x {d} bf16 = {data.nbytes / 1e9:.2f} GB; torch threads {torch.get_num_threads()}; store in {root}")
+    print(
+        f"data: {n:,} x {d} bf16 = {data.nbytes / 1e9:.2f} GB; torch threads {torch.get_num_threads()}; store in {root}"
+    )
     buf = np.empty((65536, d), np.int16)
     in_ram = [torch.from_numpy(data[s : s + 65536].view(np.int16)).view(torch.bfloat16) for s in range(0, n, 65536)]
 
@@ -148,12 +153,24 @@ def run(args, root: Path) -> None:
         return data.nbytes
 
     first_write = timed(write)  # new files: includes the kernel's first-touch costs
-    results = [Result("write (append+finalize)", max(first_write, timed(write)), f"best of 2 (first {first_write:.2f}); page cache, no fsync; incl. crc32c + stats")]
+    results = [
+        Result(
+            "write (append+finalize)",
+            max(first_write, timed(write)),
+            f"best of 2 (first {first_write:.2f}); page cache, no fsync; incl. crc32c + stats",
+        )
+    ]
 
     st = open_store(root)
     arr = zarr.open_array(str(root / ACTS / HOOK), mode="r")  # the baseline reads zarr-python directly
     chunk_rows = st.layout.chunk_rows
-    results.append(Result("sequential memmap, first touch", timed(lambda: consume_sequential(st.iter_rows(HOOK, 65536), buf)), "warm page cache; incl. per-shard crc32c check"))
+    results.append(
+        Result(
+            "sequential memmap, first touch",
+            timed(lambda: consume_sequential(st.iter_rows(HOOK, 65536), buf)),
+            "warm page cache; incl. per-shard crc32c check",
+        )
+    )
     warm = {
         # the ceiling: the same consumer as the sequential reads, fed from an in-RAM array
         "memcpy (in-RAM ceiling)": lambda: consume_sequential(in_ram, buf),
@@ -166,18 +183,29 @@ def run(args, root: Path) -> None:
     for _ in range(args.rounds):  # interleaved: load from other work on the machine hits every figure alike
         for k, fn in warm.items():
             best[k] = max(best[k], timed(fn))
-    results += [Result(k, v, f"warm, best of {args.rounds}" + (f", batch {args.batch}" if "shuffled" in k else "")) for k, v in best.items()]
+    results += [
+        Result(k, v, f"warm, best of {args.rounds}" + (f", batch {args.batch}" if "shuffled" in k else ""))
+        for k, v in best.items()
+    ]
 
     rng = np.random.default_rng(0)
 
     def zarr_random() -> int:  # the naive way: random rows through zarr's orthogonal indexing
-        return sum(np.asarray(arr.oindex[np.sort(rng.choice(n, args.batch, replace=False)), :]).nbytes for _ in range(3))
+        return sum(
+            np.asarray(arr.oindex[np.sort(rng.choice(n, args.batch, replace=False)), :]).nbytes for _ in range(3)
+        )
 
     results.append(Result("random rows zarr oindex", timed(zarr_random), f"warm, 3 batches of {args.batch}"))
 
     for name, consume in (
-        ("shuffled memmap, cold", lambda: consume_shuffled(open_store(root).shuffled_batches(HOOK, args.batch, seed=1))),
-        ("shuffled zarr-python, cold", lambda: zarr_shuffled(zarr.open_array(str(root / ACTS / HOOK), mode="r"), chunk_rows, args.batch, seed=1)),
+        (
+            "shuffled memmap, cold",
+            lambda: consume_shuffled(open_store(root).shuffled_batches(HOOK, args.batch, seed=1)),
+        ),
+        (
+            "shuffled zarr-python, cold",
+            lambda: zarr_shuffled(zarr.open_array(str(root / ACTS / HOOK), mode="r"), chunk_rows, args.batch, seed=1),
+        ),
         ("sequential memmap, cold", lambda: consume_sequential(open_store(root).iter_rows(HOOK, 65536), buf)),
     ):
         how = drop_page_cache(root, system=not args.no_drop_caches)

@@ -82,9 +82,14 @@ class SaeLensStep:
     def __call__(self, x: torch.Tensor) -> None:
         dead = self.since_fired > 10_000_000 // x.shape[0]
         out = self.sae.training_forward_pass(
-            step_input=self.Input(sae_in=x.float(), coefficients={}, dead_neuron_mask=dead,
-                                  n_training_steps=self.step, is_logging_step=False)
-        )  # fmt: skip
+            step_input=self.Input(
+                sae_in=x.float(),
+                coefficients={},
+                dead_neuron_mask=dead,
+                n_training_steps=self.step,
+                is_logging_step=False,
+            )
+        )
         with torch.no_grad():
             firing = out.feature_acts.bool().float()
             did_fire = firing.sum(-2).bool()
@@ -104,7 +109,9 @@ def ram_batches(x: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
             yield x[s : s + batch]
 
 
-def tokens_per_s(step: Callable[[torch.Tensor], None], data: Iterator[torch.Tensor], steps: int, device: torch.device) -> float:
+def tokens_per_s(
+    step: Callable[[torch.Tensor], None], data: Iterator[torch.Tensor], steps: int, device: torch.device
+) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n = 0
     sync()
@@ -158,8 +165,10 @@ def main() -> None:
         disk.close()
 
     med = {name: statistics.median(v) for name, v in results.items()}
-    print(f"shapes: d_in {a.d_in}, n_features {a.n_features}, k {a.k}, batch {a.batch}; device {device}, "
-          f"threads {torch.get_num_threads()}; {a.steps} steps x {a.rounds} rounds (median)")  # fmt: skip
+    print(
+        f"shapes: d_in {a.d_in}, n_features {a.n_features}, k {a.k}, batch {a.batch}; device {device}, "
+        f"threads {torch.get_num_threads()}; {a.steps} steps x {a.rounds} rounds (median)"
+    )
     for name, v in med.items():
         print(f"  {name:<50} {v:>12,.0f} tokens/s")
     names = list(med)

@@ -72,7 +72,7 @@ def signature(cls: type) -> inspect.Signature:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     config = typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE", show_default=False)
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])]
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])]  # noqa: UP045 (typer reads typing.Optional)
     for f in fields(cls):
         assert f.name != "config", f"{cls.__name__}.config would shadow --config"
         kind = _flag_type(hints[f.name])
@@ -83,7 +83,8 @@ def signature(cls: type) -> inspect.Signature:
             flag = flag_of(f)
             decl = f"{flag}/--no-{flag[2:]}" if kind is bool else flag
             param = typer.Option(None, decl, help=text, show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=Optional[kind]))
+        annotation = Optional[kind]  # noqa: UP045 (typer reads typing.Optional)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=param, annotation=annotation))
     return inspect.Signature(params)
 
 
@@ -132,6 +133,10 @@ def build_config(cmd: Command, config: str | None, given: dict[str, Any]) -> Any
     """cmd.config from defaults < saved settings < --config file < flags given. Each file is
     checked on its own, so an error names the file that holds the bad value."""
     flags = {k: v for k, v in given.items() if v is not None}  # None: a flag not given
-    file = check_dict(cmd.config, read_config_file(config), f"--config {config}", f"saekit {cmd.name} --help") if config else {}
+    file = (
+        check_dict(cmd.config, read_config_file(config), f"--config {config}", f"saekit {cmd.name} --help")
+        if config
+        else {}
+    )
     saved = cmd.saved(file | flags) if cmd.saved else {}
     return cmd.config(**(saved | file | flags))

@@ -25,8 +25,14 @@ app = typer.Typer(
 )
 
 # In CLI order.
-COMMANDS = [harvest_cmds.COMMAND, train_cmds.COMMAND, pursue_cmds.COMMAND, eval_cmds.COMMAND, *store_cmds.COMMANDS,
-            demo_cmds.COMMAND]
+COMMANDS = [
+    harvest_cmds.COMMAND,
+    train_cmds.COMMAND,
+    pursue_cmds.COMMAND,
+    eval_cmds.COMMAND,
+    *store_cmds.COMMANDS,
+    demo_cmds.COMMAND,
+]
 for _command in COMMANDS:
     add_command(app, _command)
 

@@ -24,7 +24,9 @@ def _human_bytes(n: int | None) -> str:
 
 def info(cfg: InfoConfig) -> None:
     """Show a store's hooks, rows, d_model, dtype, size, provenance, content hash and completeness."""
-    st = open_store(cfg.store, allow_incomplete=True, check=False)  # info is how you find out a store is incomplete (or damaged)
+    st = open_store(
+        cfg.store, allow_incomplete=True, check=False
+    )  # info is how you find out a store is incomplete (or damaged)
     if cfg.as_json:
         attrs = {k: v for k, v in st.attrs.items() if k != "stats"}  # mean vectors are long
         typer.echo(json.dumps({**attrs, "path": str(st.path), "size_bytes": st.size_on_disk()}, indent=1))
@@ -67,7 +69,9 @@ def verify(cfg: VerifyConfig) -> None:
             f"{len(bad)} problem(s) in {cfg.store} (listed above); re-harvest into a new store or restore the files from a copy"
         )
     what = "complete" if st.complete else "incomplete (finished shards only)"
-    typer.echo(f"ok: {st.n_shards} shard(s), {st.n_rows:,} rows and statistics verified; store {what}; {st.content_hash or 'no hash yet'}")
+    typer.echo(
+        f"ok: {st.n_shards} shard(s), {st.n_rows:,} rows and statistics verified; store {what}; {st.content_hash or 'no hash yet'}"
+    )
     if st.format_version < FORMAT_VERSION:
         typer.echo(
             f"note: store format {st.format_version}: its content hash does not cover the statistics (checked against "

@@ -43,7 +43,10 @@ CODES_FORMAT = "saekit-codes"
 CODES_FORMAT_VERSION = 1
 ROWS = "rows"
 # The arrays of one (method, k) group: name, dtype, description.
-_PARTS = (("indices", "int32", "atom index of each nonzero slot"), ("values", "float32", "coefficient of each slot (>= 0)"))
+_PARTS = (
+    ("indices", "int32", "atom index of each nonzero slot"),
+    ("values", "float32", "coefficient of each slot (>= 0)"),
+)
 
 
 def group_name(method: str, k: int) -> str:
@@ -104,7 +107,9 @@ class CodesStore:
         return self.root / RECORDS_DIR / group
 
     @classmethod
-    def create(cls, root: Path, *, identity: dict, groups: dict[str, dict], n_rows: int, shard_rows: int, chunk_rows: int) -> CodesStore:
+    def create(
+        cls, root: Path, *, identity: dict, groups: dict[str, dict], n_rows: int, shard_rows: int, chunk_rows: int
+    ) -> CodesStore:
         """A new, empty codes store at `root` (which must not exist). groups: name -> {method, k}."""
         attrs = {
             "format": CODES_FORMAT,
@@ -119,14 +124,18 @@ class CodesStore:
         sharding = {"shard_rows": shard_rows, "chunk_rows": chunk_rows}
 
         def build(zgroup) -> None:
-            create_sharded_array(zgroup, ROWS, (n_rows,), "int64", **sharding, attrs={"description": "store row of each code row"})
+            create_sharded_array(
+                zgroup, ROWS, (n_rows,), "int64", **sharding, attrs={"description": "store row of each code row"}
+            )
             for name, g in groups.items():
                 k = int(g["k"])
                 for part, dtype, what in _PARTS:
                     about = {"method": g["method"], "k": k, "description": what}
                     create_sharded_array(zgroup, f"{name}/{part}", (n_rows, k), dtype, **sharding, attrs=about)
 
-        create_marked_group(root, attrs, build, "saekit pursue is creating codes here; if it is not running, rerun it with --resume\n")
+        create_marked_group(
+            root, attrs, build, "saekit pursue is creating codes here; if it is not running, rerun it with --resume\n"
+        )
         return cls(root, attrs)
 
     def record(self, group: str, index: int) -> ShardRecord | None:
@@ -226,5 +235,7 @@ def open_codes(path: str | os.PathLike, allow_incomplete: bool = False) -> Codes
     if int(attrs.get("format_version", 0)) > CODES_FORMAT_VERSION:
         raise SaekitError(f"{root} has codes format {attrs['format_version']}; upgrade saekit to read it")
     if not attrs.get("complete") and not allow_incomplete:
-        raise SaekitError(f"codes in {root} are incomplete (the run was interrupted); finish it with `saekit pursue ... --resume`")
+        raise SaekitError(
+            f"codes in {root} are incomplete (the run was interrupted); finish it with `saekit pursue ... --resume`"
+        )
     return CodesStore(root, attrs)

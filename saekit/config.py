@@ -26,7 +26,6 @@ from typing import Any
 
 from saekit.errors import SaekitError, one_line
 
-
 # --------------------------------------------------------------------------------------------
 # Value checks shared by the configs (each names the flag, so the CLI user knows what to fix)
 # --------------------------------------------------------------------------------------------
@@ -78,7 +77,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as e:
         raise SaekitError(f"cannot read --config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise SaekitError(f"--config {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
+        raise SaekitError(
+            f"--config {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
     data = _parse(path, text)
     if not isinstance(data, dict):
         raise SaekitError(f"--config {path} must hold a table of flag names and values")
@@ -96,7 +97,9 @@ def _parse(path: Path, text: str) -> Any:
             try:
                 import yaml
             except ImportError:
-                raise SaekitError(f"--config {path} is YAML but pyyaml is not installed: pip install pyyaml, or use TOML") from None
+                raise SaekitError(
+                    f"--config {path} is YAML but pyyaml is not installed: pip install pyyaml, or use TOML"
+                ) from None
             return yaml.safe_load(text) or {}
         if suffix == ".json":
             return json.loads(text)
@@ -171,7 +174,14 @@ def _convert(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
-_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table", type(None): "null"}
+_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a table",
+    type(None): "null",
+}
 _PLURALS = {int: "integers", float: "numbers", str: "strings"}
 
 

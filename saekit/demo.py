@@ -73,7 +73,10 @@ class DemoConfig:
         check_k(self.k, self.n_features, "--k", "--n-features")
         for k in self.pursue_k:
             check_k(k, self.n_features, "--pursue-k", "--n-features")
-        need(self.rows <= self.tokens, f"--rows {self.rows} is more than the --tokens {self.tokens} harvested; pass fewer")
+        need(
+            self.rows <= self.tokens,
+            f"--rows {self.rows} is more than the --tokens {self.tokens} harvested; pass fewer",
+        )
 
 
 class DemoResult(NamedTuple):
@@ -150,10 +153,14 @@ def _claim(out: Path, cfg: DemoConfig) -> None:
             raise SaekitError(f"{path} is damaged; choose a new --out or delete {out}")
         diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in sizes.items() if saved.get(k) != v]
         if diff:
-            raise SaekitError(f"{out} holds a demo run with other sizes ({'; '.join(diff)}); choose a new --out or delete {out}")
+            raise SaekitError(
+                f"{out} holds a demo run with other sizes ({'; '.join(diff)}); choose a new --out or delete {out}"
+            )
         return
     if is_non_empty(out):
-        raise SaekitError(f"{out} is not empty but has no {DEMO_FILE} (not a saekit demo, or one from an older saekit); choose a new --out or delete {out}")
+        raise SaekitError(
+            f"{out} is not empty but has no {DEMO_FILE} (not a saekit demo, or one from an older saekit); choose a new --out or delete {out}"
+        )
     write_json_atomic(path, sizes)
 
 
@@ -162,20 +169,43 @@ def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
     from saekit.store import open_store
 
     _stage(cfg, 1, f"harvest {cfg.tokens:,} tokens of the embedded corpus -> {out / 'store'}")
-    store_dir = harvest.run(harvest.HarvestConfig(out=str(out / "store"), tokens=cfg.tokens, device=cfg.device,
-                                                  resume=True, progress=cfg.progress)).path  # fmt: skip
+    store_dir = harvest.run(
+        harvest.HarvestConfig(
+            out=str(out / "store"), tokens=cfg.tokens, device=cfg.device, resume=True, progress=cfg.progress
+        )
+    ).path
 
     _stage(cfg, 2, f"train a TopK SAE ({cfg.n_features} latents, k={cfg.k}, {cfg.steps} steps) -> {out / 'train'}")
-    trained = train.run(train.TrainConfig(store=str(store_dir), out=str(out / "train"), n_features=cfg.n_features, k=cfg.k,
-                                          batch_size=cfg.batch_size, tokens=cfg.steps * cfg.batch_size,
-                                          device=cfg.device, resume=True, progress=cfg.progress))  # fmt: skip
+    trained = train.run(
+        train.TrainConfig(
+            store=str(store_dir),
+            out=str(out / "train"),
+            n_features=cfg.n_features,
+            k=cfg.k,
+            batch_size=cfg.batch_size,
+            tokens=cfg.steps * cfg.batch_size,
+            device=cfg.device,
+            resume=True,
+            progress=cfg.progress,
+        )
+    )
 
     store = open_store(store_dir)
     sae = trained.sae.eval()
     l0 = encoder_l0(sae, store, store.resolve_hook(None), cfg.rows)
     ks = sorted({*cfg.pursue_k, max(1, math.floor(l0 + 1e-9))})
     _stage(cfg, 3, f"pursue {', '.join(cfg.methods)} at k={ks} on {cfg.rows:,} rows -> {out / 'pursue'}")
-    result = pursue.run(pursue.PursueConfig(store=str(store_dir), sae=str(trained.out), out=str(out / "pursue"), k=ks,
-                                            methods=cfg.methods, rows=cfg.rows, device=cfg.device, resume=True,
-                                            progress=cfg.progress))  # fmt: skip
+    result = pursue.run(
+        pursue.PursueConfig(
+            store=str(store_dir),
+            sae=str(trained.out),
+            out=str(out / "pursue"),
+            k=ks,
+            methods=cfg.methods,
+            rows=cfg.rows,
+            device=cfg.device,
+            resume=True,
+            progress=cfg.progress,
+        )
+    )
     return DemoResult(store_dir, trained.out, l0, result)

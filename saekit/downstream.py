@@ -138,8 +138,18 @@ def downstream_metrics(
         n, ctx = tokens.shape
         acts = acts.reshape(n, ctx - splice_from, -1)
         read_acts = lambda seqs: acts[seqs.start : seqs.stop]
-    return evaluate_encodings(model, tokens, hook, encodings, read_acts=read_acts, splice_from=splice_from, mean=mean,
-                    batch_size=batch_size, from_hook=from_hook, progress=progress)
+    return evaluate_encodings(
+        model,
+        tokens,
+        hook,
+        encodings,
+        read_acts=read_acts,
+        splice_from=splice_from,
+        mean=mean,
+        batch_size=batch_size,
+        from_hook=from_hook,
+        progress=progress,
+    )
 
 
 def _ignore_rows(fn: Callable[[Tensor], Any]) -> BatchEncoding:
@@ -173,7 +183,10 @@ def evaluate_encodings(
     tallies = {name: _Tally() for name in [CLEAN, *fns]}
     n = tokens.shape[0]
     step = batch_size or max(1, min(MAX_AUTO_BATCH, LOGITS_BUDGET // (tokens.shape[1] * model.cfg.d_vocab)))
-    with tqdm(total=n, unit="seq", desc="eval", disable=not progress, dynamic_ncols=True) as bar, torch.inference_mode():
+    with (
+        tqdm(total=n, unit="seq", desc="eval", disable=not progress, dynamic_ncols=True) as bar,
+        torch.inference_mode(),
+    ):
         for lo in range(0, n, step):
             seqs = range(lo, min(n, lo + step))
             acts = read_acts(seqs) if read_acts is not None else None
@@ -202,7 +215,9 @@ class Splicer:
         if tokens.ndim != 2 or tokens.dtype.is_floating_point:
             raise SaekitError(f"tokens must be [n_seq, ctx] token ids, got {tuple(tokens.shape)} {tokens.dtype}")
         if not 0 <= splice_from < tokens.shape[1] - 1:
-            raise SaekitError(f"splice_from={splice_from} leaves no prediction to count in {tokens.shape[1]}-token sequences")
+            raise SaekitError(
+                f"splice_from={splice_from} leaves no prediction to count in {tokens.shape[1]}-token sequences"
+            )
         self.model, self.hook, self.splice_from = model, hook, splice_from
         self.device = torch.device(model.cfg.device)
         shortformer = model.cfg.positional_embedding_type == "shortformer"  # needs its pos embed at every block
@@ -233,8 +248,15 @@ class Splicer:
         return self.model.run_with_hooks(tokens, fwd_hooks=[(self.hook, lambda a, hook: act)], **self._kwargs(tokens))
 
 
-def _evaluate_batch(splicer: Splicer, tokens: Tensor, seqs: range, acts: Tensor | None,
-                    fns: Mapping[str, BatchEncoding], tallies: dict[str, _Tally], check: bool) -> None:
+def _evaluate_batch(
+    splicer: Splicer,
+    tokens: Tensor,
+    seqs: range,
+    acts: Tensor | None,
+    fns: Mapping[str, BatchEncoding],
+    tallies: dict[str, _Tally],
+    check: bool,
+) -> None:
     s, device = splicer.splice_from, splicer.device
     tokens = tokens.to(device)
     targets = tokens[:, s + 1 :]
@@ -281,7 +303,9 @@ class _Predictions:
 def _check_acts(fresh: Tensor, acts: Tensor, hook: str) -> None:
     """Refuse to evaluate rows that are not this model's activations on these tokens."""
     if fresh.shape != acts.shape:
-        raise SaekitError(f"the activations given have shape {tuple(acts.shape)} per batch but the model's at {hook} have {tuple(fresh.shape)}")
+        raise SaekitError(
+            f"the activations given have shape {tuple(acts.shape)} per batch but the model's at {hook} have {tuple(fresh.shape)}"
+        )
     err = float((fresh.float() - acts.float()).norm() / acts.float().norm().clamp_min(1e-30))
     if not err <= MAX_ACTS_ERROR:
         raise SaekitError(
@@ -295,7 +319,9 @@ def _unpack(out: Any, x: Tensor, name: str) -> tuple[Tensor, Tensor | None]:
     rec = out if isinstance(out, Tensor) else getattr(out, "reconstruction", None)
     if not isinstance(rec, Tensor) or rec.shape != x.shape:
         got = tuple(rec.shape) if isinstance(rec, Tensor) else type(out).__name__
-        raise SaekitError(f"encoding {name!r} returned {got} for inputs {tuple(x.shape)}: return a reconstruction of the same shape")
+        raise SaekitError(
+            f"encoding {name!r} returned {got} for inputs {tuple(x.shape)}: return a reconstruction of the same shape"
+        )
     codes = None if isinstance(out, Tensor) else getattr(out, "codes", None)
     return rec.float(), codes
 
@@ -308,8 +334,15 @@ class _Tally:
         self.kl: list[Tensor] = []
         self.recon: ReconstructionStats | None = None
 
-    def add(self, ce: Tensor, kl: Tensor, seconds: float, x: Tensor | None = None, x_hat: Tensor | None = None,
-            codes: Tensor | None = None) -> None:
+    def add(
+        self,
+        ce: Tensor,
+        kl: Tensor,
+        seconds: float,
+        x: Tensor | None = None,
+        x_hat: Tensor | None = None,
+        codes: Tensor | None = None,
+    ) -> None:
         self.ce_sum += float(ce.double().sum())
         self.n += ce.numel()
         self.kl.append(kl.flatten().cpu())
@@ -327,10 +360,18 @@ class _Tally:
         r = self.recon.compute() if self.recon is not None else None
         ce = self.ce()
         return Downstream(
-            ce=ce, delta_ce=ce - clean, ce_recovered_zero=_recovered(zero, ce, clean),
-            ce_recovered_mean=_recovered(mean, ce, clean), kl_mean=float(kl.mean()), kl_p90=float(p90),
-            kl_p99=float(p99), fvu=r.fvu if r else math.nan, l0=r.l0 if r else math.nan,
-            cossim=r.cossim if r else math.nan, seconds=self.seconds, n_tokens=self.n,
+            ce=ce,
+            delta_ce=ce - clean,
+            ce_recovered_zero=_recovered(zero, ce, clean),
+            ce_recovered_mean=_recovered(mean, ce, clean),
+            kl_mean=float(kl.mean()),
+            kl_p90=float(p90),
+            kl_p99=float(p99),
+            fvu=r.fvu if r else math.nan,
+            l0=r.l0 if r else math.nan,
+            cossim=r.cossim if r else math.nan,
+            seconds=self.seconds,
+            n_tokens=self.n,
         )
 
 

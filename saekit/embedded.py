@@ -262,8 +262,9 @@ def _lr_at(step: int, tc: TrainEmbeddedConfig) -> float:
     return tc.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(tc: TrainEmbeddedConfig = TrainEmbeddedConfig(), out: Path = WEIGHTS_PATH) -> dict:
+def train(tc: TrainEmbeddedConfig | None = None, out: Path = WEIGHTS_PATH) -> dict:
     """Train the embedded model on the shipped corpus and save its weights; returns a summary."""
+    tc = tc or TrainEmbeddedConfig()
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(tc.threads)
     torch.use_deterministic_algorithms(True)
@@ -295,7 +296,8 @@ def _train(tc: TrainEmbeddedConfig, out: Path) -> dict:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr, betas=(0.9, 0.95),
+        lr=tc.lr,
+        betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(tc.seed)
     t0 = time.time()

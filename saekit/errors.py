@@ -70,8 +70,9 @@ def os_error_message(e: OSError, what: str | None = None) -> str:
 
 
 @contextmanager
-def output_dir(path: str | os.PathLike, *, kept: str, rerun: str = "rerun the same command with --resume",
-               flag: str = "--out") -> Iterator[Path]:  # fmt: skip
+def output_dir(
+    path: str | os.PathLike, *, kept: str, rerun: str = "rerun the same command with --resume", flag: str = "--out"
+) -> Iterator[Path]:
     """A stage's output directory, created and checked before any work; yields it as a Path.
 
     Refuses a file, an unwritable location or a too-long name in one line. Inside the block a
@@ -97,7 +98,9 @@ def output_dir(path: str | os.PathLike, *, kept: str, rerun: str = "rerun the sa
     except BaseException as e:
         _remove_if_empty(out, made)
         if is_disk_full(e):
-            raise SaekitError(f"disk full while writing {out}: free space (or move {out} to a bigger disk), then {rerun}; {kept}") from e
+            raise SaekitError(
+                f"disk full while writing {out}: free space (or move {out} to a bigger disk), then {rerun}; {kept}"
+            ) from e
         if isinstance(e, OSError):
             raise SaekitError(os_error_message(e)) from e
         raise
@@ -123,6 +126,11 @@ def path_mode(path: Path, flag: str) -> int | None:
 
 def file_kind(mode: int) -> str:
     """What a st_mode is, in words, for messages ("a FIFO (named pipe)", "a file", ...)."""
-    kinds = [(stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file")]
+    kinds = [
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a file"),
+    ]
     return next((name for test, name in kinds if test(mode)), "not a file")

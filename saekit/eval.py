@@ -180,11 +180,18 @@ def choose_sequences(cfg: EvalConfig, store: Any, layout: SequenceLayout, held_s
     if cfg.sequences or cfg.tokens:
         want = cfg.sequences or -(-cfg.tokens // per)
         if want > whole:
-            asked = f"--sequences {want}" if cfg.sequences else f"--tokens {cfg.tokens} (= {want} sequences of {per} rows)"
-            raise SaekitError(f"{asked} is more than the store's {whole} whole sequences: pass at most {whole} sequences")
+            asked = (
+                f"--sequences {want}" if cfg.sequences else f"--tokens {cfg.tokens} (= {want} sequences of {per} rows)"
+            )
+            raise SaekitError(
+                f"{asked} is more than the store's {whole} whole sequences: pass at most {whole} sequences"
+            )
         seqs = range(whole - want, whole)
         if trained_here and seqs.start * per < held_start:
-            warnings.warn(f"rows {seqs.start * per}..{held_start - 1} of these sequences trained {cfg.sae}: its figures there are not held-out ones", stacklevel=2)
+            warnings.warn(
+                f"rows {seqs.start * per}..{held_start - 1} of these sequences trained {cfg.sae}: its figures there are not held-out ones",
+                stacklevel=2,
+            )
         return seqs
     first = -(-max(held_start, 0) // per)
     if first >= whole:
@@ -230,7 +237,9 @@ def store_model_spec(store: Any) -> str:
         return name
     if source == "hf_local" and isinstance(path, str):
         if not Path(path).is_dir():
-            raise SaekitError(f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: pass its new place with --model")
+            raise SaekitError(
+                f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: pass its new place with --model"
+            )
         return path
     raise SaekitError(
         f"store {store.path} was harvested from a model saekit cannot load from its record ({source or 'unknown'} "
@@ -242,11 +251,17 @@ def check_model(lm: Any, store: Any, hook: str, layout: SequenceLayout, tokens: 
     """One line when the loaded model cannot be the one that harvested the store."""
     cfg = lm.model.cfg
     if hook not in lm.model.hook_dict:
-        raise SaekitError(f"model {lm.name} has no hook {hook!r}: it is not the store's model; pass that one with --model")
+        raise SaekitError(
+            f"model {lm.name} has no hook {hook!r}: it is not the store's model; pass that one with --model"
+        )
     if layout.ctx_len > cfg.n_ctx:
-        raise SaekitError(f"the store's sequences have {layout.ctx_len} tokens but model {lm.name} takes {cfg.n_ctx}: pass the store's model with --model")
+        raise SaekitError(
+            f"the store's sequences have {layout.ctx_len} tokens but model {lm.name} takes {cfg.n_ctx}: pass the store's model with --model"
+        )
     if int(tokens.max()) >= cfg.d_vocab:
-        raise SaekitError(f"the store's token ids reach {int(tokens.max())} but model {lm.name} has {cfg.d_vocab} tokens: pass the store's model with --model")
+        raise SaekitError(
+            f"the store's token ids reach {int(tokens.max())} but model {lm.name} has {cfg.d_vocab} tokens: pass the store's model with --model"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,9 +285,13 @@ def _open_codes(cfg: EvalConfig, store: Any, hook: str, sae: Any) -> Any:
     codes = open_codes(cfg.codes)
     a = codes.attrs
     if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
-        raise SaekitError(f"codes in {cfg.codes} were computed from another store or hook ({a.get('hook')}): pass the store and --hook they were made from")
+        raise SaekitError(
+            f"codes in {cfg.codes} were computed from another store or hook ({a.get('hook')}): pass the store and --hook they were made from"
+        )
     if a.get("dictionary_sha256") != dictionary_sha256(sae):
-        raise SaekitError(f"codes in {cfg.codes} were computed against another dictionary than --sae {cfg.sae}'s: pass the SAE they were made with")
+        raise SaekitError(
+            f"codes in {cfg.codes} were computed against another dictionary than --sae {cfg.sae}'s: pass the SAE they were made with"
+        )
     return codes
 
 
@@ -328,10 +347,17 @@ def _stored_pursuit(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> B
     return encode
 
 
-def _rows(cfg: EvalConfig, store: Any, hook: str, sae: Any, seqs: range, per_seq: int, device: torch.device) -> list[_Row]:
+def _rows(
+    cfg: EvalConfig, store: Any, hook: str, sae: Any, seqs: range, per_seq: int, device: torch.device
+) -> list[_Row]:
     """The report's rows in order: the clean run, the baselines, the encoder, extra encoders, pursuits."""
-    rows = [_Row(CLEAN, None, "", None), _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x), _Row(ZERO, None, "", None),
-            _Row(MEAN, None, "", None), _Row("encoder", encoder_k(sae), cfg.sae, lambda x, s: sae(x))]
+    rows = [
+        _Row(CLEAN, None, "", None),
+        _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x),
+        _Row(ZERO, None, "", None),
+        _Row(MEAN, None, "", None),
+        _Row("encoder", encoder_k(sae), cfg.sae, lambda x, s: sae(x)),
+    ]
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
         check_sae_fits_hook(enc, spec, store.d_model(hook), hook)
@@ -359,7 +385,9 @@ def run(cfg: EvalConfig) -> EvalResult:
     dtype = resolve_dtype(cfg.dtype, device, what="--dtype")
     with output_dir(cfg.out, kept="nothing is written before the report", rerun="rerun the same command") as out:
         if is_non_empty(out):
-            raise SaekitError(f"--out {out} already exists and is not empty: choose a new --out (eval never overwrites a report)")
+            raise SaekitError(
+                f"--out {out} already exists and is not empty: choose a new --out (eval never overwrites a report)"
+            )
         return _run(cfg, out, device, dtype)
 
 
@@ -380,15 +408,32 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
     per, row0 = layout.per_seq, seqs.start * layout.per_seq
     read = lambda s: store.rows(hook, row0 + s.start * per, row0 + s.stop * per).reshape(len(s), per, -1)
     encodings = {_row_name(r): r.encoding for r in rows if r.encoding is not None}
-    results = evaluate_encodings(lm.model, tokens, hook, encodings, read_acts=read, splice_from=layout.skip,
-                       mean=store.stats(hook).mean, batch_size=cfg.batch_size, from_hook=True, progress=cfg.progress)
+    results = evaluate_encodings(
+        lm.model,
+        tokens,
+        hook,
+        encodings,
+        read_acts=read,
+        splice_from=layout.skip,
+        mean=store.stats(hook).mean,
+        batch_size=cfg.batch_size,
+        from_hook=True,
+        progress=cfg.progress,
+    )
     entries = [EvalEntry(r.method, r.k, r.source, results[_row_name(r)]) for r in rows]
     header = {
-        "store": str(cfg.store), "hook": hook, "model": lm.name, "sae": cfg.sae, "n_features": sae.n_features,
+        "store": str(cfg.store),
+        "hook": hook,
+        "model": lm.name,
+        "sae": cfg.sae,
+        "n_features": sae.n_features,
         "sequences": f"{seqs.start}..{seqs.stop - 1} ({len(seqs)} of {layout.ctx_len} tokens)",
-        "rows": f"{row0}..{seqs.stop * per - 1}", "spliced positions": f"{layout.skip}..{layout.ctx_len - 1}",
-        "counted predictions": f"from positions {layout.skip}..{layout.ctx_len - 2}", "tokens": results[CLEAN].n_tokens,
-        "device": str(device), "dtype": dtype_name(dtype),
+        "rows": f"{row0}..{seqs.stop * per - 1}",
+        "spliced positions": f"{layout.skip}..{layout.ctx_len - 1}",
+        "counted predictions": f"from positions {layout.skip}..{layout.ctx_len - 2}",
+        "tokens": results[CLEAN].n_tokens,
+        "device": str(device),
+        "dtype": dtype_name(dtype),
     }
     table = write_report(out, entries, header)
     return EvalResult(out, entries, table, header)
@@ -415,9 +460,21 @@ def format_table(entries: list[EvalEntry]) -> str:
     ]
     for e in entries:
         m = e.metrics
-        cells = [e.method, _fmt(e.k, "g"), _fmt(m.l0, ".2f"), _fmt(m.fvu, ".4f"), _fmt(m.cossim, ".4f"), _fmt(m.ce, ".4f"),
-                 _fmt(m.delta_ce, "+.4f"), _fmt(m.ce_recovered_zero, ".4f"), _fmt(m.ce_recovered_mean, ".4f"),
-                 _fmt(m.kl_mean, ".4f"), _fmt(m.kl_p90, ".4f"), _fmt(m.kl_p99, ".4f"), _fmt(m.seconds, ".2f")]
+        cells = [
+            e.method,
+            _fmt(e.k, "g"),
+            _fmt(m.l0, ".2f"),
+            _fmt(m.fvu, ".4f"),
+            _fmt(m.cossim, ".4f"),
+            _fmt(m.ce, ".4f"),
+            _fmt(m.delta_ce, "+.4f"),
+            _fmt(m.ce_recovered_zero, ".4f"),
+            _fmt(m.ce_recovered_mean, ".4f"),
+            _fmt(m.kl_mean, ".4f"),
+            _fmt(m.kl_p90, ".4f"),
+            _fmt(m.kl_p99, ".4f"),
+            _fmt(m.seconds, ".2f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -428,7 +485,12 @@ def _json_value(v: Any) -> Any:
 
 def entry_dict(e: EvalEntry) -> dict:
     """One report.json entry: method, k, source and every Downstream field (NaN as null)."""
-    return {"method": e.method, "k": e.k, "source": e.source, **{k: _json_value(v) for k, v in e.metrics._asdict().items()}}
+    return {
+        "method": e.method,
+        "k": e.k,
+        "source": e.source,
+        **{k: _json_value(v) for k, v in e.metrics._asdict().items()},
+    }
 
 
 def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
@@ -436,13 +498,17 @@ def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
     write_json_atomic(out / REPORT_JSON, {"header": header, "entries": [entry_dict(e) for e in entries]})
     table = format_table(entries)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
-    md = (f"# saekit eval report\n\n{head}\n\nCE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
-          f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
-          f"rows. See docs/eval.md.\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n")
+    md = (
+        f"# saekit eval report\n\n{head}\n\nCE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
+        f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
+        f"rows. See docs/eval.md.\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n"
+    )
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)
     os.replace(tmp, out / REPORT_MD)
-    plot_downstream(entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['tokens']} tokens")
+    plot_downstream(
+        entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['tokens']} tokens"
+    )
     return table
 
 

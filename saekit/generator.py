@@ -19,11 +19,19 @@ from pathlib import Path
 import torch
 
 from saekit.errors import SaekitError
-from saekit.harvest import (DEFAULT_CACHE_ROOT, ActBatch, Plan, RowLayout, StreamEnd, forward_to_shards, make_plan,
-                            todo_shards)
+from saekit.harvest import (
+    DEFAULT_CACHE_ROOT,
+    ActBatch,
+    Plan,
+    RowLayout,
+    StreamEnd,
+    forward_to_shards,
+    make_plan,
+    todo_shards,
+)
 from saekit.models import LoadedModel, describe_model
-from saekit.texts import TextSource, dataset_source, load_texts
 from saekit.store import create_store, open_store, read_attrs
+from saekit.texts import TextSource, dataset_source, load_texts
 
 
 def _object_identity(model, dataset, text_column: str) -> tuple[LoadedModel, TextSource]:
@@ -76,8 +84,16 @@ def cached_activation_generator(
     if per_seq <= 0:
         raise SaekitError(f"skip_first_n_tokens {skip_first_n_tokens} leaves nothing of a {ctx_len}-token sequence")
     run_rows = math.ceil(acts_per_run / per_seq) * per_seq
-    plan = make_plan(lm, [hook_name] if hook_name else [], texts, ctx_len=ctx_len, skip=skip_first_n_tokens,
-                     n_rows=run_rows, shard_rows=_shard_rows(run_rows), batch_size=generator_batch_size)
+    plan = make_plan(
+        lm,
+        [hook_name] if hook_name else [],
+        texts,
+        ctx_len=ctx_len,
+        skip=skip_first_n_tokens,
+        n_rows=run_rows,
+        shard_rows=_shard_rows(run_rows),
+        batch_size=generator_batch_size,
+    )
     key = hashlib.sha256(json.dumps(plan.meta, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(save_to_disk) if save_to_disk else Path(DEFAULT_CACHE_ROOT) / f"generator-{key}"
     return _rebatch(_generator_rows(plan, root, max_runs), activation_batch_size)
@@ -125,8 +141,15 @@ def _run_rows(plan: Plan, path: Path, first_seq: int) -> Generator[torch.Tensor,
         store = open_store(path)  # a damaged run is an error here, not something to write over
         yield from store.iter_rows(hook, 65536)
         return store.n_rows < layout.n_rows
-    writer = create_store(path, plan.meta["hooks"], n_rows=layout.n_rows, meta=plan.meta, shard_rows=layout.shard_rows,
-                          chunk_rows=min(4096, layout.shard_rows), resume=path.exists())
+    writer = create_store(
+        path,
+        plan.meta["hooks"],
+        n_rows=layout.n_rows,
+        meta=plan.meta,
+        shard_rows=layout.shard_rows,
+        chunk_rows=min(4096, layout.shard_rows),
+        resume=path.exists(),
+    )
     start = writer.resume_row  # one writer: every shard before this row is on disk
     if start:
         yield from open_store(path, allow_incomplete=True).iter_rows(hook, 65536, 0, start)
@@ -140,8 +163,9 @@ def _run_rows(plan: Plan, path: Path, first_seq: int) -> Generator[torch.Tensor,
     return end.exhausted
 
 
-def _computed_rows(loop: Generator[ActBatch, None, StreamEnd], hook: str, layout: RowLayout,
-                   start: int) -> Generator[torch.Tensor, None, StreamEnd]:
+def _computed_rows(
+    loop: Generator[ActBatch, None, StreamEnd], hook: str, layout: RowLayout, start: int
+) -> Generator[torch.Tensor, None, StreamEnd]:
     """Each sequence's rows of `hook` from row `start` on, batch by batch as the main loop computes
     them: `[rows, d]` bf16. Returns the loop's StreamEnd."""
     while True:  # not `for`: it would drop the loop's return value

@@ -44,8 +44,8 @@ from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, is_disk_full
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
-from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
 from saekit.store import create_store, open_store, read_attrs
+from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
 DEFAULT_CACHE_ROOT = "cache"
@@ -246,7 +246,7 @@ class ShardAssembler:
                 src = slice(a - lo, z - lo)
                 for h in self.hooks:
                     buf["acts"][h.name][dst] = batch.acts[h.name][b, src]
-                buf["tokens"][dst] = batch.tokens[b, self.skip:][src].to(torch.int32)
+                buf["tokens"][dst] = batch.tokens[b, self.skip :][src].to(torch.int32)
                 buf["positions"][dst] = positions[src]
                 buf["fill"] = z - j * s
                 if buf["fill"] == self._expected(j):
@@ -327,8 +327,18 @@ def _auto_batch(device: torch.device, ctx_len: int) -> int:
     return max(1, (32768 if device.type == "cuda" else 4096) // ctx_len)
 
 
-def make_plan(lm: LoadedModel, hook_names: list[str], texts: TextSource, *, ctx_len: int, skip: int,
-              n_rows: int, shard_rows: int, batch_size: int, extra_meta: dict | None = None) -> Plan:
+def make_plan(
+    lm: LoadedModel,
+    hook_names: list[str],
+    texts: TextSource,
+    *,
+    ctx_len: int,
+    skip: int,
+    n_rows: int,
+    shard_rows: int,
+    batch_size: int,
+    extra_meta: dict | None = None,
+) -> Plan:
     """Validate hooks, context length and skip against the model; build the store metadata."""
     model = lm.model
     hooks = resolve_hooks(model, hook_names or [default_hook(model)])
@@ -346,8 +356,12 @@ def make_plan(lm: LoadedModel, hook_names: list[str], texts: TextSource, *, ctx_
         "saekit_version": __version__,
         "model": lm.meta,
         "dataset": texts.meta,
-        "tokenizer": {"name": _tokenizer_name(tok), "class": type(tok).__name__, "vocab_size": len(tok),
-                      "sha256": _tokenizer_sha(tok)},
+        "tokenizer": {
+            "name": _tokenizer_name(tok),
+            "class": type(tok).__name__,
+            "vocab_size": len(tok),
+            "sha256": _tokenizer_sha(tok),
+        },
         "hooks": {h.name: h.d for h in hooks},
         "ctx_len": ctx_len,
         "bos_id": packing.bos_id,
@@ -391,8 +405,9 @@ class StreamEnd(NamedTuple):
     """The texts ran out before the last needed sequence: the store ends early."""
 
 
-def forward_to_shards(plan: Plan, writer, path: Path, todo: set[int],
-                      first_seq: int = 0) -> Generator[ActBatch, None, StreamEnd]:
+def forward_to_shards(
+    plan: Plan, writer, path: Path, todo: set[int], first_seq: int = 0
+) -> Generator[ActBatch, None, StreamEnd]:
     """Run the model over the sequences that shards `todo` need and write those shards.
 
     Sequence 0 is the packed stream's `first_seq`-th. Completed shards go to `writer` on a
@@ -423,8 +438,9 @@ def forward_to_shards(plan: Plan, writer, path: Path, todo: set[int],
     return StreamEnd(seen, seen < n_seqs)
 
 
-def _forward_batch(plan: Plan, asm: ShardAssembler, thread: ShardWriterThread, idx: list[int],
-                   rows: list[list[int]]) -> ActBatch:
+def _forward_batch(
+    plan: Plan, asm: ShardAssembler, thread: ShardWriterThread, idx: list[int], rows: list[list[int]]
+) -> ActBatch:
     """Sequences `idx` (their token ids `rows`) through the model; completed shards to the writer."""
     tokens = torch.tensor(rows, dtype=torch.long)
     batch = ActBatch(idx, tokens, forward_acts(plan.lm.model, tokens, plan.hooks, plan.skip))
@@ -473,8 +489,16 @@ def run(cfg: HarvestConfig) -> HarvestResult:
 def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> HarvestResult:
     """`run` with the model and texts already loaded (cfg.model/dataset/device/dtype are ignored)."""
     d = init_dist(str(lm.model.cfg.device))
-    plan = make_plan(lm, cfg.hooks, texts, ctx_len=cfg.ctx_len, skip=cfg.skip_first_n_tokens, n_rows=cfg.tokens,
-                     shard_rows=cfg.shard_rows, batch_size=cfg.batch_size)
+    plan = make_plan(
+        lm,
+        cfg.hooks,
+        texts,
+        ctx_len=cfg.ctx_len,
+        skip=cfg.skip_first_n_tokens,
+        n_rows=cfg.tokens,
+        shard_rows=cfg.shard_rows,
+        batch_size=cfg.batch_size,
+    )
     out = Path(cfg.out) if cfg.out else default_out(lm.name, [h.name for h in plan.hooks], texts.name)
     _check_not_empty(plan)
 
@@ -485,9 +509,17 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         try:
             done_hash = _already_complete(out, plan.meta) if cfg.resume else None
             if done_hash is None:
-                writer = create_store(out, plan.meta["hooks"], n_rows=cfg.tokens, meta=plan.meta,
-                                      shard_rows=cfg.shard_rows, chunk_rows=cfg.chunk_rows, resume=cfg.resume,
-                                      overwrite=cfg.overwrite, world_size=d.world_size)
+                writer = create_store(
+                    out,
+                    plan.meta["hooks"],
+                    n_rows=cfg.tokens,
+                    meta=plan.meta,
+                    shard_rows=cfg.shard_rows,
+                    chunk_rows=cfg.chunk_rows,
+                    resume=cfg.resume,
+                    overwrite=cfg.overwrite,
+                    world_size=d.world_size,
+                )
         except SaekitError as e:
             err = str(e)
     err = broadcast_error(err)
@@ -499,8 +531,16 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
             print(f"store {out} is already complete ({done_hash}); nothing to do", file=sys.stderr)
         return HarvestResult(out, open_store(out, check=False).n_rows, done_hash if d.main else "", 0.0)
     if not d.main:
-        writer = create_store(out, plan.meta["hooks"], n_rows=cfg.tokens, meta=plan.meta, shard_rows=cfg.shard_rows,
-                              chunk_rows=cfg.chunk_rows, rank=d.rank, world_size=d.world_size)
+        writer = create_store(
+            out,
+            plan.meta["hooks"],
+            n_rows=cfg.tokens,
+            meta=plan.meta,
+            shard_rows=cfg.shard_rows,
+            chunk_rows=cfg.chunk_rows,
+            rank=d.rank,
+            world_size=d.world_size,
+        )
     rate = _harvest_shards(plan, writer, out, d.rank, d.world_size, cfg.progress and d.main)
     barrier()
     if not d.main:
@@ -560,8 +600,15 @@ def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progre
     if not todo:
         return 0.0
     total = sum(min(layout.shard_rows, layout.n_rows - j * layout.shard_rows) for j in todo)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"harvest {out.name}", disable=not progress,
-               file=sys.stderr, smoothing=0.1)
+    bar = tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {out.name}",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.1,
+    )
     t0, rows = time.perf_counter(), 0
     with bar, closing(forward_to_shards(plan, writer, out, todo)) as loop:
         try:
@@ -577,8 +624,11 @@ def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progre
         if have == 0:
             raise _too_short(plan)
         if progress:
-            print(f"dataset exhausted after {end.seen} sequences: the store holds {have} rows "
-                  f"instead of --tokens {layout.n_rows}", file=sys.stderr)
+            print(
+                f"dataset exhausted after {end.seen} sequences: the store holds {have} rows "
+                f"instead of --tokens {layout.n_rows}",
+                file=sys.stderr,
+            )
     return rows / elapsed if elapsed > 0 else 0.0
 
 

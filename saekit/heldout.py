@@ -39,5 +39,7 @@ def run_eval_rows(sae_spec: str | os.PathLike) -> int | None:
         saved = None
     rows = saved.get("eval_rows") if isinstance(saved, dict) else None
     if not isinstance(rows, int) or isinstance(rows, bool) or rows <= 0:
-        raise SaekitError(f"run config {config} is damaged (no positive eval_rows): restore it from a copy, or pass --sequences to choose the rows")
+        raise SaekitError(
+            f"run config {config} is damaged (no positive eval_rows): restore it from a copy, or pass --sequences to choose the rows"
+        )
     return rows

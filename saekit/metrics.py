@@ -45,7 +45,9 @@ def cosine_similarity(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_metrics(activations: torch.Tensor, features: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
+def compute_metrics(
+    activations: torch.Tensor, features: torch.Tensor, reconstruction: torch.Tensor
+) -> tuple[float, float]:
     """(l0, fvu) as Python floats, the original sae-kit helper.
 
     activations: [tokens, d]; features: [tokens, n] codes; reconstruction: [tokens, d].
@@ -58,7 +60,9 @@ def compute_metrics(activations: torch.Tensor, features: torch.Tensor, reconstru
 
 def _check_same_shape(x: torch.Tensor, x_hat: torch.Tensor) -> None:
     if x.shape != x_hat.shape:
-        raise SaekitError(f"activations {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape: pass matching [tokens, d] tensors")
+        raise SaekitError(
+            f"activations {tuple(x.shape)} and reconstruction {tuple(x_hat.shape)} differ in shape: pass matching [tokens, d] tensors"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,12 +113,18 @@ class ReconstructionStats:
         x = x.reshape(-1, x.shape[-1]).double()
         x_hat = x_hat.reshape(-1, x_hat.shape[-1]).double()
         if self._sum_x is not None and self._sum_x.numel() != x.shape[-1]:
-            raise SaekitError(f"batch has d={x.shape[-1]} but earlier batches had d={self._sum_x.numel()}: use one stats object per SAE")
+            raise SaekitError(
+                f"batch has d={x.shape[-1]} but earlier batches had d={self._sum_x.numel()}: use one stats object per SAE"
+            )
         x_norm = x.norm(dim=-1)
         zero = x.new_zeros(())
         if codes is not None:
             codes = codes.reshape(-1, codes.shape[-1])
-            l0_sum, l1_sum, n_codes = (codes != 0).sum().double(), codes.double().abs().sum(), x.new_tensor(codes.shape[0])
+            l0_sum, l1_sum, n_codes = (
+                (codes != 0).sum().double(),
+                codes.double().abs().sum(),
+                x.new_tensor(codes.shape[0]),
+            )
         else:
             l0_sum, l1_sum, n_codes = zero, zero, zero
         batch = torch.stack(
@@ -179,7 +189,9 @@ class FiringTracker:
     The trainer reads `dead_mask()` for the AuxK loss; `state_dict()` lets it resume.
     """
 
-    def __init__(self, n_features: int, window: int, dense_threshold: float = 0.1, device: torch.device | str | None = None):
+    def __init__(
+        self, n_features: int, window: int, dense_threshold: float = 0.1, device: torch.device | str | None = None
+    ):
         if window <= 0:
             raise SaekitError(f"window={window} must be a positive number of tokens")
         if not 0 < dense_threshold <= 1:

@@ -22,8 +22,8 @@ import torch
 
 from saekit import embedded
 from saekit.devices import dtype_name
-from saekit.errors import SaekitError, file_kind, one_line, path_mode
 from saekit.embedded import EMBEDDED
+from saekit.errors import SaekitError, file_kind, one_line, path_mode
 
 # ---------------------------------------------------------------------------------------------
 # Models
@@ -88,18 +88,25 @@ def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> Lo
     if mode is not None and stat.S_ISDIR(mode):
         return _load_local_hf(Path(spec).expanduser().resolve(), device, dtype)
     if mode is not None and spec.lower() not in _official_names():
-        raise SaekitError(f"--model {spec} is {file_kind(mode)}, not a checkpoint folder: pass the folder holding "
-                          "config.json, model.safetensors and the tokenizer (or a transformer-lens name)")
+        raise SaekitError(
+            f"--model {spec} is {file_kind(mode)}, not a checkpoint folder: pass the folder holding "
+            "config.json, model.safetensors and the tokenizer (or a transformer-lens name)"
+        )
     return _load_tl_name(spec, device, dtype)
-
 
 
 def describe_model(model, name: str, meta: dict) -> LoadedModel:
     """`model` as it is (not even put in eval mode: it may be the caller's) with its provenance:
     `meta` plus transformer-lens version, dtype, shape and weights fingerprint."""
-    meta = {**meta, "transformer_lens_version": _tl_version(), "dtype": dtype_name(model.cfg.dtype),
-            "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model, "n_ctx": model.cfg.n_ctx,
-            "weights_fingerprint": weights_fingerprint(model)}
+    meta = {
+        **meta,
+        "transformer_lens_version": _tl_version(),
+        "dtype": dtype_name(model.cfg.dtype),
+        "n_layers": model.cfg.n_layers,
+        "d_model": model.cfg.d_model,
+        "n_ctx": model.cfg.n_ctx,
+        "weights_fingerprint": weights_fingerprint(model),
+    }
     return LoadedModel(model, name, meta)
 
 
@@ -158,10 +165,20 @@ def _load_local_hf(path: Path, device, dtype) -> LoadedModel:
         raise
     except (OSError, ValueError, KeyError, NotImplementedError, AttributeError, TypeError) as e:
         # transformer-lens's converters fail on configs they do not know with any of these
-        raise SaekitError(f"could not load the checkpoint in {path} ({one_line(e, 100)}): transformer-lens supports GPT-2-style save_pretrained checkpoints") from e
+        raise SaekitError(
+            f"could not load the checkpoint in {path} ({one_line(e, 100)}): transformer-lens supports GPT-2-style save_pretrained checkpoints"
+        ) from e
     cfg_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
-    return _finish(model, path.name, {"source": "hf_local", "path": str(path), "config_sha256": cfg_sha,
-                                      "architecture": model.cfg.original_architecture})
+    return _finish(
+        model,
+        path.name,
+        {
+            "source": "hf_local",
+            "path": str(path),
+            "config_sha256": cfg_sha,
+            "architecture": model.cfg.original_architecture,
+        },
+    )
 
 
 # Files that carry a tokenizer's vocabulary; without one, AutoTokenizer builds an empty tokenizer
@@ -178,16 +195,24 @@ def _check_checkpoint(path: Path) -> None:
     try:
         cfg = json.loads(config.read_bytes())
     except ValueError as e:  # not JSON, or not UTF-8
-        raise SaekitError(f"{config} is not JSON ({one_line(e, 60)}): save the checkpoint again with save_pretrained") from e
+        raise SaekitError(
+            f"{config} is not JSON ({one_line(e, 60)}): save the checkpoint again with save_pretrained"
+        ) from e
     if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise SaekitError(f"{config} has no model_type: it is not a transformers config; save the checkpoint with save_pretrained")
+        raise SaekitError(
+            f"{config} has no model_type: it is not a transformers config; save the checkpoint with save_pretrained"
+        )
     if cfg["model_type"] == "gpt2" and "n_ctx" not in cfg:
-        raise SaekitError(f"{config} has no n_ctx, which transformer-lens reads for GPT-2 (the hub's gpt2 config carries it): "
-                          f"add \"n_ctx\": {cfg.get('n_positions', 1024)} (its n_positions) to it")
+        raise SaekitError(
+            f"{config} has no n_ctx, which transformer-lens reads for GPT-2 (the hub's gpt2 config carries it): "
+            f'add "n_ctx": {cfg.get("n_positions", 1024)} (its n_positions) to it'
+        )
     _check_weights(path)
     if not any((path / f).exists() for f in _TOKENIZER_FILES):
-        raise SaekitError(f"--model {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
-                          f"save the model's tokenizer beside it with tokenizer.save_pretrained('{path}')")
+        raise SaekitError(
+            f"--model {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+            f"save the model's tokenizer beside it with tokenizer.save_pretrained('{path}')"
+        )
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -197,14 +222,18 @@ def _weight_files(path: Path) -> list[Path]:
         try:
             return [path / name for name in sorted(set(json.loads(index.read_bytes())["weight_map"].values()))]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SaekitError(f"{index} is damaged ({one_line(e, 60)}): save the checkpoint again with save_pretrained") from e
+            raise SaekitError(
+                f"{index} is damaged ({one_line(e, 60)}): save the checkpoint again with save_pretrained"
+            ) from e
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
     pickles = sorted(f.name for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES)
     if pickles:
-        raise SaekitError(f"saekit loads only safetensors weights, and {path} holds pickled ones ({', '.join(pickles)}), "
-                          "which can run code when loaded: re-save them with "
-                          "model.save_pretrained(folder, safe_serialization=True)")
+        raise SaekitError(
+            f"saekit loads only safetensors weights, and {path} holds pickled ones ({', '.join(pickles)}), "
+            "which can run code when loaded: re-save them with "
+            "model.save_pretrained(folder, safe_serialization=True)"
+        )
     raise SaekitError(f"--model {path} has no model.safetensors: save the model there with save_pretrained")
 
 
@@ -217,8 +246,10 @@ def _check_weights(path: Path) -> None:
             with safe_open(str(f), "pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise SaekitError(f"weights file {f} is damaged or missing ({one_line(e, 80)}): "
-                              "copy the checkpoint again or re-save it with save_pretrained") from e
+            raise SaekitError(
+                f"weights file {f} is damaged or missing ({one_line(e, 80)}): "
+                "copy the checkpoint again or re-save it with save_pretrained"
+            ) from e
 
 
 def _tl_config(path: Path, hf_model, device, dtype):
@@ -234,7 +265,11 @@ def _tl_config(path: Path, hf_model, device, dtype):
         link = Path(tmp) / "checkpoint"
         link.symlink_to(path, target_is_directory=True)
         cfg = loading.get_pretrained_model_config(
-            str(link), hf_cfg=hf_model.config.to_dict(), fold_ln=True, device=str(device), dtype=dtype,
+            str(link),
+            hf_cfg=hf_model.config.to_dict(),
+            fold_ln=True,
+            device=str(device),
+            dtype=dtype,
             local_files_only=True,
         )
     cfg.model_name, cfg.tokenizer_name = path.name, str(path)
@@ -251,7 +286,9 @@ def _convert_local_hf(path: Path, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise SaekitError(f"checkpoint {path} has no usable tokenizer ({one_line(e, 80)}): save one beside it with tokenizer.save_pretrained") from e
+        raise SaekitError(
+            f"checkpoint {path} has no usable tokenizer ({one_line(e, 80)}): save one beside it with tokenizer.save_pretrained"
+        ) from e
     cfg = _tl_config(path, hf_model, device, dtype)
     state = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
@@ -320,11 +357,11 @@ def resolve_hooks(model, names: list[str]) -> list[HookSpec]:
     for n in names:
         s = shapes[n]
         if len(s) < 3 or s[:2] != (1, 2) or n.endswith(("hook_pattern", "hook_attn_scores")):
-            raise SaekitError(f"hook '{n}' is not a per-token activation (shape {list(s)}): pick a hook_resid_*, hook_mlp_out, hook_z, ...")
+            raise SaekitError(
+                f"hook '{n}' is not a per-token activation (shape {list(s)}): pick a hook_resid_*, hook_mlp_out, hook_z, ..."
+            )
         d = 1
         for x in s[2:]:
             d *= x
         specs.append(HookSpec(n, d, _hook_layer(n, model.cfg.n_layers)))
     return specs
-
-

@@ -34,7 +34,9 @@ import torch
 from tqdm import tqdm
 
 from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
-from saekit.codes import open_codes as open_codes  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
+from saekit.codes import (
+    open_codes as open_codes,  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
+)
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
@@ -158,7 +160,9 @@ def _check_out(cfg: PursueConfig) -> Path:
         if read_codes_attrs(out / CODES_DIR) is None:
             meta = out / CODES_DIR / "zarr.json"
             if meta.is_file():  # its codes are there: say what is wrong, not "no codes.zarr"
-                raise SaekitError(f"--resume: {meta} is damaged or not written by `saekit pursue`; restore it from a copy, or choose a new --out")
+                raise SaekitError(
+                    f"--resume: {meta} is damaged or not written by `saekit pursue`; restore it from a copy, or choose a new --out"
+                )
             raise SaekitError(f"--resume: {out} is not a `saekit pursue` output (no {CODES_DIR}); choose a new --out")
     return out
 
@@ -167,12 +171,21 @@ def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: 
     root = out / CODES_DIR
     attrs = read_codes_attrs(root)
     if attrs is None:
-        return CodesStore.create(root, identity=identity, groups=groups, n_rows=n_rows, shard_rows=layout.shard_rows, chunk_rows=layout.chunk_rows)
+        return CodesStore.create(
+            root,
+            identity=identity,
+            groups=groups,
+            n_rows=n_rows,
+            shard_rows=layout.shard_rows,
+            chunk_rows=layout.chunk_rows,
+        )
     diff = [k for k in CODES_IDENTITY if attrs.get(k) != identity[k]]
     if attrs.get("shard_rows") != layout.shard_rows:
         diff.append("the store's shard layout")
     if diff:
-        raise SaekitError(f"--resume: {out} was started with different settings (differs in: {', '.join(diff)}); use the same ones or a new --out")
+        raise SaekitError(
+            f"--resume: {out} was started with different settings (differs in: {', '.join(diff)}); use the same ones or a new --out"
+        )
     return CodesStore(root, attrs)
 
 
@@ -208,9 +221,15 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         extras.append((name, spec, enc))
 
     identity = {
-        "store": str(cfg.store), "store_hash": store.content_hash, "hook": hook, "sae": cfg.sae,
-        "dictionary_sha256": dictionary_sha256(sae), "methods": cfg.methods, "k": sorted(cfg.k), "rows": n_rows,
-    }  # fmt: skip
+        "store": str(cfg.store),
+        "store_hash": store.content_hash,
+        "hook": hook,
+        "sae": cfg.sae,
+        "dictionary_sha256": dictionary_sha256(sae),
+        "methods": cfg.methods,
+        "k": sorted(cfg.k),
+        "rows": n_rows,
+    }
     groups = {group_name(m, k): {"method": m, "k": k} for m in cfg.methods for k in sorted(cfg.k)}
     out.mkdir(parents=True, exist_ok=True)
     codes = _open_or_create(out, identity, groups, n_rows, store.layout)
@@ -222,8 +241,17 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     entries = [_entry("encoder", encoder_k(sae), stats["encoder"], None, cfg.sae)]
     entries += [_entry(name, encoder_k(enc), stats[name], None, spec) for name, spec, enc in extras]
     for g, spec in groups.items():
-        entries.append(_entry(spec["method"], spec["k"], stats[g]._replace(seconds=codes.seconds(g)), f"{CODES_DIR}/{g}", cfg.sae))
-    header = {"store": str(cfg.store), "hook": hook, "rows": n_rows, "sae": cfg.sae, "n_features": sae.n_features, "device": str(device)}
+        entries.append(
+            _entry(spec["method"], spec["k"], stats[g]._replace(seconds=codes.seconds(g)), f"{CODES_DIR}/{g}", cfg.sae)
+        )
+    header = {
+        "store": str(cfg.store),
+        "hook": hook,
+        "rows": n_rows,
+        "sae": cfg.sae,
+        "n_features": sae.n_features,
+        "device": str(device),
+    }
     table = write_report(out, entries, header)
     return PursueResult(out, entries, table)
 
@@ -233,14 +261,25 @@ class _Measured(NamedTuple):
     seconds: float
 
 
-def _stream(cfg: PursueConfig, store: Any, hook: str, codes: CodesStore, sae: Any, extras: list, W: torch.Tensor,
-            b: torch.Tensor, device: torch.device) -> dict[str, _Measured]:  # fmt: skip
+def _stream(
+    cfg: PursueConfig,
+    store: Any,
+    hook: str,
+    codes: CodesStore,
+    sae: Any,
+    extras: list,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    device: torch.device,
+) -> dict[str, _Measured]:
     """One pass over the rows, shard by shard: encoders measured, pursuits run (or their finished
     shards read back) and measured. Returns name -> metrics over all rows."""
     encoders = [("encoder", sae), *[(name, enc) for name, _, enc in extras]]
     stats = {name: ReconstructionStats() for name in [*(n for n, _ in encoders), *codes.groups]}
     seconds = dict.fromkeys(stats, 0.0)
-    bar = tqdm(total=codes.n_rows, unit="row", unit_scale=True, desc="pursue", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=codes.n_rows, unit="row", unit_scale=True, desc="pursue", disable=not cfg.progress, dynamic_ncols=True
+    )
     try:
         for i in range(codes.n_shards):
             start, stop = codes.shard_range(i)
@@ -291,7 +330,9 @@ def _empty_shard(group: str, n: int, k: int) -> dict[str, np.ndarray]:
 
 def _entry(method: str, k: float | None, m: _Measured, codes: str | None, source: str) -> Entry:
     r = m.metrics
-    return Entry(method, k, r.l0, r.fvu, r.explained_variance, r.mse, r.cossim, r.l2_ratio, m.seconds, r.n_tokens, codes, source)
+    return Entry(
+        method, k, r.l0, r.fvu, r.explained_variance, r.mse, r.cossim, r.l2_ratio, m.seconds, r.n_tokens, codes, source
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ keeps the result scale-equivariant.
 """
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -207,9 +208,7 @@ def pursuit(
 
 
 @torch.no_grad()
-def pursuit_trace(
-    x: Tensor, decoder: Any, k: int, *, method: str = "gp", b_dec: Tensor | None = None
-) -> PursuitTrace:
+def pursuit_trace(x: Tensor, decoder: Any, k: int, *, method: str = "gp", b_dec: Tensor | None = None) -> PursuitTrace:
     """Run a pursuit on x: [b, d] in one chunk and record the residual norm after every
     iteration (for tests and diagnostics; costs one extra gather per iteration)."""
     W, bias = _dictionary(decoder, b_dec)
@@ -226,9 +225,7 @@ def pursuit_trace(
 
 
 @torch.no_grad()
-def original_gradient_pursuit(
-    x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | None = None
-) -> Tensor:
+def original_gradient_pursuit(x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | None = None) -> Tensor:
     """The original sae-kit's gradient pursuit, as published (Blumensath & Davies 2008 in the
     batched form of dictionary_learning's grad_pursuit.py): a reference for tests and the
     benchmark's baseline, not for use. Dense: three [b, n]-by-[n, d]-sized matmuls per iteration.
@@ -397,9 +394,7 @@ def _cgp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
     else:
         # beta makes the new direction A-conjugate to the previous one (B&D's approximate CGP).
         prev_dir, prev_image = s.extra["direction"], s.extra["image"]
-        beta = -_safe_div(
-            torch.linalg.vecdot(prev_image, g_image), torch.linalg.vecdot(prev_image, prev_image)
-        )
+        beta = -_safe_div(torch.linalg.vecdot(prev_image, g_image), torch.linalg.vecdot(prev_image, prev_image))
         direction = g + beta[:, None] * F.pad(prev_dir, (0, 1))
         image = g_image + beta[:, None] * prev_image
         # A direction that pushes a coefficient already at 0 downward is infeasible from the
@@ -457,9 +452,7 @@ _UPDATES = {"gp": _gp_update_, "cgp": _cgp_update_, "mp": _mp_update_, "omp": _o
 METHODS = tuple(_UPDATES)
 
 
-def _projected_step_(
-    s: _State, W: Tensor, t: int, corr: Tensor, direction: Tensor, image: Tensor
-) -> Tensor:
+def _projected_step_(s: _State, W: Tensor, t: int, corr: Tensor, direction: Tensor, image: Tensor) -> Tensor:
     """Exact line search along `direction` over slots 0..t, then clamp at 0.
 
     corr: [b, t+1] = A @ residual (A: the atoms of slots 0..t [t+1, d] per row); direction:
@@ -483,9 +476,7 @@ def _projected_step_(
     return clamped
 
 
-def _backtrack_(
-    s: _State, W: Tensor, m: int, rows: Tensor, start: Tensor, direction: Tensor, step: Tensor
-) -> None:
+def _backtrack_(s: _State, W: Tensor, m: int, rows: Tensor, start: Tensor, direction: Tensor, step: Tensor) -> None:
     """Halve `step` on `rows` until the clamped point's residual is no larger than before.
 
     start, direction: [r, m] coefficients before the step and the step direction; step: [r].
@@ -536,9 +527,7 @@ def _nnls(G: Tensor, h: Tensor, c: Tensor, tol: Tensor, ridge: float = 1e-10) ->
             break
         # Unconstrained least squares on each live row's passive set (identity elsewhere).
         P, c_live = passive[live], c[live]
-        sol = torch.linalg.solve(
-            torch.where(P[:, :, None] & P[:, None, :], G[live], eye), h[live] * P
-        )
+        sol = torch.linalg.solve(torch.where(P[:, :, None] & P[:, None, :], G[live], eye), h[live] * P)
         bad = P & (sol <= 0)
         feasible = ~bad.any(dim=1)
         # Infeasible rows move toward sol until the first coefficient reaches 0, releasing it.
@@ -590,17 +579,14 @@ def _dictionary(decoder: Any, b_dec: Tensor | None) -> tuple[Tensor, Tensor | No
         W, own_bias = getattr(decoder, "W_dec", None), getattr(decoder, "b_dec", None)
     if not isinstance(W, Tensor):
         raise SaekitError(
-            f"decoder must be a W_dec tensor [n_features, d] or have a .W_dec tensor, "
-            f"got {type(decoder).__name__}"
+            f"decoder must be a W_dec tensor [n_features, d] or have a .W_dec tensor, got {type(decoder).__name__}"
         )
     if b_dec is None:
         b_dec = own_bias
     return W.detach(), None if b_dec is None else b_dec.detach()
 
 
-def _prepare(
-    x: Tensor, W: Tensor, b_dec: Tensor | None, k: int, method: str
-) -> tuple[Tensor, tuple[int, ...]]:
+def _prepare(x: Tensor, W: Tensor, b_dec: Tensor | None, k: int, method: str) -> tuple[Tensor, tuple[int, ...]]:
     """Validate; return x - b_dec as float32 [B, d] on W's device, and x's leading shape."""
     if method not in _UPDATES:
         raise SaekitError(f"unknown pursuit method {method!r}; use one of {', '.join(METHODS)}")

@@ -87,7 +87,9 @@ class SAEConfig:
                 self.k = int(self.k)
         check_non_negative("n_hidden", self.n_hidden, "no MLP path")
         if self.n_hidden > 0 and (self.d_hidden is None or self.d_hidden <= 0):
-            raise SaekitError(f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden=")
+            raise SaekitError(
+                f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden="
+            )
         resolve_dtype(self.dtype)  # one line for an unknown name
 
     @classmethod
@@ -201,7 +203,9 @@ def normalization_from_stats(
     # E||x - m||^2 = E||x||^2 - ||m||^2 when m is the mean.
     sq_norm = float(mean_sq_norm) - (float(mean.pow(2).sum()) if center else 0.0)
     if scale and not sq_norm > 0:
-        raise SaekitError(f"cannot scale inputs: the statistics give E||x - shift||^2 = {sq_norm:.3g} <= 0; check the cache's statistics")
+        raise SaekitError(
+            f"cannot scale inputs: the statistics give E||x - shift||^2 = {sq_norm:.3g} <= 0; check the cache's statistics"
+        )
     factor = math.sqrt(d_in / sq_norm) if scale else 1.0
     return Normalization(mean=shift.float(), scale=factor)
 
@@ -361,9 +365,15 @@ class Encoder(nn.Module):
         if activation is None:
             activation = "topk" if k is not None else "relu"
         cfg = SAEConfig(
-            d_in=d_in, n_features=n_features, activation=activation, k=k, d_hidden=d_hidden,
-            n_hidden=n_hidden, apply_preencoder_bias=apply_preencoder_bias,
-            threshold_lr=threshold_lr, dtype=dtype_name(dtype),
+            d_in=d_in,
+            n_features=n_features,
+            activation=activation,
+            k=k,
+            d_hidden=d_hidden,
+            n_hidden=n_hidden,
+            apply_preencoder_bias=apply_preencoder_bias,
+            threshold_lr=threshold_lr,
+            dtype=dtype_name(dtype),
         )
         self.activation = cfg.activation
         self.k = cfg.k
@@ -441,7 +451,9 @@ class Encoder(nn.Module):
         return EncoderOutput(codes, pre)
 
 
-def _mlp_path(d_in: int, n_features: int, d_hidden: int, n_hidden: int, dtype: torch.dtype, device: Any) -> nn.Sequential:
+def _mlp_path(
+    d_in: int, n_features: int, d_hidden: int, n_hidden: int, dtype: torch.dtype, device: Any
+) -> nn.Sequential:
     widths = [d_in] + [d_hidden] * n_hidden
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -504,7 +516,9 @@ class SparseAutoencoder(nn.Module):
         self.metadata: dict = dict(metadata or {})
         if encoder is not None:
             if k is not None or activation is not None or d_hidden is not None or n_hidden:
-                raise SaekitError("k, activation, d_hidden and n_hidden describe a new encoder, but you passed one: drop them or drop encoder=")
+                raise SaekitError(
+                    "k, activation, d_hidden and n_hidden describe a new encoder, but you passed one: drop them or drop encoder="
+                )
             if decoder is None:
                 decoder = _decoder_from_encoder(encoder)
             _check_encoder_fits_decoder(encoder, decoder, d_in, n_features)
@@ -518,8 +532,16 @@ class SparseAutoencoder(nn.Module):
             if activation is None and k is None:
                 raise SaekitError("a new encoder needs k (TopK), or activation='relu' / 'batchtopk' with k")
             encoder = Encoder(
-                decoder.d_in, decoder.n_features, k, d_hidden, n_hidden, apply_preencoder_bias,
-                dtype=decoder.dtype, device=decoder.device, activation=activation, threshold_lr=threshold_lr,
+                decoder.d_in,
+                decoder.n_features,
+                k,
+                d_hidden,
+                n_hidden,
+                apply_preencoder_bias,
+                dtype=decoder.dtype,
+                device=decoder.device,
+                activation=activation,
+                threshold_lr=threshold_lr,
             )
             with torch.no_grad():
                 encoder.W_enc.copy_(decoder.W_dec.T)
@@ -569,16 +591,31 @@ class SparseAutoencoder(nn.Module):
     @property
     def config(self) -> SAEConfig:
         return SAEConfig(
-            d_in=self.d_in, n_features=self.n_features, activation=self.activation, k=self.k,
-            d_hidden=self.d_hidden, n_hidden=self.n_hidden, apply_preencoder_bias=self.apply_preencoder_bias,
-            threshold_lr=self.encoder.threshold_lr, dtype=dtype_name(self.dtype), metadata=dict(self.metadata),
+            d_in=self.d_in,
+            n_features=self.n_features,
+            activation=self.activation,
+            k=self.k,
+            d_hidden=self.d_hidden,
+            n_hidden=self.n_hidden,
+            apply_preencoder_bias=self.apply_preencoder_bias,
+            threshold_lr=self.encoder.threshold_lr,
+            dtype=dtype_name(self.dtype),
+            metadata=dict(self.metadata),
         )
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, device: Any = None) -> SparseAutoencoder:
         return cls(
-            cfg.d_in, cfg.n_features, cfg.k, cfg.d_hidden, cfg.n_hidden, cfg.apply_preencoder_bias,
-            dtype=cfg.dtype, device=device, activation=cfg.activation, threshold_lr=cfg.threshold_lr,
+            cfg.d_in,
+            cfg.n_features,
+            cfg.k,
+            cfg.d_hidden,
+            cfg.n_hidden,
+            cfg.apply_preencoder_bias,
+            dtype=cfg.dtype,
+            device=device,
+            activation=cfg.activation,
+            threshold_lr=cfg.threshold_lr,
             metadata=cfg.metadata,
         )
 
@@ -631,7 +668,9 @@ class SparseAutoencoder(nn.Module):
         """
         norm = normalization_from_stats(mean, mean_sq_norm, center=center, scale=scale)
         if norm.mean.numel() != self.d_in:
-            raise SaekitError(f"the statistics' mean has {norm.mean.numel()} entries but this SAE expects d_in={self.d_in}")
+            raise SaekitError(
+                f"the statistics' mean has {norm.mean.numel()} entries but this SAE expects d_in={self.d_in}"
+            )
         self.decoder.set_normalization_(norm.mean, norm.scale)
         return norm
 
@@ -662,17 +701,25 @@ class SparseAutoencoder(nn.Module):
         cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_file.is_file():
             if (path / SAE_LENS_CONFIG).is_file():
-                raise SaekitError(f"{path} holds a sae-lens SAE, not a saekit one: use SparseAutoencoder.from_pretrained('{path}')")
-            raise SaekitError(f"{path} is not a saved saekit SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}): check the path")
+                raise SaekitError(
+                    f"{path} holds a sae-lens SAE, not a saekit one: use SparseAutoencoder.from_pretrained('{path}')"
+                )
+            raise SaekitError(
+                f"{path} is not a saved saekit SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}): check the path"
+            )
         if not weights_file.is_file():
-            raise SaekitError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}: the weights file is missing; copy it next to {CONFIG_FILE} or re-save the SAE")
+            raise SaekitError(
+                f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}: the weights file is missing; copy it next to {CONFIG_FILE} or re-save the SAE"
+            )
         cfg = SAEConfig.from_dict(read_json_object(cfg_file, "a saekit SAE config"))
         sae = cls.from_config(cfg, device="meta")
         state = _read_weights(weights_file, device)
         expected = sae.state_dict()
         missing = sorted(set(expected) - set(state))
         if missing:
-            raise SaekitError(f"{weights_file} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: it does not match {CONFIG_FILE}")
+            raise SaekitError(
+                f"{weights_file} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: it does not match {CONFIG_FILE}"
+            )
         for key, t in expected.items():
             if state[key].shape != t.shape:
                 raise SaekitError(
@@ -735,13 +782,21 @@ class SparseAutoencoder(nn.Module):
         return sae_lens_io.export_sae_lens(self, path, overwrite)
 
 
-def _check_encoder_fits_decoder(encoder: Encoder | None, decoder: Decoder, d_in: int | None, n_features: int | None) -> None:
+def _check_encoder_fits_decoder(
+    encoder: Encoder | None, decoder: Decoder, d_in: int | None, n_features: int | None
+) -> None:
     if encoder is not None and encoder.d_in != decoder.d_in:
-        raise SaekitError(f"encoder d_in={encoder.d_in} does not match decoder d_in={decoder.d_in}: they must read the same activations")
+        raise SaekitError(
+            f"encoder d_in={encoder.d_in} does not match decoder d_in={decoder.d_in}: they must read the same activations"
+        )
     if encoder is not None and encoder.n_features != decoder.n_features:
-        raise SaekitError(f"encoder n_features={encoder.n_features} does not match decoder n_features={decoder.n_features}")
+        raise SaekitError(
+            f"encoder n_features={encoder.n_features} does not match decoder n_features={decoder.n_features}"
+        )
     if d_in is not None and d_in != decoder.d_in:
-        raise SaekitError(f"d_in={d_in} does not match the decoder's d_in={decoder.d_in}: drop d_in= or pass a matching decoder")
+        raise SaekitError(
+            f"d_in={d_in} does not match the decoder's d_in={decoder.d_in}: drop d_in= or pass a matching decoder"
+        )
     if n_features is not None and n_features != decoder.n_features:
         raise SaekitError(f"n_features={n_features} does not match the decoder's n_features={decoder.n_features}")
 
@@ -817,7 +872,9 @@ def load_sae(spec: str | os.PathLike, device: Any = "cpu") -> SparseAutoencoder:
         return _load_sae_dir(path, device)
     if _looks_local(text):
         if path.exists():
-            raise SaekitError(f"{text} is a file; pass the directory that holds the SAE (a run dir, a saekit or sae-lens SAE dir) or RELEASE/ID")
+            raise SaekitError(
+                f"{text} is a file; pass the directory that holds the SAE (a run dir, a saekit or sae-lens SAE dir) or RELEASE/ID"
+            )
         raise SaekitError(f"no SAE directory at {text}; pass a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
     release, _, sae_id = text.partition("/")
     return SparseAutoencoder.from_pretrained(release, sae_id or None, device=device)
@@ -827,7 +884,9 @@ def check_sae_fits_hook(sae: SparseAutoencoder, spec: str, d_model: int, hook: s
     """One line when `sae` (given as `spec`) cannot read a store's `hook` of width d_model; a
     warning when its metadata says it was trained on another hook."""
     if sae.d_in != d_model:
-        raise SaekitError(f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook")
+        raise SaekitError(
+            f"SAE {spec} has d_in={sae.d_in} but hook {hook} of the store has d_model={d_model}; use an SAE trained on this hook"
+        )
     meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
     if meant and meant != hook:
         warnings.warn(f"SAE {spec} was trained on {meant}, not {hook}; the comparison may be meaningless", stacklevel=3)
@@ -842,7 +901,9 @@ def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
     if (path / "sae").is_dir():
         path = path / "sae"  # a training run directory (its own config.json is the training config)
     saekit_cfg, lens_cfg = (path / CONFIG_FILE).is_file(), (path / SAE_LENS_CONFIG).is_file()
-    if saekit_cfg and (not lens_cfg or read_json_object(path / CONFIG_FILE, "an SAE config").get("format") == FORMAT_NAME):
+    if saekit_cfg and (
+        not lens_cfg or read_json_object(path / CONFIG_FILE, "an SAE config").get("format") == FORMAT_NAME
+    ):
         return SparseAutoencoder.load(path, device=device)
     if lens_cfg:
         return SparseAutoencoder.from_pretrained(path, None, device=device)

@@ -41,8 +41,8 @@ SAE_LENS_ARCHS = {
 }
 
 _LIST_RELEASES = (
-    "list them with: python -c \"from sae_lens.loading.pretrained_saes_directory import "
-    "get_pretrained_saes_directory as d; print(list(d()))\""
+    'list them with: python -c "from sae_lens.loading.pretrained_saes_directory import '
+    'get_pretrained_saes_directory as d; print(list(d()))"'
 )
 # sae-lens config metadata kept in a loaded SAE's `metadata`
 _KEPT_METADATA = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")
@@ -107,7 +107,9 @@ def from_sae_lens(
     _copy_weights_(encoder, decoder, weights)
     meta = getattr(sl.cfg, "metadata", None)
     keep = {key: getattr(meta, key, None) for key in _KEPT_METADATA}
-    sae = SparseAutoencoder(encoder=encoder, decoder=decoder, metadata={key: v for key, v in keep.items() if v is not None})
+    sae = SparseAutoencoder(
+        encoder=encoder, decoder=decoder, metadata={key: v for key, v in keep.items() if v is not None}
+    )
     return sae.eval()
 
 
@@ -115,13 +117,20 @@ def _native_activation(sl: Any, arch: str) -> str:
     """saekit's activation for a sae-lens architecture; refuses what saekit cannot load as is."""
     native = SAE_LENS_ARCHS.get(arch)
     if native is None:
-        raise SaekitError(f"sae-lens architecture {arch!r} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}")
+        raise SaekitError(
+            f"sae-lens architecture {arch!r} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}"
+        )
     norm_mode = getattr(sl.cfg, "normalize_activations", "none")
     if norm_mode == "expected_average_only_in":
         # sae-lens applies nothing at run time in this mode when the factor is unknown; match it.
-        warnings.warn("this sae-lens SAE expects inputs scaled by a factor sae-lens could not find; loaded without it, as sae-lens does", stacklevel=4)
+        warnings.warn(
+            "this sae-lens SAE expects inputs scaled by a factor sae-lens could not find; loaded without it, as sae-lens does",
+            stacklevel=4,
+        )
     elif norm_mode != "none":
-        raise SaekitError(f"sae-lens normalize_activations={norm_mode!r} (a per-token transform) is not supported: saekit loads SAEs that take raw activations")
+        raise SaekitError(
+            f"sae-lens normalize_activations={norm_mode!r} (a per-token transform) is not supported: saekit loads SAEs that take raw activations"
+        )
     return native
 
 
@@ -215,9 +224,13 @@ def fold_normalization(
 def export_sae_lens(sae: SparseAutoencoder, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """`SparseAutoencoder.export_sae_lens`: write `path/` in sae-lens's format (see that method)."""
     if sae.encoder.mlp is not None:
-        raise SaekitError("MLP encoders exist only in saekit (sae-lens has no MLP-encoder architecture): use sae.save(path) instead")
+        raise SaekitError(
+            "MLP encoders exist only in saekit (sae-lens has no MLP-encoder architecture): use sae.save(path) instead"
+        )
     if sae.activation == "batchtopk" and bool(sae.encoder.threshold.isnan().any()):
-        raise SaekitError("this Batch-TopK SAE has no inference threshold yet (it is estimated during training): train it before exporting")
+        raise SaekitError(
+            "this Batch-TopK SAE has no inference threshold yet (it is estimated during training): train it before exporting"
+        )
     sl = _to_sae_lens(sae)
     publish_dir(Path(path), sl.save_model, overwrite)
     return Path(path)
@@ -298,7 +311,7 @@ def _load_sae_lens(release: str | os.PathLike, sae_id: str | None, device: str) 
             raise SaekitError(f"unknown sae-lens release {str(release)!r}; {_LIST_RELEASES}") from None
         if msg.startswith("ID"):
             raise SaekitError(
-                f"unknown SAE id {sae_id!r} in release {str(release)!r}; list its ids with: python -c \"from "
+                f'unknown SAE id {sae_id!r} in release {str(release)!r}; list its ids with: python -c "from '
                 f"sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory as d; "
                 f"print(list(d()['{release}'].saes_map))\""
             ) from None
@@ -314,7 +327,9 @@ def _load_sae_lens_dir(folder: Path, device: str) -> Any:
     cfg = read_json_object(folder / SAE_LENS_CONFIG, "a sae-lens SAE config")
     arch = cfg.get("architecture", "standard")
     if arch not in SAE_LENS_ARCHS:
-        raise SaekitError(f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}")
+        raise SaekitError(
+            f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}"
+        )
     if not (folder / SAE_LENS_WEIGHTS).is_file():
         raise SaekitError(f"{folder} has {SAE_LENS_CONFIG} but no {SAE_LENS_WEIGHTS}: copy the weights next to it")
     _check_sae_lens_weights(folder, cfg)
@@ -358,9 +373,13 @@ def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
         GatedRepoError = LocalEntryNotFoundError = OfflineModeIsEnabled = RepositoryNotFoundError = ()  # type: ignore
     what = f"{release}/{sae_id}" if sae_id else release
     if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or _is_network_error(e):
-        return SaekitError(f"could not download SAE {what} from the Hugging Face hub (no network or hub unreachable): connect, or pass a local sae-lens directory")
+        return SaekitError(
+            f"could not download SAE {what} from the Hugging Face hub (no network or hub unreachable): connect, or pass a local sae-lens directory"
+        )
     if isinstance(e, GatedRepoError):
-        return SaekitError(f"SAE {what} is in a gated Hugging Face repo: accept its terms on the hub and log in (huggingface-cli login)")
+        return SaekitError(
+            f"SAE {what} is in a gated Hugging Face repo: accept its terms on the hub and log in (huggingface-cli login)"
+        )
     if isinstance(e, RepositoryNotFoundError):
         return SaekitError(f"no Hugging Face repo for SAE {what}: check the release name; {_LIST_RELEASES}")
     return SaekitError(f"could not load SAE {what} through sae-lens: {type(e).__name__}: {one_line(e)}")
@@ -368,7 +387,18 @@ def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
 
 def _is_network_error(e: BaseException) -> bool:
     names = {type(c).__name__ for c in _causes(e)}
-    return bool(names & {"ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "gaierror", "NewConnectionError"})
+    return bool(
+        names
+        & {
+            "ConnectionError",
+            "ConnectError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "Timeout",
+            "gaierror",
+            "NewConnectionError",
+        }
+    )
 
 
 def _causes(e: BaseException | None):

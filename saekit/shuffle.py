@@ -79,7 +79,11 @@ def batch_stream(
     `prefetch`, a background thread pages the next window in while this one is consumed.
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-prefetch") if prefetch else None
-    load = (lambda j: pool.submit(window_blocks, read, plan[j])) if pool else (lambda j: _Done(window_blocks(read, plan[j])))
+    load = (
+        (lambda j: pool.submit(window_blocks, read, plan[j]))
+        if pool
+        else (lambda j: _Done(window_blocks(read, plan[j])))
+    )
     try:
         pending = load(first) if first < len(plan) else None
         out, filled = np.empty((batch_size, d), np.uint16), 0

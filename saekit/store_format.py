@@ -127,7 +127,13 @@ def is_url(path: str | os.PathLike) -> bool:
 
 def hook_name_ok(name: Any) -> bool:
     """True for a hook name that is one array name inside the store (never a path out of it)."""
-    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith((".", "__"))
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith((".", "__"))
+    )
 
 
 def validate_hooks(hooks: dict[str, int]) -> dict[str, int]:
@@ -207,7 +213,10 @@ def check_attrs(where: Any, attrs: dict) -> StoreLayout:
         need(hook_name_ok(h), f"hook name {h!r} is not an array name inside the store")
         need(_is_int(d) and d > 0, f"hook {h!r} has d_model {_show(d)}, not a positive integer")
     s, c = attrs.get("shard_rows"), attrs.get("chunk_rows")
-    need(_is_int(s) and _is_int(c) and c > 0 and s > 0 and s % c == 0, f"shard_rows {_show(s)} is not a positive multiple of chunk_rows {_show(c)}")
+    need(
+        _is_int(s) and _is_int(c) and c > 0 and s > 0 and s % c == 0,
+        f"shard_rows {_show(s)} is not a positive multiple of chunk_rows {_show(c)}",
+    )
     need(isinstance(attrs.get("meta"), dict), f"meta is {_show(attrs.get('meta'))}, not a map")
     need(isinstance(attrs.get("complete"), bool), f"complete is {_show(attrs.get('complete'))}, not true/false")
     layout = StoreLayout(dict(hooks), s, c)
@@ -222,7 +231,10 @@ def _check_summary(attrs: dict, layout: StoreLayout, need: Callable[[bool, str],
     need(_is_int(n) and n > 0, f"n_rows is {_show(n)}, not a positive integer")
     s = layout.shard_rows
     shards = attrs.get("shards")
-    need(isinstance(shards, list) and len(shards) == math.ceil(n / s), f"shards is {_show(shards)}, not one record per shard of {n} rows")
+    need(
+        isinstance(shards, list) and len(shards) == math.ceil(n / s),
+        f"shards is {_show(shards)}, not one record per shard of {n} rows",
+    )
     keys = array_keys(layout)
     for i, r in enumerate(shards):
         ok = isinstance(r, dict) and all(_is_int(r.get(k)) for k in ("index", "start", "stop"))
@@ -234,8 +246,13 @@ def _check_summary(attrs: dict, layout: StoreLayout, need: Callable[[bool, str],
     for h, d in layout.hooks.items():
         st = stats.get(h)
         ok = isinstance(st, dict) and isinstance(st.get("mean"), list) and len(st["mean"]) == d
-        need(ok and all(map(_is_num, st["mean"])) and _is_num(st.get("mean_sq_norm")), f"stats of hook {h!r} are not a mean of {d} numbers and a mean_sq_norm")
-    need(isinstance(attrs.get("content_hash"), str), f"content_hash is {_show(attrs.get('content_hash'))}, not a string")
+        need(
+            ok and all(map(_is_num, st["mean"])) and _is_num(st.get("mean_sq_norm")),
+            f"stats of hook {h!r} are not a mean of {d} numbers and a mean_sq_norm",
+        )
+    need(
+        isinstance(attrs.get("content_hash"), str), f"content_hash is {_show(attrs.get('content_hash'))}, not a string"
+    )
 
 
 def content_hash(attrs: dict) -> str:
@@ -253,7 +270,13 @@ def content_hash(attrs: dict) -> str:
 def summary(layout: StoreLayout, meta: dict, recs: Sequence[ShardRecord], n_rows: int) -> dict:
     """The attributes of a finished store: identity, row count, stats, per-shard checksums, content hash."""
     shards = [{"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc32c} for r in recs]
-    attrs = {**identity(layout, meta), "complete": True, "n_rows": n_rows, "stats": combined_stats(layout, recs, n_rows), "shards": shards}
+    attrs = {
+        **identity(layout, meta),
+        "complete": True,
+        "n_rows": n_rows,
+        "stats": combined_stats(layout, recs, n_rows),
+        "shards": shards,
+    }
     return {**attrs, "content_hash": content_hash(attrs)}
 
 
@@ -268,7 +291,9 @@ def _record_ok(r: ShardRecord, layout: StoreLayout) -> bool:
     ok = ok and all(_is_int(r.crc32c.get(k)) for k in array_keys(layout))
     sums, sq = r.extra.get("sums"), r.extra.get("sq_norms")
     ok = ok and isinstance(sums, dict) and isinstance(sq, dict)
-    return ok and all(isinstance(sums.get(h), list) and len(sums[h]) == d and _is_num(sq.get(h)) for h, d in layout.hooks.items())
+    return ok and all(
+        isinstance(sums.get(h), list) and len(sums[h]) == d and _is_num(sq.get(h)) for h, d in layout.hooks.items()
+    )
 
 
 def store_records(root: Path, layout: StoreLayout) -> dict[int, ShardRecord]:

@@ -28,7 +28,15 @@ from tqdm import tqdm
 
 from saekit.config import check_positive, need
 from saekit.errors import SaekitError
-from saekit.shards import CREATING, ShardLayoutError, ShardRecord, crc32c_of, is_plain_sharded, map_shard_file, shard_key
+from saekit.shards import (
+    CREATING,
+    ShardLayoutError,
+    ShardRecord,
+    crc32c_of,
+    is_plain_sharded,
+    map_shard_file,
+    shard_key,
+)
 from saekit.shuffle import batch_stream, shuffle_plan, skip_windows
 from saekit.store_format import (
     ACTS,
@@ -58,11 +66,15 @@ class _BadShard(SaekitError):
     """A shard that cannot be read as recorded (missing, unreadable, checksum mismatch)."""
 
     def __init__(self, store: Any, name: str, what: str):
-        super().__init__(f"store {store}: shard {name} is {what}; run `saekit verify` to list every bad shard, then re-harvest or restore them")
+        super().__init__(
+            f"store {store}: shard {name} is {what}; run `saekit verify` to list every bad shard, then re-harvest or restore them"
+        )
         self.name, self.what = name, what
 
 
-def open_store(path_or_url: str | os.PathLike, *, allow_incomplete: bool = False, check: bool = True) -> ActivationStore:
+def open_store(
+    path_or_url: str | os.PathLike, *, allow_incomplete: bool = False, check: bool = True
+) -> ActivationStore:
     """Open a store for reading: a local directory (memory-mapped) or an fsspec URL (zarr reads).
 
     The attributes are checked (types, and the content hash recomputed from them: no data read)
@@ -115,7 +127,9 @@ def _local_attrs(root: Path) -> dict | None:
         raise SaekitError(f"no store at {root}; check the path (harvest writes one)")
     attrs = read_attrs(root)
     if attrs is None and (root / CREATING).is_file():
-        raise SaekitError(f"creating the store at {root} was interrupted (it holds no rows); rerun the harvest with --resume or --overwrite")
+        raise SaekitError(
+            f"creating the store at {root} was interrupted (it holds no rows); rerun the harvest with --resume or --overwrite"
+        )
     return attrs
 
 
@@ -125,7 +139,9 @@ class ActivationStore:
     def __init__(self, path, root: Path | None, group, attrs: dict, check: bool):
         self.path = path
         self.meta: dict = attrs["meta"]
-        self.layout = StoreLayout(dict(attrs["hooks"]), attrs["shard_rows"], attrs["chunk_rows"])  # checked by open_store
+        self.layout = StoreLayout(
+            dict(attrs["hooks"]), attrs["shard_rows"], attrs["chunk_rows"]
+        )  # checked by open_store
         self.hooks: list[str] = list(self.layout.hooks)
         self.complete: bool = attrs["complete"]
         self.format_version: int = attrs["format_version"]
@@ -143,10 +159,14 @@ class ActivationStore:
             self._shards = {s["index"]: s for s in attrs["shards"]}
             self._stats = attrs["stats"]
         else:  # readable part of an unfinished store: leading complete shards
-            order = leading_records(store_records(root, self.layout), self.layout.shard_rows) if root is not None else []
+            order = (
+                leading_records(store_records(root, self.layout), self.layout.shard_rows) if root is not None else []
+            )
             self.n_rows = order[-1].stop if order else 0
             self.content_hash = ""
-            self._shards = {r.index: {"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc32c} for r in order}
+            self._shards = {
+                r.index: {"index": r.index, "start": r.start, "stop": r.stop, "crc32c": r.crc32c} for r in order
+            }
             self._stats = combined_stats(self.layout, order, self.n_rows) if order else {}
         self._plain = {key: self._is_plain(key) for key in self._array_keys()}
 
@@ -184,7 +204,9 @@ class ActivationStore:
         """Mean row and mean squared row norm of `hook`, computed by the writer from every row."""
         h = self.resolve_hook(hook)
         if h not in self._stats:
-            raise SaekitError(f"store {self.path} has no complete shards yet, so no statistics; finish the harvest first")
+            raise SaekitError(
+                f"store {self.path} has no complete shards yet, so no statistics; finish the harvest first"
+            )
         s = self._stats[h]
         return HookStats(torch.tensor(s["mean"], dtype=torch.float32), float(s["mean_sq_norm"]))
 
@@ -238,7 +260,9 @@ class ActivationStore:
             v = None
             if self._root is not None and self._plain[key]:
                 try:
-                    v = map_shard_file(self._root / name, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start)
+                    v = map_shard_file(
+                        self._root / name, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start
+                    )
                 except ShardLayoutError:
                     pass  # another writer's layout: zarr may still read it, and the crc32c below decides
             if v is None:
@@ -330,7 +354,9 @@ class ActivationStore:
             out[sel] = np.take(self._view(key, int(i)), local, axis=0)  # numpy gather: much faster than torch indexing
         return out
 
-    def iter_rows(self, hook: str | None, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[torch.Tensor]:
+    def iter_rows(
+        self, hook: str | None, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[torch.Tensor]:
         """Consecutive batches of rows [start, stop) as bf16 [<=batch_size, d]."""
         key = f"{ACTS}/{self.resolve_hook(hook)}"
         stop = self.n_rows if stop is None else stop

@@ -97,7 +97,9 @@ def create_store(
     attrs = read_attrs(root) if non_empty else None
     if rank > 0:
         if attrs is None:
-            raise SaekitError(f"rank {rank}: no store at {root} yet; rank 0 must call create_store first (barrier after it)")
+            raise SaekitError(
+                f"rank {rank}: no store at {root} yet; rank 0 must call create_store first (barrier after it)"
+            )
         return _reopen(root, attrs, layout, meta, rank, world_size)
     if non_empty:
         if not (resume or overwrite):
@@ -116,7 +118,14 @@ def create_store(
 
 
 def _check_create_args(
-    path: str | os.PathLike, resume: bool, overwrite: bool, rank: int, world_size: int, shard_rows: int, chunk_rows: int, n_rows: int
+    path: str | os.PathLike,
+    resume: bool,
+    overwrite: bool,
+    rank: int,
+    world_size: int,
+    shard_rows: int,
+    chunk_rows: int,
+    n_rows: int,
 ) -> None:
     if is_url(path):
         raise SaekitError(f"stores are written to a local directory, not {path}; write locally, then copy")
@@ -135,9 +144,13 @@ def _reopen(root: Path, attrs: dict, layout: StoreLayout, meta: dict, rank: int,
     """A writer of the unfinished store at `root` (resume, or rank > 0 joining rank 0's store)."""
     stored = check_attrs(root, attrs)
     if attrs["complete"] and rank > 0:
-        raise SaekitError(f"rank {rank}: store {root} is already complete; nothing to write (overwrite it from rank 0 to rebuild)")
+        raise SaekitError(
+            f"rank {rank}: store {root} is already complete; nothing to write (overwrite it from rank 0 to rebuild)"
+        )
     if attrs["complete"]:
-        raise SaekitError(f"store {root} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild")
+        raise SaekitError(
+            f"store {root} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild"
+        )
     _check_matches(root, stored, attrs["meta"], layout, meta)
     return StoreWriter(root, layout, attrs, rank, world_size)
 
@@ -163,9 +176,13 @@ def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int) -> dict:
     def build(group) -> None:
         acts = group.create_group(ACTS)
         for hook, d in layout.hooks.items():
-            create_sharded_array(acts, hook, (capacity, d), "uint16", **sharding, attrs={**BF16_ATTRS, "hook": hook, "d_model": d})
+            create_sharded_array(
+                acts, hook, (capacity, d), "uint16", **sharding, attrs={**BF16_ATTRS, "hook": hook, "d_model": d}
+            )
         for name, what in ((TOKENS, "token id"), (POSITIONS, "position in sequence")):
-            create_sharded_array(group, name, (capacity,), "int32", **sharding, attrs={"description": f"{what} of every row"})
+            create_sharded_array(
+                group, name, (capacity,), "int32", **sharding, attrs={"description": f"{what} of every row"}
+            )
 
     note = "saekit is creating a store here; if no harvest is running, rerun it with --resume\n"
     create_marked_group(root, attrs, build, note)
@@ -210,7 +227,9 @@ class StoreWriter:
         try:
             self._arrays = {key: self._group[key] for key in array_keys(layout)}
         except KeyError as e:
-            raise SaekitError(f"store {root} has no array {e}; it is damaged: re-harvest it with overwrite (--overwrite)") from e
+            raise SaekitError(
+                f"store {root} has no array {e}; it is damaged: re-harvest it with overwrite (--overwrite)"
+            ) from e
         self._records.mkdir(exist_ok=True)
         done = store_records(root, layout)
         self.damaged = self._drop_damaged(done)
@@ -265,7 +284,9 @@ class StoreWriter:
                 )
             n = x.shape[0] if n is None else n
             if x.shape[0] != n:
-                raise SaekitError(f"hook {h!r} has {x.shape[0]} rows but other hooks have {n}; pass the same rows for every hook")
+                raise SaekitError(
+                    f"hook {h!r} has {x.shape[0]} rows but other hooks have {n}; pass the same rows for every hook"
+                )
             out[f"{ACTS}/{h}"] = bf16_bits(x)
         for key, v in ((TOKENS, tokens), (POSITIONS, positions)):
             v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
@@ -307,7 +328,9 @@ class StoreWriter:
     def write_shard(self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
         """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard)."""
         if index % self.world_size != self.rank:
-            raise SaekitError(f"shard {index} belongs to rank {index % self.world_size}, not rank {self.rank} of {self.world_size}")
+            raise SaekitError(
+                f"shard {index} belongs to rank {index % self.world_size}, not rank {self.rank} of {self.world_size}"
+            )
         data, n = self._convert(acts, tokens, positions)
         if not 0 < n <= self.layout.shard_rows:
             raise SaekitError(f"a shard holds 1..{self.layout.shard_rows} rows, got {n}; split the rows into shards")
@@ -356,7 +379,9 @@ class StoreWriter:
         total = order[-1].stop if order else 0
         if n_rows is not None:
             if n_rows > total:
-                raise SaekitError(f"finalize(n_rows={n_rows}) but only {total} rows are written; write more rows or pass fewer")
+                raise SaekitError(
+                    f"finalize(n_rows={n_rows}) but only {total} rows are written; write more rows or pass fewer"
+                )
             total = int(n_rows)
         if total == 0:
             raise SaekitError(f"store {self.path} has no rows; append rows before finalize")
@@ -383,7 +408,9 @@ class StoreWriter:
                 why = f"shard {last} is partial"
             else:
                 why = f"shards {sorted(set(range(last + 1, later[-1] + 1)) - set(recs))} have no completion record"
-            raise SaekitError(f"store {self.path} has a gap: {why} but later shards exist; rerun the writers with resume, then finalize")
+            raise SaekitError(
+                f"store {self.path} has a gap: {why} but later shards exist; rerun the writers with resume, then finalize"
+            )
         return order
 
     def _record_from_disk(self, rec: ShardRecord, stop: int) -> ShardRecord:

@@ -112,16 +112,20 @@ def _not_text(path: Path, offset: int, newlines: int, byte: int | None) -> Saeki
     with open(path, "rb") as f:
         utf16 = f.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     if byte is None:
-        return SaekitError(f"--dataset {path} holds a NUL byte {where}: it is binary (or UTF-16), not UTF-8 text; "
-                           "pass a text file")
+        return SaekitError(
+            f"--dataset {path} holds a NUL byte {where}: it is binary (or UTF-16), not UTF-8 text; pass a text file"
+        )
     guess = "it looks like UTF-16 and " if utf16 else ""
-    return SaekitError(f"--dataset {path} is not UTF-8 text: byte 0x{byte:02x} {where} is invalid; {guess}saekit "
-                       f"reads UTF-8 only: convert it, e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8 "
-                       f"{path.name} > {path.stem}.utf8{path.suffix}`")
+    return SaekitError(
+        f"--dataset {path} is not UTF-8 text: byte 0x{byte:02x} {where} is invalid; {guess}saekit "
+        f"reads UTF-8 only: convert it, e.g. `iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8 "
+        f"{path.name} > {path.stem}.utf8{path.suffix}`"
+    )
 
 
-def load_texts(spec: str | None, *, config: str | None = None, split: str = "train",
-               text_column: str = "text") -> TextSource:
+def load_texts(
+    spec: str | None, *, config: str | None = None, split: str = "train", text_column: str = "text"
+) -> TextSource:
     """`spec`: None/'embedded', a .txt/.jsonl/.parquet file, a `save_to_disk` directory, or an HF
     hub dataset name (streamed, never downloaded whole)."""
     if spec in (None, "", EMBEDDED):
@@ -132,8 +136,10 @@ def load_texts(spec: str | None, *, config: str | None = None, split: str = "tra
     mode = path_mode(path, "--dataset")
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         # Known by stat alone: /dev/zero never ends and opening a FIFO waits for a writer.
-        raise SaekitError(f"--dataset {spec} is {file_kind(mode)}, not a regular file: "
-                          "pass a .txt, .jsonl or .parquet file or a save_to_disk folder")
+        raise SaekitError(
+            f"--dataset {spec} is {file_kind(mode)}, not a regular file: "
+            "pass a .txt, .jsonl or .parquet file or a save_to_disk folder"
+        )
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".txt":
@@ -171,12 +177,16 @@ def _jsonl_rows(path: Path) -> Iterator[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SaekitError(f"{path} line {i} is not JSON ({one_line(e, 60)}): "
-                                  'each line must be one JSON object, e.g. {"text": "..."}') from e
+                raise SaekitError(
+                    f"{path} line {i} is not JSON ({one_line(e, 60)}): "
+                    'each line must be one JSON object, e.g. {"text": "..."}'
+                ) from e
             if not isinstance(row, dict):
                 kind = next(name for t, name in _JSON_KINDS if isinstance(row, t))
-                raise SaekitError(f"{path} line {i} is a JSON {kind}, not an object: "
-                                  'each line must be one JSON object, e.g. {"text": "..."}')
+                raise SaekitError(
+                    f"{path} line {i} is a JSON {kind}, not an object: "
+                    'each line must be one JSON object, e.g. {"text": "..."}'
+                )
             yield row
 
 
@@ -194,8 +204,10 @@ def _parquet_file(path: Path):
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise SaekitError(f"--dataset {path} is not a readable Parquet file ({one_line(e, 80)}): "
-                          "pass an intact .parquet file, or the texts as .jsonl or .txt") from e
+        raise SaekitError(
+            f"--dataset {path} is not a readable Parquet file ({one_line(e, 80)}): "
+            "pass an intact .parquet file, or the texts as .jsonl or .txt"
+        ) from e
 
 
 def _parquet_source(path: Path, column: str) -> TextSource:
@@ -216,8 +228,9 @@ def _parquet_source(path: Path, column: str) -> TextSource:
                 yield batch
                 n += batch.num_rows
         except (pa.ArrowException, OSError) as e:
-            raise SaekitError(f"--dataset {path} is damaged past row {n} ({one_line(e, 80)}): "
-                              "pass an intact copy") from e
+            raise SaekitError(
+                f"--dataset {path} is damaged past row {n} ({one_line(e, 80)}): pass an intact copy"
+            ) from e
 
     def docs() -> Iterator[str]:
         for batch in batches():
@@ -239,10 +252,13 @@ def _load_saved(path: Path):
         return datasets.load_from_disk(str(path))
     except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as e:  # OSError: a file is missing
         if not saved:
-            raise SaekitError(f"--dataset {path} is a directory but not a datasets save_to_disk folder "
-                              "(no state.json or dataset_dict.json): pass such a folder or a .txt/.jsonl/.parquet file") from e
-        raise SaekitError(f"--dataset {path} is a damaged save_to_disk folder ({one_line(e, 80)}): "
-                          "save the dataset there again") from e
+            raise SaekitError(
+                f"--dataset {path} is a directory but not a datasets save_to_disk folder "
+                "(no state.json or dataset_dict.json): pass such a folder or a .txt/.jsonl/.parquet file"
+            ) from e
+        raise SaekitError(
+            f"--dataset {path} is a damaged save_to_disk folder ({one_line(e, 80)}): save the dataset there again"
+        ) from e
 
 
 def _disk_source(path: Path, split: str, column: str) -> TextSource:
@@ -254,9 +270,16 @@ def _disk_source(path: Path, split: str, column: str) -> TextSource:
             raise SaekitError(f"{path} has no split '{split}' (splits: {', '.join(ds)}): pass --split")
         ds = ds[split]
     if column not in ds.column_names:
-        raise SaekitError(f"{path} has no column '{column}' (columns: {', '.join(ds.column_names)}): pass --text-column")
-    meta = {"source": "save_to_disk", "path": str(path.resolve()), "split": split, "text_column": column,
-            "fingerprint": ds._fingerprint}
+        raise SaekitError(
+            f"{path} has no column '{column}' (columns: {', '.join(ds.column_names)}): pass --text-column"
+        )
+    meta = {
+        "source": "save_to_disk",
+        "path": str(path.resolve()),
+        "split": split,
+        "text_column": column,
+        "fingerprint": ds._fingerprint,
+    }
     return TextSource(lambda: _column(ds.select_columns([column]), column, str(path)), path.name, meta)
 
 
@@ -274,8 +297,9 @@ def _hub_source(name: str, config: str | None, split: str, column: str) -> TextS
     return dataset_source(ds, column, name=name, split=split, config=config)
 
 
-def dataset_source(ds, column: str = "text", *, name: str | None = None, split: str | None = None,
-                   config: str | None = None) -> TextSource:
+def dataset_source(
+    ds, column: str = "text", *, name: str | None = None, split: str | None = None, config: str | None = None
+) -> TextSource:
     """A TextSource over an HF `Dataset` or `IterableDataset` object (the original README passes one).
 
     Identity (for provenance and the cache key): dataset name, config, split and version from
@@ -298,9 +322,16 @@ def dataset_source(ds, column: str = "text", *, name: str | None = None, split: 
         if i == 16:
             break
         head.update(text.encode("utf-8", "replace") + b"\0")
-    meta = {"source": "hf_dataset", "name": name, "config": config, "split": split, "text_column": column,
-            "version": str(getattr(info, "version", None) or ""), "fingerprint": getattr(ds, "_fingerprint", None),
-            "head_sha256": head.hexdigest()[:16]}
+    meta = {
+        "source": "hf_dataset",
+        "name": name,
+        "config": config,
+        "split": split,
+        "text_column": column,
+        "version": str(getattr(info, "version", None) or ""),
+        "fingerprint": getattr(ds, "_fingerprint", None),
+        "head_sha256": head.hexdigest()[:16],
+    }
     return TextSource(docs, name.split("/")[-1], meta)
 
 
@@ -326,7 +357,9 @@ def model_packing(model, ctx_len: int) -> Packing:
     if tok is None:
         raise SaekitError(f"model {model.cfg.model_name} has no tokenizer: load a checkpoint that ships one")
     if ctx_len > model.cfg.n_ctx:
-        raise SaekitError(f"--ctx-len {ctx_len} is above the model's n_ctx {model.cfg.n_ctx}: use --ctx-len {model.cfg.n_ctx} or less")
+        raise SaekitError(
+            f"--ctx-len {ctx_len} is above the model's n_ctx {model.cfg.n_ctx}: use --ctx-len {model.cfg.n_ctx} or less"
+        )
     if ctx_len < 2:
         raise SaekitError(f"--ctx-len {ctx_len} is too short: use at least 2")
     bos = tok.bos_token_id if model.cfg.default_prepend_bos else None

@@ -45,7 +45,15 @@ from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import to_dense
 from saekit.sae import SparseAutoencoder, load_sae
 from saekit.store import HookStats, write_json_atomic
-from saekit.train_checkpoint import CKPT, MetricsLog, Position, checkpoint_dir, load_checkpoint, read_metrics, save_checkpoint
+from saekit.train_checkpoint import (
+    CKPT,
+    MetricsLog,
+    Position,
+    checkpoint_dir,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+)
 from saekit.train_loss import Losses, Objective, normalized_variance, pursuit_decode
 
 CODES = ("encoder", "pursuit", "both")
@@ -54,8 +62,22 @@ TRAIN_ACTIVATIONS = ("topk", "batchtopk")
 # Fields that must match the run being resumed: they decide the model and the data stream.
 # Others (lr, budget, eval and logging cadence, device) may change on resume (then the result
 # is no longer bitwise that of an uninterrupted run).
-RUN_IDENTITY = ("hook", "n_features", "k", "activation", "d_hidden", "n_hidden", "from_pretrained",
-                "init_encoder", "train_decoder", "codes", "normalize", "batch_size", "seed", "eval_rows")  # fmt: skip
+RUN_IDENTITY = (
+    "hook",
+    "n_features",
+    "k",
+    "activation",
+    "d_hidden",
+    "n_hidden",
+    "from_pretrained",
+    "init_encoder",
+    "train_decoder",
+    "codes",
+    "normalize",
+    "batch_size",
+    "seed",
+    "eval_rows",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +160,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         need(bool(self.store), "--store is required: the activation store to train on")
         need(bool(self.out), "--out is required: the run directory to write")
-        need(self.activation in TRAIN_ACTIVATIONS, f"--activation {self.activation!r}: use one of {', '.join(TRAIN_ACTIVATIONS)}")
+        need(
+            self.activation in TRAIN_ACTIVATIONS,
+            f"--activation {self.activation!r}: use one of {', '.join(TRAIN_ACTIVATIONS)}",
+        )
         need(self.codes in CODES, f"--codes {self.codes!r}: use one of {', '.join(CODES)}")
         check_positive("--k", self.k)
         check_non_negative("--n-features", self.n_features, "expansion_factor x d_in")
@@ -148,9 +173,17 @@ class TrainConfig:
             check_k(self.k, self.n_features, "--k", "--n-features")
         check_non_negative("--d-hidden", self.d_hidden, "a linear encoder")
         check_non_negative("--n-hidden", self.n_hidden, "1 with --d-hidden")
-        need(not self.n_hidden or self.d_hidden, f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)")
-        need(not self.init_encoder or bool(self.from_pretrained), "--init-encoder needs --from-pretrained (the SAE whose encoder to start from)")
-        need(not (self.codes == "pursuit" and self.train_decoder is False), "--codes pursuit trains only the dictionary: drop --no-train-decoder")
+        need(
+            not self.n_hidden or self.d_hidden, f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)"
+        )
+        need(
+            not self.init_encoder or bool(self.from_pretrained),
+            "--init-encoder needs --from-pretrained (the SAE whose encoder to start from)",
+        )
+        need(
+            not (self.codes == "pursuit" and self.train_decoder is False),
+            "--codes pursuit trains only the dictionary: drop --no-train-decoder",
+        )
         self._check_budget()
 
     def _check_budget(self) -> None:
@@ -180,7 +213,9 @@ class TrainConfig:
         return check_dict(cls, d, source, "saekit train --help")
 
 
-def resolve(cfg: TrainConfig, *, hook: str, d_in: int, n_rows: int, pretrained: SparseAutoencoder | None = None) -> TrainConfig:
+def resolve(
+    cfg: TrainConfig, *, hook: str, d_in: int, n_rows: int, pretrained: SparseAutoencoder | None = None
+) -> TrainConfig:
     """Fill the 0-means-auto fields from the store (its hook, d_in and rows) and from `pretrained`
     (the --from-pretrained dictionary), and check what they decide. `build_sae` builds from the
     result, and it is saved as config.json."""
@@ -188,9 +223,15 @@ def resolve(cfg: TrainConfig, *, hook: str, d_in: int, n_rows: int, pretrained: 
     check_k(cfg.k, n_features, "--k", "n_features")
     held = held_out_rows(n_rows, cfg.eval_rows)
     eval_rows, train_rows = len(held), held.start
-    need(eval_rows > 0 and train_rows > 0, f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {n_rows}; change it")
+    need(
+        eval_rows > 0 and train_rows > 0,
+        f"--eval-rows {eval_rows} leaves no training or no held-out rows in the store's {n_rows}; change it",
+    )
     tokens = cfg.tokens or train_rows
-    need(tokens >= cfg.batch_size, f"--tokens {tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size")
+    need(
+        tokens >= cfg.batch_size,
+        f"--tokens {tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size",
+    )
     steps = tokens // cfg.batch_size
     return replace(
         cfg,
@@ -214,8 +255,14 @@ def _n_features(cfg: TrainConfig, hook: str, d_in: int, pretrained: SparseAutoen
     if pretrained is None:
         return cfg.n_features or (cfg.expansion_factor or 8) * d_in
     src, n = cfg.from_pretrained, pretrained.n_features
-    need(pretrained.d_in == d_in, f"--from-pretrained {src} has d_in={pretrained.d_in} but hook {hook} has d_model={d_in}: use the dictionary trained on this hook")
-    need(cfg.n_features in (0, n), f"--n-features {cfg.n_features} differs from the pretrained dictionary's {n}: drop --n-features")
+    need(
+        pretrained.d_in == d_in,
+        f"--from-pretrained {src} has d_in={pretrained.d_in} but hook {hook} has d_model={d_in}: use the dictionary trained on this hook",
+    )
+    need(
+        cfg.n_features in (0, n),
+        f"--n-features {cfg.n_features} differs from the pretrained dictionary's {n}: drop --n-features",
+    )
     return n
 
 
@@ -241,7 +288,13 @@ def lr_at(step: int, total: int, lr: float, warmup_frac: float, decay_frac: floa
 
 
 def build_sae(
-    cfg: TrainConfig, *, d_in: int, mean: Tensor, mean_sq_norm: float, device: Any = "cpu", pretrained: SparseAutoencoder | None = None
+    cfg: TrainConfig,
+    *,
+    d_in: int,
+    mean: Tensor,
+    mean_sq_norm: float,
+    device: Any = "cpu",
+    pretrained: SparseAutoencoder | None = None,
 ) -> SparseAutoencoder:
     """The SAE to train, as the resolved `cfg` (`resolve`) says, on `device`, in train mode, with
     frozen parts marked not trainable.
@@ -287,15 +340,26 @@ def _batches_per_epoch(store, stop_row: int, local_batch: int, seed: int, epoch:
     from saekit.store import shuffle_plan
 
     shares = [
-        sum(w.n_rows for w in shuffle_plan(stop_row, store.layout.chunk_rows, seed=seed, epoch=epoch, rank=r,
-                                           world_size=world_size, window_blocks=16))
+        sum(
+            w.n_rows
+            for w in shuffle_plan(
+                stop_row,
+                store.layout.chunk_rows,
+                seed=seed,
+                epoch=epoch,
+                rank=r,
+                world_size=world_size,
+                window_blocks=16,
+            )
+        )
         for r in range(world_size)
-    ]  # fmt: skip
+    ]
     return min(shares) // local_batch
 
 
-def batches(store, hook: str, *, stop_row: int, local_batch: int, seed: int, start: Position,
-            rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Position]]:  # fmt: skip
+def batches(
+    store, hook: str, *, stop_row: int, local_batch: int, seed: int, start: Position, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[Tensor, Position]]:
     """Endless shuffled local batches [local_batch, d] bf16, each with the position after it."""
     epoch, first = start.epoch, start.batch
     while True:
@@ -304,8 +368,17 @@ def batches(store, hook: str, *, stop_row: int, local_batch: int, seed: int, sta
             raise SaekitError(
                 f"--batch-size {local_batch * world_size} is larger than the {stop_row} training rows; lower it or harvest more"
             )
-        it = store.shuffled_batches(hook, local_batch, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                    start_batch=first, stop_row=stop_row, drop_last=True)  # fmt: skip
+        it = store.shuffled_batches(
+            hook,
+            local_batch,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            start_batch=first,
+            stop_row=stop_row,
+            drop_last=True,
+        )
         try:
             for i, x in zip(range(first, n), it):
                 yield x, Position(0, epoch, i + 1)
@@ -315,8 +388,9 @@ def batches(store, hook: str, *, stop_row: int, local_batch: int, seed: int, sta
 
 
 @torch.no_grad()
-def evaluate(sae: SparseAutoencoder, store, hook: str, start: int, stop: int, batch_size: int,
-             codes: str, k: int) -> dict[str, float]:  # fmt: skip
+def evaluate(
+    sae: SparseAutoencoder, store, hook: str, start: int, stop: int, batch_size: int, codes: str, k: int
+) -> dict[str, float]:
     """FVU (against the held-out set's mean), L0 and cosine similarity on rows [start, stop), in
     raw activation space, comparable with sae-lens and with `saekit pursue`. (FVU is the same in
     the normalized space, an affine map of it; cosine similarity is not.)"""
@@ -362,9 +436,13 @@ def _wandb(cfg: TrainConfig, out: Path, run_id: str) -> Any:
         warnings.warn("--wandb: the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
         return _NoWandb()
     try:
-        return wandb.init(project=cfg.wandb_project, name=out.name, dir=str(out), config=asdict(cfg), id=run_id, resume="allow")
+        return wandb.init(
+            project=cfg.wandb_project, name=out.name, dir=str(out), config=asdict(cfg), id=run_id, resume="allow"
+        )
     except Exception as e:  # no API key, no network, ...
-        raise SaekitError(f"--wandb: wandb.init failed ({type(e).__name__}: {one_line(e)}); run `wandb login`, set WANDB_MODE=offline, or drop --wandb") from None
+        raise SaekitError(
+            f"--wandb: wandb.init failed ({type(e).__name__}: {one_line(e)}); run `wandb login`, set WANDB_MODE=offline, or drop --wandb"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +464,9 @@ def check_run_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if is_non_empty(out):
         if not cfg.resume:
-            raise SaekitError(f"run directory {out} already exists: pass --resume to continue it, or choose a new --out")
+            raise SaekitError(
+                f"run directory {out} already exists: pass --resume to continue it, or choose a new --out"
+            )
         if not (out / "config.json").is_file():
             raise SaekitError(f"--resume: {out} is not a saekit run directory (no config.json); choose a new --out")
 
@@ -397,7 +477,9 @@ def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
     if _run_info(out).get("store_hash", content_hash) != content_hash:
         diff.append("the store's contents")
     if diff:
-        raise SaekitError(f"--resume: {out} was started with different settings ({'; '.join(diff)}); use the same ones or a new --out")
+        raise SaekitError(
+            f"--resume: {out} was started with different settings ({'; '.join(diff)}); use the same ones or a new --out"
+        )
 
 
 _DAMAGED_FIX = "restore it from a copy, or start over with a new --out"
@@ -458,7 +540,9 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
     pretrained = load_sae(cfg.from_pretrained, d.device) if cfg.from_pretrained else None
     cfg = resolve(cfg, hook=hook, d_in=d_in, n_rows=store.n_rows, pretrained=pretrained)
     stats = training_stats(store, hook, store.n_rows - cfg.eval_rows)
-    sae = build_sae(cfg, d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device, pretrained=pretrained)
+    sae = build_sae(
+        cfg, d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device, pretrained=pretrained
+    )
     sae.metadata.update(_provenance(store, hook))
     session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
     return _loop(session)
@@ -509,7 +593,9 @@ class _Session:
         if not self.d.main:
             return {}
         c = self.cfg
-        m = evaluate(self.sae, self.store, c.hook, self.store.n_rows - c.eval_rows, self.store.n_rows, c.batch_size, c.codes, c.k)
+        m = evaluate(
+            self.sae, self.store, c.hook, self.store.n_rows - c.eval_rows, self.store.n_rows, c.batch_size, c.codes, c.k
+        )
         m |= {"eval/dead_pct": 100 * self.firing.compute().frac_dead}
         self.log.log(self.pos.step, self.pos.step * c.batch_size, m)
         return m
@@ -538,7 +624,11 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: f
 
         # Buffers (normalization, Batch-TopK threshold) are not re-synced each forward: the
         # normalization is identical on every rank, and rank 0's threshold is the one saved.
-        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else "broadcast_buffers"
+        )
         model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{sync: False})
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
     firing = FiringTracker(sae.n_features, window=cfg.dead_tokens, device=d.device)
@@ -546,8 +636,12 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: f
     log = MetricsLog(out, _NoWandb(), d.main, keep_until=pos.step if ckpt is not None else -1)
     barrier()
     if d.main:
-        info = _run_info(out) | {"d_in": sae.d_in, "steps": cfg.tokens // cfg.batch_size, "world_size": d.world_size,
-                                  "store_hash": store.content_hash}  # fmt: skip
+        info = _run_info(out) | {
+            "d_in": sae.d_in,
+            "steps": cfg.tokens // cfg.batch_size,
+            "world_size": d.world_size,
+            "store_hash": store.content_hash,
+        }
         info.setdefault("wandb_id", os.urandom(6).hex())
         out.mkdir(parents=True, exist_ok=True)
         try:
@@ -568,8 +662,16 @@ def _loop(s: _Session) -> RunResult:
     cfg, d, total = s.cfg, s.d, s.total
     bar = tqdm(total=total, initial=s.pos.step, unit="step", disable=not (d.main and cfg.progress), dynamic_ncols=True)
     last_eval = s.evaluate() if s.pos.step == 0 else {}
-    data = batches(s.store, cfg.hook, stop_row=s.store.n_rows - cfg.eval_rows, local_batch=cfg.batch_size // d.world_size,
-                   seed=cfg.seed, start=s.pos, rank=d.rank, world_size=d.world_size)  # fmt: skip
+    data = batches(
+        s.store,
+        cfg.hook,
+        stop_row=s.store.n_rows - cfg.eval_rows,
+        local_batch=cfg.batch_size // d.world_size,
+        seed=cfg.seed,
+        start=s.pos,
+        rank=d.rank,
+        world_size=d.world_size,
+    )
     try:
         while s.pos.step < total:
             x, after = next(data)
@@ -594,7 +696,9 @@ def _loop(s: _Session) -> RunResult:
     s.sae.eval()
     if d.main:
         if not last_eval:  # resumed a run that had already finished: report its last evaluation
-            last_eval = {k: v for k, v in next(m for m in reversed(read_metrics(s.out)) if "eval/fvu" in m).items() if "/" in k}
+            last_eval = {
+                k: v for k, v in next(m for m in reversed(read_metrics(s.out)) if "eval/fvu" in m).items() if "/" in k
+            }
         _publish(s.out, s.sae)
         s.log.wandb.finish()
     barrier()
@@ -625,8 +729,15 @@ def _non_finite_message(loss: float, s: _Session) -> str:
     return f"loss became {loss} at step {s.pos.step + 1}; stopped before applying it, {where}: lower --lr and --resume"
 
 
-def train_step(model: nn.Module, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker,
-               x: Tensor, lr: float, world_size: int = 1) -> dict[str, float]:  # fmt: skip
+def train_step(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    opt: torch.optim.Optimizer,
+    firing: FiringTracker,
+    x: Tensor,
+    lr: float,
+    world_size: int = 1,
+) -> dict[str, float]:
     """One optimizer step on local batch x [b, d]; returns the batch's losses averaged over ranks.
 
     A non-finite loss returns before the optimizer step, so the weights stay the last good ones.

@@ -38,7 +38,9 @@ class Position(NamedTuple):
 CKPT = "checkpoint"
 
 
-def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
+def save_checkpoint(
+    out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position
+) -> None:
     """Write out/checkpoint/ aside and swap it in, so a crash leaves the previous one intact."""
     tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,12 +56,16 @@ def save_checkpoint(out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimize
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_checkpoint(tmp: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position) -> None:
+def _write_checkpoint(
+    tmp: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position
+) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
     names = {p: n for n, p in sae.named_parameters()}
-    opt_state = {f"{names[p]}/{key}": v.detach().contiguous().cpu() for p, s in opt.state.items() for key, v in s.items()}
+    opt_state = {
+        f"{names[p]}/{key}": v.detach().contiguous().cpu() for p, s in opt.state.items() for key, v in s.items()
+    }
     save_file(opt_state, str(tmp / "optimizer.safetensors"))
     fs = firing.state_dict()
     state = {"firing/" + k: v.contiguous().cpu() for k, v in fs.items() if isinstance(v, Tensor)}
@@ -93,7 +99,9 @@ def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
         opt_flat = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
         state = load_file(str(ckpt / "state.safetensors"))
     except Exception as e:
-        raise SaekitError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to restart, or restore it") from None
+        raise SaekitError(
+            f"checkpoint {ckpt} is unreadable ({type(e).__name__}); delete it to restart, or restore it"
+        ) from None
     groups = opt.state_dict()["param_groups"]
     meta = _checked_meta(meta, ckpt, groups)
     index = {n: i for i, (n, p) in enumerate((n, p) for n, p in sae.named_parameters() if p.requires_grad)}
@@ -108,15 +116,21 @@ def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
     try:
         sae.load_state_dict(model)
         opt.load_state_dict({"state": per_param, "param_groups": groups})
-        firing.load_state_dict({
-            "tokens_since_fired": state["firing/tokens_since_fired"], "fire_counts": state["firing/fire_counts"],
-            "window_tokens": meta["firing_window_tokens"], "last_density": state.get("firing/last_density"),
-        })  # fmt: skip
+        firing.load_state_dict(
+            {
+                "tokens_since_fired": state["firing/tokens_since_fired"],
+                "fire_counts": state["firing/fire_counts"],
+                "window_tokens": meta["firing_window_tokens"],
+                "last_density": state.get("firing/last_density"),
+            }
+        )
         torch.set_rng_state(state["rng/cpu"])
         if "rng/cuda" in state and device.type == "cuda":
             torch.cuda.set_rng_state(state["rng/cuda"], device)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise SaekitError(f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {one_line(e, 120)}); delete it to restart, or restore it") from None
+        raise SaekitError(
+            f"checkpoint {ckpt} does not fit this run ({type(e).__name__}: {one_line(e, 120)}); delete it to restart, or restore it"
+        ) from None
     return Position(**meta["position"])
 
 
@@ -144,8 +158,14 @@ def _checked_meta(meta: Any, ckpt: Path, groups: list[dict]) -> dict[str, Any]:
         pos = check_types(Position, meta["position"], "state.json position")
     except SaekitError as e:
         raise SaekitError(f"checkpoint {ckpt} is damaged ({e}); delete it to restart, or restore it") from None
-    need(all(k in pos and pos[k] >= 0 for k in Position._fields), f"position needs {', '.join(Position._fields)} >= 0, has {pos}")
-    need(len(meta["param_groups"]) == len(groups), f"{len(meta['param_groups'])} optimizer param groups, this run has {len(groups)}")
+    need(
+        all(k in pos and pos[k] >= 0 for k in Position._fields),
+        f"position needs {', '.join(Position._fields)} >= 0, has {pos}",
+    )
+    need(
+        len(meta["param_groups"]) == len(groups),
+        f"{len(meta['param_groups'])} optimizer param groups, this run has {len(groups)}",
+    )
     for g, saved in zip(groups, meta["param_groups"]):
         for k, v in saved.items():
             need(k not in g or _same_kind(v, g[k]), f"param_groups {k} is {v!r}")
@@ -203,7 +223,9 @@ def _lines_until(path: Path, step: int) -> list[str]:
         if not ok and i == len(lines) - 1:
             break
         if not ok:
-            raise SaekitError(f"--resume: {path} line {i + 1} is damaged; delete that line (or restore the file) and rerun")
+            raise SaekitError(
+                f"--resume: {path} line {i + 1} is damaged; delete that line (or restore the file) and rerun"
+            )
         if line_step <= step:
             kept.append(ln)
     return kept

@@ -15,8 +15,12 @@ NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 def saekit(*args, prefix: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m saekit.cli.main ARGS` in a subprocess (under `prefix`, e.g. NO_DAC), one torch thread."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [*(prefix or []), sys.executable, "-m", "saekit.cli.main", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -50,7 +54,9 @@ def digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path` (or of `path` itself), by relative path."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path) if p != path else p.name): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return {
+        str(p.relative_to(path) if p != path else p.name): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+    }
 
 
 PAGE = 4096

@@ -59,10 +59,25 @@ def inputs(tmp_path_factory) -> Inputs:
     from saekit.train import run as train
 
     root = tmp_path_factory.mktemp("bad-input")
-    store = harvest(HarvestConfig(out=str(root / "store"), tokens=2048, shard_rows=512, chunk_rows=128, device="cpu",
-                                  progress=False)).path  # fmt: skip
-    run = train(TrainConfig(store=str(store), out=str(root / "run"), n_features=64, k=4, batch_size=64, tokens=256,
-                            eval_rows=256, checkpoint_every=2, device="cpu", progress=False)).out  # fmt: skip
+    store = harvest(
+        HarvestConfig(
+            out=str(root / "store"), tokens=2048, shard_rows=512, chunk_rows=128, device="cpu", progress=False
+        )
+    ).path
+    run = train(
+        TrainConfig(
+            store=str(store),
+            out=str(root / "run"),
+            n_features=64,
+            k=4,
+            batch_size=64,
+            tokens=256,
+            eval_rows=256,
+            checkpoint_every=2,
+            device="cpu",
+            progress=False,
+        )
+    ).out
     torch.manual_seed(0)
     lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=128, d_sae=64, k=4))
     with torch.no_grad():
@@ -111,12 +126,46 @@ def harvest(out, *more) -> list:
 
 
 def train(store, out, *more) -> list:
-    return ["train", "--store", store, "--out", out, "--n-features", 64, "--k", 4, "--batch-size", 64, "--tokens", 128,
-            "--eval-rows", 256, "--device", "cpu", "--no-progress", *more]  # fmt: skip
+    return [
+        "train",
+        "--store",
+        store,
+        "--out",
+        out,
+        "--n-features",
+        64,
+        "--k",
+        4,
+        "--batch-size",
+        64,
+        "--tokens",
+        128,
+        "--eval-rows",
+        256,
+        "--device",
+        "cpu",
+        "--no-progress",
+        *more,
+    ]
 
 
 def pursue(store, sae, out, *more) -> list:
-    return ["pursue", "--store", store, "--sae", sae, "--k", 2, "--method", "gp", "--device", "cpu", "--out", out, *more]
+    return [
+        "pursue",
+        "--store",
+        store,
+        "--sae",
+        sae,
+        "--k",
+        2,
+        "--method",
+        "gp",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        *more,
+    ]
 
 
 def evaluate(store, sae, out, *more) -> list:
@@ -318,7 +367,9 @@ def store_without_sequences(env: Env) -> Path:
 
     from saekit.store import create_store
 
-    w = create_store(env.tmp / "custom", {HOOK: 128}, n_rows=512, meta={"model": "embedded"}, shard_rows=256, chunk_rows=128)
+    w = create_store(
+        env.tmp / "custom", {HOOK: 128}, n_rows=512, meta={"model": "embedded"}, shard_rows=256, chunk_rows=128
+    )
     w.append({HOOK: torch.randn(512, 128)}, torch.zeros(512), torch.arange(512) % 128)
     w.finalize()
     return env.tmp / "custom"
@@ -335,8 +386,9 @@ def store_skipping_two(env: Env) -> Path:
     from saekit.harvest import HarvestConfig
     from saekit.harvest import run as harvest_run
 
-    return harvest_run(HarvestConfig(out=str(env.tmp / "skip2"), tokens=512, skip_first_n_tokens=2, device="cpu",
-                                     progress=False)).path  # fmt: skip
+    return harvest_run(
+        HarvestConfig(out=str(env.tmp / "skip2"), tokens=512, skip_first_n_tokens=2, device="cpu", progress=False)
+    ).path
 
 
 def pursued(env: Env, sae: Path, *more) -> Path:
@@ -379,8 +431,20 @@ def store_rows(command: str, damages: list[str]) -> dict[str, Row]:
                 "train": lambda: train(s, env.tmp / "run"),
                 "pursue": lambda: pursue(s, env.sae, env.tmp / "codes"),
                 # the fixture's own arguments, so only the damage differs
-                "harvest --resume": lambda: ["harvest", "--tokens", 2048, "--shard-rows", 512, "--chunk-rows", 128,
-                                             "--device", "cpu", "--out", s, "--resume"],
+                "harvest --resume": lambda: [
+                    "harvest",
+                    "--tokens",
+                    2048,
+                    "--shard-rows",
+                    512,
+                    "--chunk-rows",
+                    128,
+                    "--device",
+                    "cpu",
+                    "--out",
+                    s,
+                    "--resume",
+                ],
                 "harvest --overwrite": lambda: harvest(s, "--overwrite"),
             }[command]()
 

@@ -36,8 +36,10 @@ def test_help(command):
 
 
 def test_library_never_imports_the_cli():
-    code = ("import sys, saekit.config, saekit.store, saekit.harvest, saekit.sae, saekit.pursuit, saekit.train, saekit.pursue, "
-            "saekit.eval, saekit.demo; print(any(m in ('cli', 'saekit.cli') or m.startswith(('cli.', 'saekit.cli.')) for m in sys.modules))")
+    code = (
+        "import sys, saekit.config, saekit.store, saekit.harvest, saekit.sae, saekit.pursuit, saekit.train, saekit.pursue, "
+        "saekit.eval, saekit.demo; print(any(m in ('cli', 'saekit.cli') or m.startswith(('cli.', 'saekit.cli.')) for m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
@@ -65,12 +67,28 @@ def _args(command: str, out, inputs, device: str = "cpu") -> list:
     store, sae = inputs
     return {
         "harvest": ["harvest", "--tokens", 256, "--device", device, "--out", out],
-        "train": ["train", "--store", store, "--n-features", 16, "--k", 2, "--batch-size", 64, "--tokens", 64,
-                  "--device", device, "--no-progress", "--out", out],
+        "train": [
+            "train",
+            "--store",
+            store,
+            "--n-features",
+            16,
+            "--k",
+            2,
+            "--batch-size",
+            64,
+            "--tokens",
+            64,
+            "--device",
+            device,
+            "--no-progress",
+            "--out",
+            out,
+        ],
         "pursue": ["pursue", "--store", store, "--sae", sae, "--k", 2, "--device", device, "--out", out],
         "eval": ["eval", "--store", store, "--sae", sae, "--device", device, "--out", out],
         "demo": ["demo", "--tokens", 4096, "--steps", 10, "--rows", 1024, "--device", device, "--out", out],
-    }[command]  # fmt: skip
+    }[command]
 
 
 @pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:x", "banana"])
@@ -91,8 +109,15 @@ OUT_CASES = {
 
 
 # (harvest's own check of an --out that is a file belongs to harvest's tests)
-@pytest.mark.parametrize("command, case", [(c, k) for c in ("harvest", "train", "pursue", "eval", "demo") for k in OUT_CASES
-                                           if (c, k) != ("harvest", "a file")])  # fmt: skip
+@pytest.mark.parametrize(
+    "command, case",
+    [
+        (c, k)
+        for c in ("harvest", "train", "pursue", "eval", "demo")
+        for k in OUT_CASES
+        if (c, k) != ("harvest", "a file")
+    ],
+)
 def test_an_out_that_cannot_be_written_is_one_line(tmp_path, inputs, tmpfs, capsys, monkeypatch, command, case):
     if case == "read-only":
         out = tmpfs(1 << 20, ro=True) / "out"
@@ -131,9 +156,19 @@ def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 240) -> tupl
 
 
 def _popen(*args) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "saekit.cli.main", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "saekit.cli.main", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _said_interrupted(code: int, err: str, what: str) -> None:
@@ -144,8 +179,26 @@ def _said_interrupted(code: int, err: str, what: str) -> None:
 
 def test_ctrl_c_in_train_is_one_line_and_the_run_resumes(embedded_store, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--store", embedded_store, "--out", out, "--n-features", 256, "--k", 8, "--batch-size", 256,
-            "--eval-rows", 2048, "--checkpoint-every", 5, "--device", "cpu", "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "--store",
+        embedded_store,
+        "--out",
+        out,
+        "--n-features",
+        256,
+        "--k",
+        8,
+        "--batch-size",
+        256,
+        "--eval-rows",
+        2048,
+        "--checkpoint-every",
+        5,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     proc = _popen(*args, "--tokens", 256 * 100_000)
     code, err = _interrupt_when(proc, lambda: (out / "checkpoint" / "state.json").is_file())
     _said_interrupted(code, err, "the last checkpoint is kept; rerun the same command with --resume to continue")
@@ -157,7 +210,9 @@ def test_ctrl_c_in_train_is_one_line_and_the_run_resumes(embedded_store, tmp_pat
 
 def test_ctrl_c_in_harvest_is_one_line_and_keeps_the_finished_shards(tmp_path):
     out = tmp_path / "store"
-    proc = _popen("harvest", "--tokens", 2_000_000, "--shard-rows", 4096, "--chunk-rows", 1024, "--device", "cpu", "--out", out)
+    proc = _popen(
+        "harvest", "--tokens", 2_000_000, "--shard-rows", 4096, "--chunk-rows", 1024, "--device", "cpu", "--out", out
+    )
     code, err = _interrupt_when(proc, lambda: any((out / RECORDS_DIR).glob("*.json")))
     _said_interrupted(code, err, "finished shards are kept; rerun the same command with --resume to continue")
     assert open_store(out, allow_incomplete=True).n_rows >= 4096

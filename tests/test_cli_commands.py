@@ -64,7 +64,9 @@ def inputs(tmp_path_factory):
 
 def config_harvest(tmp_path, inputs, capsys, monkeypatch):
     out = tmp_path / "store"
-    toml = _toml(tmp_path / "h.toml", out=str(out), tokens=2048, shard_rows=1024, chunk_rows=256, device="cpu", progress=False)
+    toml = _toml(
+        tmp_path / "h.toml", out=str(out), tokens=2048, shard_rows=1024, chunk_rows=256, device="cpu", progress=False
+    )
     code, _, err = in_process(capsys, monkeypatch, "harvest", "--config", toml, "--tokens", 1024)
     assert code == 0, err
     st = open_store(out)
@@ -93,8 +95,15 @@ def config_pursue(tmp_path, inputs, capsys, monkeypatch):
 def config_eval(tmp_path, inputs, capsys, monkeypatch, embedded_store):
     # eval reruns a model: the embedded store and an SAE for its d_model 128
     SparseAutoencoder(d_in=128, n_features=256, k=4).save(tmp_path / "sae")
-    settings = dict(store=str(embedded_store), sae=str(tmp_path / "sae"), k=[2, 3], method=["gp"], sequences=2,
-                    device="cpu", progress=False)
+    settings = dict(
+        store=str(embedded_store),
+        sae=str(tmp_path / "sae"),
+        k=[2, 3],
+        method=["gp"],
+        sequences=2,
+        device="cpu",
+        progress=False,
+    )
     toml = _toml(tmp_path / "e.toml", **settings)
     code, _, err = in_process(capsys, monkeypatch, "eval", "--config", toml, "--out", tmp_path / "o", "--k", 4)
     assert code == 0, err
@@ -143,7 +152,9 @@ def test_the_config_cases_cover_every_command():
 
 
 @pytest.mark.parametrize("command", sorted(CONFIG_CASES))
-def test_a_config_file_works_for_every_command_and_flags_override_it(tmp_path, inputs, capsys, monkeypatch, command, request):
+def test_a_config_file_works_for_every_command_and_flags_override_it(
+    tmp_path, inputs, capsys, monkeypatch, command, request
+):
     more = [request.getfixturevalue("embedded_store")] if command == "eval" else []
     CONFIG_CASES[command](tmp_path, inputs, capsys, monkeypatch, *more)
 

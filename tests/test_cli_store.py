@@ -90,7 +90,9 @@ def test_errors_are_one_line_without_traceback(tmp_path, case):
         f.write_bytes(f.read_bytes()[:100])
         args = ["verify", tmp_path / "s"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "saekit.cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -102,7 +104,14 @@ def test_errors_are_one_line_without_traceback(tmp_path, case):
 
 def saekit(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, args)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "saekit.cli.main", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess, *wants: str) -> None:
@@ -122,11 +131,42 @@ def test_train_and_pursue_refuse_a_store_with_a_missing_shard(tmp_path, url):
     shard = f"acts/{HOOK}/c/1/0"
     (tmp_path / "s" / shard).unlink()  # e.g. lost in a copy: must not be read as zeros
     store = f"file://{tmp_path / 's'}" if url else tmp_path / "s"
-    r = saekit("train", "--store", store, "--out", tmp_path / "run", "--n-features", 16, "--k", 2, "--batch-size", 32,
-               "--tokens", 320, "--eval-rows", 32, "--device", "cpu", "--no-progress")
+    r = saekit(
+        "train",
+        "--store",
+        store,
+        "--out",
+        tmp_path / "run",
+        "--n-features",
+        16,
+        "--k",
+        2,
+        "--batch-size",
+        32,
+        "--tokens",
+        320,
+        "--eval-rows",
+        32,
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert_one_error_line(r, shard, "missing")
-    r = saekit("pursue", "--store", store, "--sae", tmp_path / "sae", "--k", 2, "--method", "gp", "--out", tmp_path / "codes",
-               "--device", "cpu")
+    r = saekit(
+        "pursue",
+        "--store",
+        store,
+        "--sae",
+        tmp_path / "sae",
+        "--k",
+        2,
+        "--method",
+        "gp",
+        "--out",
+        tmp_path / "codes",
+        "--device",
+        "cpu",
+    )
     assert_one_error_line(r, shard, "missing")
     if not url:  # a local store's shard files are checked when it is opened: nothing is written first
         assert not (tmp_path / "run").exists() and not (tmp_path / "codes").exists()
@@ -141,10 +181,16 @@ def edit_attrs(root, change) -> None:
 @pytest.mark.parametrize(
     "damage, want",
     [
-        (lambda root: edit_attrs(root, lambda a: a.update(hooks={"../../x": 8})), "damaged attributes: hook name '../../x'"),
+        (
+            lambda root: edit_attrs(root, lambda a: a.update(hooks={"../../x": 8})),
+            "damaged attributes: hook name '../../x'",
+        ),
         (lambda root: edit_attrs(root, lambda a: a.update(n_rows="lots")), "damaged attributes: n_rows"),
         (lambda root: edit_attrs(root, lambda a: a["meta"].update(ctx_len=99)), "content hash"),
-        (lambda root: (root / "zarr.json").write_text('{"zarr_format": 3, "attri'), "zarr.json is damaged (not valid JSON)"),
+        (
+            lambda root: (root / "zarr.json").write_text('{"zarr_format": 3, "attri'),
+            "zarr.json is damaged (not valid JSON)",
+        ),
     ],
     ids=["hook ../../x", "n_rows 'lots'", "edited meta", "truncated zarr.json"],
 )

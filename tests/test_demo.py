@@ -55,8 +55,12 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     # Other sizes into the same directory: refused in one line that suggests only what the demo
     # has (no --resume), and nothing of the finished run changes.
     before = digest(out)
-    code, _, err = in_process(capsys, monkeypatch, "demo", "--out", out, *[f"--{k}={v}" for k, v in (SIZES | {"steps": 40}).items()])
-    line = one_error(code, err, f"{out} holds a demo run with other sizes (steps 20 -> 40); choose a new --out or delete {out}")
+    code, _, err = in_process(
+        capsys, monkeypatch, "demo", "--out", out, *[f"--{k}={v}" for k, v in (SIZES | {"steps": 40}).items()]
+    )
+    line = one_error(
+        code, err, f"{out} holds a demo run with other sizes (steps 20 -> 40); choose a new --out or delete {out}"
+    )
     assert "--resume" not in line
     assert digest(out) == before
 
@@ -64,7 +68,9 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
 def test_demo_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys, monkeypatch):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    code, _, err = in_process(capsys, monkeypatch, "demo", "--out", tmp_path / "mine", *[f"--{k}={v}" for k, v in SIZES.items()])
+    code, _, err = in_process(
+        capsys, monkeypatch, "demo", "--out", tmp_path / "mine", *[f"--{k}={v}" for k, v in SIZES.items()]
+    )
     one_error(code, err, "is not empty", "choose a new --out")
     assert digest(tmp_path / "mine") == {"notes.txt": digest(tmp_path / "mine" / "notes.txt")["notes.txt"]}
 

@@ -25,8 +25,19 @@ N_EVAL = 2048  # held-out rows of the training run: sequences 242..257 of 127 ro
 def sae_run(embedded_store, tmp_path_factory):
     """A TopK SAE (128 -> 512 latents, k 16), 300 steps of 256 rows: a few seconds."""
     out = tmp_path_factory.mktemp("eval") / "run"
-    cfg = TrainConfig(store=str(embedded_store), out=str(out), n_features=512, k=16, batch_size=256, tokens=256 * 300,
-                      device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL, dead_tokens=20_000)
+    cfg = TrainConfig(
+        store=str(embedded_store),
+        out=str(out),
+        n_features=512,
+        k=16,
+        batch_size=256,
+        tokens=256 * 300,
+        device="cpu",
+        progress=False,
+        checkpoint_every=0,
+        eval_rows=N_EVAL,
+        dead_tokens=20_000,
+    )
     return train(cfg).out
 
 
@@ -107,7 +118,9 @@ def test_clean_ce_spliced_ce_and_zero_ce_agree_with_sae_lens_own_evaluation(mode
     tokens = held_out[0][:8]
     sl = sae_lens.SAE.load_from_disk(str(sae_run / "sae_lens"))  # exported by train, normalization folded in
     with torch.no_grad():
-        theirs = get_recons_loss(sl, model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True, hook_name=HOOK)
+        theirs = get_recons_loss(
+            sl, model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True, hook_name=HOOK
+        )
     ours = downstream_metrics(model, tokens, HOOK, {"sae": SparseAutoencoder.load(sae_run / "sae")}, splice_from=0)
     assert abs(ours[CLEAN].ce - theirs["ce_loss_without_sae"].mean().item()) < 1e-3
     assert abs(ours["sae"].ce - theirs["ce_loss_with_sae"].mean().item()) < 1e-3
@@ -144,16 +157,48 @@ def pursued(embedded_store, sae_run, tmp_path_factory):
     from saekit.pursue import run as pursue
 
     out = tmp_path_factory.mktemp("pursue") / "out"
-    pursue(PursueConfig(store=str(embedded_store), sae=str(sae_run), out=str(out), k=[16], methods=["gp"], device="cpu", progress=False))
+    pursue(
+        PursueConfig(
+            store=str(embedded_store),
+            sae=str(sae_run),
+            out=str(out),
+            k=[16],
+            methods=["gp"],
+            device="cpu",
+            progress=False,
+        )
+    )
     return out
 
 
-def test_eval_compares_every_encoding_on_the_held_out_sequences(embedded_store, sae_run, mlp_encoder, pursued, tmp_path):
-    res = run(EvalConfig(store=str(embedded_store), sae=str(sae_run), out=str(tmp_path / "a"), encoders=[str(mlp_encoder)],
-                         k=[4, 16], codes=str(pursued), device="cpu", progress=False))
+def test_eval_compares_every_encoding_on_the_held_out_sequences(
+    embedded_store, sae_run, mlp_encoder, pursued, tmp_path
+):
+    res = run(
+        EvalConfig(
+            store=str(embedded_store),
+            sae=str(sae_run),
+            out=str(tmp_path / "a"),
+            encoders=[str(mlp_encoder)],
+            k=[4, 16],
+            codes=str(pursued),
+            device="cpu",
+            progress=False,
+        )
+    )
     rows = {(e.method, e.k): e for e in res.entries}
-    assert list(rows) == [("clean", None), ("cache round-trip", None), ("zero ablation", None), ("mean ablation", None),
-                          ("encoder", 16), ("encoder:mlp", 16), ("gp", 4), ("gp", 16), ("mp", 4), ("mp", 16)]
+    assert list(rows) == [
+        ("clean", None),
+        ("cache round-trip", None),
+        ("zero ablation", None),
+        ("mean ablation", None),
+        ("encoder", 16),
+        ("encoder:mlp", 16),
+        ("gp", 4),
+        ("gp", 16),
+        ("mp", 4),
+        ("mp", 16),
+    ]
     assert res.header["rows"] == "30734..32765"  # the 16 whole sequences inside the run's 2048 held-out rows
     assert all(e.metrics.n_tokens == 16 * 126 for e in res.entries)
     _same(rows[("encoder:mlp", 16)].metrics, rows[("encoder", 16)].metrics, rel=1e-6)
@@ -170,8 +215,17 @@ def test_eval_compares_every_encoding_on_the_held_out_sequences(embedded_store, 
     assert (res.out / "delta_ce_vs_l0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the codes read back from `saekit pursue` give what computing them here gives
-    again = run(EvalConfig(store=str(embedded_store), sae=str(sae_run), out=str(tmp_path / "b"), k=[16], methods=["gp"],
-                           device="cpu", progress=False))
+    again = run(
+        EvalConfig(
+            store=str(embedded_store),
+            sae=str(sae_run),
+            out=str(tmp_path / "b"),
+            k=[16],
+            methods=["gp"],
+            device="cpu",
+            progress=False,
+        )
+    )
     here = next(e for e in again.entries if e.method == "gp")
     assert here.source == str(sae_run)
     _same(here.metrics, rows[("gp", 16)].metrics, rel=1e-6)

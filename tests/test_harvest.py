@@ -27,8 +27,14 @@ from test_sources import make_tiny_gpt2  # noqa: E402
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
 SMALL = dict(shard_rows=256, chunk_rows=64, ctx_len=32, batch_size=8, progress=False)  # many shards, fast
 # Subprocesses: one thread each (the machine is shared), never the network.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONPATH": str(REPO),
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,18 @@ def data(tmp_path_factory):
 
 def cfg_for(data, out, **kw) -> HarvestConfig:
     _, ckpt, texts = data
-    return HarvestConfig(**{"model": ckpt, "dataset": texts, "hooks": HOOKS, "out": str(out), "tokens": 3000,
-                            "device": "cpu", **SMALL, **kw})
+    return HarvestConfig(
+        **{
+            "model": ckpt,
+            "dataset": texts,
+            "hooks": HOOKS,
+            "out": str(out),
+            "tokens": 3000,
+            "device": "cpu",
+            **SMALL,
+            **kw,
+        }
+    )
 
 
 def cli(*args, capsys=None):
@@ -82,8 +98,25 @@ def assert_one_line_error(code, err, pattern):
 
 def test_embedded_default_end_to_end(tmp_path):
     """No --model/--dataset/--hook: the embedded model and corpus, the middle layer, cache/<...>."""
-    r = subprocess.run([sys.executable, "-m", "saekit.cli.main", "harvest", "--tokens", "1500", "--shard-rows", "512",
-                        "--chunk-rows", "128"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saekit.cli.main",
+            "harvest",
+            "--tokens",
+            "1500",
+            "--shard-rows",
+            "512",
+            "--chunk-rows",
+            "128",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "cache" / "saekit-embedded__blocks.2.hook_resid_pre__embedded"
     store = open_store(out)
@@ -186,9 +219,29 @@ def test_sigkill_then_resume_gives_the_same_store(data, tmp_path, capsys):
     done = sorted(int(p.stem.split("-")[1]) for p in (out / RECORDS_DIR).glob("shard-*.json"))
     flip(out / "acts" / HOOKS[0] / "c" / str(done[0]) / "0")
     (out / "tokens" / "c" / str(done[1])).unlink()
-    args = ["harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []), "--out", str(out),
-            "--tokens", "40000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256", "--chunk-rows", "64",
-            "--device", "cpu", "--resume"]
+    args = [
+        "harvest",
+        "--model",
+        data[1],
+        "--dataset",
+        data[2],
+        *sum((["--hook", h] for h in HOOKS), []),
+        "--out",
+        str(out),
+        "--tokens",
+        "40000",
+        "--ctx-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--shard-rows",
+        "256",
+        "--chunk-rows",
+        "64",
+        "--device",
+        "cpu",
+        "--resume",
+    ]
     code, _ = cli(*args)
     assert code == 0
     store = open_store(out)
@@ -233,9 +286,29 @@ def test_sigkill_during_store_creation_then_resume_or_overwrite(data, tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         assert (out / "acts").is_dir() and not _created(out)
-        code, _ = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
-                      "--out", str(out), "--tokens", "3000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
-                      "--chunk-rows", "64", "--device", "cpu", flag)
+        code, _ = cli(
+            "harvest",
+            "--model",
+            data[1],
+            "--dataset",
+            data[2],
+            *sum((["--hook", h] for h in HOOKS), []),
+            "--out",
+            str(out),
+            "--tokens",
+            "3000",
+            "--ctx-len",
+            "32",
+            "--batch-size",
+            "8",
+            "--shard-rows",
+            "256",
+            "--chunk-rows",
+            "64",
+            "--device",
+            "cpu",
+            flag,
+        )
         assert code == 0
         assert open_store(out).content_hash == want
 
@@ -247,9 +320,29 @@ def test_disk_full_says_so_and_stays_resumable(data, tmp_path, tmpfs, capsys):
     size = sum(f.stat().st_size for f in ref.path.rglob("*") if f.is_file())
     disk = tmpfs(size // 2)
     out = disk / "full"
-    code, err = cli("harvest", "--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []),
-                    "--out", str(out), "--tokens", "3000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256",
-                    "--chunk-rows", "64", "--device", "cpu", capsys=capsys)
+    code, err = cli(
+        "harvest",
+        "--model",
+        data[1],
+        "--dataset",
+        data[2],
+        *sum((["--hook", h] for h in HOOKS), []),
+        "--out",
+        str(out),
+        "--tokens",
+        "3000",
+        "--ctx-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--shard-rows",
+        "256",
+        "--chunk-rows",
+        "64",
+        "--device",
+        "cpu",
+        capsys=capsys,
+    )
     assert_one_line_error(code, err, r"disk full.*--resume")
     tmpfs.remount(disk, 4 * size)
     assert run(cfg_for(data, out, resume=True)).content_hash == ref.content_hash
@@ -261,11 +354,46 @@ def test_disk_full_says_so_and_stays_resumable(data, tmp_path, tmpfs, capsys):
 def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
     want = run(cfg_for(data, tmp_path / "one", tokens=5000)).content_hash
     out = tmp_path / "two"
-    args = ["--model", data[1], "--dataset", data[2], *sum((["--hook", h] for h in HOOKS), []), "--out", str(out),
-            "--tokens", "5000", "--ctx-len", "32", "--batch-size", "8", "--shard-rows", "256", "--chunk-rows", "64",
-            "--device", "cpu"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "saekit.cli.main", "harvest", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    args = [
+        "--model",
+        data[1],
+        "--dataset",
+        data[2],
+        *sum((["--hook", h] for h in HOOKS), []),
+        "--out",
+        str(out),
+        "--tokens",
+        "5000",
+        "--ctx-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--shard-rows",
+        "256",
+        "--chunk-rows",
+        "64",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "saekit.cli.main",
+            "harvest",
+            *args,
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     store = open_store(out)
     assert store.content_hash == want and store.n_rows == 5000
@@ -285,8 +413,15 @@ def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeyp
     calls = []
     real = saekit.harvest.forward_acts
     monkeypatch.setattr(saekit.harvest, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
-    kw = dict(hook_name="blocks.1.hook_resid_pre", activation_batch_size=100, generator_batch_size=4,
-              acts_per_run=1000, ctx_len=32, skip_first_n_tokens=1, save_to_disk=str(tmp_path / "acts"))
+    kw = dict(
+        hook_name="blocks.1.hook_resid_pre",
+        activation_batch_size=100,
+        generator_batch_size=4,
+        acts_per_run=1000,
+        ctx_len=32,
+        skip_first_n_tokens=1,
+        save_to_disk=str(tmp_path / "acts"),
+    )
 
     gen = cached_activation_generator(model, ds, **kw)
     first = next(gen)
@@ -307,8 +442,16 @@ def test_cached_activation_generator_takes_any_run_size(data, tmp_path):
     """A run of 5022 rows (acts_per_run 5000, 31 rows per sequence) is one store; its rows are the
     packed stream's, bit for bit the rows `saekit harvest` stores for the same texts."""
     model = models.load_model(data[1], torch.device("cpu"), torch.float32).model
-    gen = cached_activation_generator(model, data[2], hook_name=HOOKS[0], activation_batch_size=1000, acts_per_run=5000,
-                                      ctx_len=32, save_to_disk=str(tmp_path / "acts"), max_runs=1)
+    gen = cached_activation_generator(
+        model,
+        data[2],
+        hook_name=HOOKS[0],
+        activation_batch_size=1000,
+        acts_per_run=5000,
+        ctx_len=32,
+        save_to_disk=str(tmp_path / "acts"),
+        max_runs=1,
+    )
     rows = torch.cat(list(gen))
     want = open_store(run(cfg_for(data, tmp_path / "s", tokens=5022, dtype="fp32", hooks=[HOOKS[0]])).path)
     assert rows.shape == (5022, 32) and open_store(tmp_path / "acts" / "run-00000").n_rows == 5022
@@ -319,10 +462,12 @@ def test_cached_activation_generator_takes_any_run_size(data, tmp_path):
 def test_generator_import_paths_named_in_the_docs_work_in_any_order(first):
     """Its home is saekit.generator (built on saekit.harvest); saekit.harvest and sae_kit.utils
     still give it, whichever module a program imports first."""
-    code = (f"import {first}\n"
-            "import saekit.generator, sae_kit.utils\n"
-            "from saekit.harvest import cached_activation_generator as old\n"
-            "assert old is saekit.generator.cached_activation_generator is sae_kit.utils.cached_activation_generator\n")
+    code = (
+        f"import {first}\n"
+        "import saekit.generator, sae_kit.utils\n"
+        "from saekit.harvest import cached_activation_generator as old\n"
+        "assert old is saekit.generator.cached_activation_generator is sae_kit.utils.cached_activation_generator\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -338,21 +483,44 @@ def test_errors_are_one_line(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     _, ckpt, texts = data
-    base = ["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "32", "--device", "cpu", "--tokens", "500",
-            "--shard-rows", "256", "--chunk-rows", "64"]
+    base = [
+        "harvest",
+        "--model",
+        ckpt,
+        "--dataset",
+        texts,
+        "--ctx-len",
+        "32",
+        "--device",
+        "cpu",
+        "--tokens",
+        "500",
+        "--shard-rows",
+        "256",
+        "--chunk-rows",
+        "64",
+    ]
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "body.jsonl").write_text(json.dumps({"body": "some text"}) + "\n")
     cases = [
         (["harvest", "--model", "gpt2-smal", "--out", str(tmp_path / "a")], r"unknown model 'gpt2-smal'.*gpt2-small"),
-        ([*base, "--hook", "blocks.1.hook_resid_pr", "--out", str(tmp_path / "b")],
-         r"unknown hook 'blocks.1.hook_resid_pr'.*closest: blocks.1.hook_resid_pre"),
-        ([*base[:4], "no-such-user/no-such-dataset", *base[5:], "--out", str(tmp_path / "c")],
-         r"dataset 'no-such-user/no-such-dataset' could not be opened"),
-        ([*base[:4], str(tmp_path / "body.jsonl"), *base[5:], "--out", str(tmp_path / "d")],
-         r"no column 'text' \(columns: body\).*--text-column"),
+        (
+            [*base, "--hook", "blocks.1.hook_resid_pr", "--out", str(tmp_path / "b")],
+            r"unknown hook 'blocks.1.hook_resid_pr'.*closest: blocks.1.hook_resid_pre",
+        ),
+        (
+            [*base[:4], "no-such-user/no-such-dataset", *base[5:], "--out", str(tmp_path / "c")],
+            r"dataset 'no-such-user/no-such-dataset' could not be opened",
+        ),
+        (
+            [*base[:4], str(tmp_path / "body.jsonl"), *base[5:], "--out", str(tmp_path / "d")],
+            r"no column 'text' \(columns: body\).*--text-column",
+        ),
         ([*base[:4], str(tmp_path / "empty.jsonl"), *base[5:], "--out", str(tmp_path / "e")], r"empty"),
-        (["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "65", "--out", str(tmp_path / "f")],
-         r"--ctx-len 65 is above the model's n_ctx 64"),
+        (
+            ["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "65", "--out", str(tmp_path / "f")],
+            r"--ctx-len 65 is above the model's n_ctx 64",
+        ),
     ]
     for args, pattern in cases:
         code, err = cli(*args, capsys=capsys)
@@ -370,8 +538,23 @@ def test_errors_are_one_line(data, tmp_path, capsys, monkeypatch):
 
 def test_damaged_store_or_file_as_out_is_one_line(data, tmp_path, capsys):
     _, ckpt, texts = data
-    base = ["harvest", "--model", ckpt, "--dataset", texts, "--ctx-len", "32", "--device", "cpu", "--tokens", "500",
-            "--shard-rows", "256", "--chunk-rows", "64"]
+    base = [
+        "harvest",
+        "--model",
+        ckpt,
+        "--dataset",
+        texts,
+        "--ctx-len",
+        "32",
+        "--device",
+        "cpu",
+        "--tokens",
+        "500",
+        "--shard-rows",
+        "256",
+        "--chunk-rows",
+        "64",
+    ]
     out = tmp_path / "s"
     assert cli(*base, "--out", str(out), capsys=capsys)[0] == 0
     good = (out / "zarr.json").read_text()

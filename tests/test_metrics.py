@@ -59,6 +59,7 @@ def test_streaming_stats_equal_whole_set_values_not_per_batch_averages():
 
 def test_explained_variance_agrees_with_sae_lens():
     import sae_lens.evals as evals
+
     x, x_hat, codes = _set()
     calc = evals.ExplainedVarianceCalculator()
     stats = ReconstructionStats()

@@ -58,8 +58,15 @@ def sae_dir(tmp_path_factory, store) -> Path:
 
 
 def _cfg(tmp_path, store, sae_dir, **kw) -> PursueConfig:
-    base = dict(store=str(store), sae=str(sae_dir), out=str(tmp_path / "out"), k=[2, 6], methods=["gp", "mp"],
-                batch_size=50, progress=False)  # fmt: skip
+    base = dict(
+        store=str(store),
+        sae=str(sae_dir),
+        out=str(tmp_path / "out"),
+        k=[2, 6],
+        methods=["gp", "mp"],
+        batch_size=50,
+        progress=False,
+    )
     return PursueConfig(**(base | kw))
 
 
@@ -92,8 +99,13 @@ def test_report_compares_every_entry_on_the_same_rows(tmp_path, store, sae_dir):
     res = run(_cfg(tmp_path, store, sae_dir, encoders=[str(tmp_path / "mlp-run")]))
     report = json.loads((res.out / "report.json").read_text())
     assert [(e["method"], e["k"]) for e in report] == [
-        ("encoder", 4), ("encoder:mlp-run", 3), ("gp", 2), ("gp", 6), ("mp", 2), ("mp", 6)
-    ]  # fmt: skip
+        ("encoder", 4),
+        ("encoder:mlp-run", 3),
+        ("gp", 2),
+        ("gp", 6),
+        ("mp", 2),
+        ("mp", 6),
+    ]
     assert report[1]["source"] == str(tmp_path / "mlp-run") and report[1]["l0"] <= 3
     for e in report:
         assert FIELDS <= set(e)
@@ -180,7 +192,9 @@ def test_resume_after_interruption_gives_the_same_codes(tmp_path, store, sae_dir
 
     monkeypatch.setattr(CodesStore, "write", real_write)
     redone = []
-    monkeypatch.setattr(CodesStore, "write", lambda self, g, i, a, s: (redone.append((g, i)), real_write(self, g, i, a, s)))
+    monkeypatch.setattr(
+        CodesStore, "write", lambda self, g, i, a, s: (redone.append((g, i)), real_write(self, g, i, a, s))
+    )
     cfg.resume = True
     run(cfg)
     # finished shards were kept, not recomputed
@@ -268,7 +282,11 @@ def test_a_kill_while_codes_zarr_is_created_is_recognised_and_resumed(tmp_path, 
     p.start()
     p.join(120)
     root = Path(cfg.out) / "codes.zarr"
-    assert p.exitcode == 9 and (root / "gp_k3" / "values" / "zarr.json").is_file() and (root / ".saekit-creating").is_file()
+    assert (
+        p.exitcode == 9
+        and (root / "gp_k3" / "values" / "zarr.json").is_file()
+        and (root / ".saekit-creating").is_file()
+    )
     _one_line_error("already exists: pass --resume", run, cfg)
     cfg.resume = True
     run(cfg)
@@ -319,8 +337,11 @@ def test_errors(tmp_path, store, sae_dir):
     assert "d_model=24" in msg
     _one_line_error("--k 0 must be positive", _cfg, tmp_path, store, sae_dir, k=[0])
     _one_line_error("--k -3 must be positive", _cfg, tmp_path, store, sae_dir, k=[2, -3])
-    _one_line_error(f"--k {N_FEATURES + 1} is larger than the SAE's n_features {N_FEATURES}", run,
-                    _cfg(tmp_path, store, sae_dir, k=[N_FEATURES + 1]))  # fmt: skip
+    _one_line_error(
+        f"--k {N_FEATURES + 1} is larger than the SAE's n_features {N_FEATURES}",
+        run,
+        _cfg(tmp_path, store, sae_dir, k=[N_FEATURES + 1]),
+    )
     msg = _one_line_error("unknown --method 'lasso'", _cfg, tmp_path, store, sae_dir, methods=["gp", "lasso"])
     assert all(m in msg for m in METHODS)
     _one_line_error("--rows 301 is more than the store's 300 rows", run, _cfg(tmp_path, store, sae_dir, rows=301))
@@ -328,7 +349,9 @@ def test_errors(tmp_path, store, sae_dir):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
     _one_line_error("already exists: pass --resume", run, _cfg(tmp_path, store, sae_dir, out=str(tmp_path / "taken")))
-    _one_line_error("not a `saekit pursue` output", run, _cfg(tmp_path, store, sae_dir, out=str(tmp_path / "taken"), resume=True))
+    _one_line_error(
+        "not a `saekit pursue` output", run, _cfg(tmp_path, store, sae_dir, out=str(tmp_path / "taken"), resume=True)
+    )
     # nothing was created by the failed runs
     assert not (tmp_path / "out").exists()
 
@@ -339,12 +362,33 @@ def test_errors(tmp_path, store, sae_dir):
 
 
 def _saekit(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "saekit.cli.main", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_runs_and_prints_the_table(tmp_path, store, sae_dir):
-    p = _saekit("pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--k", 4, "--method", "gp",
-                "--out", tmp_path / "o", "--batch-size", 64)  # fmt: skip
+    p = _saekit(
+        "pursue",
+        "--store",
+        store,
+        "--sae",
+        sae_dir,
+        "--k",
+        2,
+        "--k",
+        4,
+        "--method",
+        "gp",
+        "--out",
+        tmp_path / "o",
+        "--batch-size",
+        64,
+    )
     assert p.returncode == 0, p.stderr
     assert "| gp | 4 |" in p.stdout and "| encoder | 4 |" in p.stdout
     assert [e["k"] for e in json.loads((tmp_path / "o" / "report.json").read_text())] == [4, 2, 4]
@@ -381,14 +425,33 @@ def test_cli_errors_are_one_line_and_exit_nonzero(tmp_path, store, sae_dir, caps
 
 
 @pytest.mark.parametrize("where", ["create", "codes", "report"])
-def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(tmp_path, store, sae_dir, tmpfs, capsys, monkeypatch, where):
+def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(
+    tmp_path, store, sae_dir, tmpfs, capsys, monkeypatch, where
+):
     ref = run(_cfg(tmp_path / "ref", store, sae_dir)).out
     codes, report = tmpfs_bytes(ref / "codes.zarr"), tmpfs_bytes(ref / "report.json") + tmpfs_bytes(ref / "report.md")
     # The disk fills while codes.zarr is created, halfway through the code shards, or at the plot
     # (the last file written).
     disk = tmpfs({"create": 4 * PAGE, "codes": codes // 2, "report": codes + report + 2 * PAGE}[where])
-    args = ["pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--k", 6, "--method", "gp", "--method", "mp",
-            "--batch-size", 50, "--out", disk / "out"]  # fmt: skip
+    args = [
+        "pursue",
+        "--store",
+        store,
+        "--sae",
+        sae_dir,
+        "--k",
+        2,
+        "--k",
+        6,
+        "--method",
+        "gp",
+        "--method",
+        "mp",
+        "--batch-size",
+        50,
+        "--out",
+        disk / "out",
+    ]
     code, _, err = in_process(capsys, monkeypatch, *args)
     one_error(code, err, f"disk full while writing {disk / 'out'}", "--resume", "finished code shards are kept")
     if where != "create":
@@ -425,17 +488,41 @@ def test_gradient_pursuit_beats_the_encoder_of_a_saekit_sae(tmp_path, embedded_s
     from saekit.train import TrainConfig
     from saekit.train import run as train
 
-    res = train(TrainConfig(store=str(embedded_store), out=str(tmp_path / "run"), n_features=512, k=12,
-                            batch_size=512, tokens=512 * 60, eval_rows=4096, eval_every=60, checkpoint_every=0,
-                            device="cpu", progress=False))  # fmt: skip
+    res = train(
+        TrainConfig(
+            store=str(embedded_store),
+            out=str(tmp_path / "run"),
+            n_features=512,
+            k=12,
+            batch_size=512,
+            tokens=512 * 60,
+            eval_rows=4096,
+            eval_every=60,
+            checkpoint_every=0,
+            device="cpu",
+            progress=False,
+        )
+    )
     rows = 4096  # the first rows of the store (training's held-out rows are the last ones)
     with torch.no_grad():
         l0 = float((res.sae.eval().encode(open_store(embedded_store).rows(None, 0, rows)) != 0).sum(1).float().mean())
     k = int(math.floor(l0 + 1e-9))
-    report = run(PursueConfig(store=str(embedded_store), sae=str(res.out), out=str(tmp_path / "p"), k=[k],
-                              methods=["gp"], rows=rows, progress=False, encoders=[str(res.out / "sae_lens")])).entries  # fmt: skip
+    report = run(
+        PursueConfig(
+            store=str(embedded_store),
+            sae=str(res.out),
+            out=str(tmp_path / "p"),
+            k=[k],
+            methods=["gp"],
+            rows=rows,
+            progress=False,
+            encoders=[str(res.out / "sae_lens")],
+        )
+    ).entries
     encoder, lens_encoder, gp = report
     assert gp.l0 <= encoder.l0 + 1e-9
     assert gp.fvu < encoder.fvu, (gp, encoder)
     # the sae-lens export of the same SAE loads as an encoder and measures the same
-    assert math.isclose(lens_encoder.fvu, encoder.fvu, rel_tol=1e-3) and math.isclose(lens_encoder.l0, encoder.l0, rel_tol=1e-3)
+    assert math.isclose(lens_encoder.fvu, encoder.fvu, rel_tol=1e-3) and math.isclose(
+        lens_encoder.l0, encoder.l0, rel_tol=1e-3
+    )

@@ -61,8 +61,7 @@ def mixed_inputs(W: torch.Tensor) -> torch.Tensor:
     """Structured rows, unstructured rows, a zero row and a negated atom, in one batch."""
     x, _, _ = planted(W, 48, 12, noise=0.1)
     g = torch.Generator().manual_seed(5)
-    return torch.cat([x, torch.randn(15, W.shape[1], generator=g), torch.zeros(1, W.shape[1]),
-                      -W[:1]])
+    return torch.cat([x, torch.randn(15, W.shape[1], generator=g), torch.zeros(1, W.shape[1]), -W[:1]])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -134,8 +133,7 @@ def test_codes_scale_with_x(method):
         assert torch.equal(scaled.indices, base.indices)
         torch.testing.assert_close(scaled.values, scale * base.values, rtol=1e-6, atol=0)
     scaled = pursuit(3.0 * x, W, 16, method=method)
-    torch.testing.assert_close(to_dense(scaled, 512), 3.0 * to_dense(base, 512),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(to_dense(scaled, 512), 3.0 * to_dense(base, 512), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["gp", "cgp", "omp"])
@@ -245,16 +243,20 @@ def test_a_zero_coefficient_with_negative_gradient_is_not_a_clamp(method, monkey
     assert rows.all(), f"{int((~rows).sum())} of {rows.numel()} backtracked rows had no real clamp"
 
 
-@pytest.mark.parametrize("method,tl_algorithm", [
-    ("gp", "gradient_pursuit"),
-    ("omp", "nonnegative_orthogonal_matching_pursuit"),
-])
+@pytest.mark.parametrize(
+    "method,tl_algorithm",
+    [
+        ("gp", "gradient_pursuit"),
+        ("omp", "nonnegative_orthogonal_matching_pursuit"),
+    ],
+)
 def test_agrees_with_transformer_lens(method, tl_algorithm):
     """transformer-lens 3.x ships a one-vector nonnegative gradient pursuit and NNLS-OMP
     (tools/analysis/jacobian_lens_decomposition.py). Its OMP selects as ours does. Its GP only
     considers unselected atoms where ours (like the original) may re-select one; on this
     incoherent dictionary no row re-selects, so the two must agree."""
     import transformer_lens.tools.analysis.jacobian_lens_decomposition as tl
+
     W = dictionary(1024, 128)
     x, _, _ = planted(W, 48, 16, noise=0.2)
     x = torch.cat([x, torch.randn(16, 128, generator=torch.Generator().manual_seed(3))])
@@ -359,8 +361,9 @@ def test_any_atom_norms_and_leading_dims():
     scaled = orthogonal_pursuit(x.reshape(2, 12, 64), W * scale[:, None], 8)
     assert scaled.indices.shape == (2, 12, 8)
     assert torch.equal(scaled.indices.reshape(24, 8), unit.indices)
-    torch.testing.assert_close(reconstruct(scaled, W * scale[:, None]).reshape(24, 64),
-                               reconstruct(unit, W), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        reconstruct(scaled, W * scale[:, None]).reshape(24, 64), reconstruct(unit, W), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_reconstruct_equals_dense_decode():
@@ -401,13 +404,16 @@ def test_decode_sparse_of_no_codes_is_the_bias():
     torch.testing.assert_close(decode_sparse(empty, torch.zeros(3, 0), W, b), b.expand(3, 4))
 
 
-@pytest.mark.parametrize("call,needle", [
-    (lambda x, W: pursuit(x, W, 0), "k 0 must be positive"),
-    (lambda x, W: pursuit(x, W, 257), "k 257 is larger than n_features 256"),
-    (lambda x, W: pursuit(x[:, :16], W, 4), "width 16 but the dictionary has d=32"),
-    (lambda x, W: pursuit(x, W, 4, method="lasso"), "unknown pursuit method 'lasso'"),
-    (lambda x, W: gradient_pursuit(x, object(), 4), "decoder must be a W_dec tensor"),
-])
+@pytest.mark.parametrize(
+    "call,needle",
+    [
+        (lambda x, W: pursuit(x, W, 0), "k 0 must be positive"),
+        (lambda x, W: pursuit(x, W, 257), "k 257 is larger than n_features 256"),
+        (lambda x, W: pursuit(x[:, :16], W, 4), "width 16 but the dictionary has d=32"),
+        (lambda x, W: pursuit(x, W, 4, method="lasso"), "unknown pursuit method 'lasso'"),
+        (lambda x, W: gradient_pursuit(x, object(), 4), "decoder must be a W_dec tensor"),
+    ],
+)
 def test_errors_are_one_line(call, needle):
     W = dictionary(256, 32)
     with pytest.raises(SaekitError) as err:

@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import torch
-
 import sae_lens  # noqa: E402
+import torch
 
 from saekit.errors import SaekitError  # noqa: E402
 from saekit.sae import (  # noqa: E402
@@ -347,13 +346,19 @@ ERRORS = {
     "k negative": (lambda: SparseAutoencoder(D_IN, D_SAE, -3), "k -3 must be positive"),
     "k too big": (lambda: SparseAutoencoder(D_IN, D_SAE, D_SAE + 1), "k 129 is larger than n_features 128"),
     "k fractional topk": (lambda: SparseAutoencoder(D_IN, D_SAE, 2.5), "whole number"),
-    "k too big from decoder": (lambda: SparseAutoencoder(decoder=Decoder(D_SAE, D_IN), k=500), "k 500 is larger than n_features 128"),
+    "k too big from decoder": (
+        lambda: SparseAutoencoder(decoder=Decoder(D_SAE, D_IN), k=500),
+        "k 500 is larger than n_features 128",
+    ),
     "n_hidden without d_hidden": (lambda: SparseAutoencoder(D_IN, D_SAE, K, n_hidden=2), "needs d_hidden"),
     "encoder/decoder d_in": (
         lambda: SparseAutoencoder(encoder=Encoder(16, D_SAE, K), decoder=Decoder(D_SAE, D_IN)),
         "encoder d_in=16 does not match decoder d_in=32",
     ),
-    "d_in vs decoder": (lambda: SparseAutoencoder(d_in=16, decoder=Decoder(D_SAE, D_IN), k=K), "d_in=16 does not match"),
+    "d_in vs decoder": (
+        lambda: SparseAutoencoder(d_in=16, decoder=Decoder(D_SAE, D_IN), k=K),
+        "d_in=16 does not match",
+    ),
     "data width encode": (lambda: _sae().encode(torch.randn(4, 16)), "last dimension 16 but this SAE expects d_in=32"),
     "data width forward": (lambda: _sae()(torch.randn(4, 16)), "expects d_in=32"),
     "codes width decode": (lambda: _sae().decode(torch.randn(4, 100)), "expects n_features=128"),
@@ -382,7 +387,9 @@ def test_unknown_release_and_id_say_how_to_list_them():
 def _raise_offline(*args, **kwargs):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub.\nCheck your connection.")
+    raise LocalEntryNotFoundError(
+        "An error happened while trying to locate the file on the Hub.\nCheck your connection."
+    )
 
 
 def _raise_connection(*args, **kwargs):
@@ -449,20 +456,32 @@ def _set_json(path, **changes):
 
 # (what to break, fragment of the one-line error)
 LOAD_ERRORS = {
-    "no weights": (lambda run, lens: (run / "sae" / "sae.safetensors").unlink(), "no sae.safetensors: the weights file is missing"),
+    "no weights": (
+        lambda run, lens: (run / "sae" / "sae.safetensors").unlink(),
+        "no sae.safetensors: the weights file is missing",
+    ),
     "truncated weights": (lambda run, lens: _truncate(run / "sae" / "sae.safetensors"), "sae.safetensors is damaged"),
     "weights of another size": (
         lambda run, lens: _set_json(run / "sae" / "config.json", n_features=2 * D_SAE),
         f"of shape [{D_IN}, {D_SAE}] but config.json says [{D_IN}, {2 * D_SAE}]",
     ),
-    "config not JSON": (lambda run, lens: (run / "sae" / "config.json").write_bytes(b"\x89PNG\x00{"), "config.json is not valid JSON"),
-    "config not an object": (lambda run, lens: (run / "sae" / "config.json").write_text("[1, 2]"), "is not a saekit SAE config"),
+    "config not JSON": (
+        lambda run, lens: (run / "sae" / "config.json").write_bytes(b"\x89PNG\x00{"),
+        "config.json is not valid JSON",
+    ),
+    "config not an object": (
+        lambda run, lens: (run / "sae" / "config.json").write_text("[1, 2]"),
+        "is not a saekit SAE config",
+    ),
     "sae-lens d_in": (
         lambda run, lens: _set_json(lens / "cfg.json", d_in=16),
         f"cfg.json says d_in=16, d_sae={D_SAE} but its weights have W_dec [{D_SAE}, {D_IN}]",
     ),
     "sae-lens cfg not JSON": (lambda run, lens: (lens / "cfg.json").write_text("{oops"), "cfg.json is not valid JSON"),
-    "sae-lens truncated weights": (lambda run, lens: _truncate(lens / "sae_weights.safetensors"), "sae_weights.safetensors is damaged"),
+    "sae-lens truncated weights": (
+        lambda run, lens: _truncate(lens / "sae_weights.safetensors"),
+        "sae_weights.safetensors is damaged",
+    ),
 }
 
 
@@ -479,13 +498,16 @@ def test_load_sae_errors_are_one_line(tmp_path, case):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("{tmp}/nope", "no SAE directory at"),
-    ("./nope", "no SAE directory at"),
-    ("~/nope", "no SAE directory at"),
-    ("{tmp}/run/sae/config.json", "is a file"),
-    ("{tmp}/empty", "no SAE in"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("{tmp}/nope", "no SAE directory at"),
+        ("./nope", "no SAE directory at"),
+        ("~/nope", "no SAE directory at"),
+        ("{tmp}/run/sae/config.json", "is a file"),
+        ("{tmp}/empty", "no SAE in"),
+    ],
+)
 def test_load_sae_says_what_a_path_lacks(tmp_path, monkeypatch, spec, fragment):
     from saekit.sae import load_sae
 
@@ -514,8 +536,14 @@ def test_cli_pursue_with_a_bad_sae_is_one_error_line(tmp_path, capsys, monkeypat
     _truncate(run / "sae" / "sae.safetensors")
     _set_json(lens / "cfg.json", d_in=16)
     base = ["pursue", "--store", store, "--k", 2, "--out", tmp_path / "out"]
-    p = subprocess.run([sys.executable, "-m", "saekit.cli.main", *map(str, base), "--sae", run], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[1], timeout=120, check=False)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "saekit.cli.main", *map(str, base), "--sae", run],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+        check=False,
+    )
     assert p.returncode == 1 and p.stderr.startswith("error: ") and p.stderr.strip().count("\n") == 0, p.stderr
     assert "is damaged" in p.stderr
     for bad, fragment in ((lens, "cfg.json says d_in=16"), (tmp_path / "nope", "no SAE directory at")):

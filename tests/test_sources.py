@@ -32,12 +32,22 @@ def make_tiny_gpt2(out, n_ctx: int = 64, seed: int = 0, n_embd: int = 32, n_laye
 
     texts = ["The quick brown fox jumps over the lazy dog.", "Sparse autoencoders find features in activations."] * 20
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     torch.manual_seed(seed)
     # n_ctx mirrors the hub's gpt2 config.json, which carries it beside n_positions.
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_ctx, n_ctx=n_ctx, n_embd=n_embd, n_layer=n_layer, n_head=2,
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=n_ctx,
+        n_ctx=n_ctx,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -90,7 +100,9 @@ def test_local_text_formats_agree(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(docs)))
     pq.write_table(pa.table({"body": docs}), tmp_path / "d.parquet")
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"body": docs})}).save_to_disk(str(tmp_path / "saved_dict"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"body": docs})}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
     for spec, kw in [("d.jsonl", {}), ("d.parquet", {}), ("saved", {}), ("saved_dict", {"split": "test"})]:
         src = texts.load_texts(str(tmp_path / spec), text_column="body", **kw)
         assert list(src.docs()) == docs, spec
@@ -170,7 +182,9 @@ def test_embedded_tokenizer_is_bytes():
 def _structure(model, seqs):
     """Held-out loss, per-dimension std max/median, and BOS norm / mean norm of other positions."""
     with torch.no_grad():
-        loss, cache = model.run_with_cache(torch.tensor(seqs), return_type="loss", names_filter="blocks.2.hook_resid_pre")
+        loss, cache = model.run_with_cache(
+            torch.tensor(seqs), return_type="loss", names_filter="blocks.2.hook_resid_pre"
+        )
     x = cache["blocks.2.hook_resid_pre"]  # [b, pos, d]
     sd = x[:, 1:].reshape(-1, x.shape[-1]).std(0)
     bos = x[:, 0].norm(dim=-1).mean() / x[:, 1:].norm(dim=-1).mean()
@@ -212,13 +226,18 @@ def test_corpus_regenerates_identically_on_the_same_python(tmp_path):
     assert (tmp_path / "corpus.jsonl").read_bytes() == embedded.CORPUS_PATH.read_bytes()
 
 
-
 # -- bad input: one `error:` line from the real CLI, no traceback, nothing written ---------------
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread each (the machine is shared) and never the network.
-CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+CLI_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONPATH": str(REPO),
+}
 
 
 class Refusal(NamedTuple):
@@ -233,7 +252,19 @@ class Refusal(NamedTuple):
 
 
 def _harvest(out: Path, args: list) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "saekit.cli.main", "harvest", "--tokens", "512", "--device", "cpu", "--out", out, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saekit.cli.main",
+        "harvest",
+        "--tokens",
+        "512",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        *args,
+    ]
     return subprocess.run(list(map(str, cmd)), env=CLI_ENV, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -267,7 +298,8 @@ WORDS = ("plain ascii words " * 300).encode()
 
 def test_undecodable_and_binary_datasets_are_refused(embedded_store, tmp_path):
     files = {
-        "noise.jsonl": NOISE, "noise.parquet": NOISE,
+        "noise.jsonl": NOISE,
+        "noise.parquet": NOISE,
         # one Latin-1 byte in 11 kB: a tiny fraction, but it stands for every accented letter of
         # such a file, so it is refused like any other
         "latin1.txt": WORDS + "café".encode("latin-1") + WORDS,
@@ -277,11 +309,16 @@ def test_undecodable_and_binary_datasets_are_refused(embedded_store, tmp_path):
         (tmp_path / name).write_bytes(data)
     store = Path(shutil.copytree(embedded_store, tmp_path / "store"))
     cases = {
-        "noise.jsonl": Refusal(["--dataset", tmp_path / "noise.jsonl", "--overwrite"],
-                               r"not UTF-8 text: byte 0x[0-9a-f]{2} at offset \d+ .*convert it", out=store),
+        "noise.jsonl": Refusal(
+            ["--dataset", tmp_path / "noise.jsonl", "--overwrite"],
+            r"not UTF-8 text: byte 0x[0-9a-f]{2} at offset \d+ .*convert it",
+            out=store,
+        ),
         "noise.parquet": Refusal(["--dataset", tmp_path / "noise.parquet"], r"not a readable Parquet file"),
-        "latin1.txt": Refusal(["--dataset", tmp_path / "latin1.txt"],
-                              rf"not UTF-8 text: byte 0xe9 at offset {len(WORDS) + 3} .*iconv -f latin1 -t utf-8"),
+        "latin1.txt": Refusal(
+            ["--dataset", tmp_path / "latin1.txt"],
+            rf"not UTF-8 text: byte 0xe9 at offset {len(WORDS) + 3} .*iconv -f latin1 -t utf-8",
+        ),
         "nul.txt": Refusal(["--dataset", tmp_path / "nul.txt"], rf"NUL byte at offset {len(WORDS)} .*binary"),
     }
     assert_refused(cases, tmp_path)
@@ -291,7 +328,9 @@ def test_non_regular_files_are_refused_without_reading(tmp_path):
     os.mkfifo(tmp_path / "pipe.jsonl")  # opening it would wait for a writer forever
     cases = {
         "dev-zero": Refusal(["--dataset", "/dev/zero"], r"/dev/zero is a character device, not a regular file"),
-        "fifo": Refusal(["--dataset", tmp_path / "pipe.jsonl"], r"pipe.jsonl is a FIFO \(named pipe\), not a regular file"),
+        "fifo": Refusal(
+            ["--dataset", tmp_path / "pipe.jsonl"], r"pipe.jsonl is a FIFO \(named pipe\), not a regular file"
+        ),
     }
     assert_refused(cases, tmp_path)
 
@@ -344,8 +383,10 @@ def test_damaged_checkpoints_are_one_line_and_never_unpickled(tiny_ckpt, tmp_pat
     for f in ["tokenizer.json", "tokenizer_config.json"]:
         (no_tokenizer / f).unlink()
     cases = {
-        "pickled": Refusal(["--model", tmp_path / "pickled"],
-                           r"loads only safetensors weights.*pytorch_model.bin.*safe_serialization=True"),
+        "pickled": Refusal(
+            ["--model", tmp_path / "pickled"],
+            r"loads only safetensors weights.*pytorch_model.bin.*safe_serialization=True",
+        ),
         "cut": Refusal(["--model", cut.parent], r"model.safetensors is damaged"),
         "bad-config": Refusal(["--model", tmp_path / "bad-config"], r"config.json is not JSON"),
         "no-tokenizer": Refusal(["--model", no_tokenizer], r"no-tokenizer has no tokenizer.*tokenizer.save_pretrained"),
@@ -405,10 +446,14 @@ def test_malformed_rows_files_and_folders_name_the_problem(tmp_path):
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(SaekitError, match="empty.parquet is not a readable Parquet file"):
         texts.load_texts(str(tmp_path / "empty.parquet"))
-    pq.write_table(pa.table({"text": [f"document {i}" for i in range(4000)]}), tmp_path / "cut.parquet", row_group_size=500)
+    pq.write_table(
+        pa.table({"text": [f"document {i}" for i in range(4000)]}), tmp_path / "cut.parquet", row_group_size=500
+    )
     group = pq.ParquetFile(tmp_path / "cut.parquet").metadata.row_group(5).column(0)
     data = bytearray((tmp_path / "cut.parquet").read_bytes())
-    data[group.data_page_offset : group.data_page_offset + group.total_compressed_size] = b"Z" * group.total_compressed_size
+    data[group.data_page_offset : group.data_page_offset + group.total_compressed_size] = (
+        b"Z" * group.total_compressed_size
+    )
     (tmp_path / "cut.parquet").write_bytes(data)
     with pytest.raises(SaekitError, match=r"cut.parquet is damaged past row \d+"):
         texts.load_texts(str(tmp_path / "cut.parquet"))
@@ -474,8 +519,14 @@ def test_unreadable_dataset_and_model_paths_are_one_line(tmp_path):
         "        print(e)\n"
     )
     try:
-        r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code],
-                           env=CLI_ENV, capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code],
+            env=CLI_ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     finally:
         (tmp_path / "locked").chmod(0o755)
     assert r.returncode == 0, r.stderr

@@ -40,7 +40,9 @@ def ids_of(batch: torch.Tensor) -> np.ndarray:
 
 
 def write_store(path, x: torch.Tensor, *, meta=META, batch: int = 50, n_rows=None, **kw):
-    w = create_store(path, {HOOK: x.shape[1]}, n_rows=n_rows or x.shape[0], meta=meta, shard_rows=SHARD, chunk_rows=CHUNK, **kw)
+    w = create_store(
+        path, {HOOK: x.shape[1]}, n_rows=n_rows or x.shape[0], meta=meta, shard_rows=SHARD, chunk_rows=CHUNK, **kw
+    )
     n = x.shape[0]
     for s in range(w.resume_row, n, batch):
         e = min(s + batch, n)
@@ -91,10 +93,19 @@ def test_float32_input_is_rounded_like_torch_and_keeps_specials(tmp_path):
 def test_rows_tokens_positions_stats_and_truncation(tmp_path):
     x = rows_with_ids(300)
     # capacity 100 < 300 rows: the single writer grows the arrays; finalize truncates to 250.
-    w = create_store(tmp_path / "s", {HOOK: 6, "blocks.1.hook_resid_pre": 3}, n_rows=100, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
+    w = create_store(
+        tmp_path / "s",
+        {HOOK: 6, "blocks.1.hook_resid_pre": 3},
+        n_rows=100,
+        meta=META,
+        shard_rows=SHARD,
+        chunk_rows=CHUNK,
+    )
     for s in range(0, 300, 70):
         e = min(s + 70, 300)
-        w.append({HOOK: x[s:e], "blocks.1.hook_resid_pre": x[s:e, 3:].double()}, torch.arange(s, e), torch.arange(s, e) % 8)
+        w.append(
+            {HOOK: x[s:e], "blocks.1.hook_resid_pre": x[s:e, 3:].double()}, torch.arange(s, e), torch.arange(s, e) % 8
+        )
     w.finalize(n_rows=250)
     st = open_store(tmp_path / "s")
     assert st.complete and st.n_rows == 250 and st.hooks == [HOOK, "blocks.1.hook_resid_pre"]
@@ -125,8 +136,17 @@ def test_shard_files_are_byte_identical_to_what_zarr_writes(tmp_path):
     write_store(tmp_path / "s", x)
     ref = zarr.open_group(str(tmp_path / "z"), mode="w", zarr_format=3)
     arr_meta = json.loads((tmp_path / "s" / "acts" / HOOK / "zarr.json").read_text())
-    a = ref.create_array("a", shape=(2 * SHARD, 6), dtype="uint16", shards=(SHARD, 6), chunks=(CHUNK, 6),
-                         compressors=None, filters=None, fill_value=0, config={"write_empty_chunks": True})
+    a = ref.create_array(
+        "a",
+        shape=(2 * SHARD, 6),
+        dtype="uint16",
+        shards=(SHARD, 6),
+        chunks=(CHUNK, 6),
+        compressors=None,
+        filters=None,
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
     assert json.loads((tmp_path / "z" / "a" / "zarr.json").read_text())["codecs"] == arr_meta["codecs"]
     a[:] = x.bfloat16().view(torch.int16).numpy().view(np.uint16)
     for i in range(2):
@@ -245,7 +265,9 @@ def test_two_processes_writing_disjoint_shards_match_one_writer(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-    w = create_store(tmp_path / "s", {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True, world_size=2)
+    w = create_store(
+        tmp_path / "s", {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True, world_size=2
+    )
     w.finalize()
     st = open_store(tmp_path / "s")
     assert st.content_hash == ref.content_hash and st.n_rows == 300
@@ -256,13 +278,24 @@ def test_two_processes_writing_disjoint_shards_match_one_writer(tmp_path):
 def test_finalize_refuses_a_gap_left_by_a_missing_rank(tmp_path):
     x = rows_with_ids(3 * SHARD)
     create_store(tmp_path / "s", {HOOK: 6}, n_rows=len(x), meta=META, shard_rows=SHARD, chunk_rows=CHUNK, world_size=2)
-    w1 = create_store(tmp_path / "s", {HOOK: 6}, n_rows=len(x), meta=META, shard_rows=SHARD, chunk_rows=CHUNK, rank=1, world_size=2)
+    w1 = create_store(
+        tmp_path / "s", {HOOK: 6}, n_rows=len(x), meta=META, shard_rows=SHARD, chunk_rows=CHUNK, rank=1, world_size=2
+    )
     w1.write_shard(1, {HOOK: x[SHARD : 2 * SHARD]}, torch.zeros(SHARD), torch.zeros(SHARD))
     with pytest.raises(SaekitError, match="rank 0"):
         w1.finalize()
     with pytest.raises(SaekitError, match="belongs to rank 0"):
         w1.write_shard(2, {HOOK: x[:SHARD]}, torch.zeros(SHARD), torch.zeros(SHARD))
-    w0 = create_store(tmp_path / "s", {HOOK: 6}, n_rows=len(x), meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True, world_size=2)
+    w0 = create_store(
+        tmp_path / "s",
+        {HOOK: 6},
+        n_rows=len(x),
+        meta=META,
+        shard_rows=SHARD,
+        chunk_rows=CHUNK,
+        resume=True,
+        world_size=2,
+    )
     w0.write_shard(2, {HOOK: x[2 * SHARD :]}, torch.zeros(SHARD), torch.zeros(SHARD))
     with pytest.raises(SaekitError, match=r"shards \[0\]"):
         w0.finalize()
@@ -287,7 +320,9 @@ def test_shuffle_is_deterministic_and_seeded(id_store):
     assert not np.array_equal(a, stream(seed=1, epoch=1))
     assert not np.array_equal(a, np.arange(1000))  # actually shuffled
     # resume: starting at batch k gives exactly the rest of the stream
-    tail = np.concatenate([ids_of(b) for b in id_store.shuffled_batches(HOOK, 30, seed=1, window_blocks=3, start_batch=11)])
+    tail = np.concatenate(
+        [ids_of(b) for b in id_store.shuffled_batches(HOOK, 30, seed=1, window_blocks=3, start_batch=11)]
+    )
     assert np.array_equal(tail, a[11 * 30 :])
 
 
@@ -295,7 +330,9 @@ def test_shuffle_is_deterministic_and_seeded(id_store):
 def test_every_row_exactly_once_per_epoch_across_ranks(id_store, world_size):
     got = []
     for r in range(world_size):
-        batches = list(id_store.shuffled_batches(HOOK, 30, seed=7, epoch=2, rank=r, world_size=world_size, window_blocks=3))
+        batches = list(
+            id_store.shuffled_batches(HOOK, 30, seed=7, epoch=2, rank=r, world_size=world_size, window_blocks=3)
+        )
         assert all(b.shape == (30, 6) and b.dtype == torch.bfloat16 for b in batches[:-1])
         got += [ids_of(b) for b in batches]
     assert np.array_equal(np.sort(np.concatenate(got)), np.arange(1000))
@@ -393,7 +430,15 @@ def test_create_refuses_a_non_empty_path_and_keeps_its_contents(tmp_path):
 def test_resume_refuses_different_metadata(tmp_path):
     create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, shard_rows=SHARD, chunk_rows=CHUNK)
     with pytest.raises(SaekitError, match="differs in: ctx_len"):
-        create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta={**META, "ctx_len": 16}, shard_rows=SHARD, chunk_rows=CHUNK, resume=True)
+        create_store(
+            tmp_path / "s",
+            {HOOK: 6},
+            n_rows=10,
+            meta={**META, "ctx_len": 16},
+            shard_rows=SHARD,
+            chunk_rows=CHUNK,
+            resume=True,
+        )
     with pytest.raises(SaekitError, match="layout"):
         create_store(tmp_path / "s", {HOOK: 7}, n_rows=10, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True)
 
@@ -445,8 +490,16 @@ def recompress(root: Path) -> None:
     path = str(root / "acts" / HOOK)
     old = zarr.open_array(path, mode="r")
     values, attrs = old[:], old.attrs.asdict()
-    new = zarr.create_array(path, shape=old.shape, dtype=old.dtype, shards=old.shards, chunks=old.chunks,
-                            compressors=ZstdCodec(), fill_value=0, overwrite=True)
+    new = zarr.create_array(
+        path,
+        shape=old.shape,
+        dtype=old.dtype,
+        shards=old.shards,
+        chunks=old.chunks,
+        compressors=ZstdCodec(),
+        fill_value=0,
+        overwrite=True,
+    )
     new[:] = values
     new.attrs.update(attrs)
 
@@ -497,7 +550,7 @@ def test_a_missing_shard_file_is_an_error_on_every_read_path(tmp_path, layout):
 def test_an_empty_shard_file_is_an_error_even_unchecked(tmp_path):
     write_store(tmp_path / "s", rows_with_ids(300))
     shard_file(tmp_path / "s", 2).write_bytes(b"")  # e.g. a copy that ran out of space: zarr reads it as zeros
-    for how, opener in openings(tmp_path / "s").items():
+    for opener in openings(tmp_path / "s").values():
         with pytest.raises(SaekitError, match=f"acts/{HOOK}/c/2/0 is empty"):
             opener().rows(HOOK, 130, 140)
     assert [b.split(":")[0] for b in open_store(tmp_path / "s", check=False).verify()] == [f"acts/{HOOK}/c/2/0"]
@@ -554,8 +607,12 @@ def scale_msn(a, by=1000.0):
 
 @pytest.mark.parametrize(
     "tamper",
-    [lambda a: a["meta"].update(ctx_len=16), scale_msn, lambda a: a["stats"][HOOK]["mean"].__setitem__(2, 0.5),
-     lambda a: a["shards"][1]["crc32c"].update(tokens=1)],
+    [
+        lambda a: a["meta"].update(ctx_len=16),
+        scale_msn,
+        lambda a: a["stats"][HOOK]["mean"].__setitem__(2, 0.5),
+        lambda a: a["shards"][1]["crc32c"].update(tokens=1),
+    ],
     ids=["meta.ctx_len", "mean_sq_norm x1000", "mean[2]", "a shard checksum"],
 )
 def test_edited_metadata_or_statistics_are_refused_on_open(tmp_path, tamper):
@@ -633,7 +690,9 @@ def test_damaged_attributes_of_an_unfinished_store_are_one_line_on_resume(tmp_pa
             open_store(tmp_path / damage, allow_incomplete=True)
         assert "\n" not in str(e.value)
         with pytest.raises(SaekitError, match="damaged attributes") as e:
-            create_store(tmp_path / damage, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True)
+            create_store(
+                tmp_path / damage, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chunk_rows=CHUNK, resume=True
+            )
         assert "\n" not in str(e.value)
 
 
@@ -642,9 +701,11 @@ def test_a_damaged_zarr_json_says_so(tmp_path, content):
     write_store(tmp_path / "s", rows_with_ids(100))
     (tmp_path / "s" / "zarr.json").write_text(content)
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "s").rglob("*"))
-    for fn in (lambda: open_store(tmp_path / "s"),
-               lambda: create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, resume=True),
-               lambda: create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, overwrite=True)):
+    for fn in (
+        lambda: open_store(tmp_path / "s"),
+        lambda: create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, resume=True),
+        lambda: create_store(tmp_path / "s", {HOOK: 6}, n_rows=10, meta=META, overwrite=True),
+    ):
         with pytest.raises(SaekitError, match=r"zarr.json is damaged.*restore") as e:
             fn()
         assert "not a saekit" not in str(e.value) and "\n" not in str(e.value)

@@ -25,8 +25,18 @@ N_EVAL = 2048
 
 
 def cfg(store, out, **kw) -> TrainConfig:
-    base = dict(store=str(store), out=str(out), n_features=512, k=16, batch_size=256, tokens=256 * 200,
-                device="cpu", progress=False, checkpoint_every=0, eval_rows=N_EVAL)  # fmt: skip
+    base = dict(
+        store=str(store),
+        out=str(out),
+        n_features=512,
+        k=16,
+        batch_size=256,
+        tokens=256 * 200,
+        device="cpu",
+        progress=False,
+        checkpoint_every=0,
+        eval_rows=N_EVAL,
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -96,8 +106,16 @@ def test_mlp_encoder_beats_linear_on_the_same_frozen_dictionary(sae_run, embedde
 
 def test_init_encoder_starts_exactly_at_the_pretrained_sae(sae_run, embedded_store, tmp_path):
     # skip-connection init: pretrained linear path + an MLP path at zero = the pretrained SAE.
-    run(cfg(embedded_store, tmp_path / "skip", from_pretrained=str(sae_run.out), init_encoder=True,
-            d_hidden=64, tokens=256))  # fmt: skip
+    run(
+        cfg(
+            embedded_store,
+            tmp_path / "skip",
+            from_pretrained=str(sae_run.out),
+            init_encoder=True,
+            d_hidden=64,
+            tokens=256,
+        )
+    )
     start = evals(tmp_path / "skip")[0]
     assert start["step"] == 0
     assert start["eval/fvu"] == pytest.approx(evals(sae_run.out)[-1]["eval/fvu"], rel=1e-5)
@@ -117,8 +135,16 @@ def test_dictionary_trained_on_mlp_and_pursuit_codes_improves(embedded_store, tm
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(embedded_store, tmp_path, monkeypatch):
     # k 4 of 512 latents and a 256-token dead window: AuxK is active, so its state must resume too.
-    kw = dict(k=4, d_hidden=64, tokens=256 * 60, checkpoint_every=20, eval_every=25, log_every=5,
-              dead_tokens=256, warmup_frac=0.1)  # fmt: skip
+    kw = dict(
+        k=4,
+        d_hidden=64,
+        tokens=256 * 60,
+        checkpoint_every=20,
+        eval_every=25,
+        log_every=5,
+        dead_tokens=256,
+        warmup_frac=0.1,
+    )
     run(cfg(embedded_store, tmp_path / "full", **kw))
     assert any(m.get("train/auxk", 0) > 0 for m in read_metrics(tmp_path / "full"))  # AuxK state matters
 
@@ -139,7 +165,12 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(embedded_store, tmp
     with pytest.raises(SaekitError, match="already exists.*--resume"):
         run(cfg(embedded_store, tmp_path / "cut", **kw))
     run(cfg(embedded_store, tmp_path / "cut", resume=True, **kw))
-    for f in ("sae/sae.safetensors", "checkpoint/optimizer.safetensors", "checkpoint/state.safetensors", "metrics.jsonl"):
+    for f in (
+        "sae/sae.safetensors",
+        "checkpoint/optimizer.safetensors",
+        "checkpoint/state.safetensors",
+        "metrics.jsonl",
+    ):
         assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
 
     with pytest.raises(SaekitError, match=r"different settings \(k: 4 -> 8\)"):
@@ -162,15 +193,27 @@ def test_two_ranks_follow_the_one_rank_loss_curve(embedded_store, tmp_path):
     two = cfg(embedded_store, tmp_path / "two", **kw)
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "ddp.py"), json.dumps(two.__dict__), str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(tmp_path / "ddp.py"),
+        json.dumps(two.__dict__),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     assert json.loads((tmp_path / "two/run.json").read_text())["world_size"] == 2
     # DDP keeps the replicas identical: both ranks end with the same dictionary.
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text()
-    curve = {r: torch.tensor([m["train/fvu"] for m in read_metrics(tmp_path / r) if "train/fvu" in m]) for r in ("one", "two")}
+    curve = {
+        r: torch.tensor([m["train/fvu"] for m in read_metrics(tmp_path / r) if "train/fvu" in m])
+        for r in ("one", "two")
+    }
     assert len(curve["one"]) == len(curve["two"]) == 100
     # Same global batch, different rows per step (each rank reads its own blocks): compare the
     # curves averaged over windows of 10 steps.
@@ -259,7 +302,9 @@ def test_wandb_gets_the_metrics_and_a_failing_wandb_is_one_line(embedded_store, 
         raise RuntimeError("No API key configured.\nUse `wandb login`.")
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=refuse))
-    with pytest.raises(SaekitError, match="wandb.init failed .RuntimeError: No API key configured.*WANDB_MODE=offline") as e:
+    with pytest.raises(
+        SaekitError, match="wandb.init failed .RuntimeError: No API key configured.*WANDB_MODE=offline"
+    ) as e:
         run(cfg(embedded_store, tmp_path / "no", wandb=True))
     _one_line(e)
     assert not (tmp_path / "no").exists()  # nothing left that would need --resume
@@ -312,8 +357,10 @@ def _cli(capsys, monkeypatch, *args) -> tuple[int, str]:
 
 def test_cli_flags_override_the_config_file(embedded_store, tmp_path, capsys, monkeypatch):
     toml = tmp_path / "train.toml"
-    toml.write_text(f'store = "{embedded_store}"\nn-features = 256\nk = 16\nbatch_size = 128\ntokens = 1280\n'
-                    f'eval_rows = {N_EVAL}\nprogress = false\ndevice = "cpu"\n')  # fmt: skip
+    toml.write_text(
+        f'store = "{embedded_store}"\nn-features = 256\nk = 16\nbatch_size = 128\ntokens = 1280\n'
+        f'eval_rows = {N_EVAL}\nprogress = false\ndevice = "cpu"\n'
+    )
     code, err = _cli(capsys, monkeypatch, "train", "--config", toml, "--out", tmp_path / "run", "--k", 8)
     assert code == 0, err
     saved = json.loads((tmp_path / "run/config.json").read_text())
@@ -325,9 +372,12 @@ def test_cli_flags_override_the_config_file(embedded_store, tmp_path, capsys, mo
     assert code == 0, err
 
     bad = tmp_path / "bad.toml"
-    bad.write_text('kk = 3\n')
+    bad.write_text("kk = 3\n")
     code, err = _cli(capsys, monkeypatch, "train", "--config", bad, "--store", "x", "--out", tmp_path / "r2")
-    assert code == 1 and err.strip() == f"error: --config {bad} has unknown key(s) kk; see `saekit train --help` for the names"
+    assert (
+        code == 1
+        and err.strip() == f"error: --config {bad} has unknown key(s) kk; see `saekit train --help` for the names"
+    )
 
 
 def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
@@ -337,8 +387,25 @@ def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
 
     res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
-    for flag in ("--store", "--hook", "--out", "--k", "--n-features", "--tokens", "--batch-size", "--lr", "--seed",
-                 "--resume", "--config", "--from-pretrained", "--d-hidden", "--n-hidden", "--codes", "--auxk-coef", "--k-aux"):  # fmt: skip
+    for flag in (
+        "--store",
+        "--hook",
+        "--out",
+        "--k",
+        "--n-features",
+        "--tokens",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--resume",
+        "--config",
+        "--from-pretrained",
+        "--d-hidden",
+        "--n-hidden",
+        "--codes",
+        "--auxk-coef",
+        "--k-aux",
+    ):
         assert flag in res.output, flag
 
 
@@ -379,7 +446,11 @@ def test_config_values_of_the_right_type_are_taken_as_that_type(tmp_path):
 @pytest.fixture(scope="module")
 def short_run(embedded_store, tmp_path_factory):
     """A finished 4-step run with a checkpoint, to damage copies of."""
-    return run(cfg(embedded_store, tmp_path_factory.mktemp("short") / "run", n_features=256, tokens=256 * 4, checkpoint_every=2))
+    return run(
+        cfg(
+            embedded_store, tmp_path_factory.mktemp("short") / "run", n_features=256, tokens=256 * 4, checkpoint_every=2
+        )
+    )
 
 
 def _edit_json(path: Path, edit) -> None:
@@ -390,12 +461,27 @@ def _edit_json(path: Path, edit) -> None:
 
 DAMAGE = {
     "config is not JSON": ("config.json", lambda p: p.write_text(p.read_text()[:40]), "config.json is damaged"),
-    "config has a wrong type": ("config.json", lambda p: _edit_json(p, lambda d: d.update(k="16")), "k must be an integer, got '16'"),
-    "config misses a key": ("config.json", lambda p: _edit_json(p, lambda d: d.pop("seed")), "config.json is damaged (no seed)"),
+    "config has a wrong type": (
+        "config.json",
+        lambda p: _edit_json(p, lambda d: d.update(k="16")),
+        "k must be an integer, got '16'",
+    ),
+    "config misses a key": (
+        "config.json",
+        lambda p: _edit_json(p, lambda d: d.pop("seed")),
+        "config.json is damaged (no seed)",
+    ),
     "state is not JSON": ("checkpoint/state.json", lambda p: p.write_text("{"), "checkpoint"),
-    "state has a wrong type": ("checkpoint/state.json", lambda p: _edit_json(p, lambda d: d["position"].update(step="4")),
-                               "step must be an integer, got '4'"),  # fmt: skip
-    "state misses a key": ("checkpoint/state.json", lambda p: _edit_json(p, lambda d: d.pop("position")), "state.json: no position"),
+    "state has a wrong type": (
+        "checkpoint/state.json",
+        lambda p: _edit_json(p, lambda d: d["position"].update(step="4")),
+        "step must be an integer, got '4'",
+    ),
+    "state misses a key": (
+        "checkpoint/state.json",
+        lambda p: _edit_json(p, lambda d: d.pop("position")),
+        "state.json: no position",
+    ),
 }
 
 
@@ -428,8 +514,19 @@ def test_normalization_comes_from_the_training_rows_only(tmp_path):
     x[-2048:] += 50.0  # the held-out rows (the store's last) look nothing like the training rows
     w.append({"h": x}, torch.arange(6144), torch.zeros(6144))
     w.finalize()
-    res = run(TrainConfig(store=str(tmp_path / "store"), out=str(tmp_path / "run"), n_features=64, k=4, batch_size=256,
-                          tokens=512, eval_rows=2048, device="cpu", progress=False))  # fmt: skip
+    res = run(
+        TrainConfig(
+            store=str(tmp_path / "store"),
+            out=str(tmp_path / "run"),
+            n_features=64,
+            k=4,
+            batch_size=256,
+            tokens=512,
+            eval_rows=2048,
+            device="cpu",
+            progress=False,
+        )
+    )
     train_x = open_store(tmp_path / "store").rows(None, 0, 4096).double()
     torch.testing.assert_close(res.sae.decoder.input_mean.double(), train_x.mean(0), rtol=0, atol=1e-5)
     normalized = res.sae.decoder.normalize(train_x.float()).double()
@@ -463,9 +560,20 @@ def test_batch_topk_threshold_keeps_k_per_token_over_all_the_training_rows(tmp_p
     x[:4096] *= 4
     w.append({"h": x}, torch.arange(20480), torch.zeros(20480))
     w.finalize()
-    res = run(TrainConfig(store=str(tmp_path / "store"), out=str(tmp_path / "run"), n_features=2048, k=8,
-                          activation="batchtopk", batch_size=256, tokens=256 * 40, eval_rows=2048, device="cpu",
-                          progress=False))  # fmt: skip
+    res = run(
+        TrainConfig(
+            store=str(tmp_path / "store"),
+            out=str(tmp_path / "run"),
+            n_features=2048,
+            k=8,
+            activation="batchtopk",
+            batch_size=256,
+            tokens=256 * 40,
+            eval_rows=2048,
+            device="cpu",
+            progress=False,
+        )
+    )
     with torch.no_grad():
         codes = res.sae.encode(open_store(tmp_path / "store").rows(None, 0, 20480 - 2048).float())
     assert (codes != 0).sum(-1).float().mean().item() == pytest.approx(8, rel=0.05)
@@ -473,8 +581,17 @@ def test_batch_topk_threshold_keeps_k_per_token_over_all_the_training_rows(tmp_p
 
 # --- a full disk: one line, and --resume finishes with the bytes of an uninterrupted run ------
 
-FULL = dict(n_features=256, k=16, batch_size=256, tokens=256 * 40, eval_rows=N_EVAL, eval_every=10, log_every=1,
-            checkpoint_every=0, device="cpu")  # fmt: skip
+FULL = dict(
+    n_features=256,
+    k=16,
+    batch_size=256,
+    tokens=256 * 40,
+    eval_rows=N_EVAL,
+    eval_every=10,
+    log_every=1,
+    checkpoint_every=0,
+    device="cpu",
+)
 
 
 def _train_args(store, out, **kw) -> list:
@@ -495,11 +612,19 @@ def full_run(embedded_store, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "metrics", "publish"])
-def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(embedded_store, full_run, tmpfs, capsys, monkeypatch, where):
+def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(
+    embedded_store, full_run, tmpfs, capsys, monkeypatch, where
+):
     small = tmpfs_bytes(full_run / "config.json") + tmpfs_bytes(full_run / "run.json")
-    ckpt, published = tmpfs_bytes(full_run / "checkpoint"), tmpfs_bytes(full_run / "sae") + tmpfs_bytes(full_run / "sae_lens")
+    ckpt, published = (
+        tmpfs_bytes(full_run / "checkpoint"),
+        tmpfs_bytes(full_run / "sae") + tmpfs_bytes(full_run / "sae_lens"),
+    )
     size, flags = {
-        "checkpoint": (small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt * 3 // 2, {"checkpoint_every": 20}),  # no room for 2
+        "checkpoint": (
+            small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt * 3 // 2,
+            {"checkpoint_every": 20},
+        ),  # no room for 2
         "metrics": (small + PAGE, {}),  # metrics.jsonl outgrows its first page
         "publish": (small + tmpfs_bytes(full_run / "metrics.jsonl") + ckpt + published // 2, {}),
     }[where]
