@@ -20,15 +20,8 @@ from torch import nn
 
 from saekit.devices import dtype_name
 from saekit.errors import SaekitError, one_line
-from saekit.sae import (
-    SAE_LENS_CONFIG,
-    SAE_LENS_WEIGHTS,
-    Decoder,
-    Encoder,
-    SparseAutoencoder,
-    publish_dir,
-    read_json_object,
-)
+from saekit.sae import SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, SparseAutoencoder, publish_dir, read_json_object
+from saekit.sae_parts import Decoder, Encoder
 
 # sae-lens architecture -> saekit native activation. Batch-TopK exists in sae-lens only as a
 # training architecture (its inference form is saved as jumprelu); matryoshka encodes the same way.

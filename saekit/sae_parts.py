@@ -1,0 +1,429 @@
+"""The parts a SparseAutoencoder is made of: its config, the activation functions (TopK,
+Batch-TopK, ReLU, JumpReLU), input normalization, the `Encoder` and the `Decoder` (the dictionary).
+
+Shapes: `x` is `[..., d_in]`, codes are dense `[..., n_features]` in the parameters' dtype.
+The dictionary lives in a normalized space `x_n = (x - input_mean) * input_scale`; both buffers
+sit on the `Decoder` (see saekit/sae.py's docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from saekit.config import check_k, check_non_negative
+from saekit.devices import dtype_name, resolve_dtype
+from saekit.errors import SaekitError
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
+
+# --------------------------------------------------------------------------------------------
+# Config and return types
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild a SparseAutoencoder's modules (saved as `config.json`)."""
+
+    d_in: int
+    """Width of the activations the SAE reads (the hooked model's d_model)."""
+    n_features: int
+    """Number of dictionary atoms (latents)."""
+    activation: str = "topk"
+    """'topk' (k per token), 'batchtopk' (k per token on average over a batch; a running threshold
+    at inference), 'relu', or 'jumprelu' (a per-latent threshold; loaded SAEs)."""
+    k: float | None = None
+    """Active latents per token for 'topk' (an integer) or per token on average for 'batchtopk'."""
+    d_hidden: int | None = None
+    """Width of the MLP path's hidden layers; required when n_hidden > 0."""
+    n_hidden: int = 0
+    """Hidden layers in the MLP path added to the linear encoder; 0 means a plain linear encoder."""
+    apply_preencoder_bias: bool = True
+    """Subtract the decoder's b_dec from the input before encoding (sae-lens `apply_b_dec_to_input`)."""
+    threshold_lr: float = 0.01
+    """Batch-TopK: rate of the running (exponential) average of the smallest kept activation."""
+    dtype: str = "float32"
+    """Parameter dtype: 'float32', 'float64', 'bfloat16' or 'float16' (or an alias in saekit.devices.DTYPES)."""
+    metadata: dict = field(default_factory=dict)
+    """Free-form provenance kept through save/load/export (e.g. model_name, hook_name, source)."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise SaekitError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        if self.d_in <= 0 or self.n_features <= 0:
+            raise SaekitError(f"d_in={self.d_in} and n_features={self.n_features} must both be positive")
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None:
+                raise SaekitError(f"activation {self.activation!r} needs k (active latents per token): pass k=")
+            _check_k_range(self.k, self.n_features, integer=self.activation == "topk")
+            if self.activation == "topk":
+                self.k = int(self.k)
+        check_non_negative("n_hidden", self.n_hidden, "no MLP path")
+        if self.n_hidden > 0 and (self.d_hidden is None or self.d_hidden <= 0):
+            raise SaekitError(
+                f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden="
+            )
+        resolve_dtype(self.dtype)  # one line for an unknown name
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        """Lenient: ignore unknown keys, fill missing optional ones with their defaults."""
+        known = {f.name for f in fields(cls)}
+        missing = [name for name in ("d_in", "n_features") if name not in d]
+        if missing:
+            raise SaekitError(f"SAE config lacks {', '.join(missing)}: it is not a saekit SAE config")
+        return cls(**{key: value for key, value in d.items() if key in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EncoderOutput(NamedTuple):
+    """What `Encoder.forward` returns."""
+
+    codes: torch.Tensor
+    """[..., n_features] sparse codes (dense tensor, mostly zeros)."""
+    pre_acts: torch.Tensor
+    """[..., n_features] pre-activations (linear path + MLP path), before TopK/ReLU; AuxK uses them."""
+
+
+class Dictionary(NamedTuple):
+    """A dictionary in raw activation space: x ~= codes @ W_dec + b_dec."""
+
+    W_dec: torch.Tensor
+    """[n_features, d_in]; rows are unit-norm times input_scale**-1 (exactly unit without normalization)."""
+    b_dec: torch.Tensor
+    """[d_in]"""
+
+
+class Normalization(NamedTuple):
+    """Input normalization x_n = (x - mean) * scale."""
+
+    mean: torch.Tensor
+    """[d_in] subtracted first (zeros when not centering)."""
+    scale: float
+    """multiplied after centering (1.0 when not scaling)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def _check_k_range(k: float, n_features: int, integer: bool) -> None:
+    check_k(k, n_features)
+    if integer and float(k) != int(k):
+        raise SaekitError(f"k={k} must be a whole number for TopK (Batch-TopK allows a fractional average)")
+
+
+def topk_activation(pre_acts: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest pre-activations of each row, ReLU them, zero the rest.
+
+    pre_acts: [..., n] -> codes [..., n] with at most k nonzeros per row.
+    """
+    values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre_acts).scatter_(-1, indices, values.relu())
+
+
+def batch_topk_activation(pre_acts: torch.Tensor, k: float) -> torch.Tensor:
+    """Keep the int(k * rows) largest ReLU'd pre-activations of the whole batch (k per row on average).
+
+    pre_acts: [..., n] -> codes [..., n].
+    """
+    acts = pre_acts.relu()
+    flat = acts.flatten()
+    n_rows = acts.shape[:-1].numel()
+    values, indices = flat.topk(int(k * n_rows), sorted=False)
+    return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
+
+
+def jumprelu_activation(pre_acts: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """ReLU, keeping only latents whose pre-activation exceeds its threshold (as sae-lens does).
+
+    pre_acts: [..., n], threshold: [n] -> codes [..., n].
+    """
+    return pre_acts.relu() * (pre_acts > threshold).to(pre_acts.dtype)
+
+
+def normalization_from_stats(
+    mean: torch.Tensor, mean_sq_norm: float, center: bool = True, scale: bool = True
+) -> Normalization:
+    """Turn the cache's statistics into an input normalization.
+
+    mean: [d_in] mean activation; mean_sq_norm: E||x||^2 of the raw activations.
+    Scaling makes E||x_n||^2 = d_in (the sae-lens convention), so hyperparameters transfer across
+    layers and models whose activation norms differ by orders of magnitude.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    d_in = mean.numel()
+    shift = mean if center else torch.zeros_like(mean)
+    # E||x - m||^2 = E||x||^2 - ||m||^2 when m is the mean.
+    sq_norm = float(mean_sq_norm) - (float(mean.pow(2).sum()) if center else 0.0)
+    if scale and not sq_norm > 0:
+        raise SaekitError(
+            f"cannot scale inputs: the statistics give E||x - shift||^2 = {sq_norm:.3g} <= 0; check the cache's statistics"
+        )
+    factor = math.sqrt(d_in / sq_norm) if scale else 1.0
+    return Normalization(mean=shift.float(), scale=factor)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    """The dictionary: reconstruction = denormalize(codes @ W_dec + b_dec).
+
+    W_dec: [n_features, d_in] with unit-norm rows (kept unit-norm by `normalize_rows_` after each
+    optimizer step); b_dec: [d_in]. Buffers `input_mean` [d_in] and `input_scale` [] define the
+    normalized space the atoms live in (identity by default).
+    """
+
+    def __init__(self, n_features: int, d_in: int, dtype: torch.dtype | str = torch.float32, device: Any = None):
+        super().__init__()
+        dtype = resolve_dtype(dtype)
+        W = torch.empty(n_features, d_in, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(W)
+        self.W_dec = nn.Parameter(W)
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
+        # Statistics stay float32 even for bf16 weights: the mean can be large and must be exact-ish.
+        self.register_buffer("input_mean", torch.zeros(d_in, dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.normalize_rows_()
+
+    @property
+    def n_features(self) -> int:
+        return self.W_dec.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.W_dec.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        """The original sae-kit name for d_in (the decoder's output width)."""
+        return self.d_in
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def trainable(self) -> bool:
+        """False freezes W_dec and b_dec (e.g. training a new encoder against a fixed dictionary)."""
+        return self.W_dec.requires_grad
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self.W_dec.requires_grad_(value)
+        self.b_dec.requires_grad_(value)
+
+    def _stats_dtype(self) -> torch.dtype:
+        # Normalize in at least float32 (the mean can be large); float64 weights stay float64.
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] raw activations -> [..., d_in] in the dictionary's space, parameters' dtype.
+
+        The identity when no normalization is set (exactly: x - 0 and * 1 round-trip any float).
+        """
+        dt = self._stats_dtype()
+        return ((x.to(dt) - self.input_mean.to(dt)) * self.input_scale.to(dt)).to(self.dtype)
+
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] in the dictionary's space -> raw activation space."""
+        dt = self._stats_dtype()
+        return (y.to(dt) / self.input_scale.to(dt) + self.input_mean.to(dt)).to(self.dtype)
+
+    def decode_normalized(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., n_features] -> [..., d_in] reconstruction in the normalized space."""
+        check_last_dim(codes, self.n_features, "codes", "n_features")
+        return codes.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [..., n_features] -> [..., d_in] reconstruction in raw activation space."""
+        return self.denormalize(self.decode_normalized(codes))
+
+    forward = decode
+
+    def raw_dictionary(self) -> Dictionary:
+        """The atoms in raw activation space: pursuit against them gives codes that `decode` accepts.
+
+        Equals (W_dec, b_dec) without normalization. With it, rows have norm 1/input_scale; a uniform
+        scale changes neither which atoms a pursuit picks nor the reconstruction.
+        """
+        dt = self._stats_dtype()
+        scale, mean = self.input_scale.to(dt), self.input_mean.to(dt)
+        return Dictionary((self.W_dec.to(dt) / scale).to(self.dtype), (self.b_dec.to(dt) / scale + mean).to(self.dtype))
+
+    @torch.no_grad()
+    def set_normalization_(self, mean: torch.Tensor, scale: float) -> None:
+        """Set x_n = (x - mean) * scale. Do this before training: it changes what the atoms mean."""
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32).reshape(self.d_in))
+        self.input_scale.fill_(float(scale))
+
+    @torch.no_grad()
+    def normalize_rows_(self) -> None:
+        """Rescale each atom (row of W_dec) to unit norm; call after every optimizer step."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Project out of W_dec.grad its component along each atom, before the optimizer step.
+
+        For unit-norm rows the parallel component only changes the norm, which `normalize_rows_`
+        would undo anyway; removing it keeps Adam's statistics for the direction that matters.
+        """
+        if self.W_dec.grad is None:
+            return
+        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        parallel = (self.W_dec.grad * unit).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * unit)
+
+
+def check_last_dim(t: torch.Tensor, expected: int, what: str, name: str) -> None:
+    if t.dim() == 0 or t.shape[-1] != expected:
+        got = "a scalar" if t.dim() == 0 else f"last dimension {t.shape[-1]}"
+        raise SaekitError(f"{what} have {got} but this SAE expects {name}={expected}: pass [..., {expected}] tensors")
+
+
+class Encoder(nn.Module):
+    """codes = activation(x @ W_enc + b_enc + mlp(x)), where x is already normalized and, when
+    `apply_preencoder_bias`, has the decoder's b_dec subtracted (the SAE passes b_dec in).
+
+    W_enc: [d_in, n_features], b_enc: [n_features]. The optional MLP path (n_hidden layers of width
+    d_hidden, ReLU) ends in a zero-initialized layer, so a fresh MLP encoder computes exactly its
+    linear path: the "skip connection" init that starts fine-tuning from a pretrained encoder.
+    `threshold` [n_features] is the JumpReLU threshold, or Batch-TopK's running threshold (NaN until
+    first estimated in training); unused by TopK and ReLU.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_features: int,
+        k: float | None = None,
+        d_hidden: int | None = None,
+        n_hidden: int = 0,
+        apply_preencoder_bias: bool = True,
+        dtype: torch.dtype | str = torch.float32,
+        device: Any = None,
+        *,
+        activation: str | None = None,
+        threshold_lr: float = 0.01,
+    ):
+        super().__init__()
+        dtype = resolve_dtype(dtype)
+        if activation is None:
+            activation = "topk" if k is not None else "relu"
+        cfg = SAEConfig(
+            d_in=d_in,
+            n_features=n_features,
+            activation=activation,
+            k=k,
+            d_hidden=d_hidden,
+            n_hidden=n_hidden,
+            apply_preencoder_bias=apply_preencoder_bias,
+            threshold_lr=threshold_lr,
+            dtype=dtype_name(dtype),
+        )
+        self.activation = cfg.activation
+        self.k = cfg.k
+        self.apply_preencoder_bias = cfg.apply_preencoder_bias
+        self.threshold_lr = cfg.threshold_lr
+        self.d_hidden = cfg.d_hidden if cfg.n_hidden > 0 else None
+        self.n_hidden = cfg.n_hidden
+
+        W = torch.empty(d_in, n_features, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(W)
+        self.W_enc = nn.Parameter(W)
+        self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype, device=device))
+        fill = math.nan if self.activation == "batchtopk" else 0.0
+        self.register_buffer("threshold", torch.full((n_features,), fill, dtype=dtype, device=device))
+        self.mlp = _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device) if cfg.n_hidden > 0 else None
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def n_features(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def trainable(self) -> bool:
+        """False freezes every encoder parameter (linear and MLP path)."""
+        return self.W_enc.requires_grad
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for p in self.parameters():
+            p.requires_grad_(value)
+
+    def pre_activations(self, x: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
+        """x: [..., d_in] normalized input; b_dec: [d_in] the decoder's bias -> [..., n_features]."""
+        if self.apply_preencoder_bias and b_dec is not None:
+            x = x - b_dec
+        pre = x @ self.W_enc + self.b_enc
+        if self.mlp is not None:
+            pre = pre + self.mlp(x)
+        return pre
+
+    def activate(self, pre_acts: torch.Tensor) -> torch.Tensor:
+        """pre_acts [..., n_features] -> codes [..., n_features], per `self.activation`."""
+        if self.activation == "topk":
+            return topk_activation(pre_acts, int(self.k))
+        if self.activation == "relu":
+            return pre_acts.relu()
+        if self.activation == "jumprelu":
+            return jumprelu_activation(pre_acts, self.threshold)
+        # Batch-TopK: batch-level selection while training; at inference the running threshold
+        # makes each token's code independent of its batch (and a fresh SAE falls back to batches).
+        if self.training or bool(self.threshold.isnan().any()):
+            return batch_topk_activation(pre_acts, self.k)
+        return jumprelu_activation(pre_acts, self.threshold)
+
+    @torch.no_grad()
+    def update_threshold_(self, codes: torch.Tensor) -> None:
+        """Batch-TopK: move the running threshold toward this batch's smallest kept activation."""
+        kept = codes[codes > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min().to(self.threshold.dtype)
+        if bool(self.threshold.isnan().any()):
+            self.threshold.fill_(smallest)
+        else:
+            self.threshold.lerp_(smallest.expand_as(self.threshold), self.threshold_lr)
+
+    def forward(self, x: torch.Tensor, b_dec: torch.Tensor | None = None) -> EncoderOutput:
+        pre = self.pre_activations(x, b_dec)
+        codes = self.activate(pre)
+        if self.activation == "batchtopk" and self.training:
+            self.update_threshold_(codes)
+        return EncoderOutput(codes, pre)
+
+
+def _mlp_path(
+    d_in: int, n_features: int, d_hidden: int, n_hidden: int, dtype: torch.dtype, device: Any
+) -> nn.Sequential:
+    widths = [d_in] + [d_hidden] * n_hidden
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b, dtype=dtype, device=device), nn.ReLU()]
+    last = nn.Linear(d_hidden, n_features, dtype=dtype, device=device)
+    # Zero output layer: the MLP path adds nothing until trained, so the encoder starts as its linear
+    # path. Its weight still gets gradient (hidden activations are nonzero), so it learns.
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    layers.append(last)
+    return nn.Sequential(*layers)
