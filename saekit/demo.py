@@ -18,17 +18,17 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from saekit import harvest, pursue, train
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
-
-if TYPE_CHECKING:
-    from saekit.pursue import PursueResult
-
+from saekit.pursue import PursueResult
+from saekit.shards import write_json_atomic
+from saekit.store import open_store
 
 DEMO_FILE = "demo.json"
 # What decides the demo's outputs: a rerun into the same --out must use the same values.
@@ -140,8 +140,6 @@ def _run(cfg: DemoConfig) -> DemoResult:
 def _claim(out: Path, cfg: DemoConfig) -> None:
     """Record the demo's sizes in OUT/demo.json, or refuse a directory made with other sizes (its
     stages would resume with mixed settings) or holding something else."""
-    from saekit.store import write_json_atomic
-
     sizes = {name: getattr(cfg, name) for name in SIZES}
     path = out / DEMO_FILE
     if path.is_file():
@@ -165,9 +163,6 @@ def _claim(out: Path, cfg: DemoConfig) -> None:
 
 
 def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
-    from saekit import harvest, pursue, train
-    from saekit.store import open_store
-
     _stage(cfg, 1, f"harvest {cfg.tokens:,} tokens of the embedded corpus -> {out / 'store'}")
     store_dir = harvest.run(
         harvest.HarvestConfig(

@@ -41,6 +41,7 @@ from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
 from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import write_json_atomic
+from saekit.store import open_store
 
 ROUND_TRIP = "cache round-trip"
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"
@@ -392,8 +393,6 @@ def run(cfg: EvalConfig) -> EvalResult:
 
 
 def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -> EvalResult:
-    from saekit.store import open_store
-
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)
     layout = sequence_layout(store)

@@ -34,9 +34,6 @@ import torch
 from tqdm import tqdm
 
 from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
-from saekit.codes import (
-    open_codes as open_codes,  # re-exported: docs named saekit.pursue.open_codes before saekit.codes
-)
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
@@ -45,6 +42,7 @@ from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
 from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import discard_unfinished_creation, write_json_atomic
+from saekit.store import open_store
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
@@ -197,8 +195,6 @@ def run(cfg: PursueConfig) -> PursueResult:
 
 
 def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
-    from saekit.store import open_store
-
     out = _check_out(cfg)
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)

@@ -346,7 +346,7 @@ class SparseAutoencoder(nn.Module):
         replaces it with TopK(k). `d_hidden`/`n_hidden` add a zero-initialized MLP path. See
         `from_sae_lens` for how decoder norms are handled. Returns the SAE in eval mode.
         """
-        from saekit import sae_lens_io
+        from saekit import sae_lens_io  # here, not at the top: sae_lens_io imports this module
 
         return sae_lens_io.load_pretrained(release, sae_id, device, k=k, d_hidden=d_hidden, n_hidden=n_hidden)
 
@@ -364,7 +364,7 @@ class SparseAutoencoder(nn.Module):
         ranks latents by the rescaled pre-activations, which can change its selection when row norms
         differ: a warning says so.
         """
-        from saekit import sae_lens_io
+        from saekit import sae_lens_io  # here, not at the top: sae_lens_io imports this module
 
         return sae_lens_io.from_sae_lens(sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
 
@@ -375,7 +375,7 @@ class SparseAutoencoder(nn.Module):
         TopK -> sae-lens 'topk'; ReLU -> 'standard'; JumpReLU and Batch-TopK (its inference
         threshold) -> 'jumprelu'. MLP encoders have no sae-lens counterpart.
         """
-        from saekit import sae_lens_io
+        from saekit import sae_lens_io  # here, not at the top: sae_lens_io imports this module
 
         return sae_lens_io.export_sae_lens(self, path, overwrite)
 

@@ -44,7 +44,10 @@ from saekit.heldout import held_out_rows
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import to_dense
 from saekit.sae import SparseAutoencoder, load_sae
-from saekit.store import HookStats, write_json_atomic
+from saekit.shards import write_json_atomic
+from saekit.shuffle import shuffle_plan
+from saekit.store import open_store
+from saekit.store_format import HookStats
 from saekit.train_checkpoint import (
     CKPT,
     MetricsLog,
@@ -337,8 +340,6 @@ def _copy_matching_(dst: nn.Module, src: nn.Module) -> None:
 
 def _batches_per_epoch(store, stop_row: int, local_batch: int, seed: int, epoch: int, world_size: int) -> int:
     """Whole local batches every rank can cut from its share this epoch (ranks stay in lockstep)."""
-    from saekit.store import shuffle_plan
-
     shares = [
         sum(
             w.n_rows
@@ -529,8 +530,6 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def _run(cfg: TrainConfig, d: Dist) -> RunResult:
-    from saekit.store import open_store
-
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)
     d_in = store.d_model(hook)

@@ -10,9 +10,9 @@ from cli_checks import digest, in_process, one_error
 
 import saekit.harvest
 import saekit.train
+from saekit.codes import CodesStore
 from saekit.demo import DemoConfig, run
 from saekit.errors import SaekitError
-from saekit.pursue import CodesStore
 
 SIZES = {"tokens": 4096, "steps": 20, "rows": 1024}  # all exposed as CLI flags too
 
