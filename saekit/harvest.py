@@ -33,6 +33,7 @@ import time
 from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -504,22 +505,22 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
 
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its
     # errors (broadcast_error is a collective, so it also orders creation before joining).
+    store_at = partial(
+        create_store,
+        out,
+        plan.meta["hooks"],
+        n_rows=cfg.tokens,
+        meta=plan.meta,
+        shard_rows=cfg.shard_rows,
+        chunk_rows=cfg.chunk_rows,
+        world_size=d.world_size,
+    )
     writer, err, done_hash = None, None, None
     if d.main:
         try:
             done_hash = _already_complete(out, plan.meta) if cfg.resume else None
             if done_hash is None:
-                writer = create_store(
-                    out,
-                    plan.meta["hooks"],
-                    n_rows=cfg.tokens,
-                    meta=plan.meta,
-                    shard_rows=cfg.shard_rows,
-                    chunk_rows=cfg.chunk_rows,
-                    resume=cfg.resume,
-                    overwrite=cfg.overwrite,
-                    world_size=d.world_size,
-                )
+                writer = store_at(resume=cfg.resume, overwrite=cfg.overwrite)
         except SaekitError as e:
             err = str(e)
     err = broadcast_error(err)
@@ -531,16 +532,7 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
             print(f"store {out} is already complete ({done_hash}); nothing to do", file=sys.stderr)
         return HarvestResult(out, open_store(out, check=False).n_rows, done_hash if d.main else "", 0.0)
     if not d.main:
-        writer = create_store(
-            out,
-            plan.meta["hooks"],
-            n_rows=cfg.tokens,
-            meta=plan.meta,
-            shard_rows=cfg.shard_rows,
-            chunk_rows=cfg.chunk_rows,
-            rank=d.rank,
-            world_size=d.world_size,
-        )
+        writer = store_at(rank=d.rank)
     rate = _harvest_shards(plan, writer, out, d.rank, d.world_size, cfg.progress and d.main)
     barrier()
     if not d.main:
