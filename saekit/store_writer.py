@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from saekit.config import check_positive
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, is_non_empty
 from saekit.shards import (
     RECORDS_DIR,
     ShardLayoutError,
@@ -93,7 +93,7 @@ def create_store(
         raise SaekitError(f"{root} is a file, not a directory; choose a directory path for the store")
     if rank == 0:
         discard_unfinished_creation(root, FORMAT, STORE_ENTRIES)
-    non_empty = root.exists() and any(root.iterdir())
+    non_empty = is_non_empty(root)  # a file was refused above
     attrs = read_attrs(root) if non_empty else None
     if rank > 0:
         if attrs is None:
