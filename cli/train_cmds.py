@@ -9,7 +9,8 @@ from typing import Any
 import typer
 
 from saekit.cli.commands import Command
-from saekit.train import TrainConfig, read_run_config, run
+from saekit.train import read_run_config, run
+from saekit.train_config import TrainConfig
 
 
 def train(cfg: TrainConfig) -> None:
