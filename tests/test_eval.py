@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saekit.downstream import CLEAN, ZERO, downstream_metrics
+from saekit.downstream import CLEAN, ZERO, downstream_metrics, sequence_layout, sequence_tokens
 from saekit.errors import SaekitError
-from saekit.eval import EvalConfig, run, sequence_layout, sequence_tokens
+from saekit.eval import EvalConfig, run
 from saekit.models import load_model
 from saekit.sae import SparseAutoencoder
 from saekit.store import open_store
