@@ -67,7 +67,7 @@ REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # device change only the report, so they may differ on resume.
 CODES_IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "rows")
 # What to do when --downstream cannot load or use the store's model (pursue has no --model).
-EVAL_INSTEAD = "drop --downstream, and evaluate the codes with `saekit eval --codes OUT --model MODEL`"
+EVAL_INSTEAD = "drop --downstream here, and measure CE and KL with `saekit eval --model MODEL`"
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,7 +464,10 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)
     os.replace(tmp, out / REPORT_MD)
-    plot_fvu_vs_l0(entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['rows']} rows")
+    title = f"{Path(header['sae']).name} on {header['hook']}, {header['rows']} rows"
+    if "downstream tokens" in header:
+        title += f" (ΔCE and KL: {header['downstream tokens']:,} tokens of their whole sequences)"
+    plot_fvu_vs_l0(entries, out / PLOT, title=title)
     return table
 
 
