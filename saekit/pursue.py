@@ -290,7 +290,7 @@ def _downstream_sequences(store: Any, hook: str, n_rows: int, device: torch.devi
     seqs = layout.within(range(n_rows))
     if not seqs:
         raise SaekitError(
-            f"--downstream: the compared rows [0, {n_rows}) hold no whole sequence of the store's "
+            f"--downstream: the compared rows [0, {n_rows}) hold no whole sequence of the store "
             f"({layout.per_seq} rows each): compare at least {layout.per_seq} rows (--rows)"
         )
     # fp32, as saekit eval's default: a ΔCE of hundredths of a nat needs it
