@@ -9,7 +9,7 @@ from saekit.demo import DemoConfig, run
 
 
 def demo(cfg: DemoConfig) -> None:
-    """Run the whole pipeline offline on the embedded model and corpus (about 30 s on 2 CPU cores)."""
+    """Run the whole pipeline offline on the embedded model and corpus (about 40 s on 2 CPU cores)."""
     res = run(cfg)
     typer.echo(res.pursue.table)
     typer.echo(res.headline())

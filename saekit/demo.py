@@ -2,13 +2,15 @@
 
     harvest (embedded model + corpus) -> OUT/store
     train a TopK SAE on it            -> OUT/train   (sae/, sae_lens/, checkpoints)
-    pursue gp and mp at several k     -> OUT/pursue  (codes.zarr, report.json/.md, fvu_vs_l0.png)
+    pursue gp and mp at several k     -> OUT/pursue  (codes.zarr, report.json/.md, fvu_vs_l0.png),
+      with --downstream: every encoding spliced into the model (ΔCE, KL)
 
 Each stage is that stage's own `run(cfg)` with `resume` on, so a second demo run reuses what is
 finished (a complete store, the final checkpoint, finished code shards) and an interrupted one
 continues. OUT/demo.json records the sizes: a rerun with other sizes is refused rather than
 mixing settings. One of the pursuit k's is the encoder's mean L0 (rounded down): the row of the
-report where gradient pursuit and the encoder are compared at the same sparsity.
+report where gradient pursuit and the encoder are compared at the same sparsity, in FVU and in
+what the reconstruction does to the model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ SIZES = ("tokens", "n_features", "k", "steps", "batch_size", "rows", "pursue_k",
 
 @dataclass
 class DemoConfig:
-    """Sizes of the demo; the defaults take about 30 s on two CPU cores (one torch thread)."""
+    """Sizes of the demo; the defaults take about 40 s on two CPU cores (one torch thread)."""
 
     out: str = "cache/demo"
     """Directory holding the three stages' outputs (store/, train/, pursue/)."""
@@ -57,6 +59,8 @@ class DemoConfig:
     """Pursuit k's besides the encoder's L0 (which is always added); repeat --pursue-k for several."""
     methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
     """Pursuit methods (see `saekit pursue`); repeat --method for several."""
+    downstream: bool = True
+    """Also splice each encoding into the model on the whole sequences inside --rows (`saekit pursue --downstream`): ΔCE and KL beside FVU."""
     device: str = "cpu"
     """Device for every stage: 'cpu' (the demo is sized for it), 'auto' or 'cuda'."""
     progress: bool = True
@@ -92,17 +96,24 @@ class DemoResult(NamedTuple):
     """The pursue stage's result (entries, table, out)."""
 
     def headline(self) -> str:
-        """One line: gradient pursuit against the encoder at the encoder's L0."""
+        """One line: gradient pursuit against the encoder at the encoder's L0 (FVU, and ΔCE and KL)."""
         k = math.floor(self.encoder_l0 + 1e-9)
         enc = next(e for e in self.pursue.entries if e.method == "encoder")
         gp = next((e for e in self.pursue.entries if e.method == "gp" and e.k == k), None)
         if gp is None:
             return f"encoder: FVU {enc.fvu:.4f} at L0 {enc.l0:.2f}"
         better = "lower" if gp.fvu < enc.fvu else "NOT lower"
-        return (
+        line = (
             f"gradient pursuit at k={k} (the encoder's L0): FVU {gp.fvu:.4f} vs the encoder's {enc.fvu:.4f} "
             f"({better}; {100 * (1 - gp.fvu / enc.fvu):.1f}% less unexplained variance)"
         )
+        if gp.downstream is not None and enc.downstream is not None:
+            g, e = gp.downstream, enc.downstream
+            line += (
+                f"; spliced into the model: ΔCE {g.delta_ce:.4f} vs {e.delta_ce:.4f} nats per token, "
+                f"KL {g.kl_mean:.4f} vs {e.kl_mean:.4f}"
+            )
+        return line
 
 
 def _stage(cfg: DemoConfig, i: int, what: str) -> None:
@@ -189,7 +200,8 @@ def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
     sae = trained.sae.eval()
     l0 = encoder_l0(sae, store, store.resolve_hook(None), cfg.rows)
     ks = sorted({*cfg.pursue_k, max(1, math.floor(l0 + 1e-9))})
-    _stage(cfg, 3, f"pursue {', '.join(cfg.methods)} at k={ks} on {cfg.rows:,} rows -> {out / 'pursue'}")
+    spliced = ", spliced into the model (ΔCE, KL)" if cfg.downstream else ""
+    _stage(cfg, 3, f"pursue {', '.join(cfg.methods)} at k={ks} on {cfg.rows:,} rows{spliced} -> {out / 'pursue'}")
     result = pursue.run(
         pursue.PursueConfig(
             store=str(store_dir),
@@ -198,6 +210,7 @@ def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
             k=ks,
             methods=cfg.methods,
             rows=cfg.rows,
+            downstream=cfg.downstream,
             device=cfg.device,
             resume=True,
             progress=cfg.progress,

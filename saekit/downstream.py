@@ -5,10 +5,15 @@
       -> logits -> CE and KL(clean || spliced) per token; FVU, L0, cossim on the spliced rows
 
 `downstream_metrics(model, tokens, hook, reconstruct)` works for any transformer-lens model and any
-SAE object (a saekit SparseAutoencoder, a sae-lens SAE, a callable); `saekit.eval` runs it on a
-store's held-out sequences for every encoding at once. Each batch's clean logits are shared by
-every reconstruction and by the baselines: zeros ("zero ablation") and, given a mean, the mean
-activation ("mean ablation").
+SAE object (a saekit SparseAutoencoder, a sae-lens SAE, a callable). Each batch's clean logits are
+shared by every reconstruction and by the baselines: zeros ("zero ablation") and, given a mean, the
+mean activation ("mean ablation").
+
+On a store (`store_sequences(...).evaluate(encodings)`, the one path `saekit eval` and `saekit
+pursue --downstream` share): whole sequences are rebuilt from the store's token ids (BOS put back
+when harvest skipped it; any other skip is refused), the model is loaded as the store records it,
+and every encoding encodes the cached rows, checked on the first batch against the model's own
+activations, so a wrong model or misaligned tokens fail instead of being measured.
 
 Conventions (docs/eval.md gives the details and how they relate to SAELens's scores):
 - A reconstruction replaces the hook's activations at positions >= `splice_from`; earlier
@@ -30,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -40,6 +46,8 @@ from tqdm import tqdm
 from saekit.devices import device_clock
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
+from saekit.models import LoadedModel, load_model
+from saekit.pursuit import SparseCodes, reconstruct
 
 CLEAN, ZERO, MEAN = "clean", "zero ablation", "mean ablation"
 # Relative error (||fresh - cached|| / ||cached||) allowed between the model's own activations and
@@ -82,6 +90,10 @@ class Downstream(NamedTuple):
     """Time spent on this row: encoding, the spliced forward pass and its reduction."""
     n_tokens: int
     """Tokens counted."""
+
+    def as_json(self) -> dict:
+        """Every field, NaN written as None (JSON null)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in self._asdict().items()}
 
 
 class Reconstruction(NamedTuple):
@@ -379,3 +391,184 @@ def _recovered(ablation: float, ce: float, clean: float) -> float:
     """(CE_ablation - ce) / (CE_ablation - CE_clean); nan when the ablation costs nothing."""
     gap = ablation - clean
     return (ablation - ce) / gap if gap != 0 and not math.isnan(gap) else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# On a store's whole sequences (saekit eval, saekit pursue --downstream)
+# --------------------------------------------------------------------------------------------
+
+# What a user of `saekit eval` does about a store whose model cannot be loaded or does not fit.
+PASS_MODEL = "pass the store's model with --model (a transformer-lens name or a checkpoint folder)"
+
+
+class SequenceLayout(NamedTuple):
+    """How a harvested store's rows form sequences: sequence i holds rows [i * per_seq, (i + 1) * per_seq)."""
+
+    ctx_len: int
+    """Tokens per sequence, BOS included."""
+    skip: int
+    """Leading positions of each sequence the store left out (0, or 1 for the BOS position)."""
+    bos_id: int | None
+    """Token at position 0 of every sequence (None: the model takes no BOS)."""
+
+    @property
+    def per_seq(self) -> int:
+        return self.ctx_len - self.skip
+
+    def rows(self, seqs: range) -> range:
+        """The store rows of sequences `seqs`."""
+        return range(seqs.start * self.per_seq, seqs.stop * self.per_seq)
+
+    def within(self, rows: range) -> range:
+        """The whole sequences inside store rows `rows` (empty when they hold none)."""
+        first, stop = -(-max(rows.start, 0) // self.per_seq), rows.stop // self.per_seq
+        return range(first, max(first, stop))
+
+
+def sequence_layout(store: Any) -> SequenceLayout:
+    """The store's sequences, when its token ids rebuild them exactly; else one line saying why not."""
+    meta = store.meta
+    ctx, skip, bos = meta.get("ctx_len"), meta.get("skip_first_n_tokens"), meta.get("bos_id")
+    if not (_is_int(ctx) and _is_int(skip) and 0 <= skip < ctx) or not (bos is None or _is_int(bos)):
+        raise SaekitError(
+            f"store {store.path} does not record how its rows form sequences (ctx_len, skip_first_n_tokens, bos_id): "
+            "CE and KL rerun the model on the sequences `saekit harvest` cached; pass a store it wrote"
+        )
+    if skip > 1 or (skip == 1 and bos is None):
+        what = f"the first {skip} tokens" if skip > 1 else "the first token (not a BOS token: the model takes none)"
+        raise SaekitError(
+            f"store {store.path} left out {what} of every sequence and keeps no ids for them, so its sequences "
+            "cannot be rebuilt to rerun the model: harvest with --skip-first-n-tokens 0, or 1 for a model with a BOS token"
+        )
+    return SequenceLayout(ctx, skip, bos)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def sequence_tokens(store: Any, layout: SequenceLayout, seqs: range) -> Tensor:
+    """Token ids [len(seqs), ctx_len] of whole sequences, rebuilt from the store's rows (BOS put back)."""
+    per = layout.per_seq
+    r0, r1 = seqs.start * per, seqs.stop * per
+    positions = store.positions(r0, r1).reshape(-1, per)
+    if not bool((positions == torch.arange(layout.skip, layout.ctx_len, dtype=positions.dtype)).all()):
+        raise SaekitError(
+            f"rows {r0}..{r1 - 1} of store {store.path} are not whole sequences (their positions do not run "
+            f"{layout.skip}..{layout.ctx_len - 1}): it was not laid out by `saekit harvest`"
+        )
+    tokens = store.tokens(r0, r1).long().reshape(-1, per)
+    if layout.skip:
+        tokens = torch.cat([torch.full((len(seqs), 1), layout.bos_id, dtype=torch.long), tokens], dim=1)
+    return tokens
+
+
+def store_model_spec(store: Any, fix: str = PASS_MODEL) -> str:
+    """What `load_model` needs to load the model the store records, as harvest loaded it; `fix`
+    ends the line when it cannot."""
+    model = store.meta.get("model")
+    model = model if isinstance(model, dict) else {}
+    source, name, path = model.get("source"), model.get("name"), model.get("path")
+    if source == "embedded":
+        return "embedded"
+    if source == "transformer_lens" and isinstance(name, str):
+        return name
+    if source == "hf_local" and isinstance(path, str):
+        if not Path(path).is_dir():
+            raise SaekitError(
+                f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: {fix}"
+            )
+        return path
+    raise SaekitError(
+        f"store {store.path} was harvested from a model saekit cannot load from its record ({source or 'unknown'} "
+        f"{name or ''}): {fix}"
+    )
+
+
+def check_model(lm: LoadedModel, hook: str, layout: SequenceLayout, tokens: Tensor, fix: str = PASS_MODEL) -> None:
+    """One line when the loaded model cannot be the one that harvested the store."""
+    cfg = lm.model.cfg
+    if hook not in lm.model.hook_dict:
+        raise SaekitError(f"model {lm.name} has no hook {hook!r}: it is not the store's model; {fix}")
+    if layout.ctx_len > cfg.n_ctx:
+        raise SaekitError(
+            f"the store's sequences have {layout.ctx_len} tokens but model {lm.name} takes {cfg.n_ctx}: {fix}"
+        )
+    if int(tokens.max()) >= cfg.d_vocab:
+        raise SaekitError(
+            f"the store's token ids reach {int(tokens.max())} but model {lm.name} has {cfg.d_vocab} tokens: {fix}"
+        )
+
+
+class StoreSequences(NamedTuple):
+    """Whole sequences of a store and the model that harvested them, checked and ready to splice into."""
+
+    store: Any
+    """The activation store (its cached rows are what every encoding encodes)."""
+    hook: str
+    layout: SequenceLayout
+    seqs: range
+    """The sequences, by index in the store."""
+    tokens: Tensor
+    """[len(seqs), ctx_len] their token ids."""
+    model: LoadedModel
+
+    def describe(self) -> dict[str, str]:
+        """For a report's header: the sequences, their rows, the spliced positions and the counted predictions."""
+        s, rows, ctx = self.seqs, self.layout.rows(self.seqs), self.layout.ctx_len
+        return {
+            "sequences": f"{s.start}..{s.stop - 1} ({len(s)} of {ctx} tokens)",
+            "rows": f"{rows.start}..{rows.stop - 1}",
+            "spliced positions": f"{self.layout.skip}..{ctx - 1}",
+            "counted predictions": f"from positions {self.layout.skip}..{ctx - 2}",
+        }
+
+    def evaluate(
+        self, encodings: Mapping[str, BatchEncoding], batch_size: int = 0, progress: bool = False
+    ) -> dict[str, Downstream]:
+        """`evaluate_encodings` on these sequences: each encoding encodes the cached rows of a batch's
+        sequences (its `seqs` count from 0, the first sequence here); the store's mean is the mean ablation."""
+        per, row0 = self.layout.per_seq, self.layout.rows(self.seqs).start
+        read = lambda s: self.store.rows(self.hook, row0 + s.start * per, row0 + s.stop * per).reshape(len(s), per, -1)
+        return evaluate_encodings(
+            self.model.model,
+            self.tokens,
+            self.hook,
+            encodings,
+            read_acts=read,
+            splice_from=self.layout.skip,
+            mean=self.store.stats(self.hook).mean,
+            batch_size=batch_size,
+            from_hook=True,
+            progress=progress,
+        )
+
+
+def store_sequences(
+    store: Any,
+    hook: str,
+    layout: SequenceLayout,
+    seqs: range,
+    device: torch.device,
+    dtype: torch.dtype,
+    model: str = "",
+    fix: str = PASS_MODEL,
+) -> StoreSequences:
+    """The token ids of `seqs` and the store's model (or `model`), loaded and checked against the store;
+    `fix` ends the line when the model cannot be loaded or does not fit."""
+    tokens = sequence_tokens(store, layout, seqs)
+    lm = load_model(model or store_model_spec(store, fix), device, dtype)
+    check_model(lm, hook, layout, tokens, fix)
+    return StoreSequences(store, hook, layout, seqs, tokens, lm)
+
+
+def codes_encoding(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> BatchEncoding:
+    """An encoding from stored codes of every evaluated row, in order (codes [rows, k]; W [n, d],
+    b [d] the raw-space dictionary): a batch decodes its sequences' rows."""
+
+    def encode(x: Tensor, seqs: range) -> Reconstruction:
+        lo, hi = seqs.start * per_seq, seqs.stop * per_seq
+        c = SparseCodes(codes.indices[lo:hi].to(W.device), codes.values[lo:hi].to(W.device))
+        return Reconstruction(reconstruct(c, W, b), c.values)
+
+    return encode

@@ -10,12 +10,11 @@ read from a `saekit pursue` output) is measured on the same tokens against the s
 beside three baselines: the cached bf16 rows themselves ("cache round-trip": what the cache's
 rounding alone costs), zeros ("zero ablation") and the store's mean row ("mean ablation").
 
-The measurement itself (splicing, CE, KL, the clean run and the ablations, the conventions) is
-`saekit.downstream`; this module finds what to measure it on. Sequences are rebuilt from the
-store's token ids (BOS put back when harvest skipped it; any other skip is refused), and the
-model is loaded as the store records it, then checked on the first batch: its own activations
-must match the cached rows, so a wrong model or misaligned tokens fail instead of being measured.
-By default the sequences are the held-out ones (`saekit.heldout`), never trained on.
+The measurement itself (splicing, CE, KL, the clean run and the ablations, the conventions) and
+its path on a store (sequences rebuilt from the store's token ids, the model loaded as the store
+records it and checked against the cached rows) are `saekit.downstream`, shared with `saekit
+pursue --downstream`; this module chooses what to measure it on. By default the sequences are
+the held-out ones (`saekit.heldout`), never trained on.
 """
 
 from __future__ import annotations
@@ -33,12 +32,22 @@ from torch import Tensor
 from saekit.codes import dictionary_sha256, group_name, open_codes
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
-from saekit.downstream import CLEAN, MEAN, ZERO, BatchEncoding, Downstream, Reconstruction, evaluate_encodings
+from saekit.downstream import (
+    CLEAN,
+    MEAN,
+    ZERO,
+    BatchEncoding,
+    Downstream,
+    Reconstruction,
+    SequenceLayout,
+    codes_encoding,
+    sequence_layout,
+    store_sequences,
+)
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.heldout import held_out_rows, run_eval_rows
-from saekit.models import load_model
 from saekit.plots import plot_against_l0
-from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
+from saekit.pursuit import METHODS, pursuit, reconstruct
 from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
 from saekit.shards import write_json_atomic
 from saekit.store import open_store
@@ -136,43 +145,6 @@ class EvalResult(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-class SequenceLayout(NamedTuple):
-    """How a harvested store's rows form sequences: sequence i holds rows [i * per_seq, (i + 1) * per_seq)."""
-
-    ctx_len: int
-    """Tokens per sequence, BOS included."""
-    skip: int
-    """Leading positions of each sequence the store left out (0, or 1 for the BOS position)."""
-    bos_id: int | None
-    """Token at position 0 of every sequence (None: the model takes no BOS)."""
-
-    @property
-    def per_seq(self) -> int:
-        return self.ctx_len - self.skip
-
-
-def sequence_layout(store: Any) -> SequenceLayout:
-    """The store's sequences, when its token ids rebuild them exactly; else one line saying why not."""
-    meta = store.meta
-    ctx, skip, bos = meta.get("ctx_len"), meta.get("skip_first_n_tokens"), meta.get("bos_id")
-    if not (_is_int(ctx) and _is_int(skip) and 0 <= skip < ctx) or not (bos is None or _is_int(bos)):
-        raise SaekitError(
-            f"store {store.path} does not record how its rows form sequences (ctx_len, skip_first_n_tokens, bos_id): "
-            "saekit eval reruns the model on the sequences `saekit harvest` cached; pass a store it wrote"
-        )
-    if skip > 1 or (skip == 1 and bos is None):
-        what = f"the first {skip} tokens" if skip > 1 else "the first token (not a BOS token: the model takes none)"
-        raise SaekitError(
-            f"store {store.path} left out {what} of every sequence and keeps no ids for them, so its sequences "
-            "cannot be rebuilt to rerun the model: harvest with --skip-first-n-tokens 0, or 1 for a model with a BOS token"
-        )
-    return SequenceLayout(ctx, skip, bos)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def choose_sequences(cfg: EvalConfig, store: Any, layout: SequenceLayout, held_start: int, trained_here: bool) -> range:
     """The whole sequences to evaluate: the held-out ones (their rows start at `held_start`), or
     the store's last --sequences / enough for --tokens rows."""
@@ -194,13 +166,13 @@ def choose_sequences(cfg: EvalConfig, store: Any, layout: SequenceLayout, held_s
                 stacklevel=2,
             )
         return seqs
-    first = -(-max(held_start, 0) // per)
-    if first >= whole:
+    seqs = layout.within(range(held_start, store.n_rows))
+    if not seqs:
         raise SaekitError(
             f"the store's held-out rows [{held_start}, {store.n_rows}) hold no whole sequence of {per} rows: "
             "pass --sequences N to evaluate the store's last N sequences"
         )
-    return range(first, whole)
+    return seqs
 
 
 def held_out_start(cfg: EvalConfig, store: Any, sae: Any) -> tuple[int, bool]:
@@ -209,60 +181,6 @@ def held_out_start(cfg: EvalConfig, store: Any, sae: Any) -> tuple[int, bool]:
     trained_here = isinstance(sae.metadata, dict) and sae.metadata.get("store_hash") == store.content_hash
     eval_rows = run_eval_rows(cfg.sae) if trained_here else None
     return held_out_rows(store.n_rows, eval_rows or 0).start, trained_here
-
-
-def sequence_tokens(store: Any, layout: SequenceLayout, seqs: range) -> Tensor:
-    """Token ids [len(seqs), ctx_len] of whole sequences, rebuilt from the store's rows (BOS put back)."""
-    per = layout.per_seq
-    r0, r1 = seqs.start * per, seqs.stop * per
-    positions = store.positions(r0, r1).reshape(-1, per)
-    if not bool((positions == torch.arange(layout.skip, layout.ctx_len, dtype=positions.dtype)).all()):
-        raise SaekitError(
-            f"rows {r0}..{r1 - 1} of store {store.path} are not whole sequences (their positions do not run "
-            f"{layout.skip}..{layout.ctx_len - 1}): it was not laid out by `saekit harvest`"
-        )
-    tokens = store.tokens(r0, r1).long().reshape(-1, per)
-    if layout.skip:
-        tokens = torch.cat([torch.full((len(seqs), 1), layout.bos_id, dtype=torch.long), tokens], dim=1)
-    return tokens
-
-
-def store_model_spec(store: Any) -> str:
-    """What `load_model` needs to load the model the store records, as harvest loaded it."""
-    model = store.meta.get("model")
-    model = model if isinstance(model, dict) else {}
-    source, name, path = model.get("source"), model.get("name"), model.get("path")
-    if source == "embedded":
-        return "embedded"
-    if source == "transformer_lens" and isinstance(name, str):
-        return name
-    if source == "hf_local" and isinstance(path, str):
-        if not Path(path).is_dir():
-            raise SaekitError(
-                f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: pass its new place with --model"
-            )
-        return path
-    raise SaekitError(
-        f"store {store.path} was harvested from a model saekit cannot load from its record ({source or 'unknown'} "
-        f"{name or ''}): pass the same model with --model (a transformer-lens name or a checkpoint folder)"
-    )
-
-
-def check_model(lm: Any, store: Any, hook: str, layout: SequenceLayout, tokens: Tensor) -> None:
-    """One line when the loaded model cannot be the one that harvested the store."""
-    cfg = lm.model.cfg
-    if hook not in lm.model.hook_dict:
-        raise SaekitError(
-            f"model {lm.name} has no hook {hook!r}: it is not the store's model; pass that one with --model"
-        )
-    if layout.ctx_len > cfg.n_ctx:
-        raise SaekitError(
-            f"the store's sequences have {layout.ctx_len} tokens but model {lm.name} takes {cfg.n_ctx}: pass the store's model with --model"
-        )
-    if int(tokens.max()) >= cfg.d_vocab:
-        raise SaekitError(
-            f"the store's token ids reach {int(tokens.max())} but model {lm.name} has {cfg.d_vocab} tokens: pass the store's model with --model"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,24 +243,13 @@ def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: i
             out.append(_Row(method, k, cfg.sae, _computed_pursuit(W, b, method, k)))
         else:
             c = codes.codes(g, rows.start - first, rows.stop - first)
-            out.append(_Row(method, k, f"{cfg.codes}:{g}", _stored_pursuit(c, W, b, per_seq)))
+            out.append(_Row(method, k, f"{cfg.codes}:{g}", codes_encoding(c, W, b, per_seq)))
     return out
 
 
 def _computed_pursuit(W: Tensor, b: Tensor, method: str, k: int) -> BatchEncoding:
     def encode(x: Tensor, seqs: range) -> Reconstruction:
         c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
-        return Reconstruction(reconstruct(c, W, b), c.values)
-
-    return encode
-
-
-def _stored_pursuit(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> BatchEncoding:
-    """codes: of every evaluated row, in order; a batch takes its sequences' rows."""
-
-    def encode(x: Tensor, seqs: range) -> Reconstruction:
-        lo, hi = seqs.start * per_seq, seqs.stop * per_seq
-        c = SparseCodes(codes.indices[lo:hi].to(W.device), codes.values[lo:hi].to(W.device))
         return Reconstruction(reconstruct(c, W, b), c.values)
 
     return encode
@@ -400,36 +307,17 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
     check_sae_fits_hook(sae, cfg.sae, store.d_model(hook), hook)
     seqs = choose_sequences(cfg, store, layout, *held_out_start(cfg, store, sae))
     rows = _rows(cfg, store, hook, sae, seqs, layout.per_seq, device)
-    tokens = sequence_tokens(store, layout, seqs)
-    lm = load_model(cfg.model or store_model_spec(store), device, dtype)
-    check_model(lm, store, hook, layout, tokens)
-
-    per, row0 = layout.per_seq, seqs.start * layout.per_seq
-    read = lambda s: store.rows(hook, row0 + s.start * per, row0 + s.stop * per).reshape(len(s), per, -1)
+    sequences = store_sequences(store, hook, layout, seqs, device, dtype, model=cfg.model)
     encodings = {_row_name(r): r.encoding for r in rows if r.encoding is not None}
-    results = evaluate_encodings(
-        lm.model,
-        tokens,
-        hook,
-        encodings,
-        read_acts=read,
-        splice_from=layout.skip,
-        mean=store.stats(hook).mean,
-        batch_size=cfg.batch_size,
-        from_hook=True,
-        progress=cfg.progress,
-    )
+    results = sequences.evaluate(encodings, batch_size=cfg.batch_size, progress=cfg.progress)
     entries = [EvalEntry(r.method, r.k, r.source, results[_row_name(r)]) for r in rows]
     header = {
         "store": str(cfg.store),
         "hook": hook,
-        "model": lm.name,
+        "model": sequences.model.name,
         "sae": cfg.sae,
         "n_features": sae.n_features,
-        "sequences": f"{seqs.start}..{seqs.stop - 1} ({len(seqs)} of {layout.ctx_len} tokens)",
-        "rows": f"{row0}..{seqs.stop * per - 1}",
-        "spliced positions": f"{layout.skip}..{layout.ctx_len - 1}",
-        "counted predictions": f"from positions {layout.skip}..{layout.ctx_len - 2}",
+        **sequences.describe(),
         "tokens": results[CLEAN].n_tokens,
         "device": str(device),
         "dtype": dtype_name(dtype),
@@ -478,17 +366,13 @@ def format_table(entries: list[EvalEntry]) -> str:
     return "\n".join(lines)
 
 
-def _json_value(v: Any) -> Any:
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
 def entry_dict(e: EvalEntry) -> dict:
     """One report.json entry: method, k, source and every Downstream field (NaN as null)."""
     return {
         "method": e.method,
         "k": e.k,
         "source": e.source,
-        **{k: _json_value(v) for k, v in e.metrics._asdict().items()},
+        **e.metrics.as_json(),
     }
 
 

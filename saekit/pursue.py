@@ -2,10 +2,14 @@
 
     store rows [0, N) ──► SAE encoder (+ extra encoders) ──► metrics only
                       └─► pursuit method x k, against the SAE's dictionary ──► codes.zarr + metrics
+    --downstream: the whole sequences inside rows [0, N) ──► each entry spliced into the model ──► ΔCE, KL
 
-The language model is never loaded: rows are read in store order, shard by shard. Every entry of
-the report (the SAE's own encoder, each extra encoder, each pursuit method at each k) is measured
-on exactly the same rows, with FVU against the mean of all of them (`ReconstructionStats`).
+Without --downstream the language model is never loaded: rows are read in store order, shard by
+shard. Every entry of the report (the SAE's own encoder, each extra encoder, each pursuit method at
+each k) is measured on exactly the same rows, with FVU against the mean of all of them
+(`ReconstructionStats`). `--downstream` adds what `saekit eval` measures (`saekit.downstream`, the
+one implementation): each entry's reconstruction (a pursuit's from its stored codes) spliced into
+the store's model on the whole sequences inside those rows (a last, partial sequence is left out).
 
 Output directory:
 
@@ -13,7 +17,8 @@ Output directory:
                                   <method>_k<k>/{indices,values} per pursuit, same shard layout as the store
     OUT/report.json               list of entries: method, k, l0, fvu, explained_variance, ...
     OUT/report.md                 the same as a table
-    OUT/fvu_vs_l0.png             FVU against L0: encoders as points, each method as a curve over k
+    OUT/fvu_vs_l0.png             FVU (and with --downstream ΔCE and KL) against L0: encoders as
+                                  points, each method as a curve over k
 
 Shards are written whole, each followed by its completion record (`saekit.shards`); a shard
 without a valid record is recomputed on `--resume`, so a killed run continues where it stopped and
@@ -36,6 +41,16 @@ from tqdm import tqdm
 from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
+from saekit.downstream import (
+    CLEAN,
+    MEAN,
+    ZERO,
+    Downstream,
+    StoreSequences,
+    codes_encoding,
+    sequence_layout,
+    store_sequences,
+)
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.plots import plot_against_l0
@@ -49,6 +64,8 @@ REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # store and the SAE are identified by content (so either may move), and encoders, batch size and
 # device change only the report, so they may differ on resume.
 CODES_IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "rows")
+# What to do when --downstream cannot load or use the store's model (pursue has no --model).
+EVAL_INSTEAD = "drop --downstream here, and measure CE and KL with `saekit eval --model MODEL`"
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,6 +93,8 @@ class PursueConfig:
     """Use the first N rows of the store; 0: all of them."""
     encoders: list[str] = field(default_factory=list, metadata={"flag": "--encoder"})
     """Extra encoders to compare on the same rows (e.g. an MLP-encoder run dir), each loaded like --sae; repeat --encoder for several."""
+    downstream: bool = False
+    """Also splice each entry's reconstruction into the store's model, as `saekit eval` does: ΔCE, CE loss recovered and KL on the whole sequences inside the rows."""
     batch_size: int = 2048
     """Rows per pursuit/encoder batch (the pursuit further chunks rows to bound memory)."""
     device: str = "auto"
@@ -128,6 +147,9 @@ class Entry(NamedTuple):
     """Group in codes.zarr holding the codes (pursuit entries), else None."""
     source: str
     """The SAE or encoder this entry used (as given on the command line)."""
+    downstream: Downstream | None = None
+    """With --downstream: CE, ΔCE, CE loss recovered, KL, ... on the whole sequences inside the rows
+    (`saekit.downstream.Downstream`, what `saekit eval` reports); else None."""
 
 
 class PursueResult(NamedTuple):
@@ -139,6 +161,8 @@ class PursueResult(NamedTuple):
     """The report's entries (also in report.json)."""
     table: str
     """The report table (markdown, also in report.md)."""
+    header: dict
+    """What was compared: store, hook, rows, SAE; with --downstream the sequences, tokens and baselines."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +239,8 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         if name in {"encoder", *(e[0] for e in extras)}:  # e.g. two runs' sae/ dirs: keep both
             name = f"encoder:{spec}#{len(extras) + 1}"
         extras.append((name, spec, enc))
+    # before anything is written: a store without sequences or a model that won't load is one line
+    sequences = _downstream_sequences(store, hook, n_rows, device) if cfg.downstream else None
 
     identity = {
         "store": str(cfg.store),
@@ -233,13 +259,13 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
     stats = _stream(cfg, store, hook, codes, sae, extras, W, b, device)
     codes.finalize()
+    spliced = _downstream(cfg, sequences, sae, extras, codes, W, b) if sequences is not None else {}
 
-    entries = [_entry("encoder", encoder_k(sae), stats["encoder"], None, cfg.sae)]
-    entries += [_entry(name, encoder_k(enc), stats[name], None, spec) for name, spec, enc in extras]
+    entries = [_entry("encoder", encoder_k(sae), stats["encoder"], None, cfg.sae, spliced.get("encoder"))]
+    entries += [_entry(name, encoder_k(enc), stats[name], None, spec, spliced.get(name)) for name, spec, enc in extras]
     for g, spec in groups.items():
-        entries.append(
-            _entry(spec["method"], spec["k"], stats[g]._replace(seconds=codes.seconds(g)), f"{CODES_DIR}/{g}", cfg.sae)
-        )
+        m = stats[g]._replace(seconds=codes.seconds(g))
+        entries.append(_entry(spec["method"], spec["k"], m, f"{CODES_DIR}/{g}", cfg.sae, spliced.get(g)))
     header = {
         "store": str(cfg.store),
         "hook": hook,
@@ -248,8 +274,52 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         "n_features": sae.n_features,
         "device": str(device),
     }
+    if sequences is not None:
+        header |= _downstream_header(sequences, spliced)
     table = write_report(out, entries, header)
-    return PursueResult(out, entries, table)
+    return PursueResult(out, entries, table, header)
+
+
+def _downstream_sequences(store: Any, hook: str, n_rows: int, device: torch.device) -> StoreSequences:
+    """The whole sequences inside rows [0, n_rows), with the store's model, loaded and checked."""
+    layout = sequence_layout(store)
+    seqs = layout.within(range(n_rows))
+    if not seqs:
+        raise SaekitError(
+            f"--downstream: the compared rows [0, {n_rows}) hold no whole sequence of the store "
+            f"({layout.per_seq} rows each): compare at least {layout.per_seq} rows (--rows)"
+        )
+    # fp32, as saekit eval's default: a ΔCE of hundredths of a nat needs it
+    return store_sequences(store, hook, layout, seqs, device, torch.float32, fix=EVAL_INSTEAD)
+
+
+def _downstream(
+    cfg: PursueConfig,
+    sequences: StoreSequences,
+    sae: Any,
+    extras: list,
+    codes: CodesStore,
+    W: torch.Tensor,
+    b: torch.Tensor,
+) -> dict[str, Downstream]:
+    """Every entry spliced into the model on `sequences`; the pursuits from their stored codes, so a
+    resumed run reports what an uninterrupted one does. Returns entry name (group for pursuits) -> metrics."""
+    rows, per = sequences.layout.rows(sequences.seqs), sequences.layout.per_seq
+    encodings = {"encoder": lambda x, s: sae(x)}
+    encodings |= {name: (lambda x, s, enc=enc: enc(x)) for name, _, enc in extras}
+    encodings |= {g: codes_encoding(codes.codes(g, rows.start, rows.stop), W, b, per) for g in codes.groups}
+    return sequences.evaluate(encodings, progress=cfg.progress)
+
+
+def _downstream_header(sequences: StoreSequences, spliced: dict[str, Downstream]) -> dict:
+    """The report header's lines for --downstream: which tokens, and the baselines' CE."""
+    described = {f"downstream {k}": v for k, v in sequences.describe().items()}
+    return {
+        "downstream model": f"{sequences.model.name} (fp32)",
+        **described,
+        "downstream tokens": spliced[CLEAN].n_tokens,
+        **{f"{name} CE": spliced[name].ce for name in (CLEAN, ZERO, MEAN)},
+    }
 
 
 class _Measured(NamedTuple):
@@ -324,10 +394,24 @@ def _empty_shard(group: str, n: int, k: int) -> dict[str, np.ndarray]:
     return {f"{group}/indices": np.zeros((n, k), np.int32), f"{group}/values": np.zeros((n, k), np.float32)}
 
 
-def _entry(method: str, k: float | None, m: _Measured, codes: str | None, source: str) -> Entry:
+def _entry(
+    method: str, k: float | None, m: _Measured, codes: str | None, source: str, downstream: Downstream | None
+) -> Entry:
     r = m.metrics
     return Entry(
-        method, k, r.l0, r.fvu, r.explained_variance, r.mse, r.cossim, r.l2_ratio, m.seconds, r.n_tokens, codes, source
+        method,
+        k,
+        r.l0,
+        r.fvu,
+        r.explained_variance,
+        r.mse,
+        r.cossim,
+        r.l2_ratio,
+        m.seconds,
+        r.n_tokens,
+        codes,
+        source,
+        downstream,
     )
 
 
@@ -337,39 +421,63 @@ def _entry(method: str, k: float | None, m: _Measured, codes: str | None, source
 
 
 def format_table(entries: Sequence[Entry]) -> str:
-    """The entries as a markdown table."""
+    """The entries as a markdown table (with --downstream: ΔCE, CE loss recovered against zeros, KL mean)."""
+    spliced = all(e.downstream is not None for e in entries)
+    extra = " ΔCE | CE rec. (zero) | KL mean |" if spliced else ""
     lines = [
-        "| method | k | L0 | FVU | explained variance | MSE | cossim | seconds | rows/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | k | L0 | FVU | explained variance | MSE | cossim |{extra} seconds | rows/s |",
+        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (extra.count("|") + 2),
     ]
     for e in entries:
         k = "" if e.k is None else (f"{e.k:g}")
         rate = f"{e.n_rows / e.seconds:,.0f}" if e.seconds > 0 else ""
+        d = e.downstream
+        cells = f" {d.delta_ce:+.4f} | {d.ce_recovered_zero:.4f} | {d.kl_mean:.4f} |" if spliced else ""
         lines.append(
             f"| {e.method} | {k} | {e.l0:.2f} | {e.fvu:.4f} | {e.explained_variance:.4f} | {e.mse:#.4g} | "
-            f"{e.cossim:.4f} | {e.seconds:.2f} | {rate} |"
+            f"{e.cossim:.4f} |{cells} {e.seconds:.2f} | {rate} |"
         )
     return "\n".join(lines)
 
 
+def entry_dict(e: Entry) -> dict:
+    """One report.json entry: every Entry field, `downstream` as a dict of every Downstream field (or null)."""
+    return {**e._asdict(), "downstream": e.downstream.as_json() if e.downstream is not None else None}
+
+
 def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
     """report.json, report.md and fvu_vs_l0.png in `out`; returns the table."""
-    write_json_atomic(out / REPORT_JSON, [e._asdict() for e in entries])
+    write_json_atomic(out / REPORT_JSON, [entry_dict(e) for e in entries])
     table = format_table(entries)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
-    md = f"# saekit pursue report\n\n{head}\n\nFVU is against the mean of all {header['rows']} rows.\n\n{table}\n\n![FVU against L0]({PLOT})\n"
+    about = f"FVU is against the mean of all {header['rows']} rows."
+    if "downstream tokens" in header:
+        about += (
+            " ΔCE, CE rec. (zero) and KL mean are `saekit eval`'s (KL(clean ‖ spliced), nats per counted token), "
+            "on the whole sequences inside the rows. See docs/eval.md."
+        )
+    md = f"# saekit pursue report\n\n{head}\n\n{about}\n\n{table}\n\n![FVU against L0]({PLOT})\n"
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)
     os.replace(tmp, out / REPORT_MD)
-    plot_fvu_vs_l0(entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['rows']} rows")
+    title = f"{Path(header['sae']).name} on {header['hook']}, {header['rows']} rows"
+    if "downstream tokens" in header:
+        title += f" (ΔCE and KL: {header['downstream tokens']:,} tokens of their whole sequences)"
+    plot_fvu_vs_l0(entries, out / PLOT, title=title)
     return table
 
 
 def plot_fvu_vs_l0(entries: Sequence[Entry], path: Path, title: str = "") -> None:
-    """FVU against L0: each encoder a labelled point, each pursuit method a curve over k."""
+    """FVU (with --downstream also ΔCE and mean KL) against L0: each encoder a labelled point, each
+    pursuit method a curve over k."""
+    labels = ["FVU (lower is better)"]
+    ys = lambda e: (e.fvu,)
+    if all(e.downstream is not None for e in entries):
+        labels += ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
+        ys = lambda e: (e.fvu, e.downstream.delta_ce, e.downstream.kl_mean)
     curves: dict[str, list] = {}
     for e in entries:
         if e.codes is not None:
-            curves.setdefault(e.method, []).append((e.l0, (e.fvu,)))
-    points = {e.method: (e.l0, (e.fvu,)) for e in entries if e.codes is None}
-    plot_against_l0(path, ["FVU (lower is better)"], curves, points, title=title)
+            curves.setdefault(e.method, []).append((e.l0, ys(e)))
+    points = {e.method: (e.l0, ys(e)) for e in entries if e.codes is None}
+    plot_against_l0(path, labels, curves, points, title=title)

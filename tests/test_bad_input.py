@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 99 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 103 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -545,6 +545,14 @@ ROWS: dict[str, Row] = {
     **store_rows("pursue", ["missing shard", "flipped byte", "n_rows 'lots'", "hook ../../x", "mean_sq_norm x1000"]),
     "pursue --resume, codes.zarr/zarr.json cut short": Row(lambda env: pursue(env.store, env.sae, damaged_codes(env),
                                                                               "--resume"), "codes.zarr/zarr.json is damaged"),
+    "pursue --downstream on a store without sequences": Row(lambda env: pursue(store_without_sequences(env), env.sae, env.tmp / "o",
+                                                                               "--downstream"), "does not record how its rows form sequences"),
+    "pursue --downstream on a store without token ids": Row(lambda env: pursue(store_without_tokens(env), env.sae, env.tmp / "o",
+                                                                               "--downstream"), "tokens/c/0"),
+    "pursue --downstream on a store that skipped 2 tokens": Row(lambda env: pursue(store_skipping_two(env), env.sae,
+                                                                                   env.tmp / "o", "--downstream"), "cannot be rebuilt"),
+    "pursue --downstream --rows fewer than a sequence": Row(lambda env: pursue(env.store, env.sae, env.tmp / "o", "--downstream",
+                                                                               "--rows", 100), "hold no whole sequence"),
     "pursue onto a full disk": Row(lambda env: pursue(env.store, env.sae, full_disk(env, 4 * 4096)), "disk full",
                                    needs="tmpfs", partial=True),
     # -- eval -------------------------------------------------------------------------------

@@ -31,6 +31,11 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     assert (out / "pursue" / "fvu_vs_l0.png").stat().st_size > 5000
     assert (out / "train" / "sae" / "config.json").is_file() and (out / "store" / "zarr.json").is_file()
     assert f"gradient pursuit at k={k_l0} (the encoder's L0)" in res.headline()
+    # ΔCE and KL of every entry, on the 8 whole sequences (127 rows each) inside the 1024 rows
+    assert all(e["downstream"]["n_tokens"] == 8 * 126 and e["downstream"]["kl_mean"] > 0 for e in report)
+    gp, enc = (next(e for e in res.pursue.entries if (e.method, e.k) == key) for key in [("gp", k_l0), ("encoder", 16)])
+    want = f"ΔCE {gp.downstream.delta_ce:.4f} vs {enc.downstream.delta_ce:.4f} nats per token, KL {gp.downstream.kl_mean:.4f}"
+    assert want in res.headline()
 
     # Again, through the CLI with the same sizes: nothing is harvested, trained or pursued again.
     def never(*a, **kw):
@@ -47,9 +52,10 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
         main()  # typer exits 0 on success
     assert e.value.code == 0
     printed = capsys.readouterr().out
-    assert "| gp |" in printed and "(the encoder's L0)" in printed
+    assert "| gp |" in printed and "| ΔCE | CE rec. (zero) | KL mean |" in printed and "ΔCE" in printed.splitlines()[-2]
     again = json.loads((out / "pursue" / "report.json").read_text())
-    strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r]  # noqa: E731
+    untimed = lambda d: {k: untimed(v) if isinstance(v, dict) else v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    strip = lambda r: [untimed(e) for e in r]  # noqa: E731
     assert strip(again) == strip(report)
 
     # Other sizes into the same directory: refused in one line that suggests only what the demo

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_checks import in_process, one_error
 
-from saekit.downstream import CLEAN, ZERO, downstream_metrics
+from saekit.downstream import CLEAN, ZERO, downstream_metrics, sequence_layout, sequence_tokens
 from saekit.errors import SaekitError
-from saekit.eval import EvalConfig, run, sequence_layout, sequence_tokens
+from saekit.eval import EvalConfig, run
 from saekit.models import load_model
 from saekit.sae import SparseAutoencoder
 from saekit.store import open_store
@@ -229,3 +230,88 @@ def test_eval_compares_every_encoding_on_the_held_out_sequences(
     here = next(e for e in again.entries if e.method == "gp")
     assert here.source == str(sae_run)
     _same(here.metrics, rows[("gp", 16)].metrics, rel=1e-6)
+
+
+# --- saekit pursue --downstream: the same measurement, in pursue's report --------------------
+
+
+@pytest.fixture(scope="module")
+def short_store(tmp_path_factory):
+    """The embedded default's first 2082 rows: 16 whole sequences of 127 rows and 50 rows of a 17th,
+    in 5 shards. Every sequence is a few ms of the model per encoding: pursue and eval on all of it are fast."""
+    from saekit.harvest import HarvestConfig
+    from saekit.harvest import run as harvest
+
+    out = tmp_path_factory.mktemp("short") / "store"
+    cfg = HarvestConfig(
+        out=str(out), tokens=16 * 127 + 50, shard_rows=512, chunk_rows=128, device="cpu", progress=False
+    )
+    return harvest(cfg).path
+
+
+def _pursue(store, sae, out, **kw):
+    from saekit.pursue import PursueConfig
+    from saekit.pursue import run as pursue
+
+    return pursue(PursueConfig(store=str(store), sae=str(sae), out=str(out), device="cpu", progress=False, **kw))
+
+
+def _spliced(report: list[dict]) -> dict:
+    """(method, k) -> the downstream metrics of each `saekit pursue` report entry, without their time."""
+    return {(e["method"], e["k"]): {f: v for f, v in e["downstream"].items() if f != "seconds"} for e in report}
+
+
+def test_pursue_downstream_reports_what_eval_reports_and_a_resumed_run_the_same(
+    short_store, sae_run, mlp_encoder, tmp_path, capsys, monkeypatch
+):
+    args = ["pursue", "--store", short_store, "--sae", sae_run, "--encoder", mlp_encoder, "--k", 16]
+    args += ["--method", "gp", "--device", "cpu", "--no-progress", "--downstream"]
+    code, printed, err = in_process(capsys, monkeypatch, *args, "--out", tmp_path / "p")
+    assert code == 0, err
+    assert "| ΔCE | CE rec. (zero) | KL mean |" in printed and "| encoder:mlp | 16 |" in printed
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    ours = _spliced(report)
+    assert list(ours) == [("encoder", 16), ("encoder:mlp", 16), ("gp", 16)]
+    assert "downstream rows: `0..2031`" in (tmp_path / "p" / "report.md").read_text()  # the 16 whole sequences
+
+    # saekit eval on the same sequences (the store's 16 whole ones) and the same codes reports the same
+    code, _, err = in_process(
+        capsys,
+        monkeypatch,
+        *["eval", "--store", short_store, "--sae", sae_run, "--encoder", mlp_encoder, "--codes", tmp_path / "p"],
+        *["--sequences", 16, "--device", "cpu", "--no-progress", "--out", tmp_path / "e"],
+    )
+    assert code == 0, err
+    theirs = json.loads((tmp_path / "e" / "report.json").read_text())["entries"]
+    fields = set(next(iter(ours.values())))
+    theirs = {(e["method"], e["k"]): {f: e[f] for f in fields} for e in theirs}
+    assert all(ours[key] == theirs[key] for key in ours), (ours, theirs)
+    assert ours[("gp", 16)]["n_tokens"] == 16 * 126 and 0 < ours[("gp", 16)]["ce_recovered_zero"] < 1
+
+    # resumed: the codes of a run without --downstream, one shard's record gone as if it had been
+    # killed before it; --resume --downstream recomputes that shard and reports the same
+    resumed = _pursue(short_store, sae_run, tmp_path / "r", k=[16], methods=["gp"]).out
+    (resumed / "codes.zarr" / ".saekit-shards" / "gp_k16" / "shard-000001.json").unlink()
+    code, _, err = in_process(capsys, monkeypatch, *args, "--out", resumed, "--resume")
+    assert code == 0, err
+    again = json.loads((resumed / "report.json").read_text())
+    assert _spliced(again) == ours
+    assert [e["fvu"] for e in again] == [e["fvu"] for e in report]
+
+
+def test_pursue_downstream_takes_the_whole_sequences_inside_the_rows(
+    short_store, sae_run, tmp_path, capsys, monkeypatch
+):
+    # 300 rows: sequences 0 and 1 (127 rows each) and 46 rows of sequence 2
+    part, whole = (_pursue(short_store, sae_run, tmp_path / str(n), k=[8], rows=n, downstream=True) for n in (300, 254))
+    assert part.header["downstream rows"] == whole.header["downstream rows"] == "0..253"
+    for a, b in zip(part.entries, whole.entries):
+        assert (a.n_rows, b.n_rows) == (300, 254) and a.fvu != b.fvu  # FVU on every row ...
+        assert a.downstream._replace(seconds=0) == b.downstream._replace(seconds=0)  # ... CE and KL on whole sequences
+        assert a.downstream.n_tokens == 2 * 126
+
+    # fewer rows than one sequence: one line, and nothing written
+    args = ["pursue", "--store", short_store, "--sae", sae_run, "--k", 8, "--rows", 100, "--downstream"]
+    code, _, err = in_process(capsys, monkeypatch, *args, "--out", tmp_path / "few")
+    one_error(code, err, "--downstream: the compared rows [0, 100) hold no whole sequence", "at least 127 rows")
+    assert not (tmp_path / "few").exists()

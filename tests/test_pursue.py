@@ -24,7 +24,20 @@ from saekit.store import create_store, open_store
 REPO = Path(__file__).resolve().parents[1]
 HOOK = "blocks.1.hook_resid_pre"
 D, N_ROWS, N_FEATURES = 16, 300, 64
-FIELDS = {"method", "k", "l0", "fvu", "explained_variance", "mse", "cossim", "seconds", "n_rows", "codes", "source"}
+FIELDS = {
+    "method",
+    "k",
+    "l0",
+    "fvu",
+    "explained_variance",
+    "mse",
+    "cossim",
+    "seconds",
+    "n_rows",
+    "codes",
+    "source",
+    "downstream",
+}
 
 
 def _store(path: Path, d: int = D, n: int = N_ROWS) -> Path:
@@ -109,7 +122,7 @@ def test_report_compares_every_entry_on_the_same_rows(tmp_path, store, sae_dir):
     assert report[1]["source"] == str(tmp_path / "mlp-run") and report[1]["l0"] <= 3
     for e in report:
         assert FIELDS <= set(e)
-        assert e["n_rows"] == N_ROWS
+        assert e["n_rows"] == N_ROWS and e["downstream"] is None  # measured only with --downstream
         assert math.isclose(e["explained_variance"], 1 - e["fvu"], rel_tol=1e-9)
         if e["codes"]:
             assert e["l0"] <= e["k"] + 1e-9 and e["seconds"] > 0
@@ -346,6 +359,8 @@ def test_errors(tmp_path, store, sae_dir):
     assert all(m in msg for m in METHODS)
     _one_line_error("--rows 301 is more than the store's 300 rows", run, _cfg(tmp_path, store, sae_dir, rows=301))
     _one_line_error("no SAE directory at", run, _cfg(tmp_path, store, str(tmp_path / "nope")))
+    # this synthetic store keeps no sequences to rerun a model on (tests/test_eval.py: the embedded one)
+    _one_line_error("does not record how its rows form sequences", run, _cfg(tmp_path, store, sae_dir, downstream=True))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("")
     _one_line_error("already exists: pass --resume", run, _cfg(tmp_path, store, sae_dir, out=str(tmp_path / "taken")))
