@@ -1,7 +1,7 @@
 """The codes store: sparse codes of a store's rows, written by `saekit pursue`.
 
-    OUT/codes.zarr/               Zarr v3 group (format 'saekit-codes'), same shard layout as the store
-        rows                      [N] int64 store row of each code row (traces codes to text)
+    OUT/codes.zarr/               Zarr v3 group (format 'saekit-codes'), shards of the store's size
+        rows                      [N] int64 store row of each code row: start_row, start_row + 1, ...
         <method>_k<k>/indices     [N, k] int32 atom indices (unused slots hold value 0)
         <method>_k<k>/values      [N, k] float32 coefficients, all >= 0
         .saekit-shards/<array group>/shard-NNNNNN.json   per-shard completion record (crc32c, seconds)
@@ -10,6 +10,12 @@
 Shards are written whole, each followed by its record, and the group is created recognisably, all
 through `saekit.shards` (the activation store's mechanism); a shard without a valid record is
 recomputed on `saekit pursue --resume`. Read the codes back with `open_codes`.
+
+The codes cover N consecutive store rows from `start_row` (an attribute; 0 for codes written
+before it existed). Their shards count from there: shard i holds code rows [i * shard_rows, ...),
+store rows start_row + those. So with start_row 0 shard i covers the rows of the store's shard i;
+at any other start the shard boundaries differ from the store's, and every shard but the last is
+still whole.
 """
 
 from __future__ import annotations
@@ -72,9 +78,9 @@ def read_codes_attrs(root: Path) -> dict | None:
 class CodesStore:
     """`OUT/codes.zarr`: the rows array and one (indices, values) group per (method, k).
 
-    Write with `CodesStore.create` + `write` + `finalize`; read with `open_codes`. Arrays share
-    the activation store's shard layout, so shard i of the codes covers the same rows as shard i
-    of the cache.
+    Write with `CodesStore.create` + `write` + `finalize`; read with `open_codes`. Arrays use
+    the activation store's shard size, counted from the first code row (store row `start_row`).
+    `codes(group, start, stop)` takes code rows; store row r is code row r - start_row.
     """
 
     def __init__(self, root: Path, attrs: dict):
@@ -83,6 +89,8 @@ class CodesStore:
         self.n_rows: int = int(attrs["n_rows"])
         self.shard_rows: int = int(attrs["shard_rows"])
         self.chunk_rows: int = int(attrs["chunk_rows"])
+        self.start_row: int = int(attrs.get("start_row", 0))
+        """Store row of the first code row (codes before saekit recorded it start at 0)."""
         self.groups: dict[str, int] = {g: int(v["k"]) for g, v in attrs["groups"].items()}
         """group name -> k"""
         self.methods: dict[str, str] = {g: str(v["method"]) for g, v in attrs["groups"].items()}

@@ -45,10 +45,10 @@ from saekit.downstream import (
     store_sequences,
 )
 from saekit.errors import SaekitError, is_non_empty, output_dir
-from saekit.heldout import held_out_rows, run_eval_rows
+from saekit.heldout import sae_held_out
 from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, pursuit, reconstruct
-from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
+from saekit.sae import check_sae_fits_hook, encoder_k, encoder_label, load_sae, stale_note
 from saekit.shards import write_json_atomic
 from saekit.store import open_store
 
@@ -178,9 +178,8 @@ def choose_sequences(cfg: EvalConfig, store: Any, layout: SequenceLayout, held_s
 def held_out_start(cfg: EvalConfig, store: Any, sae: Any) -> tuple[int, bool]:
     """(first held-out row, whether the SAE was trained on this store). The run's own held-out
     count when --sae is a run dir trained on this store, else the default rule."""
-    trained_here = isinstance(sae.metadata, dict) and sae.metadata.get("store_hash") == store.content_hash
-    eval_rows = run_eval_rows(cfg.sae) if trained_here else None
-    return held_out_rows(store.n_rows, eval_rows or 0).start, trained_here
+    held = sae_held_out(store, sae, cfg.sae)
+    return held.rows.start, held.trained_here
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +221,7 @@ def _code_rows(codes: Any, cfg: EvalConfig, rows: range) -> int:
     if not consecutive or rows.start < first or rows.stop > first + len(held):
         raise SaekitError(
             f"codes in {cfg.codes} cover store rows [{first}, {first + len(held)}) but the evaluation needs rows "
-            f"[{rows.start}, {rows.stop}): run `saekit pursue` over all rows (no --rows), or drop --codes to compute the pursuits here"
+            f"[{rows.start}, {rows.stop}): run `saekit pursue` over those rows (its default: the held-out rows, all of them), or drop --codes to compute the pursuits here"
         )
     return first
 
@@ -264,7 +263,7 @@ def _rows(
         _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x),
         _Row(ZERO, None, "", None),
         _Row(MEAN, None, "", None),
-        _Row("encoder", encoder_k(sae), cfg.sae, lambda x, s: sae(x)),
+        _Row(encoder_label("encoder", sae, cfg.sae), encoder_k(sae), cfg.sae, lambda x, s: sae(x)),
     ]
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
@@ -272,7 +271,7 @@ def _rows(
         name = f"encoder:{Path(spec).name or spec}"
         if name in {r.method for r in rows}:  # e.g. two runs' sae/ dirs: keep both
             name = f"encoder:{spec}#{len(rows)}"
-        rows.append(_Row(name, encoder_k(enc), spec, lambda x, s, enc=enc: enc(x)))
+        rows.append(_Row(encoder_label(name, enc, spec), encoder_k(enc), spec, lambda x, s, enc=enc: enc(x)))
     codes = _open_codes(cfg, store, hook, sae)
     rows += _pursuit_rows(cfg, sae, codes, range(seqs.start * per_seq, seqs.stop * per_seq), per_seq, device)
     return rows
@@ -381,10 +380,11 @@ def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
     write_json_atomic(out / REPORT_JSON, {"header": header, "entries": [entry_dict(e) for e in entries]})
     table = format_table(entries)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
+    stale = stale_note([e.method for e in entries])
     md = (
         f"# saekit eval report\n\n{head}\n\nCE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
         f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
-        f"rows. See docs/eval.md.\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n"
+        f"rows. See docs/eval.md.{' ' + stale if stale else ''}\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n"
     )
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)

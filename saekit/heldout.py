@@ -2,17 +2,18 @@
 
 `saekit train` trains on the rows before the store's last `eval_rows` rows and evaluates on those
 last rows; they also stay out of its normalization statistics. A stage that measures an SAE on
-unseen rows takes the same rows: the count a training run recorded in its config.json when the SAE
-is given as a run directory, else the default rule below.
+unseen rows takes the same rows (`sae_held_out`): the count a training run recorded in its
+config.json when the SAE is given as a run directory, else the default rule below.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from typing import Any, NamedTuple
 
 from saekit.errors import SaekitError
+from saekit.sae import run_config_file
 
 DEFAULT_HELD_OUT = 65536
 """At most this many rows are held out by default (a tenth of the store below that)."""
@@ -28,10 +29,8 @@ def held_out_rows(n_rows: int, eval_rows: int = 0) -> range:
 def run_eval_rows(sae_spec: str | os.PathLike) -> int | None:
     """The held-out row count a `saekit train` run recorded, when `sae_spec` is its run directory (or
     that directory's sae/); None for any other SAE (a saekit or sae-lens SAE dir, a hub id)."""
-    path = Path(os.fspath(sae_spec)).expanduser()
-    run = path if (path / "sae").is_dir() else path.parent if path.name == "sae" else None
-    config = run / "config.json" if run is not None else None
-    if config is None or not config.is_file():
+    config = run_config_file(sae_spec)
+    if config is None:
         return None
     try:
         saved = json.loads(config.read_bytes())
@@ -43,3 +42,38 @@ def run_eval_rows(sae_spec: str | os.PathLike) -> int | None:
             f"run config {config} is damaged (no positive eval_rows): restore it from a copy, or pass --sequences to choose the rows"
         )
     return rows
+
+
+class HeldOut(NamedTuple):
+    """The rows of a store an SAE never saw, as far as saekit can tell (`sae_held_out`)."""
+
+    rows: range
+    """The held-out rows: the store's last ones."""
+    trained_here: bool
+    """The SAE records training on this store (its metadata's store_hash). If not, `rows` are the
+    default rule's, and whether the SAE saw any row of the store is unknown."""
+    from_run: bool
+    """The count is the one the SAE's training run recorded (its config.json's eval_rows), not the default rule."""
+
+    def describe(self, compared: range) -> str:
+        """For a report's header: whether the `compared` rows are held out, and by which rule."""
+        n, start = len(self.rows), self.rows.start
+        rule = "the count its training run recorded" if self.from_run else "`saekit train`'s default"
+        if not self.trained_here:
+            where = "inside" if compared.start >= start else "not inside"
+            return (
+                f"unknown: the SAE does not record training on this store; these rows are {where} "
+                f"its last {n}, which `saekit train` holds out by default"
+            )
+        if compared.start >= start:
+            return f"yes: rows the SAE never saw, inside the store's last {n}, which its training held out ({rule})"
+        seen = min(compared.stop, start) - compared.start
+        return f"no: {seen} of these rows trained the SAE (it never saw only rows {start}..{self.rows.stop - 1})"
+
+
+def sae_held_out(store: Any, sae: Any, sae_spec: str | os.PathLike) -> HeldOut:
+    """The held-out rows of `store` for `sae` (given as `sae_spec`): its run's own count when the
+    spec is a run dir trained on this store, else the default rule."""
+    trained_here = isinstance(sae.metadata, dict) and sae.metadata.get("store_hash") == store.content_hash
+    eval_rows = run_eval_rows(sae_spec) if trained_here else None
+    return HeldOut(held_out_rows(store.n_rows, eval_rows or 0), trained_here, eval_rows is not None)

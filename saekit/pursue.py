@@ -1,8 +1,13 @@
 """`PursueConfig` + `run(cfg)`: sparse codes for a whole activation cache, compared with the encoder.
 
-    store rows [0, N) ──► SAE encoder (+ extra encoders) ──► metrics only
-                      └─► pursuit method x k, against the SAE's dictionary ──► codes.zarr + metrics
-    --downstream: the whole sequences inside rows [0, N) ──► each entry spliced into the model ──► ΔCE, KL
+    store rows [S, S + N) ──► SAE encoder (+ extra encoders) ──► metrics only
+                          └─► pursuit method x k, against the SAE's dictionary ──► codes.zarr + metrics
+    --downstream: the whole sequences inside those rows ──► each entry spliced into the model ──► ΔCE, KL
+
+The rows are the SAE's held-out rows by default (`saekit.heldout`: those `saekit train` held out,
+never trained on), as quality figures must be: the first --rows of them, or all. --start-row S
+compares N rows from any store row instead (--start-row 0: the store's first rows, as pursue did
+before it had a default). The report's header says which rows, and whether they are held out.
 
 Without --downstream the language model is never loaded: rows are read in store order, shard by
 shard. Every entry of the report (the SAE's own encoder, each extra encoder, each pursuit method at
@@ -14,7 +19,8 @@ the store's model on the whole sequences inside those rows (a last, partial sequ
 Output directory:
 
     OUT/codes.zarr/               the codes store (`saekit.codes`): the store row of each code row and
-                                  <method>_k<k>/{indices,values} per pursuit, same shard layout as the store
+                                  <method>_k<k>/{indices,values} per pursuit, in shards of the store's
+                                  size counted from the first compared row
     OUT/report.json               list of entries: method, k, l0, fvu, explained_variance, ...
     OUT/report.md                 the same as a table
     OUT/fvu_vs_l0.png             FVU (and with --downstream ΔCE and KL) against L0: encoders as
@@ -52,10 +58,11 @@ from saekit.downstream import (
     store_sequences,
 )
 from saekit.errors import SaekitError, is_non_empty, output_dir
+from saekit.heldout import HeldOut, sae_held_out
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.plots import plot_against_l0
 from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
-from saekit.sae import check_sae_fits_hook, encoder_k, load_sae
+from saekit.sae import check_sae_fits_hook, encoder_k, encoder_label, load_sae, stale_note
 from saekit.shards import discard_unfinished_creation, write_json_atomic
 from saekit.store import open_store
 
@@ -63,7 +70,7 @@ REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
 # store and the SAE are identified by content (so either may move), and encoders, batch size and
 # device change only the report, so they may differ on resume.
-CODES_IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "rows")
+CODES_IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "start_row", "rows")
 # What to do when --downstream cannot load or use the store's model (pursue has no --model).
 EVAL_INSTEAD = "drop --downstream here, and measure CE and KL with `saekit eval --model MODEL`"
 
@@ -90,7 +97,9 @@ class PursueConfig:
     hook: str | None = None
     """Hook to read; default: the store's only hook."""
     rows: int = 0
-    """Use the first N rows of the store; 0: all of them."""
+    """How many rows to compare; 0: all the held-out rows (with --start-row: every row from there on)."""
+    start_row: int | None = None
+    """First store row compared; default: the first held-out row (the rows `saekit train` held out: the run's eval_rows, else the store's last min(65536, rows/10)). --start-row 0 compares the store's first rows, which an SAE trained on this store has seen."""
     encoders: list[str] = field(default_factory=list, metadata={"flag": "--encoder"})
     """Extra encoders to compare on the same rows (e.g. an MLP-encoder run dir), each loaded like --sae; repeat --encoder for several."""
     downstream: bool = False
@@ -116,7 +125,9 @@ class PursueConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
         need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
-        check_non_negative("--rows", self.rows, "all rows")
+        check_non_negative("--rows", self.rows, "all the held-out rows")
+        if self.start_row is not None:
+            need(self.start_row >= 0, f"--start-row {self.start_row} must be >= 0 (leave it out: the held-out rows)")
         check_positive("--batch-size", self.batch_size)
 
 
@@ -124,7 +135,8 @@ class Entry(NamedTuple):
     """One line of the report: one way of encoding, measured on the run's rows."""
 
     method: str
-    """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), or a pursuit method."""
+    """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), or a pursuit method. An
+    encoder not trained with its dictionary is marked ' (stale)' (`saekit.sae.encoder_stale`)."""
     k: float | None
     """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None for ReLU/JumpReLU encoders."""
     l0: float
@@ -162,7 +174,8 @@ class PursueResult(NamedTuple):
     table: str
     """The report table (markdown, also in report.md)."""
     header: dict
-    """What was compared: store, hook, rows, SAE; with --downstream the sequences, tokens and baselines."""
+    """What was compared: store, hook, rows (how many, which, whether held out), SAE; with --downstream
+    the sequences, tokens and baselines."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +214,8 @@ def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: 
             shard_rows=layout.shard_rows,
             chunk_rows=layout.chunk_rows,
         )
-    diff = [k for k in CODES_IDENTITY if attrs.get(k) != identity[k]]
+    saved = {"start_row": 0} | attrs  # codes from before --start-row start at the store's first row
+    diff = [k for k in CODES_IDENTITY if saved.get(k) != identity[k]]
     if attrs.get("shard_rows") != layout.shard_rows:
         diff.append("the store's shard layout")
     if diff:
@@ -212,7 +226,7 @@ def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: 
 
 
 def run(cfg: PursueConfig) -> PursueResult:
-    """Encode and pursue the first `cfg.rows` rows of the store; write codes and the report."""
+    """Encode and pursue the store's held-out rows (or the rows `cfg` asks for); write codes and the report."""
     device = resolve_device(cfg.device)
     with output_dir(cfg.out, kept="finished code shards are kept"):
         return _run(cfg, device)
@@ -223,12 +237,10 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     store = open_store(cfg.store)
     hook = store.resolve_hook(cfg.hook)
     d_model = store.d_model(hook)
-    n_rows = cfg.rows or store.n_rows
-    if n_rows > store.n_rows:
-        raise SaekitError(f"--rows {n_rows} is more than the store's {store.n_rows} rows; pass fewer (0: all)")
-
     sae = load_sae(cfg.sae, device)
     check_sae_fits_hook(sae, cfg.sae, d_model, hook)
+    held = sae_held_out(store, sae, cfg.sae)
+    rows = compared_rows(cfg, store.n_rows, held)
     for k in cfg.k:
         check_k(k, sae.n_features, "--k", "the SAE's n_features")
     extras = []
@@ -240,7 +252,7 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
             name = f"encoder:{spec}#{len(extras) + 1}"
         extras.append((name, spec, enc))
     # before anything is written: a store without sequences or a model that won't load is one line
-    sequences = _downstream_sequences(store, hook, n_rows, device) if cfg.downstream else None
+    sequences = _downstream_sequences(store, hook, rows, device) if cfg.downstream else None
 
     identity = {
         "store": str(cfg.store),
@@ -250,26 +262,31 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         "dictionary_sha256": dictionary_sha256(sae),
         "methods": cfg.methods,
         "k": sorted(cfg.k),
-        "rows": n_rows,
+        "start_row": rows.start,
+        "rows": len(rows),
     }
     groups = {group_name(m, k): {"method": m, "k": k} for m in cfg.methods for k in sorted(cfg.k)}
     out.mkdir(parents=True, exist_ok=True)
-    codes = _open_or_create(out, identity, groups, n_rows, store.layout)
+    codes = _open_or_create(out, identity, groups, len(rows), store.layout)
 
     W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
     stats = _stream(cfg, store, hook, codes, sae, extras, W, b, device)
     codes.finalize()
     spliced = _downstream(cfg, sequences, sae, extras, codes, W, b) if sequences is not None else {}
 
-    entries = [_entry("encoder", encoder_k(sae), stats["encoder"], None, cfg.sae, spliced.get("encoder"))]
-    entries += [_entry(name, encoder_k(enc), stats[name], None, spec, spliced.get(name)) for name, spec, enc in extras]
+    entries = [
+        _entry(encoder_label(name, enc, spec), encoder_k(enc), stats[name], None, spec, spliced.get(name))
+        for name, spec, enc in [("encoder", cfg.sae, sae), *extras]
+    ]
     for g, spec in groups.items():
         m = stats[g]._replace(seconds=codes.seconds(g))
         entries.append(_entry(spec["method"], spec["k"], m, f"{CODES_DIR}/{g}", cfg.sae, spliced.get(g)))
     header = {
         "store": str(cfg.store),
         "hook": hook,
-        "rows": n_rows,
+        "rows": len(rows),
+        "store rows": f"{rows.start}..{rows.stop - 1}",
+        "held out": held.describe(rows),
         "sae": cfg.sae,
         "n_features": sae.n_features,
         "device": str(device),
@@ -280,14 +297,42 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     return PursueResult(out, entries, table, header)
 
 
-def _downstream_sequences(store: Any, hook: str, n_rows: int, device: torch.device) -> StoreSequences:
-    """The whole sequences inside rows [0, n_rows), with the store's model, loaded and checked."""
+def compared_rows(cfg: PursueConfig, n_rows: int, held: HeldOut) -> range:
+    """The store rows pursue compares: the first --rows of the held-out rows (all of them by
+    default), or --rows from --start-row (every row from there by default)."""
+    if cfg.start_row is None:
+        n_held = len(held.rows)
+        if not n_held:
+            raise SaekitError(
+                f"the store's {n_rows} rows are too few to hold any out (a tenth of them, rounded down, is 0): "
+                "pass --start-row 0 to compare its rows"
+            )
+        if cfg.rows > n_held:
+            raise SaekitError(
+                f"--rows {cfg.rows} is more than the store's {n_held} held-out rows ({held.rows.start}..{n_rows - 1}): "
+                f"pass at most {n_held}, or --start-row to compare rows that are not held out"
+            )
+        return range(held.rows.start, held.rows.start + (cfg.rows or n_held))
+    if cfg.start_row >= n_rows:
+        raise SaekitError(
+            f"--start-row {cfg.start_row} is past the store's last row ({n_rows - 1}): pass a smaller one"
+        )
+    if cfg.start_row + cfg.rows > n_rows:
+        raise SaekitError(
+            f"--rows {cfg.rows} from --start-row {cfg.start_row} runs past the store's {n_rows} rows: "
+            f"pass at most {n_rows - cfg.start_row} (0: every row from there)"
+        )
+    return range(cfg.start_row, cfg.start_row + cfg.rows if cfg.rows else n_rows)
+
+
+def _downstream_sequences(store: Any, hook: str, rows: range, device: torch.device) -> StoreSequences:
+    """The whole sequences inside the compared rows, with the store's model, loaded and checked."""
     layout = sequence_layout(store)
-    seqs = layout.within(range(n_rows))
+    seqs = layout.within(rows)
     if not seqs:
         raise SaekitError(
-            f"--downstream: the compared rows [0, {n_rows}) hold no whole sequence of the store "
-            f"({layout.per_seq} rows each): compare at least {layout.per_seq} rows (--rows)"
+            f"--downstream: the compared rows [{rows.start}, {rows.stop}) hold no whole sequence of the store "
+            f"({layout.per_seq} rows each, from row 0 on): compare more rows (--rows), or from a sequence's first row"
         )
     # fp32, as saekit eval's default: a ΔCE of hundredths of a nat needs it
     return store_sequences(store, hook, layout, seqs, device, torch.float32, fix=EVAL_INSTEAD)
@@ -305,9 +350,13 @@ def _downstream(
     """Every entry spliced into the model on `sequences`; the pursuits from their stored codes, so a
     resumed run reports what an uninterrupted one does. Returns entry name (group for pursuits) -> metrics."""
     rows, per = sequences.layout.rows(sequences.seqs), sequences.layout.per_seq
+    first, last = (
+        rows.start - codes.start_row,
+        rows.stop - codes.start_row,
+    )  # code rows count from the first compared row
     encodings = {"encoder": lambda x, s: sae(x)}
     encodings |= {name: (lambda x, s, enc=enc: enc(x)) for name, _, enc in extras}
-    encodings |= {g: codes_encoding(codes.codes(g, rows.start, rows.stop), W, b, per) for g in codes.groups}
+    encodings |= {g: codes_encoding(codes.codes(g, first, last), W, b, per) for g in codes.groups}
     return sequences.evaluate(encodings, progress=cfg.progress)
 
 
@@ -349,13 +398,14 @@ def _stream(
     try:
         for i in range(codes.n_shards):
             start, stop = codes.shard_range(i)
+            row0 = codes.start_row  # code row j is store row row0 + j
             if codes.record(ROWS, i) is None:
-                codes.write(ROWS, i, {ROWS: np.arange(start, stop, dtype=np.int64)}, 0.0)
+                codes.write(ROWS, i, {ROWS: np.arange(row0 + start, row0 + stop, dtype=np.int64)}, 0.0)
             done = {g: codes.read(g, i) for g in codes.groups}
             todo = [g for g, v in done.items() if v is None]
             fresh = {g: _empty_shard(g, stop - start, codes.groups[g]) for g in todo}
             spent = dict.fromkeys(todo, 0.0)
-            x_shard = store.rows(hook, start, stop)
+            x_shard = store.rows(hook, row0 + start, row0 + stop)
             for b0 in range(0, stop - start, cfg.batch_size):
                 b1 = min(b0 + cfg.batch_size, stop - start)
                 x = x_shard[b0:b1].to(device).float()
@@ -451,6 +501,8 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
     table = format_table(entries)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     about = f"FVU is against the mean of all {header['rows']} rows."
+    stale = stale_note([e.method for e in entries])
+    about += f" {stale}" if stale else ""
     if "downstream tokens" in header:
         about += (
             " ΔCE, CE rec. (zero) and KL mean are `saekit eval`'s (KL(clean ‖ spliced), nats per counted token), "
@@ -460,7 +512,7 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)
     os.replace(tmp, out / REPORT_MD)
-    title = f"{Path(header['sae']).name} on {header['hook']}, {header['rows']} rows"
+    title = f"{Path(header['sae']).name} on {header['hook']}, rows {header['store rows']}"
     if "downstream tokens" in header:
         title += f" (ΔCE and KL: {header['downstream tokens']:,} tokens of their whole sequences)"
     plot_fvu_vs_l0(entries, out / PLOT, title=title)

@@ -495,6 +495,50 @@ def encoder_k(sae: SparseAutoencoder) -> float | None:
     return sae.k if sae.activation in ("topk", "batchtopk") else None
 
 
+ENCODER_STALE = "encoder_stale"
+"""Metadata key, True when the SAE's encoder was not trained with its current dictionary:
+`saekit train --codes pursuit` trains only the dictionary and leaves the encoder as it was."""
+STALE = " (stale)"
+"""What a report appends to the name of such an encoder's row."""
+_STALE_NOTE = (
+    "not trained with its SAE's current dictionary (`saekit train --codes pursuit` trains only the dictionary): "
+    "the row measures a leftover encoder, not an encoder for this dictionary."
+)
+
+
+def encoder_stale(sae: SparseAutoencoder, spec: str | os.PathLike) -> bool:
+    """Whether `sae`'s encoder was not trained with its current dictionary: its metadata says so
+    (`saekit train` records it), or `spec` is a run dir trained with `--codes pursuit` before it did."""
+    if isinstance(sae.metadata, dict) and sae.metadata.get(ENCODER_STALE) is True:
+        return True
+    config = run_config_file(spec)
+    try:
+        saved = json.loads(config.read_bytes()) if config is not None else None
+    except (OSError, ValueError):  # a damaged run config says nothing about the encoder
+        saved = None
+    return isinstance(saved, dict) and saved.get("codes") == "pursuit"
+
+
+def encoder_label(name: str, sae: SparseAutoencoder, spec: str | os.PathLike) -> str:
+    """A report's name for the row of `sae`'s encoder: `name`, marked STALE when `encoder_stale`."""
+    return name + (STALE if encoder_stale(sae, spec) else "")
+
+
+def stale_note(methods: list[str]) -> str:
+    """A report's sentence on its rows marked STALE; '' when there are none."""
+    stale = [m for m in methods if m.endswith(STALE)]
+    return f"{', '.join(f'`{m}`' for m in stale)}: {_STALE_NOTE}" if stale else ""
+
+
+def run_config_file(spec: str | os.PathLike) -> Path | None:
+    """The training config.json of the `saekit train` run dir that `spec` names (the run dir or
+    its sae/); None for any other SAE (a saekit or sae-lens SAE dir, a hub id)."""
+    path = Path(os.fspath(spec)).expanduser()
+    run = path if (path / "sae").is_dir() else path.parent if path.name == "sae" else None
+    config = run / "config.json" if run is not None else None  # the training config, beside sae/
+    return config if config is not None and config.is_file() else None
+
+
 def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
     if (path / "sae").is_dir():
         path = path / "sae"  # a training run directory (its own config.json is the training config)

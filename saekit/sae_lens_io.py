@@ -20,7 +20,14 @@ from torch import nn
 
 from saekit.devices import dtype_name
 from saekit.errors import SaekitError, one_line
-from saekit.sae import SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, SparseAutoencoder, publish_dir, read_json_object
+from saekit.sae import (
+    ENCODER_STALE,
+    SAE_LENS_CONFIG,
+    SAE_LENS_WEIGHTS,
+    SparseAutoencoder,
+    publish_dir,
+    read_json_object,
+)
 from saekit.sae_parts import Decoder, Encoder
 
 # sae-lens architecture -> saekit native activation. Batch-TopK exists in sae-lens only as a
@@ -37,8 +44,8 @@ _LIST_RELEASES = (
     'list them with: python -c "from sae_lens.loading.pretrained_saes_directory import '
     'get_pretrained_saes_directory as d; print(list(d()))"'
 )
-# sae-lens config metadata kept in a loaded SAE's `metadata`
-_KEPT_METADATA = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos")
+# sae-lens config metadata kept in a loaded SAE's `metadata` (saekit's exports also write ENCODER_STALE)
+_KEPT_METADATA = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", ENCODER_STALE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import to_dense
-from saekit.sae import SparseAutoencoder, load_sae
+from saekit.sae import ENCODER_STALE, SparseAutoencoder, load_sae
 from saekit.shards import write_json_atomic
 from saekit.shuffle import shuffle_plan
 from saekit.store import open_store
@@ -73,7 +73,7 @@ def build_sae(
     pretrained: SparseAutoencoder | None = None,
 ) -> SparseAutoencoder:
     """The SAE to train, as the resolved `cfg` (`resolve`) says, on `device`, in train mode, with
-    frozen parts marked not trainable.
+    frozen parts marked not trainable (a frozen encoder also stale, in the SAE's metadata).
 
     New: cfg.n_features latents, inputs normalized by the store's statistics (mean [d_in], E||x||^2).
     From `pretrained` (--from-pretrained): a new encoder (linear path = the dictionary's transpose,
@@ -94,6 +94,8 @@ def build_sae(
     sae.to(device).train()
     sae.decoder.trainable = cfg.train_decoder
     sae.encoder.trainable = cfg.codes != "pursuit"
+    if not sae.encoder.trainable:  # the dictionary moves on without it: saved, it says so (reports mark it)
+        sae.metadata[ENCODER_STALE] = True
     return sae
 
 

@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 103 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 105 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -84,7 +84,7 @@ def inputs(tmp_path_factory) -> Inputs:
         lens.W_dec /= lens.W_dec.norm(dim=1, keepdim=True)  # as trained: saekit would warn about uneven row norms
     lens.save_model(root / "lens")
     ckpt = make_tiny_gpt2(root / "tiny-gpt2")
-    demo_out = demo(DemoConfig(out=str(root / "demo"), tokens=2048, steps=2, rows=256, progress=False)).store.parent
+    demo_out = demo(DemoConfig(out=str(root / "demo"), tokens=2048, steps=2, rows=200, progress=False)).store.parent
     return Inputs(Path(store), run, run / "sae", root / "lens", Path(ckpt), demo_out)
 
 
@@ -173,7 +173,7 @@ def evaluate(store, sae, out, *more) -> list:
 
 
 def demo(out, *more) -> list:
-    return ["demo", "--tokens", 2048, "--steps", 2, "--rows", 256, "--device", "cpu", "--out", out, *more]
+    return ["demo", "--tokens", 2048, "--steps", 2, "--rows", 200, "--device", "cpu", "--out", out, *more]
 
 
 # --- bad things to point them at ------------------------------------------------------------
@@ -429,7 +429,8 @@ def store_rows(command: str, damages: list[str]) -> dict[str, Row]:
                 "info": lambda: ["info", s],
                 "verify": lambda: ["verify", s],
                 "train": lambda: train(s, env.tmp / "run"),
-                "pursue": lambda: pursue(s, env.sae, env.tmp / "codes"),
+                # from row 0: the damaged shard is the second, before the held-out rows
+                "pursue": lambda: pursue(s, env.sae, env.tmp / "codes", "--start-row", 0),
                 # the fixture's own arguments, so only the damage differs
                 "harvest --resume": lambda: [
                     "harvest",
@@ -553,6 +554,10 @@ ROWS: dict[str, Row] = {
                                                                                    env.tmp / "o", "--downstream"), "cannot be rebuilt"),
     "pursue --downstream --rows fewer than a sequence": Row(lambda env: pursue(env.store, env.sae, env.tmp / "o", "--downstream",
                                                                                "--rows", 100), "hold no whole sequence"),
+    "pursue --rows more than are held out": Row(lambda env: pursue(env.store, env.inputs.run, env.tmp / "o", "--rows", 300),
+                                                "--rows 300 is more than the store's 256 held-out rows"),
+    "pursue --start-row past the store": Row(lambda env: pursue(env.store, env.sae, env.tmp / "o", "--start-row", 2048),
+                                             "--start-row 2048 is past the store's last row (2047)"),
     "pursue onto a full disk": Row(lambda env: pursue(env.store, env.sae, full_disk(env, 4 * 4096)), "disk full",
                                    needs="tmpfs", partial=True),
     # -- eval -------------------------------------------------------------------------------
@@ -580,7 +585,8 @@ ROWS: dict[str, Row] = {
     "eval --sequences more than the store has": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--sequences", 17),
                                                     "--sequences 17 is more than the store's 16 whole sequences"),
     "eval --codes of other rows": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--codes",
-                                                           pursued(env, env.inputs.run, "--rows", 256)), "cover store rows [0, 256)"),
+                                                           pursued(env, env.inputs.run, "--start-row", 0, "--rows", 256)),
+                                      "cover store rows [0, 256)"),
     "eval --codes of another dictionary": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--codes",
                                                                    pursued(env, env.inputs.lens)), "another dictionary"),
     # -- info, verify -----------------------------------------------------------------------

@@ -164,6 +164,8 @@ def test_train_and_pursue_refuse_a_store_with_a_missing_shard(tmp_path, url):
         "gp",
         "--out",
         tmp_path / "codes",
+        "--start-row",  # every row: a remote store's shard is checked when it is read
+        0,
         "--device",
         "cpu",
     )

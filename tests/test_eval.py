@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from cli_checks import in_process, one_error
 
+from saekit.codes import open_codes
 from saekit.downstream import CLEAN, ZERO, downstream_metrics, sequence_layout, sequence_tokens
 from saekit.errors import SaekitError
 from saekit.eval import EvalConfig, run
@@ -153,7 +154,7 @@ def mlp_encoder(sae_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pursued(embedded_store, sae_run, tmp_path_factory):
-    """`saekit pursue` gp at k 16 over every row of the store."""
+    """`saekit pursue` gp at k 16 over its default rows: the run's 2048 held-out rows, codes from store row 30720 on."""
     from saekit.pursue import PursueConfig
     from saekit.pursue import run as pursue
 
@@ -232,6 +233,37 @@ def test_eval_compares_every_encoding_on_the_held_out_sequences(
     _same(here.metrics, rows[("gp", 16)].metrics, rel=1e-6)
 
 
+def test_eval_marks_an_encoder_not_trained_with_its_dictionary_stale(embedded_store, sae_run, tmp_path):
+    # the SAE's dictionary trained on, under pursuit codes: its encoder stays as it was
+    cfg = TrainConfig(
+        store=str(embedded_store),
+        out=str(tmp_path / "dict"),
+        from_pretrained=str(sae_run),
+        codes="pursuit",
+        k=16,
+        batch_size=256,
+        tokens=512,
+        eval_rows=N_EVAL,
+        checkpoint_every=0,
+        device="cpu",
+        progress=False,
+    )
+    dict_run = train(cfg).out
+    res = run(
+        EvalConfig(
+            store=str(embedded_store),
+            sae=str(dict_run),
+            out=str(tmp_path / "e"),
+            encoders=[str(sae_run)],
+            sequences=1,
+            device="cpu",
+            progress=False,
+        )
+    )
+    assert [e.method for e in res.entries][4:] == ["encoder (stale)", "encoder:run"]
+    assert "`encoder (stale)`: not trained with its SAE's current dictionary" in (res.out / "report.md").read_text()
+
+
 # --- saekit pursue --downstream: the same measurement, in pursue's report --------------------
 
 
@@ -265,7 +297,7 @@ def test_pursue_downstream_reports_what_eval_reports_and_a_resumed_run_the_same(
     short_store, sae_run, mlp_encoder, tmp_path, capsys, monkeypatch
 ):
     args = ["pursue", "--store", short_store, "--sae", sae_run, "--encoder", mlp_encoder, "--k", 16]
-    args += ["--method", "gp", "--device", "cpu", "--no-progress", "--downstream"]
+    args += ["--method", "gp", "--start-row", 0, "--device", "cpu", "--no-progress", "--downstream"]
     code, printed, err = in_process(capsys, monkeypatch, *args, "--out", tmp_path / "p")
     assert code == 0, err
     assert "| ΔCE | CE rec. (zero) | KL mean |" in printed and "| encoder:mlp | 16 |" in printed
@@ -290,7 +322,7 @@ def test_pursue_downstream_reports_what_eval_reports_and_a_resumed_run_the_same(
 
     # resumed: the codes of a run without --downstream, one shard's record gone as if it had been
     # killed before it; --resume --downstream recomputes that shard and reports the same
-    resumed = _pursue(short_store, sae_run, tmp_path / "r", k=[16], methods=["gp"]).out
+    resumed = _pursue(short_store, sae_run, tmp_path / "r", k=[16], methods=["gp"], start_row=0).out
     (resumed / "codes.zarr" / ".saekit-shards" / "gp_k16" / "shard-000001.json").unlink()
     code, _, err = in_process(capsys, monkeypatch, *args, "--out", resumed, "--resume")
     assert code == 0, err
@@ -302,16 +334,45 @@ def test_pursue_downstream_reports_what_eval_reports_and_a_resumed_run_the_same(
 def test_pursue_downstream_takes_the_whole_sequences_inside_the_rows(
     short_store, sae_run, tmp_path, capsys, monkeypatch
 ):
-    # 300 rows: sequences 0 and 1 (127 rows each) and 46 rows of sequence 2
-    part, whole = (_pursue(short_store, sae_run, tmp_path / str(n), k=[8], rows=n, downstream=True) for n in (300, 254))
-    assert part.header["downstream rows"] == whole.header["downstream rows"] == "0..253"
+    # rows 100..399: sequences 1 and 2 (127 rows each, rows 127..380) and parts of sequences 0 and 3;
+    # the codes, from store row 100 on, are looked up at the sequences' rows
+    part, whole = (
+        _pursue(short_store, sae_run, tmp_path / str(r0), k=[8], start_row=r0, rows=n, downstream=True)
+        for r0, n in ((100, 300), (127, 254))
+    )
+    assert part.header["downstream rows"] == whole.header["downstream rows"] == "127..380"
     for a, b in zip(part.entries, whole.entries):
         assert (a.n_rows, b.n_rows) == (300, 254) and a.fvu != b.fvu  # FVU on every row ...
         assert a.downstream._replace(seconds=0) == b.downstream._replace(seconds=0)  # ... CE and KL on whole sequences
         assert a.downstream.n_tokens == 2 * 126
 
     # fewer rows than one sequence: one line, and nothing written
-    args = ["pursue", "--store", short_store, "--sae", sae_run, "--k", 8, "--rows", 100, "--downstream"]
-    code, _, err = in_process(capsys, monkeypatch, *args, "--out", tmp_path / "few")
-    one_error(code, err, "--downstream: the compared rows [0, 100) hold no whole sequence", "at least 127 rows")
+    args = ["pursue", "--store", short_store, "--sae", sae_run, "--k", 8, "--start-row", 0, "--rows", 100]
+    code, _, err = in_process(capsys, monkeypatch, *args, "--downstream", "--out", tmp_path / "few")
+    one_error(
+        code, err, "--downstream: the compared rows [0, 100) hold no whole sequence", "compare more rows (--rows)"
+    )
     assert not (tmp_path / "few").exists()
+
+
+def test_pursue_downstream_and_eval_read_codes_of_the_held_out_rows_alike(short_store, sae_run, tmp_path):
+    # sae_run was trained on another store: the default rule holds out this one's last 208 rows
+    # (1874..2081), whose one whole sequence is sequence 15 (rows 1905..2031)
+    res = _pursue(short_store, sae_run, tmp_path / "p", k=[8], methods=["gp"], downstream=True)
+    assert res.header["store rows"] == "1874..2081" and res.header["held out"].startswith("unknown")
+    assert res.header["downstream rows"] == "1905..2031"
+    assert open_codes(res.out).rows().tolist() == list(range(1874, 2082))
+    # saekit eval's default takes the same sequence, and the same codes from --codes
+    ev = run(
+        EvalConfig(
+            store=str(short_store),
+            sae=str(sae_run),
+            out=str(tmp_path / "e"),
+            codes=str(res.out),
+            device="cpu",
+            progress=False,
+        )
+    )
+    gp = next(e for e in ev.entries if e.method == "gp")
+    assert gp.source == f"{res.out}:gp_k8" and ev.header["rows"] == "1905..2031"
+    _same(gp.metrics, next(e for e in res.entries if e.method == "gp").downstream, rel=1e-6)

@@ -1,9 +1,12 @@
-"""`saekit pursue`: codes and report over a store, resume, errors, the CLI, and the original promise
-(gradient pursuit at the encoder's L0 beats the encoder) on an SAE trained by saekit."""
+"""`saekit pursue`: codes and report over a store, the held-out rows by default (and codes at an
+offset), a stale encoder marked, resume, errors, the CLI, and the original promise (gradient pursuit
+at the encoder's L0 beats the encoder) on an SAE trained by saekit."""
 
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,7 @@ from saekit.errors import SaekitError
 from saekit.metrics import fvu
 from saekit.pursue import PursueConfig, run
 from saekit.pursuit import METHODS, gradient_pursuit, reconstruct, to_dense
-from saekit.sae import SparseAutoencoder
+from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_stale, load_sae
 from saekit.store import create_store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +74,8 @@ def sae_dir(tmp_path_factory, store) -> Path:
 
 
 def _cfg(tmp_path, store, sae_dir, **kw) -> PursueConfig:
+    # Every row of the store (--start-row 0), so the mechanisms meet several shards; the default,
+    # the held-out rows, has its own tests below.
     base = dict(
         store=str(store),
         sae=str(sae_dir),
@@ -78,6 +83,7 @@ def _cfg(tmp_path, store, sae_dir, **kw) -> PursueConfig:
         k=[2, 6],
         methods=["gp", "mp"],
         batch_size=50,
+        start_row=0,
         progress=False,
     )
     return PursueConfig(**(base | kw))
@@ -179,12 +185,75 @@ def test_same_inputs_same_bytes(tmp_path, store, sae_dir):
 
 
 # --------------------------------------------------------------------------------------------
+# the held-out rows by default; a stale encoder
+# --------------------------------------------------------------------------------------------
+
+
+def _train(store: Path, out: Path, **kw) -> Path:
+    """A tiny `saekit train` run on `store` that holds out its last 100 rows (the default rule would hold out 30)."""
+    from saekit.train import TrainConfig
+    from saekit.train import run as train
+
+    settings = dict(n_features=N_FEATURES, k=4, batch_size=50, tokens=100, eval_rows=100, checkpoint_every=0)
+    return train(TrainConfig(store=str(store), out=str(out), device="cpu", progress=False, **(settings | kw))).out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, store) -> Path:
+    return _train(store, tmp_path_factory.mktemp("trained") / "run")
+
+
+def test_the_default_rows_are_the_ones_training_held_out(tmp_path, store, trained):
+    gp3 = dict(k=[3], methods=["gp"], start_row=None)
+    held = run(_cfg(tmp_path / "held", store, trained, **gp3))
+    assert all(e.n_rows == 100 for e in held.entries)  # the run's config.json: its last 100 rows
+    assert held.header["store rows"] == "200..299" and held.header["held out"].startswith("yes: rows the SAE never saw")
+    assert "- store rows: `200..299`" in (held.out / "report.md").read_text()
+    # codes at an offset read back as the same rows' codes in a run over every row, and the report
+    # measures those rows
+    everything = run(_cfg(tmp_path / "all", store, trained, **(gp3 | {"start_row": 0})))
+    assert everything.header["held out"].startswith("no: 200 of these rows trained the SAE")
+    got, want = _arrays(held.out), _arrays(everything.out)
+    assert open_codes(held.out).start_row == 200 and got["rows"].tolist() == list(range(200, N_ROWS))
+    assert all(np.array_equal(got[key], want[key][200:]) for key in ("gp_k3/indices", "gp_k3/values"))
+    W, b = load_sae(trained).decoder.raw_dictionary()
+    x = open_store(store).rows(None, 200, N_ROWS).float()
+    c = open_codes(held.out).codes("gp_k3")
+    assert math.isclose(held.entries[1].fvu, float(fvu(x, reconstruct(c, W, b))), rel_tol=1e-5)
+    # --rows: the first of the held-out rows
+    assert run(_cfg(tmp_path / "part", store, trained, rows=40, **gp3)).header["store rows"] == "200..239"
+    # the run's sae/ copied away knows its store but not its run: the default rule, the last 30 rows
+    bare = run(_cfg(tmp_path / "bare", store, shutil.copytree(trained / "sae", tmp_path / "sae"), **gp3))
+    assert bare.header["store rows"] == "270..299" and bare.header["held out"].startswith("yes")
+
+
+def test_an_encoder_not_trained_with_its_dictionary_is_marked_stale(tmp_path, store, trained):
+    # --codes pursuit trains only the dictionary: the encoder is left as it was
+    dict_run = _train(store, tmp_path / "dict", codes="pursuit")
+    assert load_sae(dict_run).metadata[ENCODER_STALE] is True and ENCODER_STALE not in load_sae(trained).metadata
+    encoders = [str(trained), str(dict_run / "sae_lens")]  # the sae-lens export says so too
+    res = run(_cfg(tmp_path / "p", store, dict_run, k=[3], methods=["gp"], start_row=None, encoders=encoders))
+    methods = [e["method"] for e in json.loads((res.out / "report.json").read_text())]
+    assert methods == ["encoder (stale)", "encoder:run", "encoder:sae_lens (stale)", "gp"]
+    md = (res.out / "report.md").read_text()
+    assert "| encoder (stale) | 4 |" in md and "`encoder (stale)`, `encoder:sae_lens (stale)`: not trained with" in md
+    # a run from before saekit recorded it in the SAE: its config.json says --codes pursuit
+    old = Path(shutil.copytree(dict_run, tmp_path / "old"))
+    config = json.loads((old / "sae" / "config.json").read_text())
+    del config["metadata"][ENCODER_STALE]
+    (old / "sae" / "config.json").write_text(json.dumps(config))
+    assert not encoder_stale(load_sae(old / "sae"), tmp_path / "elsewhere") and encoder_stale(load_sae(old), old)
+
+
+# --------------------------------------------------------------------------------------------
 # resume
 # --------------------------------------------------------------------------------------------
 
 
-def test_resume_after_interruption_gives_the_same_codes(tmp_path, store, sae_dir, monkeypatch):
-    clean = run(_cfg(tmp_path / "clean", store, sae_dir))
+@pytest.mark.parametrize("start_row, n_shards", [(0, 3), (100, 2)], ids=["from row 0", "from row 100"])
+def test_resume_after_interruption_gives_the_same_codes(tmp_path, store, sae_dir, monkeypatch, start_row, n_shards):
+    # from row 100 the code shards (128 rows each) cover store rows 100..227 and 228..299: not the store's shards
+    clean = run(_cfg(tmp_path / "clean", store, sae_dir, start_row=start_row))
     writes = []
     real_write = CodesStore.write
 
@@ -195,7 +264,7 @@ def test_resume_after_interruption_gives_the_same_codes(tmp_path, store, sae_dir
         real_write(self, group, index, arrays, seconds)
 
     monkeypatch.setattr(CodesStore, "write", dying_write)
-    cfg = _cfg(tmp_path / "killed", store, sae_dir)
+    cfg = _cfg(tmp_path / "killed", store, sae_dir, start_row=start_row)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     assert not open_codes(cfg.out, allow_incomplete=True).complete
@@ -211,9 +280,9 @@ def test_resume_after_interruption_gives_the_same_codes(tmp_path, store, sae_dir
     cfg.resume = True
     run(cfg)
     # finished shards were kept, not recomputed
-    assert not set(redone) & set(writes) and len(redone) == 3 * 5 - len(writes)
+    assert not set(redone) & set(writes) and len(redone) == n_shards * 5 - len(writes)
     a, b = _arrays(clean.out), _arrays(Path(cfg.out))
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and b["rows"].tolist() == list(range(start_row, N_ROWS))
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     _same_report(clean.out, Path(cfg.out))
@@ -357,7 +426,22 @@ def test_errors(tmp_path, store, sae_dir):
     )
     msg = _one_line_error("unknown --method 'lasso'", _cfg, tmp_path, store, sae_dir, methods=["gp", "lasso"])
     assert all(m in msg for m in METHODS)
-    _one_line_error("--rows 301 is more than the store's 300 rows", run, _cfg(tmp_path, store, sae_dir, rows=301))
+    _one_line_error(
+        "--rows 201 from --start-row 100 runs past the store's 300 rows: pass at most 200",
+        run,
+        _cfg(tmp_path, store, sae_dir, start_row=100, rows=201),
+    )
+    _one_line_error("--start-row 300 is past the store's last row", run, _cfg(tmp_path, store, sae_dir, start_row=300))
+    _one_line_error("--start-row -1 must be >= 0", _cfg, tmp_path, store, sae_dir, start_row=-1)
+    # the default: the held-out rows (here the default rule's last 30), no more
+    msg = _one_line_error(
+        re.escape("--rows 31 is more than the store's 30 held-out rows (270..299): pass at most 30"),
+        run,
+        _cfg(tmp_path, store, sae_dir, start_row=None, rows=31),
+    )
+    assert "--start-row" in msg
+    tiny = _store(tmp_path / "tiny", n=9)  # a tenth of 9 rows, rounded down, is none
+    _one_line_error("too few to hold any out", run, _cfg(tmp_path, tiny, sae_dir, start_row=None))
     _one_line_error("no SAE directory at", run, _cfg(tmp_path, store, str(tmp_path / "nope")))
     # this synthetic store keeps no sequences to rerun a model on (tests/test_eval.py: the embedded one)
     _one_line_error("does not record how its rows form sequences", run, _cfg(tmp_path, store, sae_dir, downstream=True))
@@ -464,6 +548,8 @@ def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(
         "mp",
         "--batch-size",
         50,
+        "--start-row",
+        0,
         "--out",
         disk / "out",
     ]
@@ -518,9 +604,10 @@ def test_gradient_pursuit_beats_the_encoder_of_a_saekit_sae(tmp_path, embedded_s
             progress=False,
         )
     )
-    rows = 4096  # the first rows of the store (training's held-out rows are the last ones)
+    st = open_store(embedded_store)
+    held = st.rows(None, st.n_rows - 4096, st.n_rows)  # the rows training held out: pursue's default
     with torch.no_grad():
-        l0 = float((res.sae.eval().encode(open_store(embedded_store).rows(None, 0, rows)) != 0).sum(1).float().mean())
+        l0 = float((res.sae.eval().encode(held) != 0).sum(1).float().mean())
     k = int(math.floor(l0 + 1e-9))
     report = run(
         PursueConfig(
@@ -529,12 +616,12 @@ def test_gradient_pursuit_beats_the_encoder_of_a_saekit_sae(tmp_path, embedded_s
             out=str(tmp_path / "p"),
             k=[k],
             methods=["gp"],
-            rows=rows,
             progress=False,
             encoders=[str(res.out / "sae_lens")],
         )
     ).entries
     encoder, lens_encoder, gp = report
+    assert gp.n_rows == 4096 and math.isclose(encoder.l0, l0, rel_tol=1e-6)
     assert gp.l0 <= encoder.l0 + 1e-9
     assert gp.fvu < encoder.fvu, (gp, encoder)
     # the sae-lens export of the same SAE loads as an encoder and measures the same
