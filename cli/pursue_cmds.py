@@ -9,7 +9,7 @@ from saekit.pursue import PursueConfig, run
 
 
 def pursue(cfg: PursueConfig) -> None:
-    """Run pursuit methods at each k over the first rows of a store; report FVU and L0 against the encoder."""
+    """Run pursuit methods at each k over a store's held-out rows; report FVU and L0 against the encoder."""
     res = run(cfg)
     typer.echo(res.table)
     typer.echo(f"report: {res.out / 'report.md'}")

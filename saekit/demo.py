@@ -3,6 +3,7 @@
     harvest (embedded model + corpus) -> OUT/store
     train a TopK SAE on it            -> OUT/train   (sae/, sae_lens/, checkpoints)
     pursue gp and mp at several k     -> OUT/pursue  (codes.zarr, report.json/.md, fvu_vs_l0.png),
+      on the first --rows of the rows training held out (never trained on);
       with --downstream: every encoding spliced into the model (ΔCE, KL)
 
 Each stage is that stage's own `run(cfg)` with `resume` on, so a second demo run reuses what is
@@ -28,6 +29,7 @@ from saekit import harvest, pursue, train
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
+from saekit.heldout import held_out_rows, sae_held_out
 from saekit.pursue import PursueResult
 from saekit.shards import write_json_atomic
 from saekit.store import open_store
@@ -54,7 +56,7 @@ class DemoConfig:
     batch_size: int = 512
     """Rows per training step."""
     rows: int = 8192
-    """Rows the encoder and the pursuits are compared on (the store's first rows)."""
+    """Rows the encoder and the pursuits are compared on: the first of the rows training holds out (the store's last tenth, at most 65,536)."""
     pursue_k: list[int] = field(default_factory=lambda: [4, 8, 32])
     """Pursuit k's besides the encoder's L0 (which is always added); repeat --pursue-k for several."""
     methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
@@ -77,9 +79,10 @@ class DemoConfig:
         check_k(self.k, self.n_features, "--k", "--n-features")
         for k in self.pursue_k:
             check_k(k, self.n_features, "--pursue-k", "--n-features")
+        held = len(held_out_rows(self.tokens))  # the train stage holds out the default rows
         need(
-            self.rows <= self.tokens,
-            f"--rows {self.rows} is more than the --tokens {self.tokens} harvested; pass fewer",
+            self.rows <= held,
+            f"--rows {self.rows} is more than the {held} rows training holds out of --tokens {self.tokens}; pass at most {held}",
         )
 
 
@@ -91,7 +94,7 @@ class DemoResult(NamedTuple):
     train_dir: Path
     """The training run directory (its sae/ is the SAE)."""
     encoder_l0: float
-    """The SAE encoder's mean L0 on the compared rows."""
+    """The SAE encoder's mean L0 on the compared (held-out) rows."""
     pursue: PursueResult
     """The pursue stage's result (entries, table, out)."""
 
@@ -122,12 +125,12 @@ def _stage(cfg: DemoConfig, i: int, what: str) -> None:
 
 
 @torch.no_grad()
-def encoder_l0(sae, store, hook: str, rows: int, batch_size: int = 4096) -> float:
-    """Mean nonzero codes per row of the SAE's encoder over the store's first `rows` rows."""
+def encoder_l0(sae, store, hook: str, rows: range, batch_size: int = 4096) -> float:
+    """Mean nonzero codes per row of the SAE's encoder over the store's `rows`."""
     total = 0
-    for x in store.iter_rows(hook, batch_size, 0, rows):
+    for x in store.iter_rows(hook, batch_size, rows.start, rows.stop):
         total += int((sae.encode(x.to(sae.device)) != 0).sum())
-    return total / rows
+    return total / len(rows)
 
 
 def run(cfg: DemoConfig) -> DemoResult:
@@ -198,10 +201,13 @@ def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
 
     store = open_store(store_dir)
     sae = trained.sae.eval()
-    l0 = encoder_l0(sae, store, store.resolve_hook(None), cfg.rows)
+    held = sae_held_out(store, sae, trained.out).rows  # what pursue compares on by default: the first --rows
+    rows = range(held.start, held.start + cfg.rows)
+    l0 = encoder_l0(sae, store, store.resolve_hook(None), rows)
     ks = sorted({*cfg.pursue_k, max(1, math.floor(l0 + 1e-9))})
     spliced = ", spliced into the model (ΔCE, KL)" if cfg.downstream else ""
-    _stage(cfg, 3, f"pursue {', '.join(cfg.methods)} at k={ks} on {cfg.rows:,} rows{spliced} -> {out / 'pursue'}")
+    what = f"{cfg.rows:,} held-out rows ({rows.start}..{rows.stop - 1})"
+    _stage(cfg, 3, f"pursue {', '.join(cfg.methods)} at k={ks} on {what}{spliced} -> {out / 'pursue'}")
     result = pursue.run(
         pursue.PursueConfig(
             store=str(store_dir),

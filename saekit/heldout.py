@@ -56,9 +56,9 @@ class HeldOut(NamedTuple):
     """The count is the one the SAE's training run recorded (its config.json's eval_rows), not the default rule."""
 
     def describe(self, compared: range) -> str:
-        """For a report's header: whether the `compared` rows are held out, and by which rule."""
+        """For a report's header: whether the `compared` rows are held out ('yes: ...', 'no: ...' or
+        'unknown: ...'), and by which rule."""
         n, start = len(self.rows), self.rows.start
-        rule = "the count its training run recorded" if self.from_run else "`saekit train`'s default"
         if not self.trained_here:
             where = "inside" if compared.start >= start else "not inside"
             return (
@@ -66,7 +66,8 @@ class HeldOut(NamedTuple):
                 f"its last {n}, which `saekit train` holds out by default"
             )
         if compared.start >= start:
-            return f"yes: rows the SAE never saw, inside the store's last {n}, which its training held out ({rule})"
+            rule = "its training run held out" if self.from_run else "`saekit train` holds out by default"
+            return f"yes: inside the store's last {n} rows, which {rule} (the SAE never saw them)"
         seen = min(compared.stop, start) - compared.start
         return f"no: {seen} of these rows trained the SAE (it never saw only rows {start}..{self.rows.stop - 1})"
 

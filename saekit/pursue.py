@@ -512,7 +512,8 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
     tmp = out / f".{REPORT_MD}.tmp"
     tmp.write_text(md)
     os.replace(tmp, out / REPORT_MD)
-    title = f"{Path(header['sae']).name} on {header['hook']}, rows {header['store rows']}"
+    held = "held-out " if header["held out"].startswith("yes") else ""
+    title = f"{Path(header['sae']).name} on {header['hook']}, {held}rows {header['store rows']}"
     if "downstream tokens" in header:
         title += f" (ΔCE and KL: {header['downstream tokens']:,} tokens of their whole sequences)"
     plot_fvu_vs_l0(entries, out / PLOT, title=title)

@@ -87,7 +87,7 @@ def _args(command: str, out, inputs, device: str = "cpu") -> list:
         ],
         "pursue": ["pursue", "--store", store, "--sae", sae, "--k", 2, "--device", device, "--out", out],
         "eval": ["eval", "--store", store, "--sae", sae, "--device", device, "--out", out],
-        "demo": ["demo", "--tokens", 4096, "--steps", 10, "--rows", 1024, "--device", device, "--out", out],
+        "demo": ["demo", "--tokens", 4096, "--steps", 10, "--rows", 256, "--device", device, "--out", out],
     }[command]
 
 

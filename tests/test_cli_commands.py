@@ -134,10 +134,10 @@ def config_demo(tmp_path, inputs, capsys, monkeypatch):
     # which sizes the command took (the file's tokens and rows, the flag's steps), without a run.
     out = tmp_path / "demo"
     out.mkdir()
-    made = DemoConfig(tokens=4096, steps=20, rows=1024)
+    made = DemoConfig(tokens=4096, steps=20, rows=256)
     (out / DEMO_FILE).write_text(json.dumps({k: getattr(made, k) for k in SIZES}))
     before = digest(out)
-    toml = _toml(tmp_path / "d.toml", tokens=4096, steps=20, rows=1024, out=str(out))
+    toml = _toml(tmp_path / "d.toml", tokens=4096, steps=20, rows=256, out=str(out))
     code, _, err = in_process(capsys, monkeypatch, "demo", "--config", toml, "--steps", 7)
     one_error(code, err, f"{out} holds a demo run with other sizes (steps 20 -> 7);")
     assert digest(out) == before

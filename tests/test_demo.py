@@ -14,7 +14,7 @@ from saekit.codes import CodesStore
 from saekit.demo import DemoConfig, run
 from saekit.errors import SaekitError
 
-SIZES = {"tokens": 4096, "steps": 20, "rows": 1024}  # all exposed as CLI flags too
+SIZES = {"tokens": 4096, "steps": 20, "rows": 400}  # all exposed as CLI flags too; 409 rows are held out
 
 
 @pytest.mark.slow
@@ -31,8 +31,10 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     assert (out / "pursue" / "fvu_vs_l0.png").stat().st_size > 5000
     assert (out / "train" / "sae" / "config.json").is_file() and (out / "store" / "zarr.json").is_file()
     assert f"gradient pursuit at k={k_l0} (the encoder's L0)" in res.headline()
-    # ΔCE and KL of every entry, on the 8 whole sequences (127 rows each) inside the 1024 rows
-    assert all(e["downstream"]["n_tokens"] == 8 * 126 and e["downstream"]["kl_mean"] > 0 for e in report)
+    # on the first 400 of the 409 rows training held out (3687..4095), and ΔCE and KL of every entry
+    # on the 2 whole sequences (127 rows each) inside them
+    assert res.pursue.header["store rows"] == "3687..4086" and res.pursue.header["held out"].startswith("yes")
+    assert all(e["downstream"]["n_tokens"] == 2 * 126 and e["downstream"]["kl_mean"] > 0 for e in report)
     gp, enc = (next(e for e in res.pursue.entries if (e.method, e.k) == key) for key in [("gp", k_l0), ("encoder", 16)])
     want = f"ΔCE {gp.downstream.delta_ce:.4f} vs {enc.downstream.delta_ce:.4f} nats per token, KL {gp.downstream.kl_mean:.4f}"
     assert want in res.headline()
@@ -97,5 +99,5 @@ def test_a_full_disk_in_the_demo_says_to_rerun_the_demo(tmpfs, capsys, monkeypat
 def test_demo_config_errors_name_the_flag():
     with pytest.raises(SaekitError, match="--steps 0 must be positive"):
         DemoConfig(steps=0)
-    with pytest.raises(SaekitError, match="--rows 5000 is more than the --tokens 4096"):
-        DemoConfig(tokens=4096, rows=5000)
+    with pytest.raises(SaekitError, match="--rows 410 is more than the 409 rows training holds out of --tokens 4096"):
+        DemoConfig(tokens=4096, rows=410)

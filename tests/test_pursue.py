@@ -207,7 +207,9 @@ def test_the_default_rows_are_the_ones_training_held_out(tmp_path, store, traine
     gp3 = dict(k=[3], methods=["gp"], start_row=None)
     held = run(_cfg(tmp_path / "held", store, trained, **gp3))
     assert all(e.n_rows == 100 for e in held.entries)  # the run's config.json: its last 100 rows
-    assert held.header["store rows"] == "200..299" and held.header["held out"].startswith("yes: rows the SAE never saw")
+    assert held.header["store rows"] == "200..299" and held.header["held out"].startswith(
+        "yes: inside the store's last 100 rows"
+    )
     assert "- store rows: `200..299`" in (held.out / "report.md").read_text()
     # codes at an offset read back as the same rows' codes in a run over every row, and the report
     # measures those rows
