@@ -47,7 +47,6 @@ class Sizes(NamedTuple):
     pursuit_ks: tuple[int, ...]
     parity_rows: int  # rows of the DEV-vs-CPU pursuit parity
     repeats: int  # timings per measurement (the median is reported)
-    eval_sequences: int  # 0: the run's held-out sequences
     timeouts: dict[str, int]  # seconds per part
 
 
@@ -67,7 +66,6 @@ FULL = Sizes(
     pursuit_ks=(32, 64),
     parity_rows=256,
     repeats=3,
-    eval_sequences=256,
     timeouts={"env": 60, "harvest": 150, "ddp": 150, "pursuit": 90, "eval": 120},
 )
 TINY = Sizes(
@@ -86,7 +84,6 @@ TINY = Sizes(
     pursuit_ks=(4, 8),
     parity_rows=32,
     repeats=1,
-    eval_sequences=0,
     timeouts={"env": 60, "harvest": 120, "ddp": 120, "pursuit": 60, "eval": 120},
 )
 
@@ -582,7 +579,7 @@ def part_eval(ctx: Ctx) -> None:
 
     def evaluate(device: str, name: str, sequences: int = 0) -> tuple[Any, float]:
         out = str(ctx.work / f"eval-{name}")
-        kw = dict(k=[s.k], methods=["gp"], device=device, progress=False, sequences=sequences or s.eval_sequences)
+        kw = dict(k=[s.k], methods=["gp"], device=device, progress=False, sequences=sequences)
         cfg = saekit_eval.EvalConfig(store=store, sae=str(run_dir), out=out, **kw)
         t = clock(device)
         res = saekit_eval.run(cfg)
