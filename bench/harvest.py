@@ -29,7 +29,7 @@ from saekit import embedded, models, texts  # noqa: E402
 from saekit.harvest import HarvestConfig, run_loaded  # noqa: E402
 
 
-def gpt2_small_random():
+def gpt2_small_random(device: str = "cpu", dtype: torch.dtype = torch.float32):
     """GPT-2 small's shape (12 x 768, 12 heads, 50257 vocab) with random weights, byte tokenizer."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -46,6 +46,8 @@ def gpt2_small_random():
         model_name="gpt2-small-random",
         seed=0,
         default_prepend_bos=True,
+        device=device,
+        dtype=dtype,
     )
     with models._quiet():
         model = HookedTransformer(cfg, tokenizer=embedded.load_embedded_tokenizer())

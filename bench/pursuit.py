@@ -93,18 +93,21 @@ def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
 
 
 def make_inputs(d: int, n: int, k: int, b: int, seed: int, device: str):
-    """(x [b, d], W [n, d] unit rows, b_dec [d]) with planted k-sparse structure + noise."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(n, d, generator=g)
+    """(x [b, d], W [n, d] unit rows, b_dec [d]) with planted k-sparse structure + noise.
+
+    Drawn on `device` (the argsort of a [b, n] matrix takes seconds on the CPU at GPU sizes), so
+    a seed gives other inputs on another device."""
+    g = torch.Generator(device).manual_seed(seed)
+    W = torch.randn(n, d, generator=g, device=device)
     W /= W.norm(dim=1, keepdim=True)
-    idx = torch.rand(b, n, generator=g).argsort(dim=1)[:, :k]
-    val = 2 ** (4 * torch.rand(b, k, generator=g))
+    idx = torch.rand(b, n, generator=g, device=device).argsort(dim=1)[:, :k]
+    val = 2 ** (4 * torch.rand(b, k, generator=g, device=device))
     signal = reconstruct(SparseCodes(idx, val), W)
-    noise = torch.randn(b, d, generator=g)
+    noise = torch.randn(b, d, generator=g, device=device)
     noise *= 0.1 * signal.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True)
-    b_dec = torch.randn(d, generator=g)
+    b_dec = torch.randn(d, generator=g, device=device)
     x = signal + noise + b_dec
-    return x.to(device), W.to(device), b_dec.to(device)
+    return x, W, b_dec
 
 
 def timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
