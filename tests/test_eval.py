@@ -381,9 +381,14 @@ def test_pursue_downstream_and_eval_read_codes_of_the_held_out_rows_alike(short_
 # --- the encoder's gap, decomposed in FVU, ΔCE and KL ------------------------------------------
 
 
-def test_eval_decomposes_the_gap_and_reads_refit_and_encoder_gp_codes_back(short_store, sae_run, tmp_path):
+def test_eval_decomposes_the_gap_and_reads_refit_and_encoder_gp_codes_back(short_store, sae_run, mlp_encoder, tmp_path):
     gap = dict(methods=["gp", "refit", "encoder+gp"], refine=2)
-    pursued = _pursue(short_store, sae_run, tmp_path / "p", k=[8], start_row=0, **gap).out
+    p = _pursue(short_store, sae_run, tmp_path / "p", k=[8], start_row=0, downstream=True, **gap)
+    pursued = p.out
+    # pursue --downstream decomposes the gap in ΔCE and KL too
+    assert [g.metric for g in p.gaps] == ["FVU", "ΔCE", "KL mean"]
+    entry = {e.method: e for e in p.entries}
+    assert p.gaps[1].refit == entry["refit"].downstream.delta_ce and p.gaps[2].gp == entry["gp"].downstream.kl_mean
 
     def evaluate(out, **kw):
         cfg = dict(store=str(short_store), sae=str(sae_run), sequences=2, device="cpu", progress=False)
@@ -417,6 +422,10 @@ def test_eval_decomposes_the_gap_and_reads_refit_and_encoder_gp_codes_back(short
     assert report["gaps"] == [g.as_json() for g in res.gaps]
     md = (res.out / "report.md").read_text()
     assert "Gap decomposition" in md and "| 8 | ΔCE |" in md and "| 16 | KL mean |" in md and res.table in md
+
+    # codes that started from another encoder (over the same dictionary) are refused
+    with pytest.raises(SaekitError, match="started from another encoder than --sae"):
+        run(EvalConfig(store=str(short_store), sae=str(mlp_encoder), out=str(tmp_path / "x"), codes=str(pursued)))
 
     # the codes pursue stored give what computing them here gives
     here = {(e.method, e.k): e for e in evaluate("h", k=[8]).entries}
