@@ -48,7 +48,7 @@ from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import sae_held_out
 from saekit.plots import plot_against_l0
-from saekit.pursuit import DEFAULT_REFINE, ENCODER_METHODS, METHODS, encode_from, pursuit, reconstruct
+from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS, METHODS, encode_from, pursuit, reconstruct
 from saekit.sae import (
     STALE,
     check_encoder_usable,
@@ -64,8 +64,6 @@ from saekit.store import open_store
 
 ROUND_TRIP = "cache round-trip"
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"
-# Every --method: the pursuits, and the encodings that start from the SAE's encoder.
-ALL_METHODS = METHODS + ENCODER_METHODS
 
 
 # --------------------------------------------------------------------------------------------

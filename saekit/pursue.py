@@ -72,7 +72,15 @@ from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_de
 from saekit.heldout import HeldOut, sae_held_out
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.plots import plot_against_l0
-from saekit.pursuit import DEFAULT_REFINE, ENCODER_METHODS, METHODS, SparseCodes, encode_from, pursuit, reconstruct
+from saekit.pursuit import (
+    ALL_METHODS,
+    DEFAULT_REFINE,
+    ENCODER_METHODS,
+    SparseCodes,
+    encode_from,
+    pursuit,
+    reconstruct,
+)
 from saekit.sae import (
     check_encoder_usable,
     check_sae_fits_hook,
@@ -87,8 +95,9 @@ from saekit.store import open_store
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
-# store and the SAE are identified by content (so either may move), and encoders, batch size and
-# device change only the report, so they may differ on resume.
+# store and the SAE are identified by content (so either may move; the SAE's encoder only when
+# refit or encoder+gp start from it), and extra encoders, batch size and device change only the
+# report, so they may differ on resume.
 CODES_IDENTITY = (
     "store_hash",
     "hook",
@@ -102,8 +111,6 @@ CODES_IDENTITY = (
 )
 # What codes from before an identity key existed had (they started from no encoder).
 IDENTITY_BEFORE = {"start_row": 0, "encoder_sha256": None, "refine": None}
-# Every --method: the pursuits, and the encodings that start from the SAE's encoder.
-ALL_METHODS = METHODS + ENCODER_METHODS
 # What to do when --downstream cannot load or use the store's model (pursue has no --model).
 EVAL_INSTEAD = "drop --downstream here, and measure CE and KL with `saekit eval --model MODEL`"
 

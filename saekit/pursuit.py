@@ -636,6 +636,8 @@ def _omp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
 
 _UPDATES = {"gp": _gp_update_, "cgp": _cgp_update_, "mp": _mp_update_, "omp": _omp_update_}
 METHODS = tuple(_UPDATES)
+ALL_METHODS = METHODS + ENCODER_METHODS
+"""Every `--method` of `saekit pursue` and `saekit eval`: the pursuits, then those from the encoder."""
 
 
 def _projected_step_(s: _State, W: Tensor, t: int, corr: Tensor, direction: Tensor, image: Tensor) -> Tensor:
