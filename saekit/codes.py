@@ -55,9 +55,13 @@ _PARTS = (
 )
 
 
+# Methods whose name is not a safe zarr node / file name ('+'), stored under a short one.
+_GROUP_PREFIX = {"encoder+gp": "egp"}
+
+
 def group_name(method: str, k: int) -> str:
-    """The codes.zarr group holding `method`'s codes at `k`."""
-    return f"{method}_k{k}"
+    """The codes.zarr group holding `method`'s codes at `k` (`encoder+gp`'s: egp_k<k>)."""
+    return f"{_GROUP_PREFIX.get(method, method)}_k{k}"
 
 
 def dictionary_sha256(sae: Any) -> str:
@@ -66,6 +70,16 @@ def dictionary_sha256(sae: Any) -> str:
     W, b = sae.decoder.raw_dictionary()
     h = hashlib.sha256()
     for t in (W, b):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def encoder_sha256(sae: Any) -> str:
+    """Hash of the encoder's parameters and buffers: identifies the encoder that codes started from
+    (`refit`, `encoder+gp`)."""
+    h = hashlib.sha256()
+    for name, t in sorted(sae.encoder.state_dict().items()):
+        h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return "sha256:" + h.hexdigest()
 

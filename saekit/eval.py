@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.codes import dictionary_sha256, group_name, open_codes
+from saekit.codes import dictionary_sha256, encoder_sha256, group_name, open_codes
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
 from saekit.downstream import (
@@ -45,10 +45,20 @@ from saekit.downstream import (
     store_sequences,
 )
 from saekit.errors import SaekitError, is_non_empty, output_dir
+from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import sae_held_out
 from saekit.plots import plot_against_l0
-from saekit.pursuit import METHODS, pursuit, reconstruct
-from saekit.sae import check_sae_fits_hook, encoder_k, encoder_label, load_sae, stale_note
+from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS, METHODS, encode_from, pursuit, reconstruct
+from saekit.sae import (
+    STALE,
+    check_encoder_usable,
+    check_sae_fits_hook,
+    encoder_codes,
+    encoder_k,
+    encoder_label,
+    load_sae,
+    stale_note,
+)
 from saekit.shards import write_json_atomic
 from saekit.store import open_store
 
@@ -76,7 +86,9 @@ class EvalConfig:
     k: list[int] = field(default_factory=list)
     """Nonzeros per row for the pursuits (repeat --k): each method runs at each k against the SAE's dictionary."""
     methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
-    """Pursuit methods run at each --k: gp, cgp, mp or omp (slow); repeat --method for several."""
+    """Pursuit methods run at each --k: gp, cgp, mp or omp (slow); and from the SAE's encoder: refit (its atoms, least-squares coefficients), encoder+gp (--refine steps of gp from its codes). Repeat --method for several; with gp, refit and encoder+gp the report splits the encoder's gap (docs/pursue.md)."""
+    refine: int = DEFAULT_REFINE
+    """Steps of gradient pursuit for --method encoder+gp, from the encoder's codes (0: the encoder's codes); as `saekit pursue --refine`."""
     codes: str = ""
     """A `saekit pursue` output: its codes are evaluated (not recomputed) for every (method, k) it holds; it must cover the evaluated rows."""
     hook: str | None = None
@@ -103,9 +115,10 @@ class EvalConfig:
         for k in self.k:
             check_positive("--k", k)
         need(len(set(self.k)) == len(self.k), f"--k values repeat ({', '.join(map(str, self.k))}): give each once")
-        unknown = [m for m in self.methods if m not in METHODS]
-        need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(ALL_METHODS)}")
         need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
+        check_non_negative("--refine", self.refine, "encoder+gp is the encoder's codes")
         check_non_negative("--sequences", self.sequences, "the held-out sequences")
         check_non_negative("--tokens", self.tokens, "the held-out sequences")
         need(not (self.sequences and self.tokens), "pass --sequences or --tokens, not both")
@@ -117,7 +130,9 @@ class EvalEntry(NamedTuple):
     """One row of the report: one way of encoding (or a baseline), measured on the run's tokens."""
 
     method: str
-    """'clean', a baseline, 'encoder' (the SAE's own), 'encoder:<name>', or a pursuit method."""
+    """'clean', a baseline, 'encoder' (the SAE's own), 'encoder:<name>', 'encoder@k<k>' (the SAE's
+    encoder's top-k at a k other than its own), a pursuit method, 'refit' or 'encoder+gp' (these
+    three marked ' (stale)' as the encoder row is)."""
     k: float | None
     """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None otherwise."""
     source: str
@@ -138,6 +153,9 @@ class EvalResult(NamedTuple):
     """The report table (markdown, also in report.md)."""
     header: dict
     """What was evaluated: store, hook, model, sequences, tokens counted, positions spliced."""
+    gaps: list[GapDecomposition]
+    """The gap decomposition in FVU, ΔCE and KL mean at each k where the encoder, refit, encoder+gp
+    and gp were all evaluated; empty otherwise (`saekit.gap`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +228,10 @@ def _open_codes(cfg: EvalConfig, store: Any, hook: str, sae: Any) -> Any:
         raise SaekitError(
             f"codes in {cfg.codes} were computed against another dictionary than --sae {cfg.sae}'s: pass the SAE they were made with"
         )
+    if a.get("encoder_sha256") not in (None, encoder_sha256(sae)):
+        raise SaekitError(
+            f"codes in {cfg.codes} (refit, encoder+gp) started from another encoder than --sae {cfg.sae}'s: pass the SAE they were made with"
+        )
     return codes
 
 
@@ -227,28 +249,45 @@ def _code_rows(codes: Any, cfg: EvalConfig, rows: range) -> int:
 
 
 def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: int, device: torch.device) -> list[_Row]:
-    """Each method at each k, computed on the fly, and every (method, k) the --codes hold, read back."""
+    """Each method at each k, computed on the fly, and every (method, k) the --codes hold, read back;
+    before them, with refit or encoder+gp, the encoder's top-k at each of their k but its own."""
     for k in cfg.k:
         check_k(k, sae.n_features, "--k", "the SAE's n_features")
     W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
     stored = {(codes.methods[g], k): g for g, k in codes.groups.items()} if codes is not None else {}
     wanted = {(m, k) for m in cfg.methods for k in cfg.k} | set(stored)
-    order = sorted(wanted, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
+    order = sorted(wanted, key=lambda mk: (ALL_METHODS.index(mk[0]), mk[1]))
     first = _code_rows(codes, cfg, rows) if stored else 0
+    from_encoder = [(m, k) for m, k in order if m in ENCODER_METHODS]
+    if any((m, k) not in stored for m, k in from_encoder):
+        check_encoder_usable(sae, cfg.sae, f"--method {' and '.join(sorted({m for m, _ in from_encoder}))}")
+    label = lambda name: encoder_label(name, sae, cfg.sae)  # noqa: E731
     out = []
+    if from_encoder:
+        for k in encoder_at_ks(sae, {k for _, k in from_encoder}):
+            out.append(_Row(label(encoder_at_label(k)), k, cfg.sae, _computed(sae, W, b, "encoder", k, cfg.refine)))
     for method, k in order:
         g = stored.get((method, k))
+        shown = label(method) if method in ENCODER_METHODS else method
         if g is None:
-            out.append(_Row(method, k, cfg.sae, _computed_pursuit(W, b, method, k)))
+            out.append(_Row(shown, k, cfg.sae, _computed(sae, W, b, method, k, cfg.refine)))
         else:
             c = codes.codes(g, rows.start - first, rows.stop - first)
-            out.append(_Row(method, k, f"{cfg.codes}:{g}", codes_encoding(c, W, b, per_seq)))
+            out.append(_Row(shown, k, f"{cfg.codes}:{g}", codes_encoding(c, W, b, per_seq)))
     return out
 
 
-def _computed_pursuit(W: Tensor, b: Tensor, method: str, k: int) -> BatchEncoding:
+def _computed(sae: Any, W: Tensor, b: Tensor, method: str, k: int, steps: int) -> BatchEncoding:
+    """An encoding computed batch by batch: a pursuit method, refit or encoder+gp from the SAE's
+    encoder codes at k, or "encoder" (those codes themselves)."""
+
     def encode(x: Tensor, seqs: range) -> Reconstruction:
-        c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
+        if method in METHODS:
+            c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
+        else:
+            c = encoder_codes(sae, x, k)
+            if method in ENCODER_METHODS:
+                c = encode_from(x, W, method, c, steps=steps, b_dec=b)
         return Reconstruction(reconstruct(c, W, b), c.values)
 
     return encode
@@ -278,7 +317,8 @@ def _rows(
 
 
 def _row_name(r: _Row) -> str:
-    return group_name(r.method, int(r.k)) if r.method in METHODS else r.method
+    method = r.method.removesuffix(STALE)
+    return group_name(method, int(r.k)) if method in ALL_METHODS else r.method
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +361,12 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
         "device": str(device),
         "dtype": dtype_name(dtype),
     }
-    table = write_report(out, entries, header)
-    return EvalResult(out, entries, table, header)
+    gaps = gap_decompositions(
+        [(e.method, e.k, (e.metrics.fvu, e.metrics.delta_ce, e.metrics.kl_mean)) for e in entries],
+        ("FVU", "ΔCE", "KL mean"),
+    )
+    table = write_report(out, entries, header, gaps)
+    return EvalResult(out, entries, table, header, gaps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,10 +419,14 @@ def entry_dict(e: EvalEntry) -> dict:
     }
 
 
-def write_report(out: Path, entries: list[EvalEntry], header: dict) -> str:
-    """report.json, report.md and delta_ce_vs_l0.png in `out`; returns the table."""
-    write_json_atomic(out / REPORT_JSON, {"header": header, "entries": [entry_dict(e) for e in entries]})
+def write_report(out: Path, entries: list[EvalEntry], header: dict, gaps: list[GapDecomposition] = ()) -> str:
+    """report.json (header, entries, gaps), report.md and delta_ce_vs_l0.png in `out`; returns the
+    table (and the gap decomposition's)."""
+    report = {"header": header, "entries": [entry_dict(e) for e in entries], "gaps": [g.as_json() for g in gaps]}
+    write_json_atomic(out / REPORT_JSON, report)
     table = format_table(entries)
+    if gaps:
+        table += "\n\n" + gap_section(gaps)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     stale = stale_note([e.method for e in entries])
     md = (
@@ -404,7 +452,7 @@ def plot_downstream(entries: list[EvalEntry], path: Path, title: str = "") -> No
 
     curves: dict[str, list] = {}
     for e in entries:
-        if e.method in METHODS:
+        if e.method.removesuffix(STALE) in ALL_METHODS:
             curves.setdefault(e.method, []).append((e.metrics.l0, ys(e)))
     points = {e.method: (e.metrics.l0, ys(e)) for e in entries if e.method.startswith("encoder")}
     levels = {e.method: ys(e) for e in entries if e.method == ROUND_TRIP}

@@ -44,7 +44,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saekit.codes import CODES_DIR, CODES_FORMAT, ROWS, CodesStore, dictionary_sha256, group_name, read_codes_attrs
+from saekit.codes import (
+    CODES_DIR,
+    CODES_FORMAT,
+    ROWS,
+    CodesStore,
+    dictionary_sha256,
+    encoder_sha256,
+    group_name,
+    read_codes_attrs,
+)
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
 from saekit.downstream import (
@@ -52,25 +61,56 @@ from saekit.downstream import (
     MEAN,
     ZERO,
     Downstream,
+    Reconstruction,
     StoreSequences,
     codes_encoding,
     sequence_layout,
     store_sequences,
 )
 from saekit.errors import SaekitError, is_non_empty, output_dir
+from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import HeldOut, sae_held_out
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.plots import plot_against_l0
-from saekit.pursuit import METHODS, SparseCodes, pursuit, reconstruct
-from saekit.sae import check_sae_fits_hook, encoder_k, encoder_label, load_sae, stale_note
+from saekit.pursuit import (
+    ALL_METHODS,
+    DEFAULT_REFINE,
+    ENCODER_METHODS,
+    SparseCodes,
+    encode_from,
+    pursuit,
+    reconstruct,
+)
+from saekit.sae import (
+    check_encoder_usable,
+    check_sae_fits_hook,
+    encoder_codes,
+    encoder_k,
+    encoder_label,
+    load_sae,
+    stale_note,
+)
 from saekit.shards import discard_unfinished_creation, write_json_atomic
 from saekit.store import open_store
 
 REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
-# store and the SAE are identified by content (so either may move), and encoders, batch size and
-# device change only the report, so they may differ on resume.
-CODES_IDENTITY = ("store_hash", "hook", "dictionary_sha256", "methods", "k", "start_row", "rows")
+# store and the SAE are identified by content (so either may move; the SAE's encoder only when
+# refit or encoder+gp start from it), and extra encoders, batch size and device change only the
+# report, so they may differ on resume.
+CODES_IDENTITY = (
+    "store_hash",
+    "hook",
+    "dictionary_sha256",
+    "methods",
+    "k",
+    "start_row",
+    "rows",
+    "encoder_sha256",
+    "refine",
+)
+# What codes from before an identity key existed had (they started from no encoder).
+IDENTITY_BEFORE = {"start_row": 0, "encoder_sha256": None, "refine": None}
 # What to do when --downstream cannot load or use the store's model (pursue has no --model).
 EVAL_INSTEAD = "drop --downstream here, and measure CE and KL with `saekit eval --model MODEL`"
 
@@ -93,7 +133,9 @@ class PursueConfig:
     k: list[int] = field(default_factory=list)
     """Nonzeros per row for each pursuit; repeat --k to trace FVU against L0 (e.g. --k 16 --k 32)."""
     methods: list[str] = field(default_factory=lambda: ["gp", "mp"], metadata={"flag": "--method"})
-    """Pursuit methods: gp (gradient), cgp (conjugate gradient), mp (matching), omp (orthogonal, slow); repeat --method for several."""
+    """Pursuit methods: gp (gradient), cgp (conjugate gradient), mp (matching), omp (orthogonal, slow); and from the SAE's encoder at each k: refit (its atoms, least-squares coefficients), encoder+gp (--refine steps of gp from its codes). Repeat --method for several; with gp, refit and encoder+gp the report splits the encoder's gap (docs/pursue.md)."""
+    refine: int = DEFAULT_REFINE
+    """Steps of gradient pursuit for --method encoder+gp, from the encoder's codes (0: the encoder's codes). Default 3: each step costs one encoder-sized matmul, far fewer than gp's k, and on the demo SAE (k 8, 16, 32) 3 steps do 77-93% of what 10 do (docs/pursue.md)."""
     hook: str | None = None
     """Hook to read; default: the store's only hook."""
     rows: int = 0
@@ -121,10 +163,11 @@ class PursueConfig:
         for k in self.k:
             check_positive("--k", k)
         need(len(set(self.k)) == len(self.k), f"--k values repeat ({', '.join(map(str, self.k))}): give each once")
-        need(bool(self.methods), f"--method is required: one or more of {', '.join(METHODS)}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(METHODS)}")
+        need(bool(self.methods), f"--method is required: one or more of {', '.join(ALL_METHODS)}")
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        need(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}: use one of {', '.join(ALL_METHODS)}")
         need(len(set(self.methods)) == len(self.methods), "--method values repeat: give each once")
+        check_non_negative("--refine", self.refine, "encoder+gp is the encoder's codes")
         check_non_negative("--rows", self.rows, "all the held-out rows")
         if self.start_row is not None:
             need(self.start_row >= 0, f"--start-row {self.start_row} must be >= 0 (leave it out: the held-out rows)")
@@ -135,8 +178,10 @@ class Entry(NamedTuple):
     """One line of the report: one way of encoding, measured on the run's rows."""
 
     method: str
-    """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), or a pursuit method. An
-    encoder not trained with its dictionary is marked ' (stale)' (`saekit.sae.encoder_stale`)."""
+    """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), 'encoder@k<k>' (the SAE's
+    encoder's top-k at a --k other than its own), a pursuit method, 'refit' or 'encoder+gp'. An
+    encoder not trained with its dictionary is marked ' (stale)' (`saekit.sae.encoder_stale`), and
+    so are the rows that start from it."""
     k: float | None
     """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None for ReLU/JumpReLU encoders."""
     l0: float
@@ -176,6 +221,9 @@ class PursueResult(NamedTuple):
     header: dict
     """What was compared: store, hook, rows (how many, which, whether held out), SAE; with --downstream
     the sequences, tokens and baselines."""
+    gaps: list[GapDecomposition]
+    """The gap decomposition at each k where the encoder, refit, encoder+gp and gp were all run
+    (FVU; with --downstream also ΔCE and KL mean); empty otherwise (`saekit.gap`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +262,7 @@ def _open_or_create(out: Path, identity: dict, groups: dict[str, dict], n_rows: 
             shard_rows=layout.shard_rows,
             chunk_rows=layout.chunk_rows,
         )
-    saved = {"start_row": 0} | attrs  # codes from before --start-row start at the store's first row
+    saved = IDENTITY_BEFORE | attrs  # e.g. codes from before --start-row start at the store's first row
     diff = [k for k in CODES_IDENTITY if saved.get(k) != identity[k]]
     if attrs.get("shard_rows") != layout.shard_rows:
         diff.append("the store's shard layout")
@@ -243,6 +291,9 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     rows = compared_rows(cfg, store.n_rows, held)
     for k in cfg.k:
         check_k(k, sae.n_features, "--k", "the SAE's n_features")
+    from_encoder = [m for m in cfg.methods if m in ENCODER_METHODS]
+    if from_encoder:
+        check_encoder_usable(sae, cfg.sae, f"--method {' and '.join(from_encoder)}")
     extras = []
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
@@ -264,23 +315,30 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
         "k": sorted(cfg.k),
         "start_row": rows.start,
         "rows": len(rows),
+        "encoder_sha256": encoder_sha256(sae) if from_encoder else None,
+        "refine": cfg.refine if "encoder+gp" in cfg.methods else None,
     }
     groups = {group_name(m, k): {"method": m, "k": k} for m in cfg.methods for k in sorted(cfg.k)}
+    at_k = encoder_at_ks(sae, cfg.k) if from_encoder else []
     out.mkdir(parents=True, exist_ok=True)
     codes = _open_or_create(out, identity, groups, len(rows), store.layout)
 
     W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
-    stats = _stream(cfg, store, hook, codes, sae, extras, W, b, device)
+    stats = _stream(cfg, store, hook, codes, sae, extras, at_k, W, b, device)
     codes.finalize()
-    spliced = _downstream(cfg, sequences, sae, extras, codes, W, b) if sequences is not None else {}
+    spliced = _downstream(cfg, sequences, sae, extras, at_k, codes, W, b) if sequences is not None else {}
 
     entries = [
         _entry(encoder_label(name, enc, spec), encoder_k(enc), stats[name], None, spec, spliced.get(name))
         for name, spec, enc in [("encoder", cfg.sae, sae), *extras]
     ]
+    for k in at_k:
+        name = encoder_at_label(k)
+        entries.append(_entry(encoder_label(name, sae, cfg.sae), k, stats[name], None, cfg.sae, spliced.get(name)))
     for g, spec in groups.items():
         m = stats[g]._replace(seconds=codes.seconds(g))
-        entries.append(_entry(spec["method"], spec["k"], m, f"{CODES_DIR}/{g}", cfg.sae, spliced.get(g)))
+        method = encoder_label(spec["method"], sae, cfg.sae) if spec["method"] in ENCODER_METHODS else spec["method"]
+        entries.append(_entry(method, spec["k"], m, f"{CODES_DIR}/{g}", cfg.sae, spliced.get(g)))
     header = {
         "store": str(cfg.store),
         "hook": hook,
@@ -293,8 +351,17 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     }
     if sequences is not None:
         header |= _downstream_header(sequences, spliced)
-    table = write_report(out, entries, header)
-    return PursueResult(out, entries, table, header)
+    gaps = entry_gaps(entries)
+    table = write_report(out, entries, header, gaps)
+    return PursueResult(out, entries, table, header, gaps)
+
+
+def entry_gaps(entries: Sequence[Entry]) -> list[GapDecomposition]:
+    """The gap decompositions the entries hold: FVU, and with --downstream ΔCE and KL mean."""
+    if entries and all(e.downstream is not None for e in entries):
+        rows = [(e.method, e.k, (e.fvu, e.downstream.delta_ce, e.downstream.kl_mean)) for e in entries]
+        return gap_decompositions(rows, ("FVU", "ΔCE", "KL mean"))
+    return gap_decompositions([(e.method, e.k, (e.fvu,)) for e in entries], ("FVU",))
 
 
 def compared_rows(cfg: PursueConfig, n_rows: int, held: HeldOut) -> range:
@@ -343,6 +410,7 @@ def _downstream(
     sequences: StoreSequences,
     sae: Any,
     extras: list,
+    at_k: list[int],
     codes: CodesStore,
     W: torch.Tensor,
     b: torch.Tensor,
@@ -356,8 +424,19 @@ def _downstream(
     )  # code rows count from the first compared row
     encodings = {"encoder": lambda x, s: sae(x)}
     encodings |= {name: (lambda x, s, enc=enc: enc(x)) for name, _, enc in extras}
+    encodings |= {encoder_at_label(k): _encoder_at(sae, k, W, b) for k in at_k}
     encodings |= {g: codes_encoding(codes.codes(g, first, last), W, b, per) for g in codes.groups}
     return sequences.evaluate(encodings, progress=cfg.progress)
+
+
+def _encoder_at(sae: Any, k: int, W: torch.Tensor, b: torch.Tensor) -> Any:
+    """The encoder's top-k codes at k, as a downstream encoding."""
+
+    def encode(x: torch.Tensor, seqs: range) -> Reconstruction:
+        c = encoder_codes(sae, x, k)
+        return Reconstruction(reconstruct(c, W, b), c.values)
+
+    return encode
 
 
 def _downstream_header(sequences: StoreSequences, spliced: dict[str, Downstream]) -> dict:
@@ -383,6 +462,7 @@ def _stream(
     codes: CodesStore,
     sae: Any,
     extras: list,
+    at_k: list[int],
     W: torch.Tensor,
     b: torch.Tensor,
     device: torch.device,
@@ -390,7 +470,10 @@ def _stream(
     """One pass over the rows, shard by shard: encoders measured, pursuits run (or their finished
     shards read back) and measured. Returns name -> metrics over all rows."""
     encoders = [("encoder", sae), *[(name, enc) for name, _, enc in extras]]
-    stats = {name: ReconstructionStats() for name in [*(n for n, _ in encoders), *codes.groups]}
+    names = [*(n for n, _ in encoders), *map(encoder_at_label, at_k), *codes.groups]
+    stats = {name: ReconstructionStats() for name in names}
+    # the ks whose encoder codes some row needs: an encoder@k row, or a refit / encoder+gp group
+    start_ks = sorted({*at_k, *(k for g, k in codes.groups.items() if codes.methods[g] in ENCODER_METHODS)})
     seconds = dict.fromkeys(stats, 0.0)
     bar = tqdm(
         total=codes.n_rows, unit="row", unit_scale=True, desc="pursue", disable=not cfg.progress, dynamic_ncols=True
@@ -415,10 +498,20 @@ def _stream(
                         res = enc(x)
                         seconds[name] += device_clock(device) - t0
                         stats[name].update(x, res.reconstruction, res.codes)
+                starts, start_seconds = _encoder_starts(sae, x, start_ks, device)
+                for k in at_k:
+                    name = encoder_at_label(k)
+                    seconds[name] += start_seconds[k]
+                    stats[name].update(x, reconstruct(starts[k], W, b), starts[k].values)
                 for g, k in codes.groups.items():
                     if g in fresh:
+                        method = codes.methods[g]
                         t0 = device_clock(device)
-                        c = pursuit(x, W, k, method=codes.methods[g], b_dec=b, dense=False)
+                        if method in ENCODER_METHODS:  # its time includes the encoder's
+                            c = encode_from(x, W, method, starts[k], steps=cfg.refine, b_dec=b)
+                            spent[g] += start_seconds[k]
+                        else:
+                            c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
                         spent[g] += device_clock(device) - t0
                         fresh[g][f"{g}/indices"][b0:b1] = c.indices.to("cpu", torch.int32).numpy()
                         fresh[g][f"{g}/values"][b0:b1] = c.values.cpu().numpy()
@@ -438,6 +531,18 @@ def _stream(
     finally:
         bar.close()
     return {name: _Measured(s.compute(), seconds[name]) for name, s in stats.items()}
+
+
+def _encoder_starts(
+    sae: Any, x: torch.Tensor, ks: list[int], device: torch.device
+) -> tuple[dict[int, SparseCodes], dict[int, float]]:
+    """The encoder's codes of x at each k (`encoder_codes`), and the seconds each took."""
+    starts, seconds = {}, {}
+    for k in ks:
+        t0 = device_clock(device)
+        starts[k] = encoder_codes(sae, x, k)
+        seconds[k] = device_clock(device) - t0
+    return starts, seconds
 
 
 def _empty_shard(group: str, n: int, k: int) -> dict[str, np.ndarray]:
@@ -490,15 +595,21 @@ def format_table(entries: Sequence[Entry]) -> str:
     return "\n".join(lines)
 
 
-def entry_dict(e: Entry) -> dict:
-    """One report.json entry: every Entry field, `downstream` as a dict of every Downstream field (or null)."""
-    return {**e._asdict(), "downstream": e.downstream.as_json() if e.downstream is not None else None}
+def entry_dict(e: Entry, gaps: Sequence[GapDecomposition] = ()) -> dict:
+    """One report.json entry: every Entry field, `downstream` as a dict of every Downstream field (or
+    null), and `gap`: on gp's entry at a k with a gap decomposition, its decompositions (one per
+    metric, every GapDecomposition field), else null."""
+    mine = [g.as_json() for g in gaps if e.method == "gp" and e.k == g.k]
+    downstream = e.downstream.as_json() if e.downstream is not None else None
+    return {**e._asdict(), "downstream": downstream, "gap": mine or None}
 
 
-def write_report(out: Path, entries: Sequence[Entry], header: dict) -> str:
-    """report.json, report.md and fvu_vs_l0.png in `out`; returns the table."""
-    write_json_atomic(out / REPORT_JSON, [entry_dict(e) for e in entries])
+def write_report(out: Path, entries: Sequence[Entry], header: dict, gaps: Sequence[GapDecomposition] = ()) -> str:
+    """report.json, report.md and fvu_vs_l0.png in `out`; returns the table (and the gap decomposition's)."""
+    write_json_atomic(out / REPORT_JSON, [entry_dict(e, gaps) for e in entries])
     table = format_table(entries)
+    if gaps:
+        table += "\n\n" + gap_section(gaps)
     head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     about = f"FVU is against the mean of all {header['rows']} rows."
     stale = stale_note([e.method for e in entries])

@@ -257,6 +257,192 @@ def original_gradient_pursuit(x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | 
     return weights
 
 
+# --- starting from an encoder's codes -------------------------------------------------------
+
+ENCODER_METHODS = ("refit", "encoder+gp")
+"""Encodings that start from an SAE encoder's codes (`encode_from`): `refit` keeps the encoder's
+support and refits its coefficients, `encoder+gp` runs gradient pursuit from the encoder's codes."""
+DEFAULT_REFINE = 3
+"""`refine`'s default number of steps (`--refine`): see `saekit.pursue.PursueConfig.refine`."""
+
+
+@torch.no_grad()
+def refit(
+    x: Tensor, decoder: Any, codes: SparseCodes, *, b_dec: Tensor | None = None, chunk_size: int | None = None
+) -> SparseCodes:
+    """The best coefficients on the support of `codes`: nonnegative least squares over its atoms.
+
+    x: [..., d]; codes: indices/values [..., k] over the dictionary (an encoder's, e.g.
+    `saekit.sae.encoder_codes`); decoder and b_dec as in `gradient_pursuit`. Returns the same
+    indices with values = argmin_{v >= 0} ||x - b_dec - v @ W_dec[indices]||, where only slots
+    with a value > 0 may be nonzero (the support; an unused slot stays 0). Never a larger residual
+    than `codes` (a row the refit would not improve keeps its values, so rounding cannot make it
+    worse). Cost: no [b, n]-sized work at all; per row a [k, k] float64 Gram matrix and a few
+    batched Lawson-Hanson solves, started from `codes` (O(b k^2 d + b k^3)).
+    """
+    return _from_codes(x, decoder, codes, _refit_chunk, b_dec=b_dec, chunk_size=chunk_size)
+
+
+@torch.no_grad()
+def refine(
+    x: Tensor,
+    decoder: Any,
+    codes: SparseCodes,
+    steps: int,
+    *,
+    b_dec: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> SparseCodes:
+    """ "encoder+gp": `steps` iterations of gradient pursuit started from `codes`, at their width k.
+
+    x: [..., d]; codes: indices/values [..., k] (an encoder's, e.g. `saekit.sae.encoder_codes`);
+    decoder and b_dec as in `gradient_pursuit`. Each iteration, per row: the correlation of the
+    residual with every atom (the one [b, d] x [d, n] matmul); the best atom outside the row's k
+    slots becomes a (k+1)-th candidate; one exact line-search step along the projected gradient
+    of the k+1 coefficients, clamped at 0 (halved up to BACKTRACK_STEPS times while it would not
+    lower the residual); then the k largest are kept, so an atom can swap in for a weaker one.
+    A row keeps its previous codes whenever no step lowers its residual: the residual never
+    increases with `steps`, row by row. steps=0 returns `codes` itself.
+    Cost: T = steps correlation matmuls, the size of a linear encoder's: with the encoder's own
+    matmul, 1 + T, against gradient pursuit's k.
+    """
+    if steps < 0:
+        raise SaekitError(f"refine steps {steps} must be >= 0 (0: the codes as given)")
+    if steps == 0:
+        return codes
+    step_fn = lambda xc, W, idx, val: _refine_chunk(xc, W, idx, val, steps)  # noqa: E731
+    return _from_codes(x, decoder, codes, step_fn, b_dec=b_dec, chunk_size=chunk_size, matmul=True)
+
+
+def encode_from(
+    x: Tensor,
+    decoder: Any,
+    method: str,
+    start: SparseCodes,
+    *,
+    steps: int = DEFAULT_REFINE,
+    b_dec: Tensor | None = None,
+) -> SparseCodes:
+    """An ENCODER_METHODS encoding of x from the encoder's codes `start`: `refit`, or `refine`
+    for `steps` ("encoder+gp")."""
+    if method == "refit":
+        return refit(x, decoder, start, b_dec=b_dec)
+    if method == "encoder+gp":
+        return refine(x, decoder, start, steps, b_dec=b_dec)
+    raise SaekitError(f"unknown encoder-based method {method!r}; use one of {', '.join(ENCODER_METHODS)}")
+
+
+def _from_codes(
+    x: Tensor,
+    decoder: Any,
+    codes: SparseCodes,
+    chunk_fn: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    *,
+    b_dec: Tensor | None,
+    chunk_size: int | None,
+    matmul: bool = False,
+) -> SparseCodes:
+    """Run chunk_fn(x [r, d] centred, unit atoms [n, d], indices [r, k], unit-scale values [r, k])
+    -> (indices, values) over row chunks; rows it leaves unchanged keep their exact input values."""
+    W, bias = _dictionary(decoder, b_dec)
+    k = codes.indices.shape[-1]
+    if k == 0:
+        return codes
+    xc, lead = _prepare(x, W, bias, max(k, 1), "gp")
+    n, d = W.shape
+    if tuple(codes.indices.shape) != (*lead, k) or codes.values.shape != codes.indices.shape:
+        raise SaekitError(
+            f"codes of shape {tuple(codes.indices.shape)} do not match activations of shape {tuple(x.shape)}: "
+            "pass one [..., k] row of codes per row of x"
+        )
+    idx = codes.indices.reshape(-1, k).to(W.device, torch.long)
+    val = codes.values.reshape(-1, k).to(W.device, torch.float32)
+    if idx.numel() and bool(((idx < 0) | (idx >= n)).any()):
+        raise SaekitError(f"codes hold atom indices outside 0..{n - 1}: they are not codes over this dictionary")
+    W_unit, norms = _unit_rows(W)
+    rows = chunk_size or (_default_chunk_rows(n, d, k, "gp") if matmul else _default_chunk_rows(0, d, k, "omp"))
+    parts = [
+        chunk_fn(xs, W_unit, i, v * norms[i]) for xs, i, v in zip(xc.split(rows), idx.split(rows), val.split(rows))
+    ]
+    new_idx = torch.cat([p[0] for p in parts]) if parts else idx
+    new_val = torch.cat([p[1] for p in parts]) if parts else val
+    changed = ((new_idx != idx) | (new_val != val * norms[idx])).any(dim=1, keepdim=True)
+    out = _rescale(SparseCodes(new_idx, new_val), norms)
+    values = torch.where(changed, out.values, val)
+    return SparseCodes(new_idx.reshape(*lead, k), values.reshape(*lead, k))
+
+
+def _residual_sq(x: Tensor, W: Tensor, idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
+    """(residual [b, d], its squared norm [b]) of codes (idx, val) over W for x."""
+    r = x - decode_sparse(idx, val, W)
+    return r, (r * r).sum(1)
+
+
+def _refit_chunk(x: Tensor, W: Tensor, idx: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
+    """x: [b, d]; W: [n, d] unit rows; idx, val: [b, k] -> (idx, NNLS values on val > 0)."""
+    active = val > 0
+    atoms = W[idx].double()  # [b, k, d]
+    both = active[:, :, None] & active[:, None, :]
+    eye = torch.eye(idx.shape[1], dtype=torch.float64, device=x.device)
+    # Slots outside the support get an identity row and no target, so they stay at 0.
+    G = torch.where(both, torch.bmm(atoms, atoms.transpose(1, 2)), eye)
+    h = torch.bmm(atoms, x.double()[:, :, None]).squeeze(-1) * active
+    c = _nnls(G, h, val.double() * active, tol=1e-9 * x.double().norm(dim=1), solved=False).float()
+    _, before = _residual_sq(x, W, idx, val)
+    _, after = _residual_sq(x, W, idx, c)
+    return idx, torch.where((after < before)[:, None], c, val)
+
+
+def _refine_chunk(x: Tensor, W: Tensor, idx: Tensor, val: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """x: [b, d]; W: [n, d] unit rows; idx, val: [b, k] -> `steps` warm-started GP iterations."""
+    b = x.shape[0]
+    if b < MIN_CHUNK_ROWS:  # the same padding as the pursuits: a row's result never depends on its chunk
+        pad = MIN_CHUNK_ROWS - b
+        x, idx, val = F.pad(x, (0, 0, 0, pad)), F.pad(idx, (0, 0, 0, pad)), F.pad(val, (0, 0, 0, pad))
+    tol = STOP_TOLERANCE * x.norm(dim=1)
+    residual, err = _residual_sq(x, W, idx, val)
+    corr = x.new_empty(x.shape[0], W.shape[0])
+    for _ in range(steps):
+        idx, val, residual, err = _refine_step(x, W, idx, val, residual, err, tol, corr)
+    return idx[:b], val[:b]
+
+
+def _refine_step(
+    x: Tensor, W: Tensor, idx: Tensor, val: Tensor, residual: Tensor, err: Tensor, tol: Tensor, corr: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One `refine` iteration on all rows; rows whose residual would not shrink keep their codes."""
+    k = idx.shape[1]
+    torch.mm(residual, W.T, out=corr)  # [b, n]: the one big matmul
+    support = corr.gather(1, idx)
+    corr.scatter_(1, idx, float("-inf"))
+    best, atom = _row_max(corr)
+    new = best > tol
+    cand_idx = torch.cat([idx, atom[:, None]], dim=1)  # [b, k + 1]
+    cand_val = F.pad(val, (0, 1))
+    cand_corr = torch.cat([support, (best * new)[:, None]], dim=1)
+    # minus the projected gradient: a coefficient at 0 may only grow
+    direction = cand_corr * ((cand_val > 0) | (cand_corr > 0))
+    image = decode_sparse(cand_idx, direction, W)
+    step = _safe_div(torch.linalg.vecdot(direction, cand_corr), torch.linalg.vecdot(image, image))
+    pending = step > 0
+    for _ in range(BACKTRACK_STEPS + 1):
+        moved = (cand_val + step[:, None] * direction).clamp_min_(0)
+        moved[:, k].masked_fill_(~new, float("-inf"))  # no new atom worth adding: never kept
+        top_val, slot = moved.topk(k, dim=1)  # the k largest coefficients stay
+        top_idx = cand_idx.gather(1, slot)
+        top_res, top_err = _residual_sq(x, W, top_idx, top_val)
+        ok = pending & (top_err < err)
+        idx = torch.where(ok[:, None], top_idx, idx)
+        val = torch.where(ok[:, None], top_val, val)
+        residual = torch.where(ok[:, None], top_res, residual)
+        err = torch.where(ok, top_err, err)
+        pending &= ~ok
+        if not pending.any():
+            break
+        step = step * 0.5
+    return idx, val, residual, err
+
+
 # --- the shared loop ------------------------------------------------------------------------
 
 
@@ -450,6 +636,8 @@ def _omp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
 
 _UPDATES = {"gp": _gp_update_, "cgp": _cgp_update_, "mp": _mp_update_, "omp": _omp_update_}
 METHODS = tuple(_UPDATES)
+ALL_METHODS = METHODS + ENCODER_METHODS
+"""Every `--method` of `saekit pursue` and `saekit eval`: the pursuits, then those from the encoder."""
 
 
 def _projected_step_(s: _State, W: Tensor, t: int, corr: Tensor, direction: Tensor, image: Tensor) -> Tensor:
@@ -501,11 +689,13 @@ def _backtrack_(s: _State, W: Tensor, m: int, rows: Tensor, start: Tensor, direc
     s.residual[rows] = best_residual
 
 
-def _nnls(G: Tensor, h: Tensor, c: Tensor, tol: Tensor, ridge: float = 1e-10) -> Tensor:
+def _nnls(G: Tensor, h: Tensor, c: Tensor, tol: Tensor, ridge: float = 1e-10, solved: bool = True) -> Tensor:
     """Batched Lawson-Hanson: argmin_{c >= 0} 0.5 c^T G c - h^T c, warm-started.
 
     G: [r, m, m] float64 Gram matrix; h: [r, m]; c: [r, m] feasible start (>= 0);
     tol: [r] a dual value above which an atom is worth freeing -> c: [r, m].
+    solved: c is already optimal on its positive entries (OMP's previous refit); False (any
+    feasible start, e.g. an encoder's codes) solves on them first.
     Every step lowers the objective, so stopping at the iteration cap is still an improvement.
     """
     r, m = h.shape
@@ -513,7 +703,7 @@ def _nnls(G: Tensor, h: Tensor, c: Tensor, tol: Tensor, ridge: float = 1e-10) ->
     G = G + ridge * eye  # zero-norm or dependent atoms would make the solves singular
     c = c.clone()
     passive = c > 0
-    check = torch.ones(r, dtype=torch.bool, device=G.device)  # c is optimal on its passive set
+    check = torch.full((r,), solved, dtype=torch.bool, device=G.device)  # c is optimal on its passive set
     converged = torch.zeros_like(check)
     for _ in range(3 * m + 10):
         # KKT check: stop, or free the atom whose dual (minus the gradient) is largest.

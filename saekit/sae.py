@@ -31,6 +31,7 @@ from torch import nn
 
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError, is_non_empty, one_line
+from saekit.pursuit import SparseCodes
 
 # the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
 from saekit.sae_parts import ACTIVATIONS as ACTIVATIONS
@@ -493,6 +494,35 @@ def check_sae_fits_hook(sae: SparseAutoencoder, spec: str, d_model: int, hook: s
 def encoder_k(sae: SparseAutoencoder) -> float | None:
     """The k a report shows for an SAE's encoder: TopK's k, Batch-TopK's average; None for ReLU and JumpReLU."""
     return sae.k if sae.activation in ("topk", "batchtopk") else None
+
+
+@torch.no_grad()
+def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCodes:
+    """The SAE encoder's codes of x at k, as SparseCodes over `sae.decoder.raw_dictionary()`.
+
+    x: [..., d_in] raw activations -> indices/values [..., k] (values float32, >= 0): the k
+    largest of the encoder's activated pre-activations, where a TopK encoder is taken at k (its
+    ReLU'd pre-activations), so at its own k these are exactly its codes; other encoders (ReLU,
+    JumpReLU, Batch-TopK's threshold) keep their own activation, capped at k nonzeros. Codes in
+    the normalized space and in raw units are the same numbers (`raw_dictionary` folds the
+    normalization into the atoms), so `sae.decode(to_dense(codes, n))` equals
+    `reconstruct(codes, *sae.decoder.raw_dictionary())`. Slots beyond the encoder's nonzeros hold 0.
+    """
+    check_last_dim(x, sae.d_in, "inputs", "d_in")
+    pre = sae.encoder.pre_activations(sae.decoder.normalize(x), sae.decoder.b_dec)
+    acts = pre.relu() if sae.activation == "topk" else sae.encoder.activate(pre)
+    values, indices = acts.float().topk(k, dim=-1)
+    return SparseCodes(indices, values)
+
+
+def check_encoder_usable(sae: SparseAutoencoder, spec: str | os.PathLike, why: str) -> None:
+    """One line when `sae` (given as `spec`) has no encoder to start from: `why` needs one."""
+    enc = getattr(sae, "encoder", None)
+    if enc is None or (enc.mlp is None and not bool(enc.W_enc.any()) and not bool(enc.b_enc.any())):
+        raise SaekitError(
+            f"{why} needs an SAE encoder, but {spec} has only a dictionary (its encoder's weights are all zero): "
+            "pass an SAE with a trained encoder, or drop those methods"
+        )
 
 
 ENCODER_STALE = "encoder_stale"

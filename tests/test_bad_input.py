@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 105 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 107 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -541,6 +541,8 @@ ROWS: dict[str, Row] = {
     "pursue --sae sae-lens cfg.json d_in mismatch": Row(lambda env: pursue(env.store, lens_d_in_mismatch(env), env.tmp / "o"),
                                                         "cfg.json says d_in=16"),
     "pursue --sae of another width": Row(lambda env: pursue(env.store, wide_sae(env), env.tmp / "o"), "d_in=32"),
+    "pursue --refine -1": Row(lambda env: pursue(env.store, env.sae, env.tmp / "o", "--method", "encoder+gp", "--refine", -1),
+                              "--refine -1 must be >= 0"),
     "pursue --k above n_features": Row(lambda env: pursue(env.store, env.inputs.lens, env.tmp / "o", "--k", 65),
                                        "--k 65 is larger than the SAE's n_features 64"),
     **store_rows("pursue", ["missing shard", "flipped byte", "n_rows 'lots'", "hook ../../x", "mean_sq_norm x1000"]),
@@ -565,6 +567,8 @@ ROWS: dict[str, Row] = {
     "eval --out on a read-only mount": Row(lambda env: evaluate(env.store, env.inputs.run, read_only(env)),
                                            "Read-only file system", needs="tmpfs"),
     "eval --out not empty": Row(lambda env: evaluate(env.store, env.inputs.run, a_file(env).parent), "is not empty"),
+    "eval --refine -1": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--refine", -1),
+                            "--refine -1 must be >= 0"),
     "eval --device tpu": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--device", "tpu"),
                              "unknown --device 'tpu'"),
     "eval on a store without sequences": Row(lambda env: evaluate(store_without_sequences(env), env.inputs.run, env.tmp / "o"),

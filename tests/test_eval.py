@@ -376,3 +376,59 @@ def test_pursue_downstream_and_eval_read_codes_of_the_held_out_rows_alike(short_
     gp = next(e for e in ev.entries if e.method == "gp")
     assert gp.source == f"{res.out}:gp_k8" and ev.header["rows"] == "1905..2031"
     _same(gp.metrics, next(e for e in res.entries if e.method == "gp").downstream, rel=1e-6)
+
+
+# --- the encoder's gap, decomposed in FVU, ΔCE and KL ------------------------------------------
+
+
+def test_eval_decomposes_the_gap_and_reads_refit_and_encoder_gp_codes_back(short_store, sae_run, mlp_encoder, tmp_path):
+    gap = dict(methods=["gp", "refit", "encoder+gp"], refine=2)
+    p = _pursue(short_store, sae_run, tmp_path / "p", k=[8], start_row=0, downstream=True, **gap)
+    pursued = p.out
+    # pursue --downstream decomposes the gap in ΔCE and KL too
+    assert [g.metric for g in p.gaps] == ["FVU", "ΔCE", "KL mean"]
+    entry = {e.method: e for e in p.entries}
+    assert p.gaps[1].refit == entry["refit"].downstream.delta_ce and p.gaps[2].gp == entry["gp"].downstream.kl_mean
+
+    def evaluate(out, **kw):
+        cfg = dict(store=str(short_store), sae=str(sae_run), sequences=2, device="cpu", progress=False)
+        return run(EvalConfig(out=str(tmp_path / out), **gap, **cfg, **kw))
+
+    res = evaluate("e", k=[8, 16], codes=str(pursued))
+    rows = {(e.method, e.k): e for e in res.entries}
+    assert list(rows)[4:] == [
+        ("encoder", 16),
+        ("encoder@k8", 8),  # the encoder (TopK k 16) at 8: what refit and encoder+gp at 8 start from
+        ("gp", 8),
+        ("gp", 16),
+        ("refit", 8),
+        ("refit", 16),
+        ("encoder+gp", 8),
+        ("encoder+gp", 16),
+    ]
+    assert rows["refit", 8].source == f"{pursued}:refit_k8" and rows["encoder+gp", 8].source == f"{pursued}:egp_k8"
+    assert rows["refit", 16].source == str(sae_run)  # not in the codes: computed here
+    for k, enc in ((8, rows["encoder@k8", 8]), (16, rows["encoder", 16])):
+        assert rows["refit", k].metrics.fvu <= enc.metrics.fvu and rows["encoder+gp", k].metrics.fvu <= enc.metrics.fvu
+    assert [(g.k, g.metric) for g in res.gaps] == [(k, m) for k in (8, 16) for m in ("FVU", "ΔCE", "KL mean")]
+    for g in res.gaps:
+        enc = rows["encoder@k8", 8] if g.k == 8 else rows["encoder", 16]
+        field = {"FVU": "fvu", "ΔCE": "delta_ce", "KL mean": "kl_mean"}[g.metric]
+        want = [getattr(r.metrics, field) for r in (enc, *(rows[m, g.k] for m in ("refit", "encoder+gp", "gp")))]
+        assert [g.encoder, g.refit, g.encoder_gp, g.gp] == want
+        assert g.coefficients == pytest.approx((g.encoder - g.refit) / (g.encoder - g.gp))
+        assert g.coefficients + g.support == pytest.approx(1)
+    report = json.loads((res.out / "report.json").read_text())
+    assert report["gaps"] == [g.as_json() for g in res.gaps]
+    md = (res.out / "report.md").read_text()
+    assert "Gap decomposition" in md and "| 8 | ΔCE |" in md and "| 16 | KL mean |" in md and res.table in md
+
+    # codes that started from another encoder (over the same dictionary) are refused
+    with pytest.raises(SaekitError, match="started from another encoder than --sae"):
+        run(EvalConfig(store=str(short_store), sae=str(mlp_encoder), out=str(tmp_path / "x"), codes=str(pursued)))
+
+    # the codes pursue stored give what computing them here gives
+    here = {(e.method, e.k): e for e in evaluate("h", k=[8]).entries}
+    for m in ("refit", "encoder+gp"):
+        assert here[m, 8].source == str(sae_run)
+        _same(here[m, 8].metrics, rows[m, 8].metrics, rel=1e-5)

@@ -20,8 +20,8 @@ from saekit.codes import CodesStore, open_codes
 from saekit.errors import SaekitError
 from saekit.metrics import fvu
 from saekit.pursue import PursueConfig, run
-from saekit.pursuit import METHODS, gradient_pursuit, reconstruct, to_dense
-from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_stale, load_sae
+from saekit.pursuit import METHODS, gradient_pursuit, reconstruct, refine, refit, to_dense
+from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_codes, encoder_stale, load_sae
 from saekit.store import create_store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,11 +234,15 @@ def test_an_encoder_not_trained_with_its_dictionary_is_marked_stale(tmp_path, st
     dict_run = _train(store, tmp_path / "dict", codes="pursuit")
     assert load_sae(dict_run).metadata[ENCODER_STALE] is True and ENCODER_STALE not in load_sae(trained).metadata
     encoders = [str(trained), str(dict_run / "sae_lens")]  # the sae-lens export says so too
-    res = run(_cfg(tmp_path / "p", store, dict_run, k=[3], methods=["gp"], start_row=None, encoders=encoders))
+    cfg = _cfg(tmp_path / "p", store, dict_run, k=[3], methods=["gp", "refit"], start_row=None, encoders=encoders)
+    res = run(cfg)
     methods = [e["method"] for e in json.loads((res.out / "report.json").read_text())]
-    assert methods == ["encoder (stale)", "encoder:run", "encoder:sae_lens (stale)", "gp"]
+    # what starts from the stale encoder is marked too
+    stale = ["encoder (stale)", "encoder:run", "encoder:sae_lens (stale)", "encoder@k3 (stale)", "gp", "refit (stale)"]
+    assert methods == stale
     md = (res.out / "report.md").read_text()
-    assert "| encoder (stale) | 4 |" in md and "`encoder (stale)`, `encoder:sae_lens (stale)`: not trained with" in md
+    note = "`encoder (stale)`, `encoder:sae_lens (stale)`, `encoder@k3 (stale)`, `refit (stale)`: not trained with"
+    assert "| encoder (stale) | 4 |" in md and note in md
     # a run from before saekit recorded it in the SAE: its config.json says --codes pursuit
     old = Path(shutil.copytree(dict_run, tmp_path / "old"))
     config = json.loads((old / "sae" / "config.json").read_text())
@@ -630,3 +634,120 @@ def test_gradient_pursuit_beats_the_encoder_of_a_saekit_sae(tmp_path, embedded_s
     assert math.isclose(lens_encoder.fvu, encoder.fvu, rel_tol=1e-3) and math.isclose(
         lens_encoder.l0, encoder.l0, rel_tol=1e-3
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the encoder's gap, decomposed: refit and encoder+gp
+# --------------------------------------------------------------------------------------------
+
+GAP = dict(k=[2, 4], methods=["gp", "refit", "encoder+gp"], refine=2)
+
+
+def test_refit_and_encoder_gp_split_the_encoders_gap(tmp_path, store, trained):
+    # the trained TopK k 4 SAE on its 100 held-out rows, in one batch (the encoder codes below too)
+    res = run(_cfg(tmp_path, store, trained, start_row=None, batch_size=100, **GAP))
+    by = {(e.method, e.k): e for e in res.entries}
+    assert list(by) == [
+        ("encoder", 4),
+        ("encoder@k2", 2),  # the encoder's top-2: the like-for-like row at k 2
+        ("gp", 2),
+        ("gp", 4),
+        ("refit", 2),
+        ("refit", 4),
+        ("encoder+gp", 2),
+        ("encoder+gp", 4),
+    ]
+    codes = open_codes(res.out)
+    assert set(codes.groups) == {"gp_k2", "gp_k4", "refit_k2", "refit_k4", "egp_k2", "egp_k4"}
+    assert by["encoder+gp", 4].codes == "codes.zarr/egp_k4"
+    sae = load_sae(trained)
+    W, b = sae.decoder.raw_dictionary()
+    x = open_store(store).rows(None, 200, N_ROWS).float()
+    for k, encoder_row in ((2, by["encoder@k2", 2]), (4, by["encoder", 4])):
+        # the stored codes are refit and refine of the encoder's codes at k
+        start = encoder_codes(sae, x, k)
+        for group, want in (
+            (f"refit_k{k}", refit(x, W, start, b_dec=b)),
+            (f"egp_k{k}", refine(x, W, start, 2, b_dec=b)),
+        ):
+            got = codes.codes(group)
+            assert torch.equal(got.indices, want.indices.int().long()) and torch.equal(got.values, want.values)
+        assert torch.equal(codes.codes(f"refit_k{k}").indices, start.indices)  # the encoder's support
+        assert math.isclose(encoder_row.fvu, float(fvu(x, reconstruct(start, W, b))), rel_tol=1e-5)
+        assert by["refit", k].fvu <= encoder_row.fvu and by["encoder+gp", k].fvu <= encoder_row.fvu
+        assert by["refit", k].l0 <= encoder_row.l0 and by["encoder+gp", k].l0 <= k
+    # the decomposition: each k's four FVUs and the shares of the encoder -> gp gap
+    assert [(g.k, g.metric) for g in res.gaps] == [(2, "FVU"), (4, "FVU")]
+    for g, enc in zip(res.gaps, (by["encoder@k2", 2], by["encoder", 4])):
+        k = g.k
+        assert (g.encoder, g.refit, g.encoder_gp, g.gp) == (
+            enc.fvu,
+            by["refit", k].fvu,
+            by["encoder+gp", k].fvu,
+            by["gp", k].fvu,
+        )
+        assert math.isclose(g.coefficients, (enc.fvu - g.refit) / (enc.fvu - g.gp))
+        assert math.isclose(g.coefficients + g.support, 1) and g.coefficients > 0
+    md = (res.out / "report.md").read_text()
+    assert "Gap decomposition" in md and res.table in md
+    assert re.search(r"\| 4 \| FVU \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| -?\d+% \| -?\d+% \|", md)
+    report = json.loads((res.out / "report.json").read_text())
+    gp4 = next(e for e in report if (e["method"], e["k"]) == ("gp", 4))
+    assert gp4["gap"] == [res.gaps[1]._asdict()]
+    assert all(e["gap"] is None for e in report if e["method"] != "gp")
+
+
+def _code_files(out: Path) -> dict[str, bytes]:
+    root = out / "codes.zarr"
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("c/*/*") if p.is_file()}
+
+
+def test_resume_of_refit_and_encoder_gp_gives_the_same_bytes(tmp_path, store, sae_dir, monkeypatch):
+    clean = run(_cfg(tmp_path / "clean", store, sae_dir, **GAP))  # a random encoder, every row, 3 shards
+    by = {(e.method, e.k): e.fvu for e in clean.entries}
+    assert by["refit", 4] <= by["encoder", 4] and by["refit", 2] <= by["encoder@k2", 2]
+    real_write = CodesStore.write
+    writes = []
+
+    def dying_write(self, group, index, arrays, seconds):
+        if len(writes) == 10:  # rows + 6 groups of shard 0, then rows and 2 groups of shard 1
+            raise KeyboardInterrupt
+        writes.append(group)
+        real_write(self, group, index, arrays, seconds)
+
+    monkeypatch.setattr(CodesStore, "write", dying_write)
+    cfg = _cfg(tmp_path / "killed", store, sae_dir, **GAP)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(CodesStore, "write", real_write)
+    cfg.resume = True
+    # another --refine would make other encoder+gp codes: refused
+    _one_line_error(
+        "differs in: refine", run, _cfg(tmp_path / "killed", store, sae_dir, **(GAP | {"refine": 3}), resume=True)
+    )
+    run(cfg)
+    files = _code_files(clean.out)
+    assert any("egp_k4" in f for f in files) and files == _code_files(Path(cfg.out))
+    _same_report(clean.out, Path(cfg.out))
+
+
+def test_refit_needs_an_encoder(tmp_path, store, sae_dir):
+    sae = SparseAutoencoder.load(sae_dir / "sae")
+    with torch.no_grad():
+        sae.encoder.W_enc.zero_()
+        sae.encoder.b_enc.zero_()
+    sae.save(tmp_path / "dictionary")
+    for methods in (["gp", "refit"], ["encoder+gp"]):
+        cfg = _cfg(tmp_path, store, tmp_path / "dictionary", methods=methods)
+        msg = _one_line_error("has only a dictionary", run, cfg)
+        assert f"--method {methods[-1]} needs an SAE encoder" in msg and not Path(cfg.out).exists()
+    # the pursuits alone need no encoder
+    assert run(_cfg(tmp_path, store, tmp_path / "dictionary", methods=["gp"], k=[2])).entries
+
+
+def test_cli_decomposes_the_gap(tmp_path, store, sae_dir):
+    args = ["pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--k", 4, "--out", tmp_path / "o"]
+    p = _saekit(*args, "--method", "gp", "--method", "refit", "--method", "encoder+gp", "--refine", 2)
+    assert p.returncode == 0, p.stderr
+    assert "| encoder@k2 | 2 |" in p.stdout and "| encoder+gp | 4 |" in p.stdout and "| refit | 2 |" in p.stdout
+    assert "Gap decomposition" in p.stdout and "| 2 | FVU |" in p.stdout and "| 4 | FVU |" in p.stdout

@@ -20,6 +20,8 @@ from saekit.pursuit import (
     pursuit,
     pursuit_trace,
     reconstruct,
+    refine,
+    refit,
     to_dense,
 )
 
@@ -412,6 +414,9 @@ def test_decode_sparse_of_no_codes_is_the_bias():
         (lambda x, W: pursuit(x[:, :16], W, 4), "width 16 but the dictionary has d=32"),
         (lambda x, W: pursuit(x, W, 4, method="lasso"), "unknown pursuit method 'lasso'"),
         (lambda x, W: gradient_pursuit(x, object(), 4), "decoder must be a W_dec tensor"),
+        (lambda x, W: refine(x, W, pursuit(x, W, 4), -1), "refine steps -1 must be >= 0"),
+        (lambda x, W: refit(x, W, pursuit(x[:2], W, 4)), "do not match activations of shape (3, 32)"),
+        (lambda x, W: refit(x, W[:100], pursuit(x, W, 4)), "indices outside 0..99"),
     ],
 )
 def test_errors_are_one_line(call, needle):
@@ -465,3 +470,108 @@ def test_sae_lens_object_gives_codes_its_decode_accepts(method):
     expected = reconstruct(pursuit(x, W, 8, method=method, b_dec=b_dec), W, b_dec)
     with torch.no_grad():
         torch.testing.assert_close(sl.decode(dense), expected, rtol=1e-4, atol=1e-4)
+
+
+# --- refit and refine: the encoder's support, refitted; gradient pursuit from the encoder's codes
+
+
+def _encoder_and_rows(trained: bool = False):
+    """A saekit TopK SAE with input normalization (k 8 of 512) and 96 raw rows it encodes: sparse
+    mixtures of its atoms plus noise. trained: its encoder first fitted to such rows (a few
+    hundred Adam steps), so its codes are good ones rather than a random encoder's."""
+    from saekit.sae import encoder_codes
+
+    sae, x = _normalized_sae_and_data()
+    x = x.detach()
+    sae.decoder.trainable = False
+    W, b = (t.detach() for t in sae.decoder.raw_dictionary())
+    if trained:
+        data, _, _ = planted(W, 512, 8, seed=7, noise=0.05)
+        opt = torch.optim.Adam(sae.encoder.parameters(), lr=3e-3)
+        for _ in range(200):
+            loss = (sae(data + b).reconstruction - (data + b)).pow(2).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    noisy = torch.cat([x, x[:32] + torch.randn(32, 64, generator=torch.Generator().manual_seed(3))])
+    return sae.eval(), noisy, encoder_codes(sae, noisy, 8)
+
+
+def _row_errors(x, codes, W, b) -> torch.Tensor:
+    return (x - reconstruct(codes, W, b)).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["random encoder", "trained encoder"])
+def test_refit_is_the_least_squares_optimum_on_the_encoders_support(trained):
+    sae, x, enc = _encoder_and_rows(trained)
+    W, b = (t.detach() for t in sae.decoder.raw_dictionary())
+    ref = refit(x, sae.decoder, enc)
+    assert torch.equal(ref.indices, enc.indices)  # the same atoms ...
+    assert (ref.values >= 0).all() and ((ref.values > 0) <= (enc.values > 0)).all()  # ... never more
+    before, after = _row_errors(x, enc, W, b), _row_errors(x, ref, W, b)
+    assert (after <= before).all(), "refit raised a row's error"
+    assert fvu(x, reconstruct(ref, W, b)) < fvu(x, reconstruct(enc, W, b)) * 0.99
+    # optimal (KKT): no coefficient of the support can move to lower the error
+    r = x - reconstruct(ref, W, b)
+    grad = torch.einsum("bkd,bd->bk", W[ref.indices].float(), r)  # minus the gradient, per slot
+    scale = x.norm(dim=1, keepdim=True) * W.norm(dim=1).max()
+    on = ref.values > 0
+    assert (grad.abs() * on <= 1e-3 * scale).all()
+    assert (grad * (~on & (enc.values > 0)) <= 1e-3 * scale).all()
+    # chunking does not change a bit
+    again = refit(x, sae.decoder, enc, chunk_size=7)
+    assert torch.equal(again.values, ref.values)
+
+
+def test_refine_starts_at_the_codes_and_its_error_never_grows_with_steps():
+    sae, x, enc = _encoder_and_rows()
+    W, b = (t.detach() for t in sae.decoder.raw_dictionary())
+    zero = refine(x, sae.decoder, enc, 0)
+    assert torch.equal(zero.indices, enc.indices) and torch.equal(zero.values, enc.values)
+    errors = [_row_errors(x, enc, W, b)]
+    for steps in range(1, 5):
+        c = refine(x, sae.decoder, enc, steps)
+        assert c.indices.shape == (x.shape[0], 8) and (c.values >= 0).all()
+        ordered = c.indices.sort(dim=1).values
+        assert (ordered[:, 1:] != ordered[:, :-1]).all(), "duplicate index in a row"
+        errors.append(_row_errors(x, c, W, b))
+        assert (errors[-1] <= errors[-2]).all(), f"a row's error grew at step {steps}"
+    assert errors[-1].sum() < 0.5 * errors[0].sum(), "four steps should close much of the gap"
+    # it swaps atoms: some rows end on another support than the encoder's
+    swapped = (c.indices.sort(1).values != enc.indices.sort(1).values).any(1)
+    assert 0 < int(swapped.sum())
+    # deterministic and independent of chunking
+    for again in (refine(x, sae.decoder, enc, 4), refine(x, sae.decoder, enc, 4, chunk_size=5)):
+        assert torch.equal(again.indices, c.indices) and torch.equal(again.values, c.values)
+
+
+def test_encoder_codes_are_the_encoders_codes_in_the_raw_dictionarys_units():
+    from saekit.sae import SparseAutoencoder, encoder_codes
+
+    sae, x, enc = _encoder_and_rows()  # TopK k 8, with input normalization
+    W, b = (t.detach() for t in sae.decoder.raw_dictionary())
+    with torch.no_grad():
+        assert torch.equal(to_dense(enc, 512), sae.encode(x))  # at its own k, exactly its codes
+        torch.testing.assert_close(sae.decode(to_dense(enc, 512)), reconstruct(enc, W, b), rtol=1e-4, atol=1e-4)
+        # at another k: its top-k, a TopK encoder taken at that k
+        wide = encoder_codes(sae, x, 12)
+        assert ((wide.values > 0).sum(1) == 12).all()
+        assert torch.equal(wide.values[:, :8], enc.values.sort(1, descending=True).values)
+        # a ReLU encoder's codes, capped at k
+        relu = SparseAutoencoder(decoder=sae.decoder, activation="relu")
+        capped = encoder_codes(relu, x, 4)
+        dense = relu.encode(x)
+        assert torch.equal(capped.values, dense.topk(4, dim=1).values)
+
+
+@pytest.mark.parametrize("clusters", [0, 32])  # coherent atoms: steps clamp, and dropping an atom can hurt
+def test_refine_never_raises_a_rows_error_from_any_start(clusters):
+    W = dictionary(512, 64, clusters=clusters)
+    x = mixed_inputs(W)  # structured, unstructured, zero and negated-atom rows
+    start = pursuit(x, W, 8, method="mp")
+    errors = [_row_errors(x, start, W, None)]
+    for steps in range(1, 5):
+        errors.append(_row_errors(x, refine(x, W, start, steps), W, None))
+        assert (errors[-1] <= errors[-2]).all(), f"a row's error grew at step {steps}"
+    assert errors[-1].sum() < errors[0].sum()
+    assert torch.isfinite(errors[-1]).all() and errors[-1][-2] == 0  # the zero row stays exact
