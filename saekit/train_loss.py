@@ -3,8 +3,9 @@
 Codes come from the encoder (TopK decodes only the k chosen atoms through `decode_sparse`, plus
 OpenAI's AuxK loss on dead latents), from gradient pursuit against the current dictionary (no
 grad to the codes, grad to the dictionary), or both. Distillation adds a term that pulls the
-encoder toward gradient pursuit's codes of the same rows (`distill_loss`). Losses are squared errors in the
-dictionary's normalized space divided by the store's variance there, so they read as FVUs.
+encoder toward gradient pursuit's codes of the same rows (`distill_loss`). Losses are squared
+errors in the dictionary's normalized space divided by the store's variance there, so they read
+as FVUs.
 `saekit.train` runs the loop around `Objective`.
 """
 
@@ -77,7 +78,8 @@ def distill_loss(pre_acts: Tensor, target: Tensor, k: int, variance: float) -> T
     that pursuit uses and the encoder misses is pulled up to pursuit's value, one that the encoder
     picks and pursuit does not is pushed down to 0: the support moves. The other latents are left
     out: pulling all n of them to 0 spends the encoder on latents no TopK would pick (measured on
-    the demo, the unmasked term did not raise the support overlap with pursuit; this one does).
+    the embedded cache, the unmasked term did not raise the support overlap with pursuit; this
+    one does).
     """
     target = target.to(pre_acts.dtype)
     chosen = torch.zeros_like(target, dtype=torch.bool).scatter_(-1, pre_acts.detach().topk(k, dim=-1).indices, True)
