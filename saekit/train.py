@@ -44,7 +44,7 @@ from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import SparseCodes, to_dense
-from saekit.sae import ENCODER_STALE, SparseAutoencoder, load_sae
+from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_cost, load_sae
 from saekit.shards import write_json_atomic
 from saekit.shuffle import shuffle_plan
 from saekit.store import open_store
@@ -319,12 +319,14 @@ def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
 
 
 _DAMAGED_FIX = "restore it from a copy, or start over with a new --out"
+# Identity fields newer than some run dirs, with the value those runs had (they resume as before).
+ADDED_IDENTITY = {"unroll": 0}
 
 
 def read_run_config(out: str | os.PathLike) -> dict[str, Any]:
     """A run's saved config.json, checked like a --config file (it is read back on --resume)."""
     path = Path(out) / "config.json"
-    saved = _read_json(path, "--resume: run config")
+    saved = ADDED_IDENTITY | _read_json(path, "--resume: run config")
     missing = [k for k in RUN_IDENTITY if k not in saved]
     if missing:
         raise SaekitError(f"--resume: run config {path} is damaged (no {', '.join(missing)}); {_DAMAGED_FIX}")
@@ -476,6 +478,7 @@ def _start(
     if d.main:
         info = _run_info(out) | {
             "d_in": sae.d_in,
+            "encoder_cost": encoder_cost(sae),
             "steps": cfg.tokens // cfg.batch_size,
             "world_size": d.world_size,
             "store_hash": store.content_hash,

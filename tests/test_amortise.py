@@ -3,6 +3,7 @@ toward gradient pursuit's codes (`--distill`, on the fly or from a `saekit pursu
 and an encoder's cost per row (`encoder_cost`). Tiny shapes on the embedded default's cache."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,6 +100,8 @@ def test_steps_lower_the_fvu_of_a_fresh_encoder_and_keep_k(dictionary, embedded_
     plain = run(cfg(embedded_store, tmp_path / "t0", **common))
     unrolled = run(cfg(embedded_store, tmp_path / "t2", unroll=2, **common))
     assert unrolled.eval["eval/fvu"] < plain.eval["eval/fvu"] - 0.01
+    for res, cost in ((plain, 1), (unrolled, 3)):  # the run says what its encoder costs per row
+        assert json.loads((res.out / "run.json").read_text())["encoder_cost"] == cost
     with torch.no_grad():
         codes = unrolled.sae.encode(held_out)
     assert int((codes != 0).sum(1).max()) <= K and bool((codes >= 0).all())
@@ -249,3 +252,13 @@ def test_distill_codes_of_another_store_is_one_line(dictionary, embedded_store, 
     with pytest.raises(SaekitError, match=r"^--distill-codes \S+ was computed from another store or hook"):
         run(c)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_started_before_unroll_existed_still_resumes(dictionary, embedded_store, tmp_path):
+    c = cfg(embedded_store, tmp_path / "old", from_pretrained=str(dictionary), tokens=256 * 4)
+    run(c)
+    config = tmp_path / "old/config.json"
+    saved = json.loads(config.read_text())
+    del saved["unroll"]  # as saekit wrote it before --unroll
+    config.write_text(json.dumps(saved))
+    assert run(replace(c, resume=True)).steps == 4
