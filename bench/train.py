@@ -148,7 +148,7 @@ def main() -> None:
         ours = SaekitStep(a.d_in, a.n_features, a.k, stats.mean, stats.mean_sq_norm, device)
         theirs = SaeLensStep(a.d_in, a.n_features, a.k, device)
         disk = train.batches(store, HOOK, stop_row=a.rows, local_batch=a.batch, seed=0, start=Position())
-        disk_x = (x for x, _ in disk)
+        disk_x = (b.x for b in disk)
         ram_x = ram_batches(ram, a.batch)
         ram_f32 = (x.float() for x in ram_batches(ram, a.batch))
         runs = {

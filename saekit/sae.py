@@ -82,6 +82,7 @@ class SparseAutoencoder(nn.Module):
         SparseAutoencoder(encoder=enc, decoder=dec)
 
     A new encoder's linear path starts as the decoder's transpose; an MLP path starts at zero.
+    `n_unroll` (TopK) adds that many learned refinement steps against the dictionary (see `Encoder`).
     `activation` defaults to 'topk' when k is given; pass 'batchtopk' or 'relu' otherwise.
     `normalize_activations` is the original sae-kit's argument: False (its default) is accepted,
     True raises (see `set_input_normalization`).
@@ -104,6 +105,7 @@ class SparseAutoencoder(nn.Module):
         activation: str | None = None,
         threshold_lr: float = 0.01,
         metadata: dict | None = None,
+        n_unroll: int = 0,
     ):
         super().__init__()
         if normalize_activations:
@@ -114,9 +116,9 @@ class SparseAutoencoder(nn.Module):
             )
         self.metadata: dict = dict(metadata or {})
         if encoder is not None:
-            if k is not None or activation is not None or d_hidden is not None or n_hidden:
+            if k is not None or activation is not None or d_hidden is not None or n_hidden or n_unroll:
                 raise SaekitError(
-                    "k, activation, d_hidden and n_hidden describe a new encoder, but you passed one: drop them or drop encoder="
+                    "k, activation, d_hidden, n_hidden and n_unroll describe a new encoder, but you passed one: drop them or drop encoder="
                 )
             if decoder is None:
                 decoder = _decoder_from_encoder(encoder)
@@ -141,6 +143,7 @@ class SparseAutoencoder(nn.Module):
                 device=decoder.device,
                 activation=activation,
                 threshold_lr=threshold_lr,
+                n_unroll=n_unroll,
             )
             with torch.no_grad():
                 encoder.W_enc.copy_(decoder.W_dec.T)
@@ -176,6 +179,10 @@ class SparseAutoencoder(nn.Module):
         return self.encoder.n_hidden
 
     @property
+    def n_unroll(self) -> int:
+        return self.encoder.n_unroll
+
+    @property
     def apply_preencoder_bias(self) -> bool:
         return self.encoder.apply_preencoder_bias
 
@@ -198,6 +205,7 @@ class SparseAutoencoder(nn.Module):
             n_hidden=self.n_hidden,
             apply_preencoder_bias=self.apply_preencoder_bias,
             threshold_lr=self.encoder.threshold_lr,
+            n_unroll=self.n_unroll,
             dtype=dtype_name(self.dtype),
             metadata=dict(self.metadata),
         )
@@ -216,6 +224,7 @@ class SparseAutoencoder(nn.Module):
             activation=cfg.activation,
             threshold_lr=cfg.threshold_lr,
             metadata=cfg.metadata,
+            n_unroll=cfg.n_unroll,
         )
 
     # ---- computation ----
@@ -223,7 +232,7 @@ class SparseAutoencoder(nn.Module):
         """x: [..., d_in] raw activations -> ForwardOutput (codes, pre_acts, reconstruction, sae_in, sae_out)."""
         check_last_dim(x, self.d_in, "inputs", "d_in")
         sae_in = self.decoder.normalize(x)
-        codes, pre = self.encoder(sae_in, self.decoder.b_dec)
+        codes, pre = self.encoder(sae_in, self.decoder.b_dec, self.decoder.W_dec)
         sae_out = self.decoder.decode_normalized(codes)
         recon = self.decoder.denormalize(sae_out)
         return ForwardOutput(codes, pre, recon, sae_in, sae_out)
@@ -231,7 +240,7 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., d_in] raw activations -> codes [..., n_features] (dense, mostly zeros)."""
         check_last_dim(x, self.d_in, "inputs", "d_in")
-        return self.encoder(self.decoder.normalize(x), self.decoder.b_dec).codes
+        return self.encoder(self.decoder.normalize(x), self.decoder.b_dec, self.decoder.W_dec).codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [..., n_features] -> [..., d_in] reconstruction in raw activation space."""
@@ -489,6 +498,20 @@ def check_sae_fits_hook(sae: SparseAutoencoder, spec: str, d_model: int, hook: s
     meant = sae.metadata.get("hook_name") if isinstance(sae.metadata, dict) else None
     if meant and meant != hook:
         warnings.warn(f"SAE {spec} was trained on {meant}, not {hook}; the comparison may be meaningless", stacklevel=3)
+
+
+def encoder_cost(sae: SparseAutoencoder | SAEConfig) -> float:
+    """An encoder's cost per row in matmuls of the linear encoder's size (d_in x n_features).
+
+    The linear path is 1; an MLP path adds its layers' multiply-adds over d_in * n_features
+    (d_in*h + (n_hidden-1)*h*h + h*n_features for width h); each refinement step (n_unroll) adds
+    1, its correlation with every atom. Not counted: TopK itself and the k-atom gathers
+    (`decode_sparse`, k * d_in per row), both small next to a matmul when k << n_features.
+    """
+    cfg = sae.config if isinstance(sae, SparseAutoencoder) else sae
+    d, n, h = cfg.d_in, cfg.n_features, cfg.d_hidden or 0
+    mlp = d * h + (cfg.n_hidden - 1) * h * h + h * n if cfg.n_hidden > 0 else 0
+    return 1 + mlp / (d * n) + cfg.n_unroll
 
 
 def encoder_k(sae: SparseAutoencoder) -> float | None:

@@ -227,6 +227,10 @@ def export_sae_lens(sae: SparseAutoencoder, path: str | os.PathLike, overwrite: 
         raise SaekitError(
             "MLP encoders exist only in saekit (sae-lens has no MLP-encoder architecture): use sae.save(path) instead"
         )
+    if sae.n_unroll:
+        raise SaekitError(
+            "unrolled encoders (n_unroll > 0) exist only in saekit (sae-lens has no refinement steps): use sae.save(path) instead"
+        )
     if sae.activation == "batchtopk" and bool(sae.encoder.threshold.isnan().any()):
         raise SaekitError(
             "this Batch-TopK SAE has no inference threshold yet (it is estimated during training): train it before exporting"

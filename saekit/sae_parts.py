@@ -18,6 +18,7 @@ from torch import nn
 from saekit.config import check_k, check_non_negative
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError
+from saekit.pursuit import decode_sparse
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 
@@ -43,6 +44,8 @@ class SAEConfig:
     """Width of the MLP path's hidden layers; required when n_hidden > 0."""
     n_hidden: int = 0
     """Hidden layers in the MLP path added to the linear encoder; 0 means a plain linear encoder."""
+    n_unroll: int = 0
+    """Learned pursuit-like refinement steps after the TopK encoder (`unroll_step`); 0: none. TopK only."""
     apply_preencoder_bias: bool = True
     """Subtract the decoder's b_dec from the input before encoding (sae-lens `apply_b_dec_to_input`)."""
     threshold_lr: float = 0.01
@@ -68,6 +71,11 @@ class SAEConfig:
             raise SaekitError(
                 f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden="
             )
+        check_non_negative("n_unroll", self.n_unroll, "no refinement steps")
+        if self.n_unroll and self.activation != "topk":
+            raise SaekitError(
+                f"n_unroll={self.n_unroll} refines TopK codes, but the activation is {self.activation!r}: use 'topk' or n_unroll=0"
+            )
         resolve_dtype(self.dtype)  # one line for an unknown name
 
     @classmethod
@@ -90,6 +98,17 @@ class EncoderOutput(NamedTuple):
     """[..., n_features] sparse codes (dense tensor, mostly zeros)."""
     pre_acts: torch.Tensor
     """[..., n_features] pre-activations (linear path + MLP path), before TopK/ReLU; AuxK uses them."""
+
+
+class TopKCodes(NamedTuple):
+    """A TopK encoder's codes in sparse form (what `Encoder.topk_codes` returns)."""
+
+    indices: torch.Tensor
+    """[..., k] int64 chosen latents."""
+    values: torch.Tensor
+    """[..., k] their codes, all >= 0."""
+    pre_acts: torch.Tensor
+    """[..., n_features] the pre-activations the last TopK chose from."""
 
 
 class Dictionary(NamedTuple):
@@ -140,6 +159,40 @@ def batch_topk_activation(pre_acts: torch.Tensor, k: float) -> torch.Tensor:
     n_rows = acts.shape[:-1].numel()
     values, indices = flat.topk(int(k * n_rows), sorted=False)
     return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
+
+
+def unroll_step(
+    x: torch.Tensor,
+    codes: TopKCodes,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    step: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+) -> TopKCodes:
+    """One learned refinement of TopK codes, a LISTA-style step of normalized iterative hard
+    thresholding: residual -> correlation c with every atom -> z + mu * step * c + bias -> TopK(ReLU).
+
+    x: [b, d] normalized input; codes: indices/values [b, k]; W_dec: [n, d]; b_dec: [d] or None;
+    step, bias: [n] learned -> codes [b, k] with pre_acts [b, n].
+
+    mu is each row's exact line search along the gradient restricted to the current support S,
+    ||c_S||^2 / ||c_S D_S||^2 (Blumensath & Davies 2010, as gradient pursuit steps). A fixed
+    step (e.g. 1/||D_j||^2, plain IHT) diverges from a fresh encoder, whose codes overshoot: it
+    is stable only below 1/||D||^2 over the k chosen atoms, which depends on the row. So a fresh
+    step (step 1, bias 0) is a step that lowers the error on S, then a projection onto k-sparse
+    nonnegative codes; training learns per-latent corrections. Cost: the correlation, one matmul
+    of W_dec's size; the rest decodes only the k chosen atoms (`decode_sparse`).
+    """
+    residual = x - decode_sparse(codes.indices, codes.values, W_dec, b_dec)
+    corr = residual @ W_dec.T
+    grad_s = corr.gather(-1, codes.indices)
+    image = decode_sparse(codes.indices, grad_s, W_dec)
+    mu = grad_s.pow(2).sum(-1, keepdim=True) / image.pow(2).sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    z = torch.zeros_like(corr).scatter(-1, codes.indices, codes.values)
+    pre = z + mu * step * corr + bias
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return TopKCodes(indices, values.relu(), pre)
 
 
 def jumprelu_activation(pre_acts: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -306,6 +359,11 @@ class Encoder(nn.Module):
     linear path: the "skip connection" init that starts fine-tuning from a pretrained encoder.
     `threshold` [n_features] is the JumpReLU threshold, or Batch-TopK's running threshold (NaN until
     first estimated in training); unused by TopK and ReLU.
+
+    `n_unroll` = T > 0 (TopK only) refines the codes with T learned steps against the decoder's
+    dictionary (`unroll_step`; so forward needs W_dec): `unroll_step_size` [T, n_features], a
+    factor on each row's line-search step, starts at 1 (a plain normalized-IHT step),
+    `unroll_bias` [T, n_features] at 0. T = 0 registers neither: the encoder is exactly as before.
     """
 
     def __init__(
@@ -321,6 +379,7 @@ class Encoder(nn.Module):
         *,
         activation: str | None = None,
         threshold_lr: float = 0.01,
+        n_unroll: int = 0,
     ):
         super().__init__()
         dtype = resolve_dtype(dtype)
@@ -336,6 +395,7 @@ class Encoder(nn.Module):
             apply_preencoder_bias=apply_preencoder_bias,
             threshold_lr=threshold_lr,
             dtype=dtype_name(dtype),
+            n_unroll=n_unroll,
         )
         self.activation = cfg.activation
         self.k = cfg.k
@@ -351,6 +411,11 @@ class Encoder(nn.Module):
         fill = math.nan if self.activation == "batchtopk" else 0.0
         self.register_buffer("threshold", torch.full((n_features,), fill, dtype=dtype, device=device))
         self.mlp = _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device) if cfg.n_hidden > 0 else None
+        self.n_unroll = cfg.n_unroll
+        if self.n_unroll:  # registered only when used: T = 0 keeps the state dict of older SAEs
+            shape = (self.n_unroll, n_features)
+            self.unroll_step_size = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
+            self.unroll_bias = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def d_in(self) -> int:
@@ -379,6 +444,23 @@ class Encoder(nn.Module):
             pre = pre + self.mlp(x)
         return pre
 
+    def topk_codes(self, x: torch.Tensor, b_dec: torch.Tensor | None, W_dec: torch.Tensor | None = None) -> TopKCodes:
+        """TopK only: the k latents of each row and their codes, after the `n_unroll` refinement steps.
+
+        x: [b, d_in] normalized input; b_dec: [d_in]; W_dec: [n_features, d_in] the dictionary
+        (needed when n_unroll > 0) -> indices/values [b, k], pre_acts [b, n_features].
+        """
+        pre = self.pre_activations(x, b_dec)
+        values, indices = pre.topk(int(self.k), dim=-1, sorted=False)
+        codes = TopKCodes(indices, values.relu(), pre)
+        if self.n_unroll and W_dec is None:
+            raise SaekitError(
+                "this encoder refines its codes against the dictionary (n_unroll > 0): pass W_dec, or use SparseAutoencoder.encode"
+            )
+        for t in range(self.n_unroll):
+            codes = unroll_step(x, codes, W_dec, b_dec, self.unroll_step_size[t], self.unroll_bias[t], int(self.k))
+        return codes
+
     def activate(self, pre_acts: torch.Tensor) -> torch.Tensor:
         """pre_acts [..., n_features] -> codes [..., n_features], per `self.activation`."""
         if self.activation == "topk":
@@ -405,7 +487,14 @@ class Encoder(nn.Module):
         else:
             self.threshold.lerp_(smallest.expand_as(self.threshold), self.threshold_lr)
 
-    def forward(self, x: torch.Tensor, b_dec: torch.Tensor | None = None) -> EncoderOutput:
+    def forward(
+        self, x: torch.Tensor, b_dec: torch.Tensor | None = None, W_dec: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """x: [..., d_in] normalized input; b_dec: [d_in]; W_dec: [n_features, d_in], used only
+        by the refinement steps (n_unroll > 0)."""
+        if self.n_unroll:
+            sel = self.topk_codes(x, b_dec, W_dec)
+            return EncoderOutput(torch.zeros_like(sel.pre_acts).scatter_(-1, sel.indices, sel.values), sel.pre_acts)
         pre = self.pre_activations(x, b_dec)
         codes = self.activate(pre)
         if self.activation == "batchtopk" and self.training:

@@ -32,6 +32,10 @@ class Window(NamedTuple):
     def row_perm(self) -> np.ndarray:
         return np.random.default_rng(list(self.seed)).permutation(self.n_rows)
 
+    def store_rows(self) -> np.ndarray:
+        """int64 [n_rows]: the store row of each row of the window's blocks' concatenation."""
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.blocks])
+
 
 def shuffle_plan(
     n_rows: int, block_rows: int, *, seed: int, epoch: int, rank: int, world_size: int, window_blocks: int
@@ -71,12 +75,14 @@ def batch_stream(
     skip: int,
     drop_last: bool,
     prefetch: bool,
-) -> Iterator[torch.Tensor]:
+    with_rows: bool = False,
+) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Batches bf16 [batch_size, d] cut from the plan's windows, from row `skip` of window `first` on.
 
     read(a, b): rows [a, b) of the array as uint16 [b - a, d] (a memory-map view where possible).
     Leftover rows carry into the next window; the last batch is short unless `drop_last`. With
-    `prefetch`, a background thread pages the next window in while this one is consumed.
+    `prefetch`, a background thread pages the next window in while this one is consumed. With
+    `with_rows`, each batch comes as (batch, int64 [batch_size] store row of each of its rows).
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-prefetch") if prefetch else None
     load = (
@@ -87,23 +93,28 @@ def batch_stream(
     try:
         pending = load(first) if first < len(plan) else None
         out, filled = np.empty((batch_size, d), np.uint16), 0
+        rows = np.empty(batch_size, np.int64)
         for j in range(first, len(plan)):
             blocks = pending.result()
             if j + 1 < len(plan):
                 pending = load(j + 1)  # page in the next window while this one is consumed
             starts = np.cumsum([0] + [len(b) for b in blocks])
             perm = plan[j].row_perm()
+            window_rows = plan[j].store_rows() if with_rows else None
             pos = skip if j == first else 0
             while pos < perm.size:
                 take = perm[pos : pos + batch_size - filled]
                 gather(blocks, starts, take, out[filled : filled + take.size])
+                if window_rows is not None:  # `gather` writes the rows in increasing index order
+                    rows[filled : filled + take.size] = window_rows[np.sort(take)]
                 filled += take.size
                 pos += take.size
                 if filled == batch_size:
-                    yield bits_to_bf16(out)
+                    yield (bits_to_bf16(out), rows) if with_rows else bits_to_bf16(out)
                     out, filled = np.empty((batch_size, d), np.uint16), 0
+                    rows = np.empty(batch_size, np.int64)
         if filled and not drop_last:
-            yield bits_to_bf16(out[:filled])
+            yield (bits_to_bf16(out[:filled]), rows[:filled]) if with_rows else bits_to_bf16(out[:filled])
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

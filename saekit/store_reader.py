@@ -377,7 +377,8 @@ class ActivationStore:
         window_blocks: int = 16,
         drop_last: bool = False,
         prefetch: bool = True,
-    ) -> Iterator[torch.Tensor]:
+        with_rows: bool = False,
+    ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, np.ndarray]]:
         """Seeded shuffled minibatches bf16 [batch_size, d] of rows below `stop_row`.
 
         Blocks of chunk_rows rows are permuted by (seed, epoch); rank r of w takes every w-th block
@@ -387,7 +388,8 @@ class ActivationStore:
         a batch, rows come in window order (one gather per block, straight from the mapped file;
         the batch's membership is what is random). The next window is paged in by a background
         thread. `start_batch` skips that many batches without reading them (resume). The last
-        batch may be short unless `drop_last`. See `saekit.shuffle`.
+        batch may be short unless `drop_last`. `with_rows` yields (batch, int64 [batch_size] store
+        row of each of its rows) instead, the same batches. See `saekit.shuffle`.
         """
         key = f"{ACTS}/{self.resolve_hook(hook)}"
         check_positive("batch_size", batch_size)
@@ -403,7 +405,8 @@ class ActivationStore:
         first, skip = skip_windows(plan, start_batch * batch_size)
         # a plain function returning a generator: bad arguments fail here, not at the first next().
         d = self.layout.hooks[key[len(ACTS) + 1 :]]
-        return batch_stream(functools.partial(self._read, key), d, batch_size, plan, first, skip, drop_last, prefetch)
+        read = functools.partial(self._read, key)
+        return batch_stream(read, d, batch_size, plan, first, skip, drop_last, prefetch, with_rows)
 
     # -- integrity -----------------------------------------------------------------------------
 

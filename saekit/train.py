@@ -3,8 +3,10 @@
 One loop, three things it can train, each set by a small part:
 
 - a new TopK / Batch-TopK SAE (`build_sae` from sizes; encoder and decoder train);
-- a new encoder, linear or MLP, against a frozen dictionary (`--from-pretrained`; optionally
-  starting from that SAE's encoder, the skip-connection init);
+- a new encoder, linear or MLP, optionally followed by learned refinement steps (`--unroll`),
+  against a frozen dictionary (`--from-pretrained`; optionally starting from that SAE's encoder,
+  the skip-connection init), optionally distilled toward gradient pursuit's codes (`--distill`,
+  the codes computed each step or read from a `saekit pursue` codes store, `--distill-codes`);
 - the dictionary itself under nonlinear codes (`--codes pursuit|both`, or an MLP encoder with the
   decoder training): `Objective` (in `saekit.train_loss`) decides where the codes come from — the
   encoder (MSE + AuxK), gradient pursuit against the current dictionary (codes without grad, MSE
@@ -37,11 +39,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saekit.codes import dictionary_sha256, group_name, open_codes
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
-from saekit.pursuit import to_dense
-from saekit.sae import ENCODER_STALE, SparseAutoencoder, load_sae
+from saekit.pursuit import SparseCodes, to_dense
+from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_cost, load_sae
 from saekit.shards import write_json_atomic
 from saekit.shuffle import shuffle_plan
 from saekit.store import open_store
@@ -79,7 +82,7 @@ def build_sae(
     From `pretrained` (--from-pretrained): a new encoder (linear path = the dictionary's transpose,
     or the pretrained encoder with --init-encoder; any MLP path starts at zero) over its decoder.
     """
-    mlp = {"d_hidden": cfg.d_hidden or None, "n_hidden": cfg.n_hidden}
+    mlp = {"d_hidden": cfg.d_hidden or None, "n_hidden": cfg.n_hidden, "n_unroll": cfg.unroll}
     if pretrained is not None:
         sae = SparseAutoencoder(decoder=pretrained.decoder, k=cfg.k, activation=cfg.activation, **mlp)
         if cfg.init_encoder:
@@ -133,10 +136,18 @@ def _batches_per_epoch(store, stop_row: int, local_batch: int, seed: int, epoch:
     return min(shares) // local_batch
 
 
+class Batch(NamedTuple):
+    """One local training batch (what `batches` yields)."""
+
+    x: Tensor  # [local_batch, d] bf16
+    rows: np.ndarray  # int64 [local_batch] store row of each row of x
+    after: Position  # the position after this batch
+
+
 def batches(
     store, hook: str, *, stop_row: int, local_batch: int, seed: int, start: Position, rank: int = 0, world_size: int = 1
-) -> Iterator[tuple[Tensor, Position]]:
-    """Endless shuffled local batches [local_batch, d] bf16, each with the position after it."""
+) -> Iterator[Batch]:
+    """Endless shuffled local batches, each with its store rows and the position after it."""
     epoch, first = start.epoch, start.batch
     while True:
         n = _batches_per_epoch(store, stop_row, local_batch, seed, epoch, world_size)
@@ -154,10 +165,11 @@ def batches(
             start_batch=first,
             stop_row=stop_row,
             drop_last=True,
+            with_rows=True,
         )
         try:
-            for i, x in zip(range(first, n), it):
-                yield x, Position(0, epoch, i + 1)
+            for i, (x, rows) in zip(range(first, n), it):
+                yield Batch(x, rows, Position(0, epoch, i + 1))
         finally:
             it.close()  # stops its prefetch thread
         epoch, first = epoch + 1, 0
@@ -187,6 +199,54 @@ def evaluate(
         p = pur.compute()
         result |= {"eval/pursuit_fvu": p.fvu, "eval/pursuit_l0": p.l0}
     return result
+
+
+class DistillTargets(NamedTuple):
+    """Pursuit codes read once from a `saekit pursue` codes store, looked up by store row."""
+
+    codes: SparseCodes  # indices/values [n_code_rows, k]
+    start_row: int  # store row of the first code row
+
+    def take(self, rows: np.ndarray) -> SparseCodes:
+        """The codes of store rows `rows` (int64 [b]) -> indices/values [b, k]."""
+        i = torch.from_numpy(rows - self.start_row)
+        return SparseCodes(self.codes.indices[i], self.codes.values[i])
+
+
+def distill_targets(cfg: TrainConfig, store, hook: str, sae: SparseAutoencoder) -> DistillTargets | None:
+    """The --distill-codes, refused in one line unless they were computed from this store, hook and
+    dictionary and cover every training row. None without --distill-codes (computed each step).
+
+    The store's codes are over the raw-space dictionary (`saekit pursue`), training's over the
+    normalized one: the same codes, since x - b = z W in one space is x_n - b_n = z W_n in the other.
+    """
+    if not cfg.distill_codes:
+        return None
+    src = f"--distill-codes {cfg.distill_codes}"
+    codes = open_codes(cfg.distill_codes)
+    a = codes.attrs
+    if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
+        raise SaekitError(
+            f"{src} was computed from another store or hook ({a.get('hook')}): pass the codes of this store's hook {hook}"
+        )
+    if a.get("dictionary_sha256") != dictionary_sha256(sae):
+        raise SaekitError(
+            f"{src} was computed against another dictionary than --from-pretrained {cfg.from_pretrained}'s: pass the codes made with it"
+        )
+    stop = store.n_rows - cfg.eval_rows
+    first, last = codes.start_row, codes.start_row + codes.n_rows
+    if first > 0 or last < stop:
+        raise SaekitError(
+            f"{src} covers store rows [{first}, {last}) but training reads rows [0, {stop}): "
+            f"run `saekit pursue --start-row 0 --rows {stop} --method gp --k {cfg.k}` with the same --sae"
+        )
+    group = cfg.distill_group or group_name("gp", cfg.k)
+    if group not in codes.groups:
+        raise SaekitError(
+            f"{src} has no codes group {group} (it has {', '.join(codes.groups) or 'none'}): "
+            f"run `saekit pursue` with --method gp --k {cfg.k}, or pass --distill-group"
+        )
+    return DistillTargets(codes.codes(group), first)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,12 +319,14 @@ def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
 
 
 _DAMAGED_FIX = "restore it from a copy, or start over with a new --out"
+# Identity fields newer than some run dirs, with the value those runs had (they resume as before).
+ADDED_IDENTITY = {"unroll": 0}
 
 
 def read_run_config(out: str | os.PathLike) -> dict[str, Any]:
     """A run's saved config.json, checked like a --config file (it is read back on --resume)."""
     path = Path(out) / "config.json"
-    saved = _read_json(path, "--resume: run config")
+    saved = ADDED_IDENTITY | _read_json(path, "--resume: run config")
     missing = [k for k in RUN_IDENTITY if k not in saved]
     if missing:
         raise SaekitError(f"--resume: run config {path} is damaged (no {', '.join(missing)}); {_DAMAGED_FIX}")
@@ -318,7 +380,8 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
         cfg, d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device, pretrained=pretrained
     )
     sae.metadata.update(_provenance(store, hook))
-    session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm))
+    targets = distill_targets(cfg, store, hook, sae)
+    session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm), targets)
     return _loop(session)
 
 
@@ -357,6 +420,7 @@ class _Session:
     log: MetricsLog
     pos: Position
     ckpt_step: int | None  # step of the last checkpoint written or loaded
+    targets: DistillTargets | None  # --distill-codes, read once
 
     @property
     def total(self) -> int:
@@ -381,7 +445,9 @@ class _Session:
         barrier()
 
 
-def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: float) -> _Session:
+def _start(
+    cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: float, targets: DistillTargets | None
+) -> _Session:
     """Open (or resume) the run directory, wrap the objective for DDP, restore the checkpoint.
 
     Everything read back (config, run info, checkpoint, metrics) is checked before anything in
@@ -392,7 +458,7 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: f
         _check_same_run(out, cfg, store.content_hash)
     ckpt = None if fresh else checkpoint_dir(out)
 
-    model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance)
+    model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance, cfg.distill)
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -412,6 +478,7 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: f
     if d.main:
         info = _run_info(out) | {
             "d_in": sae.d_in,
+            "encoder_cost": encoder_cost(sae),
             "steps": cfg.tokens // cfg.batch_size,
             "world_size": d.world_size,
             "store_hash": store.content_hash,
@@ -426,7 +493,8 @@ def _start(cfg: TrainConfig, sae: SparseAutoencoder, store, d: Dist, variance: f
             raise
         write_json_atomic(out / "config.json", asdict(cfg))
         write_json_atomic(out / "run.json", info)
-    return _Session(cfg, out, store, d, sae, model, opt, firing, log, pos, pos.step if ckpt is not None else None)
+    ckpt_step = pos.step if ckpt is not None else None
+    return _Session(cfg, out, store, d, sae, model, opt, firing, log, pos, ckpt_step, targets)
 
 
 def _loop(s: _Session) -> RunResult:
@@ -448,9 +516,11 @@ def _loop(s: _Session) -> RunResult:
     )
     try:
         while s.pos.step < total:
-            x, after = next(data)
+            x, rows, after = next(data)
             lr = lr_at(s.pos.step, total, cfg.lr, cfg.warmup_frac, cfg.decay_frac)
-            stats = train_step(s.model, s.sae, s.opt, s.firing, x.to(d.device, non_blocking=True), lr, d.world_size)
+            target = s.targets.take(rows) if s.targets is not None else None
+            x = x.to(d.device, non_blocking=True)
+            stats = train_step(s.model, s.sae, s.opt, s.firing, x, lr, d.world_size, target)
             if not all(math.isfinite(v) for v in stats.values()):
                 raise SaekitError(_non_finite_message(stats["train/loss"], s))
             s.pos = after._replace(step=s.pos.step + 1)
@@ -503,6 +573,10 @@ def _non_finite_message(loss: float, s: _Session) -> str:
     return f"loss became {loss} at step {s.pos.step + 1}; stopped before applying it, {where}: lower --lr and --resume"
 
 
+LOSS_NAMES = ("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu", "train/distill")
+"""The metrics.jsonl names of `Losses`' scalar fields, in order."""
+
+
 def train_step(
     model: nn.Module,
     sae: SparseAutoencoder,
@@ -511,19 +585,22 @@ def train_step(
     x: Tensor,
     lr: float,
     world_size: int = 1,
+    target: SparseCodes | None = None,
 ) -> dict[str, float]:
     """One optimizer step on local batch x [b, d]; returns the batch's losses averaged over ranks.
+    target: indices/values [b, k] pursuit codes of x's rows to distill from (None: computed, if distilling).
 
     A non-finite loss returns before the optimizer step, so the weights stay the last good ones.
     """
     for g in opt.param_groups:
         g["lr"] = lr
-    losses: Losses = model(x, firing.dead_mask())
+    losses: Losses = model(x, firing.dead_mask(), target)
     losses.loss.backward()  # DDP averages the gradients over ranks here
     # One all-reduce carries the losses for logging and the firing counts for dead latents.
-    packed = all_reduce_(torch.cat([torch.stack(losses[:4]).detach().float(), losses.counts.detach().float()]))
-    values = (packed[:4] / world_size).tolist()
-    stats = dict(zip(("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu"), values))
+    n = len(LOSS_NAMES)
+    packed = all_reduce_(torch.cat([torch.stack(losses[:n]).detach().float(), losses.counts.detach().float()]))
+    values = (packed[:n] / world_size).tolist()
+    stats = dict(zip(LOSS_NAMES, values))
     if not math.isfinite(values[0]):
         opt.zero_grad(set_to_none=True)
         return stats
@@ -533,12 +610,12 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     if sae.decoder.trainable:
         sae.decoder.normalize_rows_()
-    firing.update_counts(packed[4:], x.shape[0] * world_size)
+    firing.update_counts(packed[n:], x.shape[0] * world_size)
     return stats
 
 
 def _publish(out: Path, sae: SparseAutoencoder) -> None:
     """The final SAE in saekit format (sae/) and, where sae-lens has the architecture, sae_lens/."""
     sae.save(out / "sae", overwrite=True)
-    if sae.encoder.mlp is None:
+    if sae.encoder.mlp is None and not sae.n_unroll:
         sae.export_sae_lens(out / "sae_lens", overwrite=True)

@@ -13,6 +13,7 @@ from saekit.heldout import held_out_rows
 from saekit.sae import SparseAutoencoder
 
 CODES = ("encoder", "pursuit", "both")
+MAX_UNROLL = 8
 TRAIN_ACTIVATIONS = ("topk", "batchtopk")
 
 # Fields that must match the run being resumed: they decide the model and the data stream.
@@ -25,6 +26,7 @@ RUN_IDENTITY = (
     "activation",
     "d_hidden",
     "n_hidden",
+    "unroll",
     "from_pretrained",
     "init_encoder",
     "train_decoder",
@@ -64,6 +66,8 @@ class TrainConfig:
     """Width of the encoder's MLP path (added to the linear path, starting at zero); 0: a linear encoder."""
     n_hidden: int = 0
     """Hidden layers of the MLP path; 0 means 1 when --d-hidden is set."""
+    unroll: int = 0
+    """Learned refinement steps after the TopK encoder (residual -> correlation -> learned step -> TopK), trained end to end; each costs one more matmul per row. 0: none."""
     from_pretrained: str = ""
     """Start from this dictionary: sae-lens RELEASE/ID, a local sae-lens dir, a saekit SAE dir or a saekit run dir."""
     init_encoder: bool = False
@@ -91,6 +95,12 @@ class TrainConfig:
     """Dead latents the AuxK loss uses per token; 0: d_in // 2."""
     dead_tokens: int = 0
     """A latent is dead after this many tokens without firing; 0: min(10M, tokens // 10)."""
+    distill: float = 0.0
+    """Weight of the distillation term that pulls the encoder toward gradient pursuit's codes of the same rows (at --k); 0 turns it off."""
+    distill_codes: str = ""
+    """With --distill: read the pursuit codes from this `saekit pursue` --out (covering the training rows) instead of computing them each step."""
+    distill_group: str = ""
+    """With --distill-codes: the codes group to distill from; default gp_k<k> (gradient pursuit at --k)."""
 
     eval_rows: int = 0
     """Held-out rows at the end of the store (never trained on); 0: min(65536, rows // 10)."""
@@ -140,7 +150,23 @@ class TrainConfig:
             not (self.codes == "pursuit" and self.train_decoder is False),
             "--codes pursuit trains only the dictionary: drop --no-train-decoder",
         )
+        self._check_amortised()
         self._check_budget()
+
+    def _check_amortised(self) -> None:
+        """The refinement steps and distillation."""
+        need(
+            0 <= self.unroll <= MAX_UNROLL,
+            f"--unroll {self.unroll} must be in 0..{MAX_UNROLL} (each step costs one more matmul per row; 1-3 are typical)",
+        )
+        need(not self.unroll or self.activation == "topk", "--unroll refines TopK codes: use --activation topk")
+        check_non_negative("--distill", self.distill, "no distillation")
+        need(
+            not self.distill or self.codes != "pursuit",
+            "--distill trains the encoder, which --codes pursuit leaves alone: use --codes encoder or both",
+        )
+        need(not self.distill_codes or self.distill > 0, "--distill-codes needs --distill C > 0 (the term's weight)")
+        need(not self.distill_group or bool(self.distill_codes), "--distill-group needs --distill-codes")
 
     def _check_budget(self) -> None:
         """The budget, optimizer, loss and cadence settings."""
@@ -189,6 +215,11 @@ def resolve(
         f"--tokens {tokens} is less than one batch of {cfg.batch_size} rows; raise --tokens or lower --batch-size",
     )
     steps = tokens // cfg.batch_size
+    need(
+        not cfg.distill_codes or not trains_decoder(cfg),
+        "--distill-codes were computed against a fixed dictionary, but this run trains its dictionary: "
+        "use --from-pretrained with the encoder codes (and no --train-decoder), or drop --distill-codes to compute them each step",
+    )
     return replace(
         cfg,
         hook=hook,

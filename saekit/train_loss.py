@@ -2,8 +2,10 @@
 
 Codes come from the encoder (TopK decodes only the k chosen atoms through `decode_sparse`, plus
 OpenAI's AuxK loss on dead latents), from gradient pursuit against the current dictionary (no
-grad to the codes, grad to the dictionary), or both. Losses are squared errors in the
-dictionary's normalized space divided by the store's variance there, so they read as FVUs.
+grad to the codes, grad to the dictionary), or both. Distillation adds a term that pulls the
+encoder toward gradient pursuit's codes of the same rows (`distill_loss`). Losses are squared
+errors in the dictionary's normalized space divided by the store's variance there, so they read
+as FVUs.
 `saekit.train` runs the loop around `Objective`.
 """
 
@@ -16,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from saekit.pursuit import SparseCodes, decode_sparse, gradient_pursuit
+from saekit.pursuit import SparseCodes, decode_sparse, gradient_pursuit, to_dense
 from saekit.sae import SparseAutoencoder
 
 # Set SAEKIT_DENSE_DECODE=1 to decode TopK codes with a dense [b, n] @ [n, d] matmul instead of
@@ -36,12 +38,10 @@ def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
     """Encode normalized inputs [b, d] and decode them; TopK decodes only the chosen atoms."""
     enc, dec = sae.encoder, sae.decoder
     if enc.activation == "topk" and not DENSE_DECODE:
-        pre = enc.pre_activations(sae_in, dec.b_dec)
-        values, indices = pre.topk(int(enc.k), dim=-1, sorted=False)
-        values = values.relu()
+        indices, values, pre = enc.topk_codes(sae_in, dec.b_dec, dec.W_dec)
         counts = firing_counts(indices, values, dec.n_features, pre.dtype)
         return Encoded(decode_sparse(indices, values, dec.W_dec, dec.b_dec), pre, counts)
-    codes, pre = enc(sae_in, dec.b_dec)  # Batch-TopK also updates its inference threshold here
+    codes, pre = enc(sae_in, dec.b_dec, dec.W_dec)  # Batch-TopK also updates its inference threshold here
     return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype))
 
 
@@ -66,6 +66,27 @@ def firing_counts(indices: Tensor, values: Tensor, n_features: int, dtype: torch
     return torch.zeros(n_features, dtype=dtype, device=values.device).index_add_(0, indices.flatten(), used)
 
 
+def distill_loss(pre_acts: Tensor, target: Tensor, k: int, variance: float) -> Tensor:
+    """How far the encoder is from the pursuit codes of the same rows: ||(ReLU(pre) - z_gp) * m||^2
+    over batch * variance (an FVU-like scale: with unit-norm atoms ||z||^2 is about ||z D||^2),
+    where the mask m keeps the latents that either picks: the encoder's k largest pre-activations
+    and pursuit's support.
+
+    pre_acts: [b, n] the encoder's last pre-activations; target: [b, n] dense pursuit codes.
+    On the pre-activations, not the TopK codes: TopK codes have zero gradient off their support,
+    so a term on them could only re-weight the latents the encoder already picks. Here a latent
+    that pursuit uses and the encoder misses is pulled up to pursuit's value, one that the encoder
+    picks and pursuit does not is pushed down to 0: the support moves. The other latents are left
+    out: pulling all n of them to 0 spends the encoder on latents no TopK would pick (measured on
+    the embedded cache, the unmasked term did not raise the support overlap with pursuit; this
+    one does).
+    """
+    target = target.to(pre_acts.dtype)
+    chosen = torch.zeros_like(target, dtype=torch.bool).scatter_(-1, pre_acts.detach().topk(k, dim=-1).indices, True)
+    mask = (chosen | (target > 0)).to(pre_acts.dtype)
+    return ((pre_acts.relu() - target) * mask).pow(2).sum() / (pre_acts.shape[0] * variance)
+
+
 class PursuitDecoded(NamedTuple):
     """Gradient-pursuit codes for a batch and their reconstruction."""
 
@@ -86,10 +107,11 @@ def pursuit_decode(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> PursuitDec
 class Losses(NamedTuple):
     """One batch's losses (scalars) and firing counts."""
 
-    loss: Tensor  # what backward() sees: fvu + auxk_coef * auxk + pursuit_fvu
+    loss: Tensor  # what backward() sees: fvu + auxk_coef * auxk + pursuit_fvu + distill_coef * distill
     fvu: Tensor  # encoder codes: squared error / total variance (0 with codes='pursuit')
     auxk: Tensor
     pursuit_fvu: Tensor  # pursuit codes' fvu (0 with codes='encoder')
+    distill: Tensor  # `distill_loss` (0 without distillation)
     counts: Tensor  # [n] tokens on which each latent fired (encoder codes, else pursuit codes)
 
 
@@ -97,22 +119,35 @@ class Objective(nn.Module):
     """The loss of one batch. DDP wraps this module, so all trained parameters are used in forward.
 
     variance: E||x_n - mean||^2 over the store, in the dictionary's normalized space; dividing
-    the summed squared error by batch * variance makes the loss an FVU.
+    the summed squared error by batch * variance makes the loss an FVU. distill_coef > 0 adds
+    `distill_loss` toward gradient pursuit's codes at k: the batch's `target` codes when given
+    (read from a `saekit pursue` store), else computed here against the current dictionary.
     """
 
-    def __init__(self, sae: SparseAutoencoder, codes: str, k: int, k_aux: int, auxk_coef: float, variance: float):
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        codes: str,
+        k: int,
+        k_aux: int,
+        auxk_coef: float,
+        variance: float,
+        distill_coef: float = 0.0,
+    ):
         super().__init__()
         self.sae = sae
         self.codes, self.k, self.k_aux, self.auxk_coef, self.variance = codes, k, k_aux, auxk_coef, variance
+        self.distill_coef = distill_coef
 
     def _fvu(self, sae_out: Tensor, sae_in: Tensor) -> Tensor:
         return (sae_out - sae_in).pow(2).sum() / (sae_in.shape[0] * self.variance)
 
-    def forward(self, x: Tensor, dead: Tensor) -> Losses:
-        """x: [b, d] raw activations; dead: [n] bool latents for AuxK."""
+    def forward(self, x: Tensor, dead: Tensor, target: SparseCodes | None = None) -> Losses:
+        """x: [b, d] raw activations; dead: [n] bool latents for AuxK; target: indices/values
+        [b, k'] pursuit codes of x's rows for distillation (None: computed when distilling)."""
         sae_in = self.sae.decoder.normalize(x)
         zero = sae_in.new_zeros(())
-        loss, fvu, aux, pfvu, counts = zero, zero, zero, zero, None
+        loss, fvu, aux, pfvu, dist, counts, pc = zero, zero, zero, zero, zero, None, None
         if self.codes != "pursuit":
             enc = encode_decode(self.sae, sae_in)
             fvu = self._fvu(enc.sae_out, sae_in)
@@ -126,7 +161,17 @@ class Objective(nn.Module):
             loss = loss + pfvu
             if counts is None:
                 counts = firing_counts(pc.codes.indices, pc.codes.values, self.sae.n_features, sae_in.dtype)
-        return Losses(loss, fvu, aux, pfvu, counts)
+        if self.distill_coef > 0:
+            if target is None:
+                target = pc.codes if pc is not None else self._pursuit_codes(sae_in)
+            dense = to_dense(target, self.sae.n_features).to(sae_in.device)
+            dist = distill_loss(enc.pre_acts, dense, self.k, self.variance)
+            loss = loss + self.distill_coef * dist
+        return Losses(loss, fvu, aux, pfvu, dist, counts)
+
+    def _pursuit_codes(self, sae_in: Tensor) -> SparseCodes:
+        dec = self.sae.decoder
+        return gradient_pursuit(sae_in.detach(), dec.W_dec, self.k, b_dec=dec.b_dec)
 
 
 def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:

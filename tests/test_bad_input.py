@@ -399,6 +399,13 @@ def pursued(env: Env, sae: Path, *more) -> Path:
     return out
 
 
+def distill(env: Env, codes: Path) -> list:
+    """`saekit train` of a new encoder over the run's dictionary, distilled from `codes`."""
+    return train(
+        env.store, env.tmp / "run", "--from-pretrained", env.inputs.run, "--distill", 1, "--distill-codes", codes
+    )
+
+
 def same_shape_model(env: Env) -> Path:
     """A GPT-2 checkpoint of the embedded model's shape (4 layers, d_model 128) with other weights."""
     from test_sources import make_tiny_gpt2
@@ -521,6 +528,21 @@ ROWS: dict[str, Row] = {
                                                                       "--from-pretrained", wide_sae(env)), "d_in=32"),
     "train --store missing": Row(lambda env: train(env.tmp / "gone", env.tmp / "run"), "gone"),
     **store_rows("train", ["missing shard", "flipped byte", "zarr.json cut short", "meta.ctx_len edited", "mean_sq_norm x1000"]),
+    "train --unroll 9": Row(lambda env: train(env.store, env.tmp / "run", "--unroll", 9), "--unroll 9 must be in 0..8"),
+    "train --unroll with Batch-TopK": Row(lambda env: train(env.store, env.tmp / "run", "--unroll", 1, "--activation", "batchtopk"),
+                                          "--unroll refines TopK codes"),
+    "train --distill -1": Row(lambda env: train(env.store, env.tmp / "run", "--distill", -1), "--distill -1.0 must be >= 0"),
+    "train --distill with --codes pursuit": Row(lambda env: train(env.store, env.tmp / "run", "--distill", 1, "--codes", "pursuit"),
+                                                "--distill trains the encoder"),
+    "train --distill-codes without --distill": Row(lambda env: train(env.store, env.tmp / "run", "--distill-codes", env.tmp),
+                                                   "--distill-codes needs --distill C > 0"),
+    "train --distill-codes with a dictionary that trains": Row(lambda env: train(env.store, env.tmp / "run", "--distill", 1,
+                                                                                 "--distill-codes", env.tmp), "this run trains its dictionary"),
+    "train --distill-codes of another dictionary": Row(lambda env: distill(env, pursued(env, env.inputs.lens)), "another dictionary"),
+    "train --distill-codes of the held-out rows only": Row(lambda env: distill(env, pursued(env, env.sae)),
+                                                           "covers store rows [1792, 2048) but training reads rows [0, 1792)"),
+    "train --distill-codes without the k's group": Row(lambda env: distill(env, pursued(env, env.sae, "--start-row", 0, "--rows", 1792)),
+                                                       "has no codes group gp_k4 (it has gp_k2)"),
     "train onto a full disk": Row(lambda env: train(env.store, full_disk(env, 16 << 10)), "disk full",
                                   needs="tmpfs", partial=True),
     # -- pursue -----------------------------------------------------------------------------
