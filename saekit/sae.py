@@ -526,13 +526,19 @@ def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCode
     x: [..., d_in] raw activations -> indices/values [..., k] (values float32, >= 0): the k
     largest of the encoder's activated pre-activations, where a TopK encoder is taken at k (its
     ReLU'd pre-activations), so at its own k these are exactly its codes; other encoders (ReLU,
-    JumpReLU, Batch-TopK's threshold) keep their own activation, capped at k nonzeros. Codes in
+    JumpReLU, Batch-TopK's threshold) keep their own activation, capped at k nonzeros; an unrolled
+    encoder (`n_unroll` > 0) is taken at its last refinement step's pre-activations. Codes in
     the normalized space and in raw units are the same numbers (`raw_dictionary` folds the
     normalization into the atoms), so `sae.decode(to_dense(codes, n))` equals
     `reconstruct(codes, *sae.decoder.raw_dictionary())`. Slots beyond the encoder's nonzeros hold 0.
     """
     check_last_dim(x, sae.d_in, "inputs", "d_in")
-    pre = sae.encoder.pre_activations(sae.decoder.normalize(x), sae.decoder.b_dec)
+    xn = sae.decoder.normalize(x)
+    if sae.encoder.n_unroll:  # an unrolled encoder: the pre-activations its last refinement step chose from
+        pre = sae.encoder.topk_codes(xn.reshape(-1, sae.d_in), sae.decoder.b_dec, sae.decoder.W_dec).pre_acts
+        pre = pre.reshape(*x.shape[:-1], -1)
+    else:
+        pre = sae.encoder.pre_activations(xn, sae.decoder.b_dec)
     acts = pre.relu() if sae.activation == "topk" else sae.encoder.activate(pre)
     values, indices = acts.float().topk(k, dim=-1)
     return SparseCodes(indices, values)

@@ -564,6 +564,20 @@ def test_encoder_codes_are_the_encoders_codes_in_the_raw_dictionarys_units():
         assert torch.equal(capped.values, dense.topk(4, dim=1).values)
 
 
+def test_encoder_codes_of_an_unrolled_encoder_are_its_refined_codes():
+    """refit / encoder+gp / the decomposition start from what the encoder outputs: for an
+    unrolled encoder (`n_unroll`), its codes after the refinement steps, not its first TopK."""
+    from saekit.sae import SparseAutoencoder, encoder_codes
+
+    sae, x, _ = _encoder_and_rows()
+    unrolled = SparseAutoencoder(decoder=sae.decoder, k=sae.k, n_unroll=2)
+    unrolled.encoder.load_state_dict(sae.encoder.state_dict(), strict=False)
+    with torch.no_grad():
+        codes = encoder_codes(unrolled, x, int(sae.k))
+        assert torch.equal(to_dense(codes, sae.n_features), unrolled.encode(x))
+        assert not torch.equal(unrolled.encode(x), sae.encode(x))  # the steps changed the codes
+
+
 @pytest.mark.parametrize("clusters", [0, 32])  # coherent atoms: steps clamp, and dropping an atom can hurt
 def test_refine_never_raises_a_rows_error_from_any_start(clusters):
     W = dictionary(512, 64, clusters=clusters)
