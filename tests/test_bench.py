@@ -31,6 +31,8 @@ TINY = {
     "harvest.py": ["--models", "embedded", "--tokens", "4096", "--repeat", "1"],
     "pursuit.py": ["--small", "--repeats", "1"],
     "eval.py": ["--models", "embedded", "--sequences", "4", "--batch-size", "2", "--repeat", "1"],
+    "encoders.py": ["--tiny"],
+    "dictionaries.py": ["--tiny"],
 }
 RATIO_LINE = {
     "store.py": "targets:",
@@ -38,6 +40,8 @@ RATIO_LINE = {
     "harvest.py": "harvest/bare",
     "pursuit.py": "original gp / saekit gp",
     "eval.py": "sae_lens / saekit",
+    "encoders.py": "gap closed =",
+    "dictionaries.py": "lowest FVU:",
 }
 
 
