@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ def train_dictionary(args, s, out: Path, flags: dict) -> Path:
 
 def cells(args, s, dict_dir: Path, amortised: Path, out: Path) -> dict[str, dict]:
     """`saekit eval` of one dictionary: its encoder, refit, encoder+gp, the amortised encoder, gp."""
+    shutil.rmtree(out, ignore_errors=True)  # this script's own report of an earlier run
     res = saekit_eval.run(
         saekit_eval.EvalConfig(
             store=str(s.store.path),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 from saekit import eval as saekit_eval
 from saekit import harvest, pursue, train
 from saekit.downstream import sequence_layout
+from saekit.gap import format_gaps
 from saekit.heldout import sae_held_out
 from saekit.metrics import ReconstructionStats
 from saekit.pursuit import SparseCodes, pursuit, reconstruct, refine, refit
@@ -286,6 +288,7 @@ def main() -> None:
 
 def evaluate(args, s: Setup, trained: dict[str, Path], out: Path) -> dict:
     """`saekit eval` on the report rows' sequences: ΔCE and KL of every encoding above."""
+    shutil.rmtree(out / "eval", ignore_errors=True)  # this script's own report of an earlier run
     res = saekit_eval.run(
         saekit_eval.EvalConfig(
             store=str(s.store.path),
@@ -299,6 +302,7 @@ def evaluate(args, s: Setup, trained: dict[str, Path], out: Path) -> dict:
             progress=False,
         )
     )
+    print(f"\nthe encoder's gap to gp, decomposed (encoder+gp: T=2; `saekit eval`):\n{format_gaps(res.gaps)}")
     names = {str(p): n for n, p in trained.items()}
     print("\nspliced into the model, on the same rows' sequences (`saekit eval`):")
     print("| encoding | ΔCE (nats/token) | KL mean | FVU |\n|---|---:|---:|---:|")
