@@ -70,8 +70,8 @@ class TrainConfig:
     """Learned refinement steps after the TopK encoder (residual -> correlation -> learned step -> TopK), trained end to end; each costs one more matmul per row. 0: none."""
     from_pretrained: str = ""
     """Start from this dictionary: sae-lens RELEASE/ID, a local sae-lens dir, a saekit SAE dir or a saekit run dir."""
-    init_encoder: bool = False
-    """With --from-pretrained: start the encoder from that SAE's encoder (else from the decoder's transpose)."""
+    init_encoder: bool | None = None
+    """With --from-pretrained: start the encoder from that SAE's encoder (an MLP path starts at zero, so training starts at that SAE); --no-init-encoder starts from the decoder's transpose. Default: yes with --from-pretrained."""
     train_decoder: bool | None = None
     """Train the dictionary too; default: yes for a new SAE or pursuit codes, frozen for --from-pretrained with encoder codes."""
     codes: str = "encoder"
@@ -143,7 +143,7 @@ class TrainConfig:
             not self.n_hidden or self.d_hidden, f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)"
         )
         need(
-            not self.init_encoder or bool(self.from_pretrained),
+            not self.init_encoder or bool(self.from_pretrained),  # None: the default, decided in `resolve`
             "--init-encoder needs --from-pretrained (the SAE whose encoder to start from)",
         )
         need(
@@ -227,6 +227,7 @@ def resolve(
         expansion_factor=0,
         n_hidden=cfg.n_hidden or (1 if cfg.d_hidden else 0),
         train_decoder=trains_decoder(cfg),
+        init_encoder=bool(cfg.from_pretrained) if cfg.init_encoder is None else cfg.init_encoder,
         tokens=tokens,
         lr=cfg.lr or 2e-4 / math.sqrt(n_features / 2**14),
         k_aux=cfg.k_aux or max(1, d_in // 2),
