@@ -31,7 +31,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -372,6 +372,10 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
     d_in = store.d_model(hook)
     if cfg.batch_size % d.world_size:
         raise SaekitError(f"--batch-size {cfg.batch_size} must divide evenly over {d.world_size} ranks")
+    if cfg.resume and cfg.init_encoder is None and (Path(cfg.out) / "config.json").is_file():
+        # Unset, it defaults to the run's own value: runs saved before --from-pretrained implied
+        # --init-encoder (theirs say false) resume under the command that started them.
+        cfg = replace(cfg, init_encoder=read_run_config(cfg.out)["init_encoder"])
     torch.manual_seed(cfg.seed)  # before loading: building the pretrained SAE's modules draws from it
     pretrained = load_sae(cfg.from_pretrained, d.device) if cfg.from_pretrained else None
     cfg = resolve(cfg, hook=hook, d_in=d_in, n_rows=store.n_rows, pretrained=pretrained)

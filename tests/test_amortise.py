@@ -14,7 +14,7 @@ from saekit.errors import SaekitError
 from saekit.pursuit import gradient_pursuit
 from saekit.sae import SAEConfig, SparseAutoencoder, encoder_cost, topk_activation
 from saekit.store import open_store
-from saekit.train import TrainConfig, batches, distill_targets, run
+from saekit.train import TrainConfig, batches, distill_targets, read_run_config, run
 from saekit.train_checkpoint import Position
 
 N_EVAL = 2048
@@ -262,3 +262,12 @@ def test_a_run_started_before_unroll_existed_still_resumes(dictionary, embedded_
     del saved["unroll"]  # as saekit wrote it before --unroll
     config.write_text(json.dumps(saved))
     assert run(replace(c, resume=True)).steps == 4
+
+
+def test_a_run_started_before_init_encoder_became_the_default_still_resumes(dictionary, embedded_store, tmp_path):
+    """Runs with --from-pretrained saved init_encoder false before it defaulted to true: the same
+    command (init_encoder left unset) resumes them as they were, not refused as another run."""
+    c = cfg(embedded_store, tmp_path / "old", from_pretrained=str(dictionary), tokens=256 * 4)
+    run(replace(c, init_encoder=False))
+    res = run(replace(c, resume=True))  # init_encoder unset, as the old command line had it
+    assert res.steps == 4 and read_run_config(tmp_path / "old")["init_encoder"] is False
