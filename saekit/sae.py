@@ -31,7 +31,7 @@ from torch import nn
 
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError, is_non_empty, one_line
-from saekit.pursuit import SparseCodes
+from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
 
 # the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
 from saekit.sae_parts import ACTIVATIONS as ACTIVATIONS
@@ -533,15 +533,21 @@ def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCode
     `reconstruct(codes, *sae.decoder.raw_dictionary())`. Slots beyond the encoder's nonzeros hold 0.
     """
     check_last_dim(x, sae.d_in, "inputs", "d_in")
-    xn = sae.decoder.normalize(x)
+    rows = x.reshape(-1, sae.d_in)
+    n = rows.shape[0]
+    # Short batches are padded with zero rows, as the pursuits pad short chunks: MKL rounds matmuls
+    # of a few rows differently, and encoder+gp's stored codes must not depend on the batching.
+    if n < MIN_CHUNK_ROWS:
+        rows = torch.cat([rows, rows.new_zeros(MIN_CHUNK_ROWS - n, sae.d_in)])
+    xn = sae.decoder.normalize(rows)
     if sae.encoder.n_unroll:  # an unrolled encoder: the pre-activations its last refinement step chose from
-        pre = sae.encoder.topk_codes(xn.reshape(-1, sae.d_in), sae.decoder.b_dec, sae.decoder.W_dec).pre_acts
-        pre = pre.reshape(*x.shape[:-1], -1)
+        pre = sae.encoder.topk_codes(xn, sae.decoder.b_dec, sae.decoder.W_dec).pre_acts
     else:
         pre = sae.encoder.pre_activations(xn, sae.decoder.b_dec)
+    pre = pre[:n]
     acts = pre.relu() if sae.activation == "topk" else sae.encoder.activate(pre)
     values, indices = acts.float().topk(k, dim=-1)
-    return SparseCodes(indices, values)
+    return SparseCodes(indices.reshape(*x.shape[:-1], k), values.reshape(*x.shape[:-1], k))
 
 
 def check_encoder_usable(sae: SparseAutoencoder, spec: str | os.PathLike, why: str) -> None:

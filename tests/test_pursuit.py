@@ -564,6 +564,19 @@ def test_encoder_codes_are_the_encoders_codes_in_the_raw_dictionarys_units():
         assert torch.equal(capped.values, dense.topk(4, dim=1).values)
 
 
+def test_encoder_codes_do_not_depend_on_how_the_rows_are_batched():
+    """encoder+gp's stored codes start from these: a resumed pursue with another --batch-size, or
+    a shard's short last batch, must start from the same bits (MKL rounds short matmuls differently)."""
+    from saekit.sae import encoder_codes
+
+    sae, x, _ = _encoder_and_rows()
+    with torch.no_grad():
+        whole = encoder_codes(sae, x, 8)
+        for n in (1, 3, 7, 20):
+            part = encoder_codes(sae, x[:n], 8)
+            assert torch.equal(part.indices, whole.indices[:n]) and torch.equal(part.values, whole.values[:n]), n
+
+
 def test_encoder_codes_of_an_unrolled_encoder_are_its_refined_codes():
     """refit / encoder+gp / the decomposition start from what the encoder outputs: for an
     unrolled encoder (`n_unroll`), its codes after the refinement steps, not its first TopK."""
