@@ -232,6 +232,11 @@ def _open_codes(cfg: EvalConfig, store: Any, hook: str, sae: Any) -> Any:
         raise SaekitError(
             f"codes in {cfg.codes} (refit, encoder+gp) started from another encoder than --sae {cfg.sae}'s: pass the SAE they were made with"
         )
+    if a.get("refine") not in (None, cfg.refine) and "encoder+gp" in codes.methods.values():
+        raise SaekitError(
+            f"codes in {cfg.codes} hold encoder+gp made with --refine {a['refine']}, but this run has --refine {cfg.refine}: "
+            f"pass --refine {a['refine']} to evaluate them"
+        )
     return codes
 
 

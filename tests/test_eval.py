@@ -427,6 +427,18 @@ def test_eval_decomposes_the_gap_and_reads_refit_and_encoder_gp_codes_back(short
     with pytest.raises(SaekitError, match="started from another encoder than --sae"):
         run(EvalConfig(store=str(short_store), sae=str(mlp_encoder), out=str(tmp_path / "x"), codes=str(pursued)))
 
+    # encoder+gp codes made with another --refine are refused, not mixed with rows computed at this one
+    with pytest.raises(SaekitError, match=r"encoder\+gp made with --refine 2, but this run has --refine 3"):
+        run(
+            EvalConfig(
+                out=str(tmp_path / "r"),
+                **{**gap, "refine": 3},
+                store=str(short_store),
+                sae=str(sae_run),
+                codes=str(pursued),
+            )
+        )
+
     # the codes pursue stored give what computing them here gives
     here = {(e.method, e.k): e for e in evaluate("h", k=[8]).entries}
     for m in ("refit", "encoder+gp"):
