@@ -451,15 +451,24 @@ def write_report(out: Path, entries: list[EvalEntry], header: dict, gaps: list[G
 def plot_downstream(entries: list[EvalEntry], path: Path, title: str = "") -> None:
     """ΔCE and mean KL against L0: each pursuit method a curve over k, each encoder a labelled
     point, the cache round-trip a dashed line (the floor the cache's rounding sets)."""
+    labels = ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
+    plot_against_l0(path, labels, *downstream_series(entries), title=title)
+
+
+def downstream_series(entries: list[EvalEntry]) -> tuple[dict, dict, dict]:
+    """What `plot_downstream` draws: curves (a method over its k's: the pursuits, refit and
+    encoder+gp), points (each encoder: the SAE's, encoder@k, extra encoders) and levels (the
+    cache round-trip), each as label -> (L0, (ΔCE, KL mean))."""
 
     def ys(e: EvalEntry) -> tuple[float, float]:
         return e.metrics.delta_ce, e.metrics.kl_mean
 
     curves: dict[str, list] = {}
+    points: dict[str, tuple] = {}
     for e in entries:
         if e.method.removesuffix(STALE) in ALL_METHODS:
             curves.setdefault(e.method, []).append((e.metrics.l0, ys(e)))
-    points = {e.method: (e.metrics.l0, ys(e)) for e in entries if e.method.startswith("encoder")}
+        elif e.method.startswith("encoder"):
+            points[e.method] = (e.metrics.l0, ys(e))
     levels = {e.method: ys(e) for e in entries if e.method == ROUND_TRIP}
-    labels = ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
-    plot_against_l0(path, labels, curves, points, levels, title=title)
+    return curves, points, levels

@@ -12,7 +12,7 @@ from cli_checks import in_process, one_error
 from saekit.codes import open_codes
 from saekit.downstream import CLEAN, ZERO, downstream_metrics, sequence_layout, sequence_tokens
 from saekit.errors import SaekitError
-from saekit.eval import EvalConfig, run
+from saekit.eval import EvalConfig, downstream_series, run
 from saekit.models import load_model
 from saekit.sae import SparseAutoencoder
 from saekit.store import open_store
@@ -426,6 +426,10 @@ def test_eval_decomposes_the_gap_and_reads_refit_and_encoder_gp_codes_back(short
     # codes that started from another encoder (over the same dictionary) are refused
     with pytest.raises(SaekitError, match="started from another encoder than --sae"):
         run(EvalConfig(store=str(short_store), sae=str(mlp_encoder), out=str(tmp_path / "x"), codes=str(pursued)))
+
+    # the plot draws refit and encoder+gp as curves over k, never also as an encoder's star
+    curves, points, _ = downstream_series(res.entries)
+    assert set(curves) == {"gp", "refit", "encoder+gp"} and set(points) == {"encoder", "encoder@k8"}
 
     # encoder+gp codes made with another --refine are refused, not mixed with rows computed at this one
     with pytest.raises(SaekitError, match=r"encoder\+gp made with --refine 2, but this run has --refine 3"):
