@@ -164,7 +164,10 @@ class Objective(nn.Module):
         if self.distill_coef > 0:
             if target is None:
                 target = pc.codes if pc is not None else self._pursuit_codes(sae_in)
-            dense = to_dense(target, self.sae.n_features).to(sae_in.device)
+            # Densified on the device: a stored target arrives as [b, k] on the CPU, and a dense
+            # [b, n] copy per step would cost far more than the sparse one.
+            target = SparseCodes(target.indices.to(sae_in.device), target.values.to(sae_in.device))
+            dense = to_dense(target, self.sae.n_features)
             dist = distill_loss(enc.pre_acts, dense, self.k, self.variance)
             loss = loss + self.distill_coef * dist
         return Losses(loss, fvu, aux, pfvu, dist, counts)

@@ -134,7 +134,9 @@ def test_encoder_cost_counts_linear_encoder_matmuls():
 
 
 def test_distillation_moves_the_support_toward_pursuit(dictionary, embedded_store, held_out, tmp_path):
-    common = dict(from_pretrained=str(dictionary), tokens=256 * 200)
+    # From the dictionary's transpose: started from the trained encoder (the default), the rise
+    # here is smaller (0.005), and docs/encoders.md measures what distillation does from there.
+    common = dict(from_pretrained=str(dictionary), tokens=256 * 200, init_encoder=False)
     plain = run(cfg(embedded_store, tmp_path / "plain", **common))
     distilled = run(cfg(embedded_store, tmp_path / "distilled", distill=10.0, **common))
     assert gp_overlap(distilled.sae, held_out) > gp_overlap(plain.sae, held_out) + 0.01
