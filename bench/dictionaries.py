@@ -4,8 +4,10 @@
     .venv/bin/python bench/dictionaries.py --tiny     # a smoke run (tests/test_bench.py)
 
 Uses bench/encoders.py's setup (the demo's store and TopK SAE, in the same --out, reused) and
-trains three more dictionaries from the TopK SAE's, on the training rows:
+trains four more dictionaries from the TopK SAE's, on the training rows:
 
+- the control: the TopK SAE trained 1M rows more as it was (encoder codes, `--train-decoder`),
+  so that what the others gain is not just the extra training;
 - pursuit-trained: `saekit train --from-pretrained SAE --codes pursuit` (the dictionary learns from
   gradient pursuit's codes; the encoder is left as it was, stale);
 - joint (encoder + gp codes): `--codes both` (encoder and dictionary, both codes in the loss);
@@ -34,6 +36,7 @@ from saekit import train
 
 AMORTISED = Design("unrolled T=2", {"unroll": 2})
 DICTIONARIES = [
+    ("TopK, 1M rows more (control)", {"train_decoder": True}),
     ("pursuit-trained", {"codes": "pursuit"}),
     ("joint: encoder + gp codes", {"codes": "both"}),
     ("joint: unrolled T=2 encoder", {"unroll": 2, "init_encoder": True, "train_decoder": True}),
