@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 107 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 116 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
