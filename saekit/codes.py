@@ -261,3 +261,20 @@ def open_codes(path: str | os.PathLike, allow_incomplete: bool = False) -> Codes
             f"codes in {root} are incomplete (the run was interrupted); finish it with `saekit pursue ... --resume`"
         )
     return CodesStore(root, attrs)
+
+
+def open_codes_for(path: str | os.PathLike, what: str, store: Any, hook: str, sae: Any, sae_name: str) -> CodesStore:
+    """The codes `saekit pursue` wrote at `path`, refused in one line unless they were computed from
+    `store`'s contents and `hook`, against `sae`'s dictionary. `what` names them in the message
+    ('--codes OUT'), `sae_name` the SAE ('--sae runs/x')."""
+    codes = open_codes(path)
+    a = codes.attrs
+    if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
+        raise SaekitError(
+            f"{what} come from another store or hook ({a.get('hook')}): pass codes that `saekit pursue` made from this store's {hook}"
+        )
+    if a.get("dictionary_sha256") != dictionary_sha256(sae):
+        raise SaekitError(
+            f"{what} were computed against another dictionary than {sae_name}'s: pass the codes made with it"
+        )
+    return codes

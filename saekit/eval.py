@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.codes import dictionary_sha256, encoder_sha256, group_name, open_codes
+from saekit.codes import encoder_sha256, group_name, open_codes_for
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
 from saekit.downstream import (
@@ -218,16 +218,8 @@ def _open_codes(cfg: EvalConfig, store: Any, hook: str, sae: Any) -> Any:
     """The --codes store, refused unless it was computed from this store, hook and dictionary."""
     if not cfg.codes:
         return None
-    codes = open_codes(cfg.codes)
+    codes = open_codes_for(cfg.codes, f"codes in {cfg.codes}", store, hook, sae, f"--sae {cfg.sae}")
     a = codes.attrs
-    if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
-        raise SaekitError(
-            f"codes in {cfg.codes} were computed from another store or hook ({a.get('hook')}): pass the store and --hook they were made from"
-        )
-    if a.get("dictionary_sha256") != dictionary_sha256(sae):
-        raise SaekitError(
-            f"codes in {cfg.codes} were computed against another dictionary than --sae {cfg.sae}'s: pass the SAE they were made with"
-        )
     if a.get("encoder_sha256") not in (None, encoder_sha256(sae)):
         raise SaekitError(
             f"codes in {cfg.codes} (refit, encoder+gp) started from another encoder than --sae {cfg.sae}'s: pass the SAE they were made with"

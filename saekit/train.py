@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from saekit.codes import dictionary_sha256, group_name, open_codes
+from saekit.codes import group_name, open_codes_for
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
 from saekit.metrics import FiringTracker, ReconstructionStats
@@ -223,16 +223,7 @@ def distill_targets(cfg: TrainConfig, store, hook: str, sae: SparseAutoencoder) 
     if not cfg.distill_codes:
         return None
     src = f"--distill-codes {cfg.distill_codes}"
-    codes = open_codes(cfg.distill_codes)
-    a = codes.attrs
-    if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
-        raise SaekitError(
-            f"{src} was computed from another store or hook ({a.get('hook')}): pass the codes of this store's hook {hook}"
-        )
-    if a.get("dictionary_sha256") != dictionary_sha256(sae):
-        raise SaekitError(
-            f"{src} was computed against another dictionary than --from-pretrained {cfg.from_pretrained}'s: pass the codes made with it"
-        )
+    codes = open_codes_for(cfg.distill_codes, src, store, hook, sae, f"--from-pretrained {cfg.from_pretrained}")
     stop = store.n_rows - cfg.eval_rows
     first, last = codes.start_row, codes.start_row + codes.n_rows
     if first > 0 or last < stop:

@@ -251,7 +251,7 @@ def test_distill_codes_of_another_store_is_one_line(dictionary, embedded_store, 
     code, _, err = in_process(capsys, monkeypatch, *argv, "--start-row", 0, "--rows", 4096)
     assert code == 0, err
     c = cfg(embedded_store, tmp_path / "run", from_pretrained=str(dictionary), distill=1.0, distill_codes=str(codes))
-    with pytest.raises(SaekitError, match=r"^--distill-codes \S+ was computed from another store or hook"):
+    with pytest.raises(SaekitError, match=r"^--distill-codes \S+ come from another store or hook"):
         run(c)
     assert not (tmp_path / "run").exists()
 
