@@ -311,7 +311,7 @@ def _check_same_run(out: Path, cfg: TrainConfig, content_hash: str) -> None:
 
 _DAMAGED_FIX = "restore it from a copy, or start over with a new --out"
 # Identity fields newer than some run dirs, with the value those runs had (they resume as before).
-ADDED_IDENTITY = {"unroll": 0}
+ADDED_IDENTITY = {"unroll": 0, "distill": 0.0}
 
 
 def read_run_config(out: str | os.PathLike) -> dict[str, Any]:

@@ -16,7 +16,7 @@ CODES = ("encoder", "pursuit", "both")
 MAX_UNROLL = 8
 TRAIN_ACTIVATIONS = ("topk", "batchtopk")
 
-# Fields that must match the run being resumed: they decide the model and the data stream.
+# Fields that must match the run being resumed: they decide the model, the loss and the data stream.
 # Others (lr, budget, eval and logging cadence, device) may change on resume (then the result
 # is no longer bitwise that of an uninterrupted run).
 RUN_IDENTITY = (
@@ -27,6 +27,7 @@ RUN_IDENTITY = (
     "d_hidden",
     "n_hidden",
     "unroll",
+    "distill",
     "from_pretrained",
     "init_encoder",
     "train_decoder",

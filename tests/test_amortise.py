@@ -216,6 +216,9 @@ def test_resume_of_an_unrolled_distilled_run_is_bitwise_identical(dictionary, em
     with pytest.raises(KeyboardInterrupt):
         run(cfg(embedded_store, tmp_path / "cut", **kw))
     monkeypatch.setattr(saekit.train, "train_step", real)
+    # the loss is part of what a run is: resuming without the distillation term is refused
+    with pytest.raises(SaekitError, match=r"different settings \(distill: 1.0 -> 0.0\)"):
+        run(cfg(embedded_store, tmp_path / "cut", resume=True, **{**kw, "distill": 0.0}))
     run(cfg(embedded_store, tmp_path / "cut", resume=True, **kw))
     for f in ("sae/sae.safetensors", "checkpoint/optimizer.safetensors", "metrics.jsonl"):
         assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "cut" / f).read_bytes(), f
