@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,20 @@ def os_error_message(e: OSError, what: str | None = None) -> str:
     return f"{where}: {reason}; {_ADVICE.get(e.errno, 'check the path and its file system, then rerun')}"
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output path as a local Path; a URL (s3://, gs://, memory://, file://...) is refused in one
+    line rather than taken for a local folder named `s3:`. saekit writes outputs locally only."""
+    if _URL.match(os.fspath(path)):
+        raise SaekitError(
+            f"{flag} {path} is a URL, but saekit writes its outputs to local paths only: "
+            "pass a local directory (and copy it to object storage afterwards)"
+        )
+    return Path(path)
+
+
 @contextmanager
 def output_dir(
     path: str | os.PathLike, *, kept: str, rerun: str = "rerun the same command with --resume", flag: str = "--out"
@@ -80,7 +95,7 @@ def output_dir(
     other OSError one line naming its path. A directory made here that is still empty when the
     block fails is removed, so a failed start leaves nothing behind.
     """
-    out = Path(path)
+    out = local_path(path, flag)
     made = False
     try:
         if out.exists() and not out.is_dir():

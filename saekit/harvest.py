@@ -43,7 +43,7 @@ from tqdm import tqdm
 from saekit import __version__
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
-from saekit.errors import SaekitError, is_disk_full
+from saekit.errors import SaekitError, is_disk_full, local_path
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
 from saekit.store import create_store, open_store, read_attrs
 from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
@@ -99,6 +99,8 @@ class HarvestConfig:
         check_non_negative("--batch-size", self.batch_size, "auto")
         check_non_negative("--skip-first-n-tokens", self.skip_first_n_tokens, "keep every position")
         need(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
+        if self.out:
+            local_path(self.out)  # a URL is refused now, before the model loads
 
 
 class HarvestResult(NamedTuple):
@@ -500,7 +502,7 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         shard_rows=cfg.shard_rows,
         batch_size=cfg.batch_size,
     )
-    out = Path(cfg.out) if cfg.out else default_out(lm.name, [h.name for h in plan.hooks], texts.name)
+    out = local_path(cfg.out) if cfg.out else default_out(lm.name, [h.name for h in plan.hooks], texts.name)
     _check_not_empty(plan)
 
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its

@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 116 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 121 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -212,6 +212,13 @@ def read_only(env: Env) -> Path:
 def locked(env: Env) -> Path:
     (env.tmp / "locked").mkdir(mode=0o555)
     return env.tmp / "locked" / "out"
+
+
+def url_out(env: Env, url: str) -> str:
+    """An --out that is a URL saekit cannot write to. Run from the row's own directory, so a URL
+    taken for a local path (a folder named `s3:`) is a new directory there, and the row fails."""
+    env.monkeypatch.chdir(env.tmp)
+    return url
 
 
 def too_long(env: Env) -> Path:
@@ -476,6 +483,7 @@ ROWS: dict[str, Row] = {
     "harvest --out without write permission": Row(lambda env: harvest(locked(env)), "Permission denied", needs="setpriv"),
     "harvest --out name too long": Row(lambda env: harvest(too_long(env)), "too long"),
     "harvest --out is a file": Row(lambda env: harvest(a_file(env)), "is a file, not a directory"),
+    "harvest --out s3:// URL": Row(lambda env: harvest(url_out(env, "s3://bucket/x")), "is a URL"),
     "harvest --device tpu": Row(lambda env: harvest(env.tmp / "s", "--device", "tpu"), "unknown --device 'tpu'"),
     "harvest random-bytes .jsonl": Row(lambda env: harvest(env.tmp / "s", "--dataset", noise(env, "n.jsonl")),
                                        "is not UTF-8 text"),
@@ -505,6 +513,7 @@ ROWS: dict[str, Row] = {
     "train --out without write permission": Row(lambda env: train(env.store, locked(env)), "Permission denied", needs="setpriv"),
     "train --out name too long": Row(lambda env: train(env.store, too_long(env)), "too long"),
     "train --out is a file": Row(lambda env: train(env.store, a_file(env)), "is a file, not a directory"),
+    "train --out s3:// URL": Row(lambda env: train(env.store, url_out(env, "s3://bucket/run")), "is a URL"),
     "train --device tpu": Row(lambda env: train(env.store, env.tmp / "run", "--device", "tpu"), "unknown --device 'tpu'"),
     "train --out a finished run, no --resume": Row(lambda env: train(env.store, copy(env, env.inputs.run)), "pass --resume"),
     "train --resume, config.json cut short": Row(lambda env: resume(damaged_run(env, "config.json")), "config.json is damaged"),
@@ -552,6 +561,7 @@ ROWS: dict[str, Row] = {
                                                  needs="setpriv"),
     "pursue --out name too long": Row(lambda env: pursue(env.store, env.sae, too_long(env)), "too long"),
     "pursue --out is a file": Row(lambda env: pursue(env.store, env.sae, a_file(env)), "is a file, not a directory"),
+    "pursue --out gs:// URL": Row(lambda env: pursue(env.store, env.sae, url_out(env, "gs://bucket/p")), "is a URL"),
     "pursue --device tpu": Row(lambda env: pursue(env.store, env.sae, env.tmp / "o", "--device", "tpu"),
                                "unknown --device 'tpu'"),
     "pursue --sae without weights": Row(lambda env: pursue(env.store, sae_without_weights(env), env.tmp / "o"),
@@ -586,6 +596,7 @@ ROWS: dict[str, Row] = {
                                    needs="tmpfs", partial=True),
     # -- eval -------------------------------------------------------------------------------
     "eval --out is a file": Row(lambda env: evaluate(env.store, env.inputs.run, a_file(env)), "is a file, not a directory"),
+    "eval --out memory:// URL": Row(lambda env: evaluate(env.store, env.inputs.run, url_out(env, "memory://e")), "is a URL"),
     "eval --out on a read-only mount": Row(lambda env: evaluate(env.store, env.inputs.run, read_only(env)),
                                            "Read-only file system", needs="tmpfs"),
     "eval --out not empty": Row(lambda env: evaluate(env.store, env.inputs.run, a_file(env).parent), "is not empty"),
@@ -622,6 +633,7 @@ ROWS: dict[str, Row] = {
     **store_rows("verify", ["missing shard", "flipped byte", "hook ../../x", "meta.ctx_len edited", "mean_sq_norm x1000"]),
     # -- demo -------------------------------------------------------------------------------
     "demo --out is a file": Row(lambda env: demo(a_file(env)), "is a file, not a directory"),
+    "demo --out s3:// URL": Row(lambda env: demo(url_out(env, "s3://bucket/demo")), "is a URL"),
     "demo --out name too long": Row(lambda env: demo(too_long(env)), "too long"),
     "demo --out on a read-only mount": Row(lambda env: demo(read_only(env)), "Read-only file system", needs="tmpfs"),
     "demo --device tpu": Row(lambda env: demo(env.tmp / "d", "--device", "tpu"), "unknown --device 'tpu'"),
