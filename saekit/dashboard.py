@@ -325,25 +325,31 @@ def _run(cfg: DashboardConfig, out: Path, device: torch.device) -> DashboardResu
         raise SaekitError(f"--latents {wanted[-1]} is not a latent of {cfg.sae}: its ids are 0..{sae.n_features - 1}")
     rows = _rows(cfg, store, sae)
     codes = _open_codes(cfg, store, hook, sae, rows)
-    stats = _pass(cfg, store, hook, sae, rows, codes, device)
+    stats = stream_stats(cfg, store, hook, sae, rows, codes, device)
     chosen = choose_latents(cfg, stats[0].count, sae.n_features)
     model, note = _load_model(cfg, store)
+    names = ["encoder", codes[1] if codes else ""]
+    pages, vocab = latent_pages(cfg, store, sae, stats, names, rows, chosen, model, note)
+    index = write_site(out, pages, header=_header(cfg, store, hook, sae, rows, codes), note=vocab.note)
+    return DashboardResult(out, index, chosen, pages, vocab.note)
+
+
+def latent_pages(
+    cfg, store, sae, stats: list[LatentStats], names: list[str], rows: range, chosen: list[int], model: Any, note: str
+) -> tuple[list[LatentPage], Vocab]:
+    """What each chosen latent's page shows, from the pass's statistics (and the model, if any)."""
     vocab = _vocab(model, note)
     W = sae.decoder.raw_dictionary()[0].detach().float().cpu()
     logits = logit_effects(W[chosen], model) if model is not None and _fits(model, W) else None
     near = nearest_latents(W, chosen)
-    names = ["encoder", codes[1] if codes else ""]
     pages = []
     for j, i in enumerate(chosen):
         views = [_view(cfg, store, s, names[n], i, rows.start, vocab) for n, s in enumerate(stats)]
-        lg = (
-            None
-            if logits is None
-            else tuple([(vocab.decode(int(t)), float(v)) for t, v in zip(*side)] for side in logits[j])
-        )
+        lg = None
+        if logits is not None:
+            lg = tuple([(vocab.decode(int(t)), float(v)) for t, v in zip(*side)] for side in logits[j])
         pages.append(LatentPage(i, views, lg, near[j]))
-    index = write_site(out, pages, header=_header(cfg, store, hook, sae, rows, codes), note=vocab.note)
-    return DashboardResult(out, index, chosen, pages, vocab.note)
+    return pages, vocab
 
 
 def _rows(cfg: DashboardConfig, store: Any, sae: Any) -> range:
@@ -386,8 +392,8 @@ def _open_codes(cfg: DashboardConfig, store: Any, hook: str, sae: Any, rows: ran
     return codes, group
 
 
-def _pass(cfg, store, hook, sae, rows: range, codes, device) -> list[LatentStats]:
-    """The one pass over the rows: each encoding's statistics."""
+def stream_stats(cfg, store, hook, sae, rows: range, codes, device) -> list[LatentStats]:
+    """The one pass over `rows`: the encoder's statistics, and with `codes` (store, group) theirs."""
     n, k = sae.n_features, int(sae.k) if sae.k else min(DEFAULT_CAP, sae.n_features)
     stats = [LatentStats(n, cfg.contexts, cfg.seed) for _ in range(2 if codes else 1)]
     bar = tqdm(
