@@ -17,6 +17,8 @@ The codes of the dashboard's rows are kept sparse ([rows, k]) to shade the windo
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -127,39 +129,50 @@ def group_top_n(group: Tensor, priority: Tensor, n: int) -> tuple[Tensor, Tensor
 
 
 class TopN:
-    """For each of n_features latents, the n entries (row, value) of highest priority seen so far."""
+    """For each of n_features latents, the n entries (row, value) of highest priority seen so far.
 
-    def __init__(self, n_features: int, n: int):
-        self.n = n
+    Offered entries that beat a latent's current n-th best wait in a pending list; merging them
+    into the buffer (one sort of buffer + pending) happens when the list is long (`merge_`), so
+    the sort's cost is shared by many batches and later batches rarely pass the thresholds.
+    """
+
+    def __init__(self, n_features: int, n: int, pending: int = 1 << 21):
+        self.n, self.n_features, self.cap = n, n_features, max(pending, 4 * n_features * n)
         self.priority = torch.full((n_features, n), -torch.inf, dtype=torch.float64)
         self.rows = torch.full((n_features, n), -1, dtype=torch.int64)
         self.values = torch.zeros(n_features, n)
+        self.pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        self.n_pending = 0
 
     def add_(self, latent: Tensor, row: Tensor, value: Tensor, priority: Tensor) -> None:
         """Offer entries: latent, row [m] int64, value [m] float32, priority [m] float64."""
-        better = priority > self.priority[latent, -1]  # most candidates lose to a full buffer at once
-        latent, row, value, priority = latent[better], row[better], value[better], priority[better]
-        if not len(latent):
+        better = priority > self.priority[latent, -1]
+        self.pending.append((latent[better], row[better], value[better], priority[better]))
+        self.n_pending += int(better.sum())
+        if self.n_pending > self.cap:
+            self.merge_()
+
+    def merge_(self) -> None:
+        """Fold the pending entries into the buffer: each latent keeps its n best."""
+        if not self.pending:
             return
-        touched, local = torch.unique(latent, return_inverse=True)
-        t = len(touched)
-        group = torch.cat([torch.arange(t).repeat_interleave(self.n), local])
-        pri = torch.cat([self.priority[touched].reshape(-1), priority])
-        rows = torch.cat([self.rows[touched].reshape(-1), row])
-        vals = torch.cat([self.values[touched].reshape(-1), value])
+        latent, row, value, priority = (torch.cat(parts) for parts in zip(*self.pending))
+        self.pending, self.n_pending = [], 0
+        group = torch.cat([torch.arange(self.n_features).repeat_interleave(self.n), latent])
+        pri = torch.cat([self.priority.reshape(-1), priority])
+        rows = torch.cat([self.rows.reshape(-1), row])
+        vals = torch.cat([self.values.reshape(-1), value])
         kept, rank = group_top_n(group, pri, self.n)
-        new_p, new_r = torch.full((t, self.n), -torch.inf, dtype=torch.float64), torch.full((t, self.n), -1)
-        new_v = torch.zeros(t, self.n)
         g = group[kept]
-        new_p[g, rank], new_r[g, rank], new_v[g, rank] = pri[kept], rows[kept], vals[kept]
-        self.priority[touched], self.rows[touched], self.values[touched] = new_p, new_r, new_v
+        self.priority.fill_(-torch.inf), self.rows.fill_(-1), self.values.zero_()
+        self.priority[g, rank], self.rows[g, rank], self.values[g, rank] = pri[kept], rows[kept], vals[kept]
 
 
 def sample_keys(row: Tensor, latent: Tensor, seed: int) -> Tensor:
     """A pseudo-random priority in [0, 1) per (row, latent): the same whatever the batching."""
     mask = (1 << 31) - 1
     x = (row * 1103515245 + latent * 12345 + seed * 2654435761 + 1) & mask
-    for _ in range(3):  # a few rounds of an LCG and xorshift mix the three inputs
+    for _ in range(2):  # two rounds of an LCG and xorshift mix the three inputs
         x = (x * 1103515245 + 12345) & mask
         x = x ^ (x >> 13)
     return x.double() / mask
@@ -194,11 +207,16 @@ class LatentStats:
         self.top.add_(latent, row, value, value.double())
         self.sample.add_(latent, row, value, sample_keys(row, latent, self.seed))
 
+    def finish_(self) -> None:
+        """After the last batch: the buffers merged, the codes in one piece."""
+        self.top.merge_()
+        self.sample.merge_()
+        if len(self.codes) > 1:
+            self.codes = [SparseCodes(*(torch.cat(parts) for parts in zip(*self.codes)))]
+
     def value_at(self, first_row: int, rows: Tensor, latent: int) -> Tensor:
         """The latent's value at store rows [m] (NaN outside the rows seen)."""
-        indices = torch.cat([c.indices for c in self.codes]) if len(self.codes) > 1 else self.codes[0].indices
-        values = torch.cat([c.values for c in self.codes]) if len(self.codes) > 1 else self.codes[0].values
-        self.codes = [SparseCodes(indices, values)]
+        indices, values = self.codes[0]
         local = rows - first_row
         inside = (local >= 0) & (local < len(indices))
         at = local.clamp(0, len(indices) - 1)
@@ -392,6 +410,18 @@ def _open_codes(cfg: DashboardConfig, store: Any, hook: str, sae: Any, rows: ran
     return codes, group
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The statistics' small ops on one thread: a second one only adds wake-up waits, and on a busy
+    machine it spin-waits for a core another process holds (measured: 2x the whole pass)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def stream_stats(cfg, store, hook, sae, rows: range, codes, device) -> list[LatentStats]:
     """The one pass over `rows`: the encoder's statistics, and with `codes` (store, group) theirs."""
     n, k = sae.n_features, int(sae.k) if sae.k else min(DEFAULT_CAP, sae.n_features)
@@ -402,14 +432,17 @@ def stream_stats(cfg, store, hook, sae, rows: range, codes, device) -> list[Late
     start = rows.start
     for x in store.iter_rows(hook, cfg.batch_size, rows.start, rows.stop):
         c = encoder_codes(sae, x.to(device).float(), k)
-        stats[0].add_(SparseCodes(c.indices.cpu(), c.values.cpu()), start)
-        if codes:
-            store_codes, group = codes
-            first = start - store_codes.start_row
-            stats[1].add_(store_codes.codes(group, first, first + len(x)), start)
+        with one_thread():
+            stats[0].add_(SparseCodes(c.indices.cpu(), c.values.cpu()), start)
+            if codes:
+                store_codes, group = codes
+                first = start - store_codes.start_row
+                stats[1].add_(store_codes.codes(group, first, first + len(x)), start)
         start += len(x)
         bar.update(len(x))
     bar.close()
+    for s in stats:
+        s.finish_()
     return stats
 
 

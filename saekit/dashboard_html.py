@@ -29,6 +29,8 @@ const key=r=>{const c=r.cells[i],v=c.dataset.v;return v===undefined?c.textConten
 rows.sort((x,y)=>{const a=key(x),c=key(y);return (a<c?-1:a>c?1:0)*(asc?1:-1)});rows.forEach(r=>b.appendChild(r))}
 function filterRows(q){q=q.toLowerCase();for(const r of document.querySelectorAll('#latents tbody tr'))
 r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'}
+addEventListener('DOMContentLoaded',()=>{const m=location.hash.match(/^#sort=(\\d+)$/);
+if(m)sortBy(document.querySelectorAll('#latents th')[+m[1]])});
 """
 
 
@@ -74,7 +76,7 @@ def index_html(pages: list, header: dict[str, str], note: str) -> str:
         + _header_list(header)
         + (f'<p class="note">{escape(note)}</p>' if note else "")
         + '<p><input id="q" placeholder="search latents and tokens" oninput="filterRows(this.value)"> '
-        + "Click a column to sort"
+        + "Click a column to sort (or open index.html#sort=N: the Nth column, from 0)"
         + (" (overlap: low = the encodings disagree)" if two else "")
         + f'.</p><table id="latents"><thead><tr>{ths}</tr></thead><tbody>{rows}</tbody></table>'
     )

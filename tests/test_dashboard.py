@@ -3,12 +3,14 @@ equal a brute-force computation over dense codes; the pages are self-contained; 
 real `saekit pursue` output beside the encoder; the same inputs give the same bytes."""
 
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
 from cli_checks import in_process
 
-from saekit.dashboard import DashboardConfig, group_top_n, run
+from saekit.dashboard import DashboardConfig, TopN, group_top_n, run
 from saekit.pursue import PursueConfig
 from saekit.pursue import run as pursue
 from saekit.sae import SparseAutoencoder, encoder_codes
@@ -86,6 +88,21 @@ def test_group_top_n_keeps_the_n_highest_of_each_group():
     assert got == [(0, 0, 2), (0, 1, 0), (1, 0, 4), (1, 1, 1), (2, 0, 5)]
 
 
+def test_top_n_merging_pending_entries_many_times_keeps_the_n_best():
+    g = torch.Generator().manual_seed(0)
+    latent, value = torch.randint(0, 7, (500,), generator=g), torch.rand(500, generator=g)
+    top = TopN(7, 3, pending=0)
+    top.cap = 10  # merge every few offers
+    for s in range(0, 500, 37):
+        sl = slice(s, s + 37)
+        top.add_(latent[sl], torch.arange(500)[sl], value[sl], value[sl].double())
+    top.merge_()
+    for i in range(7):
+        want = value[latent == i].topk(3)
+        assert top.values[i].tolist() == want.values.tolist()
+        assert top.rows[i].tolist() == torch.nonzero(latent == i).flatten()[want.indices].tolist()
+
+
 def test_pages_are_self_contained_and_reproducible(embedded_store, sae_dir, tmp_path):
     a = run(_cfg(tmp_path / "a", embedded_store, sae_dir, random=6, seed=3)).out
     b = run(_cfg(tmp_path / "b", embedded_store, sae_dir, random=6, seed=3)).out
@@ -129,3 +146,32 @@ def test_without_the_model_token_ids_are_shown_with_a_note(embedded_store, sae_d
     assert "note: the model could not be loaded" in stdout and f"index: {out / 'index.html'}" in stdout
     page = (out / "latent_3.html").read_text()
     assert "logit effects are omitted" in page and re.search(r">id \d+</span>", page)
+
+
+def _dom(url: str) -> str:
+    """The DOM of `url` after Debian's chromium, headless, has loaded it and run its scripts."""
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("needs Debian's chromium (apt-get install -y chromium)")
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_a_page_renders_in_headless_chromium(embedded_store, sae_dir, codes_dir, tmp_path):
+    res = run(_cfg(tmp_path / "site", embedded_store, sae_dir, codes=str(codes_dir), top=8))
+    p = max(res.pages, key=lambda p: p.views[0].density)
+    dom = _dom((res.out / f"latent_{p.latent}.html").as_uri())
+    assert f"<h1>latent {p.latent}</h1>" in dom
+    cols = re.findall(r'<div class="col" data-encoding="([^"]+)"', dom)
+    assert cols == ["encoder", f"gp_k{K}"]  # the side-by-side columns
+    for view in p.views:  # each top context, its max token shaded and its value on hover
+        for c in view.top:
+            assert f'data-row="{c.row}"' in dom
+            assert f'<span class="tok max" data-act="{c.value:.4g}" title="{c.value:.4g}" style="background:' in dom
+    # the index's inline script runs: #sort=6 sorts by the top-context overlap, most disagreement first
+    index = _dom((res.out / "index.html").as_uri() + "#sort=6")
+    order = [int(i) for i in re.findall(r'<a href="latent_(\d+).html">', index)]
+    assert sorted(order) == res.latents
+    assert order == [q.latent for q in sorted(res.pages, key=lambda q: q.overlap)]
