@@ -127,9 +127,14 @@ def _view_html(v: Any) -> str:
     )
 
 
+VISIBLE = str.maketrans({"\n": "\u21b5", "\r": "\u240d", "\t": "\u2192"})
+"""Line breaks and tabs drawn as symbols, so a context stays one line."""
+
+
 def _context_html(c: Any, vmax: float) -> str:
     spans = []
     for j, (t, a) in enumerate(zip(c.tokens, c.acts)):
+        t = t.translate(VISIBLE)
         cls = "tok" + (" max" if j == c.centre else "") + (" out" if math.isnan(a) else "")
         if math.isnan(a):
             spans.append(f'<span class="{cls}" title="outside the dashboard\'s rows">{escape(t)}</span>')
