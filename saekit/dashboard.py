@@ -361,12 +361,13 @@ def latent_pages(
     logits = logit_effects(W[chosen], model) if model is not None and _fits(model, W) else None
     near = nearest_latents(W, chosen)
     pages = []
-    for j, i in enumerate(chosen):
-        views = [_view(cfg, store, s, names[n], i, rows.start, vocab) for n, s in enumerate(stats)]
-        lg = None
-        if logits is not None:
-            lg = tuple([(vocab.decode(int(t)), float(v)) for t, v in zip(*side)] for side in logits[j])
-        pages.append(LatentPage(i, views, lg, near[j]))
+    with one_thread():  # many tiny reads and ops per context
+        for j, i in enumerate(chosen):
+            views = [_view(cfg, store, s, names[n], i, rows.start, vocab) for n, s in enumerate(stats)]
+            lg = None
+            if logits is not None:
+                lg = tuple([(vocab.decode(int(t)), float(v)) for t, v in zip(*side)] for side in logits[j])
+            pages.append(LatentPage(i, views, lg, near[j]))
     return pages, vocab
 
 

@@ -15,7 +15,7 @@ from typing import Any
 STYLE = """
 body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}
-th{cursor:pointer;background:#f4f4f4}.num{text-align:right}
+th{cursor:pointer;background:#f4f4f4}#latents td{text-align:right}#latents td:nth-child(4){text-align:left}
 .ctx{font-family:monospace;white-space:pre;margin:2px 0}
 .tok{border-radius:2px}.tok.max{outline:1px solid #c00}.tok.out{color:#999}
 .cols{display:flex;gap:2em}.col{flex:1;min-width:0;overflow-x:auto}
@@ -25,8 +25,9 @@ th{cursor:pointer;background:#f4f4f4}.num{text-align:right}
 SORT_JS = """
 function sortBy(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),
 b=t.tBodies[0],rows=[...b.rows],asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
-const key=r=>{const c=r.cells[i],v=c.dataset.v;return v===undefined?c.textContent:parseFloat(v)};
-rows.sort((x,y)=>{const a=key(x),c=key(y);return (a<c?-1:a>c?1:0)*(asc?1:-1)});rows.forEach(r=>b.appendChild(r))}
+const key=r=>{const t=r.cells[i].textContent,v=parseFloat(t);return isNaN(v)?t:v};
+const keyed=rows.map(r=>[key(r),r]);keyed.sort((x,y)=>(x[0]<y[0]?-1:x[0]>y[0]?1:0)*(asc?1:-1));
+b.append(...keyed.map(k=>k[1]))}
 function filterRows(q){q=q.toLowerCase();for(const r of document.querySelectorAll('#latents tbody tr'))
 r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'}
 addEventListener('DOMContentLoaded',()=>{const m=location.hash.match(/^#sort=(\\d+)$/);
@@ -47,8 +48,7 @@ def _num(v: float | None, spec: str = ".3g") -> str:
 
 
 def _cell(v: float | None, spec: str = ".3g") -> str:
-    data = f' data-v="{v!r}"' if v is not None and not math.isnan(v) else ' data-v="-1"'
-    return f'<td class="num"{data}>{_num(v, spec)}</td>'
+    return f"<td>{_num(v, spec)}</td>"
 
 
 def top_tokens(view: Any, n: int = 3) -> str:
@@ -86,7 +86,7 @@ def index_html(pages: list, header: dict[str, str], note: str) -> str:
 def _index_row(p: Any, two: bool) -> str:
     enc = p.views[0]
     cells = [
-        f'<td data-v="{p.latent}"><a href="latent_{p.latent}.html">{p.latent}</a></td>',
+        f'<td><a href="latent_{p.latent}.html">{p.latent}</a></td>',
         _cell(enc.density),
         _cell(enc.max),
         f"<td>{escape(top_tokens(enc))}</td>",
