@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from saekit.cli import demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
+from saekit.cli import dashboard_cmds, demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
 from saekit.cli.commands import add_command
 from saekit.errors import SaekitError, os_error_message
 
@@ -30,6 +30,7 @@ COMMANDS = [
     train_cmds.COMMAND,
     pursue_cmds.COMMAND,
     eval_cmds.COMMAND,
+    dashboard_cmds.COMMAND,
     *store_cmds.COMMANDS,
     demo_cmds.COMMAND,
 ]

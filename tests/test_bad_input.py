@@ -172,6 +172,10 @@ def evaluate(store, sae, out, *more) -> list:
     return ["eval", "--store", store, "--sae", sae, "--device", "cpu", "--no-progress", "--out", out, *more]
 
 
+def dashboard(store, sae, out, *more) -> list:
+    return ["dashboard", "--store", store, "--sae", sae, "--device", "cpu", "--no-progress", "--out", out, *more]
+
+
 def demo(out, *more) -> list:
     return ["demo", "--tokens", 2048, "--steps", 2, "--rows", 200, "--device", "cpu", "--out", out, *more]
 
@@ -626,6 +630,25 @@ ROWS: dict[str, Row] = {
                                       "cover store rows [0, 256)"),
     "eval --codes of another dictionary": Row(lambda env: evaluate(env.store, env.inputs.run, env.tmp / "o", "--codes",
                                                                    pursued(env, env.inputs.lens)), "another dictionary"),
+    # -- dashboard --------------------------------------------------------------------------
+    "dashboard --latents of an unknown id": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--latents", "3,64"),
+                                                "--latents 64 is not a latent of"),
+    "dashboard --latents not a list of ids": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--latents", "3;x"),
+                                                 "is not a comma-separated list of latent ids"),
+    "dashboard --top and --random": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--top", 3, "--random", 3),
+                                        "pass one of --top, --random, not several"),
+    "dashboard --codes of another dictionary": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--codes",
+                                                                         pursued(env, env.inputs.lens)), "another dictionary"),
+    "dashboard --codes without the SAE's k's group": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--codes",
+                                                                               pursued(env, env.sae)), "have no group 'gp_k4'"),
+    "dashboard --codes with a missing --group": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--codes",
+                                                                          pursued(env, env.sae), "--group", "mp_k2"),
+                                                    "have no group 'mp_k2'; pass --group, one of: gp_k2"),
+    "dashboard --codes of other rows": Row(lambda env: dashboard(env.store, env.sae, env.tmp / "o", "--codes",
+                                                                 pursued(env, env.sae, "--start-row", 0, "--rows", 256),
+                                                                 "--group", "gp_k2"), "cover store rows [0, 256)"),
+    "dashboard --out not empty": Row(lambda env: dashboard(env.store, env.sae, a_file(env).parent), "is not empty"),
+    "dashboard --out is a file": Row(lambda env: dashboard(env.store, env.sae, a_file(env)), "is a file, not a directory"),
     # -- info, verify -----------------------------------------------------------------------
     "info of a missing path": Row(lambda env: ["info", env.tmp / "gone"], "gone"),
     "info of a directory that is not a store": Row(lambda env: ["info", a_file(env).parent], "is not a saekit activation store"),

@@ -33,6 +33,20 @@ TINY = {
     "eval.py": ["--models", "embedded", "--sequences", "4", "--batch-size", "2", "--repeat", "1"],
     "encoders.py": ["--tiny"],
     "dictionaries.py": ["--tiny"],
+    "dashboard.py": [
+        "--rows",
+        "4096",
+        "--d",
+        "64",
+        "--n-features",
+        "512",
+        "--k",
+        "8",
+        "--pages",
+        "20",
+        "--repeat",
+        "1",
+    ],
 }
 RATIO_LINE = {
     "store.py": "targets:",
@@ -42,6 +56,7 @@ RATIO_LINE = {
     "eval.py": "sae_lens / saekit",
     "encoders.py": "gap closed =",
     "dictionaries.py": "lowest FVU:",
+    "dashboard.py": "dashboard/bare time:",
 }
 
 

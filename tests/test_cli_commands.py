@@ -35,7 +35,7 @@ def test_help_lists_every_config_field_with_its_docstring(cmd):
         assert docs[f.name] in text, f.name
 
 
-@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "eval", "demo", "verify"])
+@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "eval", "dashboard", "demo", "verify"])
 def test_every_command_with_a_progress_bar_has_progress_and_no_progress(command):
     assert "--progress --no-progress" in _help(command)
 
@@ -112,6 +112,20 @@ def config_eval(tmp_path, inputs, capsys, monkeypatch, embedded_store):
     assert report["entries"][0]["n_tokens"] == 2 * 126  # the file's --sequences 2
 
 
+def config_dashboard(tmp_path, inputs, capsys, monkeypatch):
+    settings = dict(store=str(inputs[0]), sae=str(inputs[1]), top=2, contexts=3, progress=False)
+    toml = _toml(tmp_path / "d.toml", **settings)
+    code, _, err = in_process(
+        capsys, monkeypatch, "dashboard", "--config", toml, "--out", tmp_path / "o", "--contexts", 1
+    )
+    assert code == 0, err
+    pages = sorted((tmp_path / "o").glob("latent_*.html"))
+    assert len(pages) == 2  # the file's --top 2
+    for page in pages:
+        top = page.read_text().split("<h3>top contexts</h3>")[1].split("<h3>")[0]
+        assert top.count('<div class="ctx"') == 1  # the flag's --contexts 1, not the file's 3
+
+
 def config_info(tmp_path, inputs, capsys, monkeypatch):
     toml = _toml(tmp_path / "i.toml", json=True)
     code, out, err = in_process(capsys, monkeypatch, "info", inputs[0], "--config", toml)
@@ -143,7 +157,16 @@ def config_demo(tmp_path, inputs, capsys, monkeypatch):
     assert digest(out) == before
 
 
-CASES = (config_harvest, config_train, config_pursue, config_eval, config_info, config_verify, config_demo)
+CASES = (
+    config_harvest,
+    config_train,
+    config_pursue,
+    config_eval,
+    config_dashboard,
+    config_info,
+    config_verify,
+    config_demo,
+)
 CONFIG_CASES = {f.__name__.removeprefix("config_"): f for f in CASES}
 
 
