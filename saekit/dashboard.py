@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from saekit.codes import dictionary_sha256, group_name, open_codes
+from saekit.codes import group_name, open_codes_for
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.downstream import store_model_spec
@@ -387,16 +387,7 @@ def _open_codes(cfg: DashboardConfig, store: Any, hook: str, sae: Any, rows: ran
     dictionary's codes, and to cover `rows`; None without --codes."""
     if not cfg.codes:
         return None
-    codes = open_codes(cfg.codes)
-    a = codes.attrs
-    if a.get("store_hash") != store.content_hash or a.get("hook") != hook:
-        raise SaekitError(
-            f"codes in {cfg.codes} were computed from another store or hook: pass the store they were made from"
-        )
-    if a.get("dictionary_sha256") != dictionary_sha256(sae):
-        raise SaekitError(
-            f"codes in {cfg.codes} were computed against another dictionary than --sae {cfg.sae}'s: pass the SAE they were made with"
-        )
+    codes = open_codes_for(cfg.codes, f"codes in {cfg.codes}", store, hook, sae, f"--sae {cfg.sae}")
     group = cfg.group or (group_name("gp", int(sae.k)) if sae.k else "")
     if group not in codes.groups:
         raise SaekitError(
