@@ -14,6 +14,8 @@ def demo(cfg: DemoConfig) -> None:
     typer.echo(res.pursue.table)
     typer.echo(res.headline())
     typer.echo(f"report: {res.pursue.out / 'report.md'}  plot: {res.pursue.out / 'fvu_vs_l0.png'}")
+    if res.dashboard is not None:
+        typer.echo(f"dashboard: {res.dashboard}  (open it in a browser)")
 
 
 COMMAND = Command("demo", DemoConfig, demo, interrupted="finished stages are kept; rerun the same command to continue")

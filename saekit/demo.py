@@ -5,6 +5,8 @@
     pursue gp and mp at several k     -> OUT/pursue  (codes.zarr, report.json/.md, fvu_vs_l0.png),
       on the first --rows of the rows training held out (never trained on);
       with --downstream: every encoding spliced into the model (ΔCE, KL)
+    a dashboard of the most active    -> OUT/dashboard (index.html, latent_<i>.html): each latent
+      latents, encoder vs gp            under the encoder and under gp's codes, side by side
 
 Each stage is that stage's own `run(cfg)` with `resume` on, so a second demo run reuses what is
 finished (a complete store, the final checkpoint, finished code shards) and an interrupted one
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,8 @@ from typing import NamedTuple
 
 import torch
 
-from saekit import harvest, pursue, train
+from saekit import dashboard, harvest, pursue, train
+from saekit.codes import group_name
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
@@ -63,6 +67,8 @@ class DemoConfig:
     """Pursuit methods (see `saekit pursue`); repeat --method for several."""
     downstream: bool = True
     """Also splice each encoding into the model on the whole sequences inside --rows (`saekit pursue --downstream`): ΔCE and KL beside FVU."""
+    dashboard: int = 32
+    """Latents in the demo's dashboard (the most often active), each under the encoder and under gp at the encoder's L0; 0: no dashboard."""
     device: str = "cpu"
     """Device for every stage: 'cpu' (the demo is sized for it), 'auto' or 'cuda'."""
     progress: bool = True
@@ -74,6 +80,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_non_negative("--threads", self.threads, "torch's default")
+        check_non_negative("--dashboard", self.dashboard, "no dashboard")
         for name in ("tokens", "n_features", "k", "steps", "batch_size", "rows"):
             check_positive(f"--{name.replace('_', '-')}", getattr(self, name))
         check_k(self.k, self.n_features, "--k", "--n-features")
@@ -97,6 +104,8 @@ class DemoResult(NamedTuple):
     """The SAE encoder's mean L0 on the compared (held-out) rows."""
     pursue: PursueResult
     """The pursue stage's result (entries, table, out)."""
+    dashboard: Path | None = None
+    """The dashboard's index.html (None with --dashboard 0)."""
 
     def headline(self) -> str:
         """One line: gradient pursuit against the encoder at the encoder's L0 (FVU, and ΔCE and KL)."""
@@ -121,7 +130,7 @@ class DemoResult(NamedTuple):
 
 def _stage(cfg: DemoConfig, i: int, what: str) -> None:
     if cfg.progress:
-        print(f"[{i}/3] {what}", file=sys.stderr, flush=True)
+        print(f"[{i}/{4 if cfg.dashboard else 3}] {what}", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -222,4 +231,32 @@ def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
             progress=cfg.progress,
         )
     )
-    return DemoResult(store_dir, trained.out, l0, result)
+    return DemoResult(store_dir, trained.out, l0, result, _dashboard(cfg, out, store_dir, trained.out, ks, l0))
+
+
+def _dashboard(cfg: DemoConfig, out: Path, store_dir: Path, run_dir: Path, ks: list[int], l0: float) -> Path | None:
+    """The dashboard of the --dashboard most active latents, encoder vs gp at the encoder's L0, on
+    the compared rows. It is rebuilt on every run: it is quick, and derived from finished stages."""
+    if not cfg.dashboard:
+        return None
+    k = max(1, math.floor(l0 + 1e-9))
+    site = out / "dashboard"
+    what = f"dashboard of the {cfg.dashboard} most active latents, encoder vs gp k={k}"
+    _stage(cfg, 4, f"{what} -> {site}")
+    if site.exists():
+        shutil.rmtree(site)  # this demo's own (demo.json claims OUT), from an earlier run
+    group = group_name("gp", k) if "gp" in cfg.methods and k in ks else ""
+    res = dashboard.run(
+        dashboard.DashboardConfig(
+            store=str(store_dir),
+            sae=str(run_dir),
+            out=str(site),
+            codes=str(out / "pursue") if group else "",
+            group=group,
+            top=cfg.dashboard,
+            rows=cfg.rows,
+            device=cfg.device,
+            progress=cfg.progress,
+        )
+    )
+    return res.index

@@ -3,6 +3,7 @@ run (through the CLI) that reuses every finished stage."""
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -38,6 +39,11 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     gp, enc = (next(e for e in res.pursue.entries if (e.method, e.k) == key) for key in [("gp", k_l0), ("encoder", 16)])
     want = f"ΔCE {gp.downstream.delta_ce:.4f} vs {enc.downstream.delta_ce:.4f} nats per token, KL {gp.downstream.kl_mean:.4f}"
     assert want in res.headline()
+    # the dashboard: the 32 most active latents, each under the encoder and gp at the encoder's L0
+    assert res.dashboard == out / "dashboard" / "index.html" and res.dashboard.is_file()
+    pages = sorted((out / "dashboard").glob("latent_*.html"))
+    assert len(pages) == 32
+    assert re.findall(r'<div class="col" data-encoding="([^"]+)"', pages[0].read_text()) == ["encoder", f"gp_k{k_l0}"]
 
     # Again, through the CLI with the same sizes: nothing is harvested, trained or pursued again.
     def never(*a, **kw):
@@ -54,7 +60,8 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
         main()  # typer exits 0 on success
     assert e.value.code == 0
     printed = capsys.readouterr().out
-    assert "| gp |" in printed and "| ΔCE | CE rec. (zero) | KL mean |" in printed and "ΔCE" in printed.splitlines()[-2]
+    assert "| gp |" in printed and "| ΔCE | CE rec. (zero) | KL mean |" in printed and "ΔCE" in printed.splitlines()[-3]
+    assert printed.splitlines()[-1].startswith(f"dashboard: {out / 'dashboard' / 'index.html'}")
     again = json.loads((out / "pursue" / "report.json").read_text())
     untimed = lambda d: {k: untimed(v) if isinstance(v, dict) else v for k, v in d.items() if k != "seconds"}  # noqa: E731
     strip = lambda r: [untimed(e) for e in r]  # noqa: E731
