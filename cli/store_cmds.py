@@ -1,4 +1,4 @@
-"""`saekit info` and `saekit verify`: look at an activation store without loading it."""
+"""`saekit info`, `saekit verify` and `saekit ls`: look at activation stores without loading them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from saekit.cli.commands import Command
 from saekit.errors import SaekitError
-from saekit.store import FORMAT_VERSION, InfoConfig, VerifyConfig, open_store
+from saekit.store import FORMAT_VERSION, InfoConfig, LsConfig, VerifyConfig, list_stores, open_store
 
 
 def _human_bytes(n: int | None) -> str:
@@ -79,4 +79,13 @@ def verify(cfg: VerifyConfig) -> None:
         )
 
 
-COMMANDS = [Command("info", InfoConfig, info), Command("verify", VerifyConfig, verify)]
+def ls(cfg: LsConfig) -> None:
+    """List the saekit stores under ROOT (e.g. a shared cache), one line each; damaged ones say why."""
+    found = list_stores(cfg.root)
+    for s in found:
+        typer.echo(f"{s.path}  {s.summary}")
+    if not found:
+        typer.echo(f"no saekit stores under {cfg.root}")
+
+
+COMMANDS = [Command("info", InfoConfig, info), Command("verify", VerifyConfig, verify), Command("ls", LsConfig, ls)]

@@ -73,14 +73,15 @@ def os_error_message(e: OSError, what: str | None = None) -> str:
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def local_path(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """An output path as a local Path; a URL (s3://, gs://, memory://, file://...) is refused in one
-    line rather than taken for a local folder named `s3:`. saekit writes outputs locally only."""
+def local_path(
+    path: str | os.PathLike,
+    flag: str = "--out",
+    why: str = "saekit writes its outputs to local paths only: pass a local directory (and copy it to object storage afterwards)",
+) -> Path:
+    """A path that must be local as a Path; a URL (s3://, gs://, memory://, file://...) is refused in
+    one line (`why` says what to do) rather than taken for a local folder named `s3:`."""
     if _URL.match(os.fspath(path)):
-        raise SaekitError(
-            f"{flag} {path} is a URL, but saekit writes its outputs to local paths only: "
-            "pass a local directory (and copy it to object storage afterwards)"
-        )
+        raise SaekitError(f"{flag} {path} is a URL, but {why}")
     return Path(path)
 
 

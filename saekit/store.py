@@ -15,7 +15,7 @@ This module is the store's public face; the work lives in:
     saekit.store_format   names, layout, bf16 encoding, attribute checks, content hash, statistics
     saekit.store_writer   create_store, StoreWriter: whole shards, resume, several ranks
     saekit.store_reader   open_store, ActivationStore: memory-mapped reads, checks, verify;
-                          InfoConfig, VerifyConfig (what `saekit info` / `verify` take)
+                          InfoConfig, VerifyConfig, LsConfig (what `saekit info` / `verify` / `ls` take), list_stores
     saekit.shuffle        shuffle_plan and the shuffled batch stream
     saekit.shards         what both saekit stores share: shard files, completion records,
                           atomic attributes, recognisable creation
@@ -33,7 +33,7 @@ from saekit.store_format import (
     content_hash,
     read_attrs,
 )
-from saekit.store_reader import ActivationStore, InfoConfig, VerifyConfig, open_store
+from saekit.store_reader import ActivationStore, InfoConfig, LsConfig, VerifyConfig, list_stores, open_store
 from saekit.store_writer import StoreWriter, create_store
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "ActivationStore",
     "HookStats",
     "InfoConfig",
+    "LsConfig",
     "StoreLayout",
     "StoreWriter",
     "VerifyConfig",
@@ -51,6 +52,7 @@ __all__ = [
     "bits_to_bf16",
     "content_hash",
     "create_store",
+    "list_stores",
     "open_store",
     "read_attrs",
     "shuffle_plan",

@@ -20,14 +20,14 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from saekit.config import check_positive, need
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, local_path
 from saekit.shards import (
     CREATING,
     ShardLayoutError,
@@ -486,3 +486,57 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         need(bool(self.store), "STORE is required: the store directory (or fsspec URL) to verify")
+
+
+@dataclass
+class LsConfig:
+    """The saekit stores under a directory (a shared cache root), one line each."""
+
+    root: str = field(default="", metadata={"argument": "ROOT"})
+    """Directory to search (e.g. cache), recursively; a store's own directories are not searched."""
+
+    def __post_init__(self) -> None:
+        need(bool(self.root), "ROOT is required: the directory holding stores (e.g. cache)")
+
+
+class StoreListing(NamedTuple):
+    """One store found by `list_stores`."""
+
+    path: Path
+    summary: str
+    """`info`'s essentials on one line, or why the store cannot be read."""
+    ok: bool
+
+
+def list_stores(root: str | os.PathLike) -> list[StoreListing]:
+    """Every saekit store under the local directory `root`, sorted by path. A damaged one is listed
+    with what is wrong, not skipped, so a shared cache shows everything it holds."""
+    base = local_path(root, "ROOT", "`saekit ls` lists local directories only: pass a local directory (e.g. cache)")
+    if not base.is_dir():
+        raise SaekitError(f"ROOT {root} is not a directory: pass the directory holding stores (e.g. cache)")
+    found = []
+    for here, dirs, files in os.walk(base):
+        dirs.sort()
+        if "zarr.json" not in files:
+            continue
+        try:
+            if read_attrs(here) is None:
+                continue  # another program's zarr group: keep looking inside it
+            found.append(StoreListing(Path(here), _summary(open_store(here, allow_incomplete=True, check=False)), True))
+        except SaekitError as e:
+            found.append(StoreListing(Path(here), f"unreadable: {e}", False))
+        dirs.clear()  # a store's own directories hold no other store
+    return found
+
+
+def _summary(st: ActivationStore) -> str:
+    meta = st.meta
+
+    def name(v: Any, key: str) -> str:  # harvest records dicts ({"name": ...}); stores made by hand, strings
+        return str(v.get(key, "?")) if isinstance(v, dict) else str(v if v is not None else "?")
+
+    model, data = name(meta.get("model"), "name"), name(meta.get("dataset"), "source")
+    hooks = ", ".join(f"{h} ({d})" for h, d in st.layout.hooks.items())
+    state = "complete" if st.complete else "INCOMPLETE (harvest --resume finishes it): so far"
+    digest = (st.content_hash or "no hash yet")[:19]
+    return f"{state}  {st.n_rows:,} rows  {hooks}  model {model}  data {data}  ctx {meta.get('ctx_len', '?')}  {digest}"

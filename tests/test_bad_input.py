@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 131 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 133 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -650,7 +650,9 @@ ROWS: dict[str, Row] = {
     "dashboard --out not empty": Row(lambda env: dashboard(env.store, env.sae, a_file(env).parent), "is not empty"),
     "dashboard --out is a file": Row(lambda env: dashboard(env.store, env.sae, a_file(env)), "is a file, not a directory"),
     "dashboard --out s3:// URL": Row(lambda env: dashboard(env.store, env.sae, url_out(env, "s3://bucket/d")), "is a URL"),
-    # -- info, verify -----------------------------------------------------------------------
+    # -- info, verify, ls ---------------------------------------------------------------------
+    "ls of a missing directory": Row(lambda env: ["ls", env.tmp / "gone"], "is not a directory"),
+    "ls of a URL": Row(lambda env: ["ls", "s3://bucket/cache"], "lists local directories only"),
     "info of a missing path": Row(lambda env: ["info", env.tmp / "gone"], "gone"),
     "info of a directory that is not a store": Row(lambda env: ["info", a_file(env).parent], "is not a saekit activation store"),
     **store_rows("info", ["zarr.json cut short", "n_rows 'lots'", "hook ../../x"]),

@@ -39,7 +39,7 @@ def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
 
 
 def test_help_exits_zero(capsys, monkeypatch):
-    for args in (["--help"], ["info", "--help"], ["verify", "--help"]):
+    for args in (["--help"], ["info", "--help"], ["verify", "--help"], ["ls", "--help"]):
         code, out, _ = cli(capsys, monkeypatch, *args)
         assert code == 0 and "Usage" in out
 
@@ -57,6 +57,29 @@ def test_info_says_when_a_store_is_incomplete(tmp_path, capsys, monkeypatch):
     make_store(tmp_path / "s", finalize=False)
     code, out, _ = cli(capsys, monkeypatch, "info", tmp_path / "s")
     assert code == 0 and "incomplete" in out and "--resume" in out
+
+
+def test_ls_lists_every_store_under_a_root_including_damaged_ones(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "cache"
+    make_store(root / "team" / "a")
+    make_store(root / "b", n=100, finalize=False)
+    make_store(root / "c")
+    (root / "c" / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group", "attributes": {"saekit'
+    )  # cut short
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("not a store")
+    code, out, _ = cli(capsys, monkeypatch, "ls", root)
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [str(root / "b"), str(root / "c"), str(root / "team" / "a")]
+    b, c, a = lines
+    assert "INCOMPLETE" in b and "--resume" in b and "64 rows" in b  # its one finished shard of 64 rows
+    assert "unreadable:" in c and "zarr.json" in c
+    assert "complete" in a and "200 rows" in a and f"{HOOK} (8)" in a and "model tiny-gpt2" in a and "sha256:" in a
+    # a store is not searched inside, and an empty root says so
+    code, out, _ = cli(capsys, monkeypatch, "ls", root / "notes")
+    assert code == 0 and out.strip() == f"no saekit stores under {root / 'notes'}"
 
 
 def test_verify_clean_then_corrupt(tmp_path, capsys, monkeypatch):
