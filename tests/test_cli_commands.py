@@ -143,6 +143,18 @@ def config_verify(tmp_path, inputs, capsys, monkeypatch):
     assert code == 0 and out.startswith("ok: ") and err == ""
 
 
+def config_ls(tmp_path, inputs, capsys, monkeypatch):
+    # ROOT is a required argument, so the file's root is always overridden by it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    toml = _toml(tmp_path / "l.toml", root=str(empty))
+    code, out, err = in_process(capsys, monkeypatch, "ls", inputs[0].parent, "--config", toml)
+    assert code == 0 and out.startswith(f"{inputs[0]}  complete"), err
+    toml = _toml(tmp_path / "l2.toml", root=str(inputs[0].parent))
+    code, out, err = in_process(capsys, monkeypatch, "ls", empty, "--config", toml)
+    assert code == 0 and out.strip() == f"no saekit stores under {empty}", err
+
+
 def config_demo(tmp_path, inputs, capsys, monkeypatch):
     # A demo directory made with steps 20: the refusal names every size that differs, so it shows
     # which sizes the command took (the file's tokens and rows, the flag's steps), without a run.
@@ -165,6 +177,7 @@ CASES = (
     config_dashboard,
     config_info,
     config_verify,
+    config_ls,
     config_demo,
 )
 CONFIG_CASES = {f.__name__.removeprefix("config_"): f for f in CASES}
