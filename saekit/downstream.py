@@ -47,7 +47,8 @@ from saekit.devices import device_clock
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
 from saekit.models import LoadedModel, load_model
-from saekit.pursuit import SparseCodes, reconstruct
+from saekit.pursuit import ENCODER_METHODS, METHODS, SparseCodes, encode_from, pursuit, reconstruct
+from saekit.sae import encoder_codes
 
 CLEAN, ZERO, MEAN = "clean", "zero ablation", "mean ablation"
 # Relative error (||fresh - cached|| / ||cached||) allowed between the model's own activations and
@@ -569,6 +570,23 @@ def codes_encoding(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> Ba
     def encode(x: Tensor, seqs: range) -> Reconstruction:
         lo, hi = seqs.start * per_seq, seqs.stop * per_seq
         c = SparseCodes(codes.indices[lo:hi].to(W.device), codes.values[lo:hi].to(W.device))
+        return Reconstruction(reconstruct(c, W, b), c.values)
+
+    return encode
+
+
+def computed_encoding(sae: Any, W: Tensor, b: Tensor, method: str, k: int, steps: int) -> BatchEncoding:
+    """An encoding computed batch by batch against the raw-space dictionary (W [n, d], b [d]): a
+    pursuit method; refit or encoder+gp (`steps`) from the SAE's encoder codes at k; or "encoder",
+    those codes themselves (`encoder@k`)."""
+
+    def encode(x: Tensor, seqs: range) -> Reconstruction:
+        if method in METHODS:
+            c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
+        else:
+            c = encoder_codes(sae, x, k)
+            if method in ENCODER_METHODS:
+                c = encode_from(x, W, method, c, steps=steps, b_dec=b)
         return Reconstruction(reconstruct(c, W, b), c.values)
 
     return encode

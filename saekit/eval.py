@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from torch import Tensor
 
 from saekit.codes import encoder_sha256, group_name, open_codes_for
 from saekit.config import check_k, check_non_negative, check_positive, need
@@ -38,9 +37,9 @@ from saekit.downstream import (
     ZERO,
     BatchEncoding,
     Downstream,
-    Reconstruction,
     SequenceLayout,
     codes_encoding,
+    computed_encoding,
     sequence_layout,
     store_sequences,
 )
@@ -48,12 +47,11 @@ from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import sae_held_out
 from saekit.plots import plot_against_l0
-from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS, METHODS, encode_from, pursuit, reconstruct
+from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS
 from saekit.sae import (
     STALE,
     check_encoder_usable,
     check_sae_fits_hook,
-    encoder_codes,
     encoder_k,
     encoder_label,
     load_sae,
@@ -262,32 +260,18 @@ def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: i
     out = []
     if from_encoder:
         for k in encoder_at_ks(sae, {k for _, k in from_encoder}):
-            out.append(_Row(label(encoder_at_label(k)), k, cfg.sae, _computed(sae, W, b, "encoder", k, cfg.refine)))
+            out.append(
+                _Row(label(encoder_at_label(k)), k, cfg.sae, computed_encoding(sae, W, b, "encoder", k, cfg.refine))
+            )
     for method, k in order:
         g = stored.get((method, k))
         shown = label(method) if method in ENCODER_METHODS else method
         if g is None:
-            out.append(_Row(shown, k, cfg.sae, _computed(sae, W, b, method, k, cfg.refine)))
+            out.append(_Row(shown, k, cfg.sae, computed_encoding(sae, W, b, method, k, cfg.refine)))
         else:
             c = codes.codes(g, rows.start - first, rows.stop - first)
             out.append(_Row(shown, k, f"{cfg.codes}:{g}", codes_encoding(c, W, b, per_seq)))
     return out
-
-
-def _computed(sae: Any, W: Tensor, b: Tensor, method: str, k: int, steps: int) -> BatchEncoding:
-    """An encoding computed batch by batch: a pursuit method, refit or encoder+gp from the SAE's
-    encoder codes at k, or "encoder" (those codes themselves)."""
-
-    def encode(x: Tensor, seqs: range) -> Reconstruction:
-        if method in METHODS:
-            c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
-        else:
-            c = encoder_codes(sae, x, k)
-            if method in ENCODER_METHODS:
-                c = encode_from(x, W, method, c, steps=steps, b_dec=b)
-        return Reconstruction(reconstruct(c, W, b), c.values)
-
-    return encode
 
 
 def _rows(

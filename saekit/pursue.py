@@ -61,9 +61,9 @@ from saekit.downstream import (
     MEAN,
     ZERO,
     Downstream,
-    Reconstruction,
     StoreSequences,
     codes_encoding,
+    computed_encoding,
     sequence_layout,
     store_sequences,
 )
@@ -424,19 +424,9 @@ def _downstream(
     )  # code rows count from the first compared row
     encodings = {"encoder": lambda x, s: sae(x)}
     encodings |= {name: (lambda x, s, enc=enc: enc(x)) for name, _, enc in extras}
-    encodings |= {encoder_at_label(k): _encoder_at(sae, k, W, b) for k in at_k}
+    encodings |= {encoder_at_label(k): computed_encoding(sae, W, b, "encoder", k, 0) for k in at_k}
     encodings |= {g: codes_encoding(codes.codes(g, first, last), W, b, per) for g in codes.groups}
     return sequences.evaluate(encodings, progress=cfg.progress)
-
-
-def _encoder_at(sae: Any, k: int, W: torch.Tensor, b: torch.Tensor) -> Any:
-    """The encoder's top-k codes at k, as a downstream encoding."""
-
-    def encode(x: torch.Tensor, seqs: range) -> Reconstruction:
-        c = encoder_codes(sae, x, k)
-        return Reconstruction(reconstruct(c, W, b), c.values)
-
-    return encode
 
 
 def _downstream_header(sequences: StoreSequences, spliced: dict[str, Downstream]) -> dict:

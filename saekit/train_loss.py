@@ -100,8 +100,14 @@ def pursuit_decode(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> PursuitDec
     sae_in: [b, d] normalized inputs.
     """
     dec = sae.decoder
-    codes = gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec)
+    codes = pursuit_codes(sae, sae_in, k)
     return PursuitDecoded(codes, decode_sparse(codes.indices, codes.values, dec.W_dec, dec.b_dec))
+
+
+def pursuit_codes(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> SparseCodes:
+    """Gradient pursuit's codes of normalized inputs sae_in [b, d] against the current dictionary, no grad."""
+    dec = sae.decoder
+    return gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec)
 
 
 class Losses(NamedTuple):
@@ -163,7 +169,7 @@ class Objective(nn.Module):
                 counts = firing_counts(pc.codes.indices, pc.codes.values, self.sae.n_features, sae_in.dtype)
         if self.distill_coef > 0:
             if target is None:
-                target = pc.codes if pc is not None else self._pursuit_codes(sae_in)
+                target = pc.codes if pc is not None else pursuit_codes(self.sae, sae_in, self.k)
             # Densified on the device: a stored target arrives as [b, k] on the CPU, and a dense
             # [b, n] copy per step would cost far more than the sparse one.
             target = SparseCodes(target.indices.to(sae_in.device), target.values.to(sae_in.device))
@@ -171,10 +177,6 @@ class Objective(nn.Module):
             dist = distill_loss(enc.pre_acts, dense, self.k, self.variance)
             loss = loss + self.distill_coef * dist
         return Losses(loss, fvu, aux, pfvu, dist, counts)
-
-    def _pursuit_codes(self, sae_in: Tensor) -> SparseCodes:
-        dec = self.sae.decoder
-        return gradient_pursuit(sae_in.detach(), dec.W_dec, self.k, b_dec=dec.b_dec)
 
 
 def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:
