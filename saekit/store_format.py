@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError
-from saekit.shards import RECORDS_DIR, ShardRecord, read_group_attrs, read_records
+from saekit.shards import RECORDS_DIR, ShardRecord, read_group_attrs, read_records, shard_key
 
 FORMAT = "saekit-activation-store"
 FORMAT_VERSION = 2  # 2: the content hash covers the statistics too (format 1 stores are still read)
@@ -158,6 +158,18 @@ def array_spec(layout: StoreLayout, key: str) -> tuple[tuple[int, ...], np.dtype
     if key.startswith(ACTS + "/"):
         return (layout.hooks[key[len(ACTS) + 1 :]],), np.dtype(np.uint16)
     return (), np.dtype(np.int32)
+
+
+def shard_files(layout: StoreLayout, index: int) -> dict[str, str]:
+    """array key -> path (relative to the store) of that array's file of shard `index`."""
+    return {key: shard_key(key, 1 + len(array_spec(layout, key)[0]), index) for key in array_keys(layout)}
+
+
+def metadata_files(layout: StoreLayout) -> list[str]:
+    """The zarr.json files of a store, the group's last: a copy or upload that writes them in
+    this order after every shard makes the store visible (and complete) only at its last write."""
+    arrays = [f"{key}/zarr.json" for key in array_keys(layout)]
+    return arrays + [f"{ACTS}/zarr.json", "zarr.json"]
 
 
 def identity(layout: StoreLayout, meta: dict) -> dict:

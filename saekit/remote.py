@@ -1,0 +1,170 @@
+"""Object storage: the one home of saekit's reads and writes at an fsspec URL (s3://, gs://, hf://, ...).
+
+A `Remote` is a folder at a URL. saekit moves whole files only: a shard file, a completion record,
+a zarr.json. On S3 and its kin a PUT is atomic (an object is there whole, or not at all), so the
+same rules as on a local disk hold: a shard's record is written after its shard, and a store's
+group zarr.json, which says "complete", last of all.
+
+Credentials come only from the storage library's standard environment and configuration
+(for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_ENDPOINT_URL, ~/.aws; for
+GCS: GOOGLE_APPLICATION_CREDENTIALS; for hf://: HF_TOKEN). saekit never reads them itself and never
+writes them anywhere.
+
+Every failure is one line (`SaekitError`): an unknown scheme, a missing package, no bucket, no
+credentials, an endpoint that does not answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from saekit.errors import SaekitError, one_line
+
+# fsspec's package for each common scheme, for a one-line "install it" message.
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL saekit reads through fsspec (anything with '://' but file://)."""
+    s = os.fspath(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def url_key(url: str) -> str:
+    """A short stable name for a URL (cache and staging folder names)."""
+    return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+class Remote:
+    """A folder at an fsspec URL. Names are '/'-separated paths relative to it."""
+
+    def __init__(self, url: str):
+        import fsspec  # lazy: only remote stores need it
+
+        self.url = url.rstrip("/")
+        scheme = self.url.split("://", 1)[0]
+        try:
+            self.fs, self.base = fsspec.core.url_to_fs(self.url)
+        except ImportError as e:
+            pkg = _PACKAGES.get(scheme, f"the fsspec package for {scheme}://")
+            raise SaekitError(f"{self.url}: reading {scheme}:// needs {pkg}; pip install {pkg}") from e
+        except ValueError as e:  # fsspec: "Protocol not known"
+            raise SaekitError(f"{self.url}: {one_line(e)}; use a URL fsspec knows (s3://, gs://, hf://, ...)") from e
+        self.base = self.base.rstrip("/")
+
+    def __repr__(self) -> str:
+        return self.url
+
+    def path(self, name: str) -> str:
+        return f"{self.base}/{name}" if name else self.base
+
+    @contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        """Turn the storage library's exceptions into one line naming `what` and what to do."""
+        try:
+            yield
+        except SaekitError:
+            raise
+        except FileNotFoundError as e:
+            raise SaekitError(
+                f"{what}: not found at {self.url} ({one_line(e, 120)}); check the URL and the bucket"
+            ) from e
+        except PermissionError as e:
+            raise SaekitError(
+                f"{what}: access denied at {self.url} ({one_line(e, 120)}); check the credentials in the storage library's standard environment"
+            ) from e
+        except Exception as e:  # botocore, aiohttp, gcsfs: many types for "no credentials" / "cannot connect"
+            raise SaekitError(f"{what}: {type(e).__name__}: {one_line(e, 160)}; {_advice(e)}") from e
+
+    # -- small objects ----------------------------------------------------------------------------
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The object's bytes, None when it is not there."""
+        with self.errors(f"reading {self.url}/{name}"):
+            try:
+                return self.fs.cat_file(self.path(name))
+            except FileNotFoundError:
+                return None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.errors(f"writing {self.url}/{name}"):
+            self.fs.pipe_file(self.path(name), data)
+
+    def size(self, name: str) -> int | None:
+        """Bytes of an object, None when it is not there (never a cached answer)."""
+        with self.errors(f"reading {self.url}/{name}"):
+            try:
+                info = self.fs.info(self.path(name), refresh=True)
+            except FileNotFoundError:
+                return None
+            return int(info["size"]) if info.get("type") == "file" else None
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """name -> size of every object under `prefix` (recursively; fresh, not cached)."""
+        self.fs.invalidate_cache()
+        with self.errors(f"listing {self.url}/{prefix}"):
+            try:
+                found = self.fs.find(self.path(prefix), detail=True)
+            except FileNotFoundError:
+                return {}
+        cut = len(self.base) + 1
+        return {p[cut:]: int(i["size"]) for p, i in found.items() if i.get("type", "file") == "file"}
+
+    def remove(self, names: list[str]) -> None:
+        if names:
+            with self.errors(f"removing objects under {self.url}"):
+                self.fs.rm([self.path(n) for n in names])
+
+    # -- whole files ------------------------------------------------------------------------------
+
+    def put_file(self, local: Path, name: str) -> None:
+        """Upload a local file as one object, then check the object is there with its size."""
+        with self.errors(f"uploading {local} to {self.url}/{name}"):
+            self.fs.put_file(str(local), self.path(name))
+        want = local.stat().st_size
+        got = self.size(name)
+        if got != want:
+            raise SaekitError(
+                f"uploading {local} to {self.url}/{name}: the object has {got} bytes, not {want}; rerun to upload it again"
+            )
+
+    def get_file(self, name: str, local: Path) -> None:
+        """Download one object to `local` atomically (temp file, then rename)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.{id(local)}.partial")
+        try:
+            with self.errors(f"downloading {self.url}/{name}"):
+                self.fs.get_file(self.path(name), str(tmp))
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def check_writable(self) -> None:
+        """Write and remove a probe object: fails early (one line) on a missing bucket or no rights."""
+        probe = f".saekit-write-test-{os.getpid()}"
+        self.write_bytes(probe, b"")
+        self.remove([probe])
+
+
+def _advice(e: BaseException) -> str:
+    text = f"{type(e).__name__} {e}".lower()
+    if "credential" in text or "signature" in text or "accessdenied" in text or "forbidden" in text:
+        return "set credentials in the storage library's standard environment (e.g. AWS_PROFILE or AWS_ACCESS_KEY_ID)"
+    if "connect" in text or "endpoint" in text or "timeout" in text or "resolve" in text:
+        return "check the endpoint (AWS_ENDPOINT_URL for S3-compatible servers) and the network"
+    return "check the URL, the credentials and the network, then rerun"
+
+
+def each_parallel(fn: Callable[[Any], Any], items: list, threads: int) -> list:
+    """fn over items on `threads` threads, in order; the first error is raised (the rest still finish)."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saekit-remote") as pool:
+        return list(pool.map(fn, items))
