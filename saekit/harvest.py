@@ -45,6 +45,7 @@ from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, is_disk_full, local_path
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
+from saekit.remote import Remote, is_remote
 from saekit.store import create_store, open_store, read_attrs
 from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
 
@@ -69,7 +70,7 @@ class HarvestConfig:
     text_column: str = "text"
     """Column holding the text."""
     out: str | None = None
-    """Store directory. None: cache/<model>__<hook>__<dataset>."""
+    """Store directory, or an object-storage URL (s3://bucket/prefix, gs://...). None: cache/<model>__<hook>__<dataset>."""
     tokens: int = 1_000_000
     """Rows to cache (token positions after skipping); fewer if the dataset runs out first."""
     ctx_len: int = 0
@@ -92,6 +93,8 @@ class HarvestConfig:
     """Rows per inner chunk (the unit of shuffled reads)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    staging: str | None = None
+    """Local folder where a harvest to a URL keeps each shard until it is uploaded (default: $SAEKIT_STAGING or ~/.cache/saekit/staging)."""
 
     def __post_init__(self):
         check_positive("--tokens", self.tokens)
@@ -99,13 +102,15 @@ class HarvestConfig:
         check_non_negative("--batch-size", self.batch_size, "auto")
         check_non_negative("--skip-first-n-tokens", self.skip_first_n_tokens, "keep every position")
         need(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
-        if self.out:
-            local_path(self.out)  # a URL is refused now, before the model loads
+        if self.out and not is_remote(self.out):
+            local_path(self.out, why="harvest writes to a local path or to object storage (s3://, gs://, ...)")
+        if self.staging:
+            local_path(self.staging, "--staging")
 
 
 class HarvestResult(NamedTuple):
-    path: Path
-    """The store directory."""
+    path: Path | str
+    """The store directory (or its URL)."""
     n_rows: int
     """Rows in the finished store."""
     content_hash: str
@@ -502,7 +507,10 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         shard_rows=cfg.shard_rows,
         batch_size=cfg.batch_size,
     )
-    out = local_path(cfg.out) if cfg.out else default_out(lm.name, [h.name for h in plan.hooks], texts.name)
+    if cfg.out:
+        out = cfg.out.rstrip("/") if is_remote(cfg.out) else local_path(cfg.out)
+    else:
+        out = default_out(lm.name, [h.name for h in plan.hooks], texts.name)
     _check_not_empty(plan)
 
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its
@@ -516,6 +524,7 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         shard_rows=cfg.shard_rows,
         chunk_rows=cfg.chunk_rows,
         world_size=d.world_size,
+        staging=cfg.staging,
     )
     writer, err, done_hash = None, None, None
     if d.main:
@@ -539,7 +548,9 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
     barrier()
     if not d.main:
         return HarvestResult(out, 0, "", rate)
-    writer.finalize()
+    attrs = writer.finalize()
+    if is_remote(out):  # the shards were checked as they were uploaded
+        return HarvestResult(out, attrs["n_rows"], attrs["content_hash"], rate)
     store = open_store(out)
     return HarvestResult(out, store.n_rows, store.content_hash, rate)
 
@@ -548,10 +559,17 @@ def _already_complete(out: Path, meta: dict) -> str | None:
     """The content hash of a finished store at `out` made with these arguments, once every shard
     and the statistics check out; None if there is no finished store there (create_store takes
     it from there); an error if it was made with other arguments or is damaged."""
-    attrs = read_attrs(out)  # None: nothing there, a file, or not a store
-    if not (attrs or {}).get("complete"):
-        return None
-    store = open_store(out, check=False)  # refuses damaged or edited attributes
+    if is_remote(out):
+        if Remote(out).read_bytes("zarr.json") is None:
+            return None
+        store = open_store(out, allow_incomplete=True, check=False)  # refuses damaged or edited attributes
+        if not store.complete:
+            return None
+    else:
+        attrs = read_attrs(out)  # None: nothing there, a file, or not a store
+        if not (attrs or {}).get("complete"):
+            return None
+        store = open_store(out, check=False)  # refuses damaged or edited attributes
     if _canonical(store.meta) != _canonical(meta):
         old, new = json.loads(_canonical(store.meta)), json.loads(_canonical(meta))
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -559,6 +577,8 @@ def _already_complete(out: Path, meta: dict) -> str | None:
             f"store {out} was written with different metadata (differs in: {', '.join(keys)}); "
             "use the same arguments, a new --out, or --overwrite"
         )
+    if is_remote(out):  # reading every shard back is `saekit verify URL`'s job, not a resume's
+        return store.content_hash
     bad = store.verify()
     if bad:
         more = f" (and {len(bad) - 1} more: run `saekit verify {out}`)" if len(bad) > 1 else ""
@@ -598,7 +618,7 @@ def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progre
         total=total,
         unit="tok",
         unit_scale=True,
-        desc=f"harvest {out.name}",
+        desc=f"harvest {Path(str(out)).name}",
         disable=not progress,
         file=sys.stderr,
         smoothing=0.1,

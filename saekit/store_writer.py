@@ -20,6 +20,7 @@ import torch
 
 from saekit.config import check_positive
 from saekit.errors import SaekitError, is_non_empty
+from saekit.remote import is_remote
 from saekit.shards import (
     RECORDS_DIR,
     ShardLayoutError,
@@ -50,6 +51,7 @@ from saekit.store_format import (
     identity,
     is_url,
     leading_records,
+    metadata_files,
     read_attrs,
     record_sums,
     row_stats,
@@ -57,6 +59,7 @@ from saekit.store_format import (
     summary,
     validate_hooks,
 )
+from saekit.store_upload import RemoteMirror, refuse_truncation
 
 # What a creation of a store makes in its directory (beside zarr.json and the marker).
 STORE_ENTRIES = (ACTS, TOKENS, POSITIONS)
@@ -74,8 +77,9 @@ def create_store(
     overwrite: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    staging: str | os.PathLike | None = None,
 ) -> StoreWriter:
-    """Create (or resume) a store at a local `path` and return its writer.
+    """Create (or resume) a store at a local `path` or an fsspec URL and return its writer.
 
     hooks: hook name -> d_model. n_rows: capacity, an upper bound (finalize may truncate; a single
     writer grows it if exceeded). meta: JSON provenance (model, dataset, tokenizer, ctx_len, ...).
@@ -84,10 +88,15 @@ def create_store(
     `overwrite` (only an existing saekit store is removed). What a creation killed before its
     attributes were written left behind holds no rows and is replaced. With world_size > 1, rank 0
     creates the store and the other ranks join it afterwards (the caller barriers between).
+
+    At a URL (s3://, gs://, ...) the store is staged in a local folder (`staging`, default
+    `store_upload.default_staging()`) and published piece by piece: see `saekit.store_upload`.
     """
     _check_create_args(path, resume, overwrite, rank, world_size, shard_rows, chunk_rows, n_rows)
     layout = StoreLayout(validate_hooks(hooks), int(shard_rows), int(chunk_rows))
     meta = json.loads(canonical_json(meta))  # normalise (tuples -> lists) so resume compares like with like
+    if is_remote(path):
+        return _create_remote(str(path), layout, meta, int(n_rows), resume, overwrite, rank, world_size, staging)
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise SaekitError(f"{root} is a file, not a directory; choose a directory path for the store")
@@ -95,26 +104,65 @@ def create_store(
         discard_unfinished_creation(root, FORMAT, STORE_ENTRIES)
     non_empty = is_non_empty(root)  # a file was refused above
     attrs = read_attrs(root) if non_empty else None
-    if rank > 0:
-        if attrs is None:
-            raise SaekitError(
-                f"rank {rank}: no store at {root} yet; rank 0 must call create_store first (barrier after it)"
-            )
+    if not _may_create(root, attrs, non_empty, resume, overwrite, rank):
         return _reopen(root, attrs, layout, meta, rank, world_size)
     if non_empty:
-        if not (resume or overwrite):
-            what = "a saekit store" if attrs is not None else "not empty"
-            raise SaekitError(
-                f"{root} is {what}; pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or choose a new path"
-            )
-        if attrs is None:
-            why = "refusing to delete it" if overwrite else "cannot resume it"
-            raise SaekitError(f"{root} is not empty and not a saekit store; {why}, choose a new path")
-        if resume:
-            return _reopen(root, attrs, layout, meta, rank, world_size)
         remove_entries(root, [p.name for p in root.iterdir()])
     attrs = _create(root, layout, meta, capacity=int(n_rows))
     return StoreWriter(root, layout, attrs, rank, world_size)
+
+
+def _may_create(where, attrs: dict | None, non_empty: bool, resume: bool, overwrite: bool, rank: int) -> bool:
+    """True: (re)create the store at `where`; False: reopen the one there (resume, or rank > 0).
+    Refuses, in one line, what neither may do."""
+    if rank > 0:
+        if attrs is None:
+            raise SaekitError(
+                f"rank {rank}: no store at {where} yet; rank 0 must call create_store first (barrier after it)"
+            )
+        return False
+    if not non_empty:
+        return True
+    if not (resume or overwrite):
+        what = "a saekit store" if attrs is not None else "not empty"
+        raise SaekitError(
+            f"{where} is {what}; pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to replace it, or choose a new path"
+        )
+    if attrs is None:
+        why = "refusing to delete it" if overwrite else "cannot resume it"
+        raise SaekitError(f"{where} is not empty and not a saekit store; {why}, choose a new path")
+    return not resume
+
+
+def _create_remote(
+    url: str,
+    layout: StoreLayout,
+    meta: dict,
+    capacity: int,
+    resume: bool,
+    overwrite: bool,
+    rank: int,
+    world_size: int,
+    staging: str | os.PathLike | None,
+) -> StoreWriter:
+    """`create_store` at a URL: staged locally, published by a RemoteMirror."""
+    mirror = RemoteMirror.staged(url, rank, staging)
+    mirror.remote.check_writable()
+    objects = mirror.objects()
+    if rank == 0 and "zarr.json" not in objects and set(objects) <= set(metadata_files(layout)):
+        mirror.clear(objects)  # a creation killed before its group zarr.json: no rows, nothing to keep
+        objects = {}
+    mirror.pull(objects)
+    attrs = read_attrs(mirror.root) if objects else None
+    mirror.objects_at_open = objects
+    if not _may_create(url, attrs, bool(objects), resume, overwrite, rank):
+        return _reopen(mirror.root, attrs, layout, meta, rank, world_size, mirror)
+    if objects:
+        mirror.clear(objects)
+        shutil.rmtree(mirror.root)
+    attrs = _create(mirror.root, layout, meta, capacity=capacity)
+    mirror.push_metadata(layout)
+    return StoreWriter(mirror.root, layout, attrs, rank, world_size, mirror)
 
 
 def _check_create_args(
@@ -127,8 +175,10 @@ def _check_create_args(
     chunk_rows: int,
     n_rows: int,
 ) -> None:
-    if is_url(path):
-        raise SaekitError(f"stores are written to a local directory, not {path}; write locally, then copy")
+    if is_url(path) and not is_remote(path):
+        raise SaekitError(
+            f"{path}: write a store to a local path (not a file:// URL) or to object storage (s3://, gs://, ...)"
+        )
     if resume and overwrite:
         raise SaekitError("pass either resume or overwrite, not both")
     if sys.byteorder != "little":  # shard files are written as raw little-endian bytes
@@ -140,22 +190,25 @@ def _check_create_args(
     check_positive("n_rows (capacity)", n_rows)
 
 
-def _reopen(root: Path, attrs: dict, layout: StoreLayout, meta: dict, rank: int, world_size: int) -> StoreWriter:
+def _reopen(
+    root: Path, attrs: dict, layout: StoreLayout, meta: dict, rank: int, world_size: int, mirror=None
+) -> StoreWriter:
     """A writer of the unfinished store at `root` (resume, or rank > 0 joining rank 0's store)."""
-    stored = check_attrs(root, attrs)
+    where = mirror.remote.url if mirror else root
+    stored = check_attrs(where, attrs)
     if attrs["complete"] and rank > 0:
         raise SaekitError(
-            f"rank {rank}: store {root} is already complete; nothing to write (overwrite it from rank 0 to rebuild)"
+            f"rank {rank}: store {where} is already complete; nothing to write (overwrite it from rank 0 to rebuild)"
         )
     if attrs["complete"]:
         raise SaekitError(
-            f"store {root} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild"
+            f"store {where} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild"
         )
-    _check_matches(root, stored, attrs["meta"], layout, meta)
-    return StoreWriter(root, layout, attrs, rank, world_size)
+    _check_matches(where, stored, attrs["meta"], layout, meta)
+    return StoreWriter(root, layout, attrs, rank, world_size, mirror)
 
 
-def _check_matches(root: Path, stored: StoreLayout, stored_meta: dict, layout: StoreLayout, meta: dict) -> None:
+def _check_matches(root, stored: StoreLayout, stored_meta: dict, layout: StoreLayout, meta: dict) -> None:
     if stored != layout:
         raise SaekitError(
             f"store {root} has layout {tuple(stored)} but this run asks for {tuple(layout)}; use the same hooks/shard sizes or a new path"
@@ -215,10 +268,20 @@ class StoreWriter:
     `damaged` lists this writer's finished shards that failed their check on opening (redone).
     """
 
-    def __init__(self, root: Path, layout: StoreLayout, attrs: dict, rank: int, world_size: int):
+    def __init__(
+        self,
+        root: Path,
+        layout: StoreLayout,
+        attrs: dict,
+        rank: int,
+        world_size: int,
+        mirror: RemoteMirror | None = None,
+    ):
         import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
-        self.path = root
+        self.path = root  # where the files are written (a staging folder for a URL store)
+        self.mirror = mirror
+        self.where = mirror.remote.url if mirror else root  # the store, as the user named it
         self.layout = layout
         self.meta = attrs["meta"]
         self.rank, self.world_size = rank, world_size
@@ -248,9 +311,14 @@ class StoreWriter:
         valid rows) and drop the record of each bad one, so it is redone. One line per bad shard."""
         bad = []
         for i in sorted(j for j in done if j % self.world_size == self.rank):
-            problem = _shard_problem(self.path, self.layout, done[i])
+            if self.mirror:
+                problem = self.mirror.shard_problem(self.layout, done[i], self.mirror.objects_at_open)
+            else:
+                problem = _shard_problem(self.path, self.layout, done[i])
             if problem is not None:
                 record_path(self._records, i).unlink(missing_ok=True)
+                if self.mirror:
+                    self.mirror.drop_record(i)
                 del done[i]
                 bad.append(problem)
         return bad
@@ -355,6 +423,8 @@ class StoreWriter:
             chunk_rows=self.layout.chunk_rows,
             extra=lambda: record_sums(dict(zip(hooks, stats, strict=True))),
         )
+        if self.mirror:
+            self.mirror.push_shard(self.layout, index)
 
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self.capacity:
@@ -367,14 +437,17 @@ class StoreWriter:
         for a in self._arrays.values():
             a.resize((new, *a.shape[1:]))
 
-    def finalize(self, n_rows: int | None = None) -> None:
+    def finalize(self, n_rows: int | None = None) -> dict:
         """Flush, optionally truncate to `n_rows`, combine statistics, hash and mark complete.
+        Returns the store's attributes.
 
         With several writers, only rank 0 calls this, after every rank has written (barrier first).
         """
         if self.rank != 0:
             raise SaekitError(f"only rank 0 finalizes a store; rank {self.rank} should stop after writing and barrier")
         self._flush()
+        if self.mirror:
+            self.mirror.pull_records()  # the other ranks' shards
         order = self._finished_shards()
         total = order[-1].stop if order else 0
         if n_rows is not None:
@@ -384,8 +457,10 @@ class StoreWriter:
                 )
             total = int(n_rows)
         if total == 0:
-            raise SaekitError(f"store {self.path} has no rows; append rows before finalize")
+            raise SaekitError(f"store {self.where} has no rows; append rows before finalize")
         order = [r for r in order if r.start < total]
+        if self.mirror:
+            refuse_truncation(self.mirror.remote, order[-1].stop, total)
         if order[-1].stop > total:  # truncating inside a shard: its checksums and stats change
             order[-1] = self._record_from_disk(order[-1], total)
         for a in self._arrays.values():
@@ -393,9 +468,14 @@ class StoreWriter:
         attrs = read_attrs(self.path) or {}
         attrs.update(summary(self.layout, self.meta, order, total))  # format, version and hash with it
         write_group_attrs(self.path, attrs)
+        self._pool.shutdown()
+        if self.mirror:  # the group's zarr.json, complete, is the last object written
+            self.mirror.push_metadata(self.layout)
+            self.mirror.done()
+            return attrs
         # the records now live in the attributes; the directory is not part of the zarr hierarchy.
         shutil.rmtree(self._records, ignore_errors=True)
-        self._pool.shutdown()
+        return attrs
 
     def _finished_shards(self) -> list[ShardRecord]:
         """The records of the store's shards in order; an error naming the gap if any shard before the last is missing or partial."""
@@ -409,7 +489,7 @@ class StoreWriter:
             else:
                 why = f"shards {sorted(set(range(last + 1, later[-1] + 1)) - set(recs))} have no completion record"
             raise SaekitError(
-                f"store {self.path} has a gap: {why} but later shards exist; rerun the writers with resume, then finalize"
+                f"store {self.where} has a gap: {why} but later shards exist; rerun the writers with resume, then finalize"
             )
         return order
 

@@ -487,7 +487,7 @@ ROWS: dict[str, Row] = {
     "harvest --out without write permission": Row(lambda env: harvest(locked(env)), "Permission denied", needs="setpriv"),
     "harvest --out name too long": Row(lambda env: harvest(too_long(env)), "too long"),
     "harvest --out is a file": Row(lambda env: harvest(a_file(env)), "is a file, not a directory"),
-    "harvest --out s3:// URL": Row(lambda env: harvest(url_out(env, "s3://bucket/x")), "is a URL"),
+    "harvest --out file:// URL": Row(lambda env: harvest(url_out(env, "file:///tmp/x")), "is a URL, but harvest writes to a local path or to object storage"),
     "harvest --device tpu": Row(lambda env: harvest(env.tmp / "s", "--device", "tpu"), "unknown --device 'tpu'"),
     "harvest random-bytes .jsonl": Row(lambda env: harvest(env.tmp / "s", "--dataset", noise(env, "n.jsonl")),
                                        "is not UTF-8 text"),

@@ -39,8 +39,11 @@ ENV = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("harvest"))
+
+
+def make_data(root: Path) -> tuple[Path, str, str]:
     """A tiny GPT-2 checkpoint and jsonl texts: documents of 1 to ~150 tokens."""
-    root = tmp_path_factory.mktemp("harvest")
     ckpt = make_tiny_gpt2(root / "tiny-gpt2")
     g = torch.Generator().manual_seed(0)
     words = "the a sparse feature model token layer residual stream dictionary code of in on with".split()

@@ -1,0 +1,122 @@
+"""Writing an activation store into object storage: a local staging folder, mirrored shard by shard.
+
+`create_store(url, ...)` builds the store in a local staging folder exactly as it would on a local
+disk (whole shard files, completion records, zarr.json) and a `RemoteMirror` publishes each piece
+as soon as it is final:
+
+    shard i:   its array files are uploaded (each checked for its size once it is there), then its
+               completion record; the local shard files are then deleted, so staging holds about
+               one shard per writer
+    finalize:  the arrays' zarr.json, then the group's zarr.json with complete=true, last
+
+so a reader of the bucket never sees a shard without its data, nor a complete store with a shard
+missing. `--resume` rebuilds the staging folder from the bucket (metadata and records; no shard
+data) and checks each recorded shard's objects for their sizes; ranks under torchrun each stage in
+their own folder and write disjoint shards, as they do locally.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from saekit.errors import SaekitError
+from saekit.remote import Remote, url_key
+from saekit.shards import RECORDS_DIR, ShardRecord, record_path
+from saekit.store_format import StoreLayout, array_spec, metadata_files, shard_files
+
+
+def default_staging() -> Path:
+    """Where remote writers stage: $SAEKIT_STAGING, else ~/.cache/saekit/staging."""
+    return Path(os.environ.get("SAEKIT_STAGING") or Path.home() / ".cache" / "saekit" / "staging")
+
+
+def shard_file_size(layout: StoreLayout, key: str) -> int:
+    """Bytes of one shard file of array `key` as saekit writes it (data, then the shard index)."""
+    row, dtype = array_spec(layout, key)
+    data = layout.shard_rows * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
+    return data + (layout.shard_rows // layout.chunk_rows) * 16 + 4
+
+
+class RemoteMirror:
+    """Publishes a store being written in the local folder `root` to `remote`, piece by piece."""
+
+    def __init__(self, remote: Remote, root: Path):
+        self.remote, self.root = remote, root
+
+    @classmethod
+    def staged(cls, url: str, rank: int, staging: str | os.PathLike | None) -> RemoteMirror:
+        """A mirror of `url` with a fresh staging folder for writer `rank`."""
+        remote = Remote(url)
+        root = Path(staging) if staging else default_staging()
+        root = root / f"{url_key(remote.url)}-rank{rank}"
+        shutil.rmtree(root, ignore_errors=True)  # staging is rebuilt from the bucket, never trusted
+        return cls(remote, root)
+
+    # -- what is in the bucket ---------------------------------------------------------------------
+
+    def objects(self) -> dict[str, int]:
+        return self.remote.list()
+
+    def pull(self, objects: dict[str, int]) -> None:
+        """Copy the store's metadata and completion records (no shard data) into staging."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in objects:
+            if name.endswith("zarr.json") or name.startswith(RECORDS_DIR + "/"):
+                self.remote.get_file(name, self.root / name)
+
+    def pull_records(self) -> None:
+        """Every rank's completion records, for rank 0's finalize."""
+        self.pull({n: 0 for n in self.remote.list(RECORDS_DIR)})
+
+    def clear(self, objects: dict[str, int]) -> None:
+        """Remove every object under the URL (--overwrite of a store there)."""
+        self.remote.remove(list(objects))
+
+    def shard_problem(self, layout: StoreLayout, rec: ShardRecord, objects: dict[str, int]) -> str | None:
+        """What is wrong with a recorded shard in the bucket (an object missing or of the wrong
+        size), or None. Objects are written whole, so the size is the check resume can afford;
+        `saekit verify URL` checks every crc32c."""
+        for key, name in shard_files(layout, rec.index).items():
+            size = objects.get(name)
+            if size is None:
+                return f"{name}: missing"
+            if size != shard_file_size(layout, key):
+                return f"{name}: {size} bytes, not {shard_file_size(layout, key)}"
+        return None
+
+    # -- publishing ---------------------------------------------------------------------------------
+
+    def push_metadata(self, layout: StoreLayout) -> None:
+        """The arrays' zarr.json, then the group's (the store's state lives there): last."""
+        for name in metadata_files(layout):
+            self.remote.put_file(self.root / name, name)
+
+    def push_shard(self, layout: StoreLayout, index: int) -> None:
+        """Upload shard `index` (its record is in staging): files first, each checked, then the
+        record; then free the staging copy of the data."""
+        files = shard_files(layout, index).values()
+        for name in files:
+            self.remote.put_file(self.root / name, name)
+        rec = record_path(self.root / RECORDS_DIR, index)
+        self.remote.put_file(rec, f"{RECORDS_DIR}/{rec.name}")
+        for name in files:
+            (self.root / name).unlink(missing_ok=True)
+
+    def drop_record(self, index: int) -> None:
+        """Forget a bad shard's record in the bucket, so no reader or resume takes it as done."""
+        self.remote.remove([f"{RECORDS_DIR}/{record_path(Path(), index).name}"])
+
+    def done(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def refuse_truncation(remote: Remote, stop: int, total: int) -> None:
+    if stop > total:
+        raise SaekitError(
+            f"finalize(n_rows={total}) would cut a shard of {remote.url} already uploaded; "
+            f"write the store locally to truncate it, or finalize without n_rows ({stop} rows)"
+        )
