@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as td
@@ -152,8 +152,13 @@ def barrier() -> None:
 
 def broadcast_error(message: str | None) -> str | None:
     """Share rank 0's error message (or None) with every rank, so all ranks stop together."""
+    return broadcast_object(message)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (picklable, saekit's own) on every rank; itself without torchrun."""
     if not _distributed():
-        return message
-    box = [message]
+        return obj
+    box = [obj]
     td.broadcast_object_list(box, src=0)
     return box[0]

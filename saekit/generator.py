@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from saekit.cache_root import DEFAULT_ROOT
 from saekit.errors import SaekitError
 from saekit.harvest import (
-    DEFAULT_CACHE_ROOT,
     ActBatch,
     Plan,
     RowLayout,
@@ -95,7 +95,7 @@ def cached_activation_generator(
         batch_size=generator_batch_size,
     )
     key = hashlib.sha256(json.dumps(plan.meta, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(save_to_disk) if save_to_disk else Path(DEFAULT_CACHE_ROOT) / f"generator-{key}"
+    root = Path(save_to_disk) if save_to_disk else Path(DEFAULT_ROOT) / f"generator-{key}"
     return _rebatch(_generator_rows(plan, root, max_runs), activation_batch_size)
 
 

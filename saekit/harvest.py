@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Generator
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -41,16 +41,25 @@ import torch
 from tqdm import tqdm
 
 from saekit import __version__
+from saekit.cache_root import Found, cache_root, find, identity_dir, store_name
 from saekit.config import check_non_negative, check_positive, need
-from saekit.devices import barrier, broadcast_error, dtype_name, init_dist, resolve_dtype, shutdown_dist
+from saekit.devices import (
+    barrier,
+    broadcast_error,
+    broadcast_object,
+    dtype_name,
+    init_dist,
+    resolve_dtype,
+    shutdown_dist,
+)
 from saekit.errors import SaekitError, is_disk_full, local_path
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
 from saekit.remote import Remote, is_remote
-from saekit.store import create_store, open_store, read_attrs
-from saekit.texts import TextSource, default_store_name, load_texts, model_packing, sequences
+from saekit.store import StoreLayout, create_store, open_store, read_attrs
+from saekit.store_writer import extend_store
+from saekit.texts import TextSource, load_texts, model_packing, sequences
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
-DEFAULT_CACHE_ROOT = "cache"
 
 
 @dataclass
@@ -70,7 +79,7 @@ class HarvestConfig:
     text_column: str = "text"
     """Column holding the text."""
     out: str | None = None
-    """Store directory, or an object-storage URL (s3://bucket/prefix, gs://...). None: cache/<model>__<hook>__<dataset>."""
+    """Store directory, or an object-storage URL (s3://bucket/prefix, gs://...). None: found or made in the cache root, named by what it holds."""
     tokens: int = 1_000_000
     """Rows to cache (token positions after skipping); fewer if the dataset runs out first."""
     ctx_len: int = 0
@@ -93,6 +102,8 @@ class HarvestConfig:
     """Rows per inner chunk (the unit of shuffled reads)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    cache_root: str | None = None
+    """Without --out: the shared cache root (a folder or a URL) where a store of the same model, data, context and hooks is reused, extended or created (default: $SAEKIT_CACHE, else ./cache)."""
     staging: str | None = None
     """Local folder where a harvest to a URL keeps each shard until it is uploaded (default: $SAEKIT_STAGING or ~/.cache/saekit/staging)."""
 
@@ -478,10 +489,6 @@ def _needed_seqs(layout: RowLayout, todo: set[int]):
 # ---------------------------------------------------------------------------------------------
 
 
-def default_out(model_name: str, hooks: list[str], texts_name: str, root: str = DEFAULT_CACHE_ROOT) -> Path:
-    return Path(root) / default_store_name(model_name, hooks, texts_name)
-
-
 def run(cfg: HarvestConfig) -> HarvestResult:
     """Harvest per `cfg` into a store; under torchrun every rank calls this (rank 0 finalizes)."""
     d = init_dist(cfg.device)
@@ -497,21 +504,27 @@ def run(cfg: HarvestConfig) -> HarvestResult:
 def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> HarvestResult:
     """`run` with the model and texts already loaded (cfg.model/dataset/device/dtype are ignored)."""
     d = init_dist(str(lm.model.cfg.device))
-    plan = make_plan(
-        lm,
-        cfg.hooks,
-        texts,
-        ctx_len=cfg.ctx_len,
-        skip=cfg.skip_first_n_tokens,
-        n_rows=cfg.tokens,
-        shard_rows=cfg.shard_rows,
-        batch_size=cfg.batch_size,
-    )
+    plan = _plan(cfg, lm, texts)
+    _check_not_empty(plan)
+    found = None
     if cfg.out:
         out = cfg.out.rstrip("/") if is_remote(cfg.out) else local_path(cfg.out)
     else:
-        out = default_out(lm.name, [h.name for h in plan.hooks], texts.name)
-    _check_not_empty(plan)
+        found = _find_in_cache_root(cfg, lm, texts, plan, d.main)
+        out = found.path if is_remote(found.path) else Path(found.path)
+        if found.action == "reuse":
+            if d.main:
+                print(
+                    f"reusing {found.path} from the cache root ({found.n_rows:,} rows, hooks {', '.join(found.hooks)})",
+                    file=sys.stderr,
+                )
+            return HarvestResult(out, found.n_rows, found.content_hash if d.main else "", 0.0)
+        if found.action == "extend":  # the store's own hooks and layout: every row it has, more of them
+            cfg = replace(cfg, hooks=found.hooks, shard_rows=found.shard_rows, chunk_rows=found.chunk_rows)
+            plan = _plan(cfg, lm, texts)
+            if d.main:
+                print(f"extending {found.path} from {found.n_rows:,} to {cfg.tokens:,} rows", file=sys.stderr)
+        cfg = replace(cfg, resume=found.action == "resume")
 
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its
     # errors (broadcast_error is a collective, so it also orders creation before joining).
@@ -526,12 +539,21 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         world_size=d.world_size,
         staging=cfg.staging,
     )
+    if found is not None and found.action == "extend":
+        layout = StoreLayout(plan.meta["hooks"], cfg.shard_rows, cfg.chunk_rows)
+        store_at = partial(
+            extend_store, out, layout, n_rows=cfg.tokens, meta=plan.meta, world_size=d.world_size, staging=cfg.staging
+        )
     writer, err, done_hash = None, None, None
     if d.main:
         try:
             done_hash = _already_complete(out, plan.meta) if cfg.resume else None
             if done_hash is None:
-                writer = store_at(resume=cfg.resume, overwrite=cfg.overwrite)
+                writer = (
+                    store_at()
+                    if found and found.action == "extend"
+                    else store_at(resume=cfg.resume, overwrite=cfg.overwrite)
+                )
         except SaekitError as e:
             err = str(e)
     err = broadcast_error(err)
@@ -553,6 +575,42 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
         return HarvestResult(out, attrs["n_rows"], attrs["content_hash"], rate)
     store = open_store(out)
     return HarvestResult(out, store.n_rows, store.content_hash, rate)
+
+
+def _plan(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Plan:
+    return make_plan(
+        lm,
+        cfg.hooks,
+        texts,
+        ctx_len=cfg.ctx_len,
+        skip=cfg.skip_first_n_tokens,
+        n_rows=cfg.tokens,
+        shard_rows=cfg.shard_rows,
+        batch_size=cfg.batch_size,
+    )
+
+
+def _find_in_cache_root(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource, plan: Plan, main: bool) -> Found:
+    """What the cache root holds for this harvest (rank 0 looks; every rank gets its answer)."""
+    found, err = None, None
+    if main:
+        try:
+            rel = identity_dir(lm.name, texts.name, plan.meta)
+            found = find(cache_root(cfg.cache_root), rel, [h.name for h in plan.hooks], cfg.tokens, plan.meta)
+            if cfg.overwrite:  # rebuild this request's store, whatever the root holds
+                found = Found("new", found.path if found.action == "resume" else _fresh_path(cfg, rel, plan), 0, [])
+        except SaekitError as e:
+            err = str(e)
+    err = broadcast_error(err)
+    if err is not None:
+        raise SaekitError(err)
+    return broadcast_object(found)
+
+
+def _fresh_path(cfg: HarvestConfig, rel: str, plan: Plan) -> str:
+    root = cache_root(cfg.cache_root)
+    name = f"{rel}/{store_name([h.name for h in plan.hooks])}"
+    return f"{root}/{name}" if is_remote(root) else str(Path(root) / name)
 
 
 def _already_complete(out: Path, meta: dict) -> str | None:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from saekit.shards import (
     remove_entries,
     shard_key,
     write_group_attrs,
+    write_json_atomic,
     write_recorded_shard,
 )
 from saekit.store_format import (
@@ -55,6 +57,7 @@ from saekit.store_format import (
     read_attrs,
     record_sums,
     row_stats,
+    shard_files,
     store_records,
     summary,
     validate_hooks,
@@ -265,7 +268,8 @@ class StoreWriter:
     `append` fills this writer's shards in order (for rank r of w: shards r, r+w, r+2w, ...);
     `write_shard` writes one explicitly. `resume_row` counts the rows of this writer's stream that
     are already safely on disk (leading complete shards); the caller continues from there.
-    `damaged` lists this writer's finished shards that failed their check on opening (redone).
+    `damaged` lists this writer's finished shards that failed their check on opening (redone);
+    shards in `trusted` were checked just before and are not read again.
     """
 
     def __init__(
@@ -276,6 +280,7 @@ class StoreWriter:
         rank: int,
         world_size: int,
         mirror: RemoteMirror | None = None,
+        trusted: Collection[int] = (),
     ):
         import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
@@ -295,7 +300,7 @@ class StoreWriter:
             ) from e
         self._records.mkdir(exist_ok=True)
         done = store_records(root, layout)
-        self.damaged = self._drop_damaged(done)
+        self.damaged = self._drop_damaged({i: r for i, r in done.items() if i not in trusted}, done)
         # leading full shards of this writer's stream are kept; the first gap (or partial) is redone.
         k = 0
         while (rec := done.get(self._global_shard(k))) is not None and rec.stop - rec.start == layout.shard_rows:
@@ -306,15 +311,16 @@ class StoreWriter:
         self._fill = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-stats")
 
-    def _drop_damaged(self, done: dict[int, ShardRecord]) -> list[str]:
-        """Check this writer's finished shards against their records (files there, crc32c of the
-        valid rows) and drop the record of each bad one, so it is redone. One line per bad shard."""
+    def _drop_damaged(self, check: dict[int, ShardRecord], done: dict[int, ShardRecord]) -> list[str]:
+        """Check this writer's finished shards in `check` against their records (files there,
+        crc32c of the valid rows) and drop the record of each bad one from `done` and the disk, so
+        it is redone. One line per bad shard."""
         bad = []
-        for i in sorted(j for j in done if j % self.world_size == self.rank):
+        for i in sorted(j for j in check if j % self.world_size == self.rank):
             if self.mirror:
-                problem = self.mirror.shard_problem(self.layout, done[i], self.mirror.objects_at_open)
+                problem = self.mirror.shard_problem(self.layout, check[i], self.mirror.objects_at_open)
             else:
-                problem = _shard_problem(self.path, self.layout, done[i])
+                problem = _shard_problem(self.path, self.layout, check[i])
             if problem is not None:
                 record_path(self._records, i).unlink(missing_ok=True)
                 if self.mirror:
@@ -494,10 +500,96 @@ class StoreWriter:
         return order
 
     def _record_from_disk(self, rec: ShardRecord, stop: int) -> ShardRecord:
-        crc, stats = {}, {}
-        for key, a in self._arrays.items():
-            v = np.asarray(a[rec.start : stop])
-            crc[key] = crc32c_of(v)
-            if key.startswith(ACTS + "/"):
-                stats[key[len(ACTS) + 1 :]] = row_stats(v)
-        return ShardRecord(rec.index, rec.start, stop, crc, record_sums(stats))
+        return record_from_files(self.path, self.layout, rec.index, stop - rec.start)
+
+
+def record_from_files(root: Path, layout: StoreLayout, index: int, n_valid: int) -> ShardRecord:
+    """The completion record of shard `index` rebuilt from its files' first `n_valid` rows
+    (checksums and statistics, as the writer computed them). Raises ShardLayoutError / OSError."""
+    crc, stats = {}, {}
+    for key, name in shard_files(layout, index).items():
+        row, dtype = array_spec(layout, key)
+        v = map_shard_file(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, n_valid)
+        crc[key] = crc32c_of(v)
+        if key.startswith(ACTS + "/"):
+            stats[key[len(ACTS) + 1 :]] = row_stats(v)
+    start = index * layout.shard_rows
+    return ShardRecord(index, start, start + n_valid, crc, record_sums(stats))
+
+
+def extend_store(
+    path: str | os.PathLike,
+    layout: StoreLayout,
+    *,
+    n_rows: int,
+    meta: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    staging: str | os.PathLike | None = None,
+) -> StoreWriter:
+    """A writer that grows the COMPLETE store at `path` to `n_rows` rows under the metadata `meta`
+    (the caller has checked that its rows are the same as the store's: see saekit.cache_root).
+
+    Its full shards are kept (their records rebuilt from the files, each checked against the
+    store's crc32c; a bad one is redone), its last partial shard is rewritten with more rows, and
+    the attributes, complete and valid for the old rows all along, are replaced at finalize.
+    """
+    mirror = RemoteMirror.staged(str(path), rank, staging) if is_remote(path) else None
+    root = mirror.root if mirror else Path(path)
+    if mirror:
+        mirror.objects_at_open = mirror.objects()
+        mirror.pull(mirror.objects_at_open)
+    attrs = read_attrs(root)
+    if not (attrs or {}).get("complete"):
+        raise SaekitError(f"{path} is not a complete store, so it cannot be extended; harvest it with --resume")
+    stored = check_attrs(path, attrs)
+    if stored != layout:
+        raise SaekitError(f"store {path} has layout {tuple(stored)}, not {tuple(layout)}; it cannot be extended")
+    if n_rows <= attrs["n_rows"]:
+        raise SaekitError(f"store {path} already has {attrs['n_rows']} rows; nothing to extend to {n_rows}")
+    trusted = set()
+    if rank == 0:
+        for i in _partial_records(root, layout):  # the old last shard is rewritten with more rows
+            record_path(root / RECORDS_DIR, i).unlink()
+            if mirror:
+                mirror.drop_record(i)
+        trusted = _adopt_full_shards(root, layout, attrs, local=mirror is None)
+        group = _open_group(root)
+        for key in array_keys(layout):
+            a = group[key]
+            a.resize((max(n_rows, a.shape[0]), *a.shape[1:]))
+        if mirror:  # the arrays' new capacity, for the other ranks (the group's zarr.json is untouched)
+            for name in metadata_files(layout)[:-1]:
+                mirror.remote.put_file(root / name, name)
+    return StoreWriter(root, layout, {**attrs, "meta": meta}, rank, world_size, mirror, trusted)
+
+
+def _open_group(root: Path):
+    import zarr  # lazy: see StoreWriter
+
+    return zarr.open_group(str(root), mode="r+")
+
+
+def _partial_records(root: Path, layout: StoreLayout) -> list[int]:
+    return [i for i, r in store_records(root, layout).items() if r.stop - r.start < layout.shard_rows]
+
+
+def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, local: bool) -> set[int]:
+    """Write a completion record for each full shard of a complete store that has none (local
+    stores: rebuilt from the files, checked against the store's crc32c). Returns the shards
+    checked here. A shard without a record is written again."""
+    records = root / RECORDS_DIR
+    records.mkdir(parents=True, exist_ok=True)
+    have = store_records(root, layout)
+    checked = set()
+    for s in attrs["shards"]:
+        if s["stop"] - s["start"] != layout.shard_rows or s["index"] in have or not local:
+            continue
+        try:
+            rec = record_from_files(root, layout, s["index"], layout.shard_rows)
+        except (OSError, ShardLayoutError):
+            continue
+        if rec.crc32c == s["crc32c"]:
+            write_json_atomic(record_path(records, rec.index), rec.to_json())
+            checked.add(rec.index)
+    return checked

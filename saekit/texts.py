@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -411,9 +410,3 @@ def sequences(model, texts: TextSource, ctx_len: int) -> Iterator[list[int]]:
     tokenized (`tokenize_docs`) and packed (`pack`) as `model_packing` says. The one path from
     texts to sequences; harvest and its checks read the texts through it."""
     return pack(tokenize_docs(model.tokenizer, texts.docs()), model_packing(model, ctx_len))
-
-
-def default_store_name(model_name: str, hooks: list[str], texts_name: str) -> str:
-    """`<model>__<hook>[+<hook>...]__<dataset>` with path-unsafe characters replaced."""
-    raw = f"{model_name}__{'+'.join(hooks)}__{texts_name}"
-    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", raw)

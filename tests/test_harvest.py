@@ -100,7 +100,7 @@ def assert_one_line_error(code, err, pattern):
 
 
 def test_embedded_default_end_to_end(tmp_path):
-    """No --model/--dataset/--hook: the embedded model and corpus, the middle layer, cache/<...>."""
+    """No --model/--dataset/--hook: the embedded model and corpus, the middle layer, ./cache."""
     r = subprocess.run(
         [
             sys.executable,
@@ -121,7 +121,7 @@ def test_embedded_default_end_to_end(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    out = tmp_path / "cache" / "saekit-embedded__blocks.2.hook_resid_pre__embedded"
+    (out,) = (tmp_path / "cache" / "saekit-embedded").glob("embedded-*/blocks.2.hook_resid_pre")  # the cache root
     store = open_store(out)
     assert store.hooks == ["blocks.2.hook_resid_pre"] and store.d_model(None) == 128
     assert store.n_rows == 1500 and store.content_hash in r.stdout
