@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import stat
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -81,7 +82,16 @@ def _quiet():
 
 
 def load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load `spec`: None/'embedded', a local HF checkpoint directory, or a transformer-lens name."""
+    """Load `spec`: None/'embedded', a local HF checkpoint directory, or a transformer-lens name.
+
+    transformer-lens prints its progress ("Moving model to device", "Loaded pretrained model")
+    on stdout; it goes to stderr, so a command's stdout stays its result (`STORE=$(saekit harvest)`).
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        return _load_model(spec, device, dtype)
+
+
+def _load_model(spec: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     if spec in (None, "", EMBEDDED):
         return _load_embedded(device, dtype)
     mode = path_mode(Path(spec).expanduser(), "--model")

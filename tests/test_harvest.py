@@ -124,7 +124,9 @@ def test_embedded_default_end_to_end(tmp_path):
     (out,) = (tmp_path / "cache" / "saekit-embedded").glob("embedded-*/blocks.2.hook_resid_pre")  # the cache root
     store = open_store(out)
     assert store.hooks == ["blocks.2.hook_resid_pre"] and store.d_model(None) == 128
-    assert store.n_rows == 1500 and store.content_hash in r.stdout
+    assert store.n_rows == 1500
+    # stdout is the result alone (transformer-lens's progress prints go to stderr): STORE=$(saekit harvest)
+    assert r.stdout.splitlines() == [f"{out.relative_to(tmp_path)}  1,500 rows  {store.content_hash}"]
     assert store.meta["model"]["source"] == "embedded" and store.meta["ctx_len"] == 128
     # Rows follow the corpus byte by byte: sequence 0 is BOS + the first 127 bytes, BOS skipped.
     from saekit.embedded import load_embedded_corpus
