@@ -140,3 +140,17 @@ def test_cli_copy_prints_what_it_did(s3_bucket, tmp_path, capsys, monkeypatch):
     assert code == 0 and out.strip() == f"{url} already holds this store ({h}); nothing to copy"
     code, _, err = in_process(capsys, monkeypatch, "copy", src, tmp_path / "src" / "inner")
     one_error(code, err, "one is inside the other")
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_finishes_the_copy(s3_bucket, tmp_path, tmpfs):
+    src = make_store(tmp_path / "src")
+    url = f"{s3_bucket}/store"
+    copy(src, url)
+    disk = tmpfs(16 << 10)  # room for a few of the 12 shard files
+    with pytest.raises(SaekitError, match="disk full while writing .*rerun the same `saekit copy`") as e:
+        copy(url, disk / "store")
+    assert "\n" not in str(e.value) and not (disk / "store" / "zarr.json").exists()
+    tmpfs.remount(disk, 1 << 20)
+    r = copy(url, disk / "store")
+    assert r.kept > 0 and r.copied + r.kept == 12
+    assert digest(disk / "store") == digest(src)
