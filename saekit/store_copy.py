@@ -29,7 +29,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from saekit.config import check_positive, need
-from saekit.errors import WRITE_PROBE, SaekitError, os_error_message, output_dir
+from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty, os_error_message, output_dir
 from saekit.remote import Remote, each_parallel, is_remote
 from saekit.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, remove_entries
 from saekit.store_format import (
@@ -347,11 +347,11 @@ class _Copy:
 def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool) -> dict[str, int] | None:
     """What DST holds that this copy may keep (name -> size), after clearing it for --overwrite;
     None when DST already holds this very store. Anything else there is refused."""
-    have = dst.list()
-    if "zarr.json" in have:
-        data = dst.read_bytes("zarr.json")
+    data, marker = dst.read_bytes("zarr.json"), dst.read_bytes(MARKER)
+    if data is not None:
         if data == group:
-            dst.remove([MARKER] if MARKER in have else [])  # a copy killed just after its last write
+            if marker is not None:  # a copy killed just after its last write
+                dst.remove([MARKER])
             return None
         attrs = attrs_of(data, dst.url)  # a damaged zarr.json is one line, and DST is left alone
         if attrs is None:
@@ -359,29 +359,29 @@ def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool) -> dict[str
                 f"DST {dst} holds a zarr.json that is not a saekit store's; refusing to touch it: choose another DST"
             )
         what = f"another saekit store ({attrs.get('content_hash') or 'incomplete'})"
-    elif MARKER in have:
-        if _marker_hash(dst) == digest:
-            return have  # this store's copy, interrupted: resume it
+    elif marker is not None:
+        if _marker_hash(marker) == digest:
+            return dst.list()  # this store's copy, interrupted: resume it
         what = "an unfinished copy of another store"
-    elif have:
+    elif is_non_empty(dst.root) if isinstance(dst, _Local) else dst.list():
         raise SaekitError(
-            f"DST {dst} is not empty ({len(have)} files) and holds no saekit store; refusing to write into it or "
-            "delete it: choose an empty DST"
+            f"DST {dst} is not empty and holds no saekit store; refusing to write into it or delete it: "
+            "choose an empty DST"
         )
     else:
-        return have
+        return {}
     if not overwrite:
         raise SaekitError(f"DST {dst} holds {what}; pass --overwrite to replace it, or choose another DST")
     if isinstance(dst, _Local):
         remove_entries(dst.root, [p.name for p in dst.root.iterdir()])
     else:
-        dst.remove(list(have))
+        dst.remove(list(dst.list()))
     return {}
 
 
-def _marker_hash(dst: Place) -> str | None:
+def _marker_hash(marker: bytes) -> str | None:
     try:
-        doc = json.loads(dst.read_bytes(MARKER) or b"")
+        doc = json.loads(marker)
     except ValueError:  # cut short: whose copy it was is unknown
         return None
     return doc.get("content_hash") if isinstance(doc, dict) else None

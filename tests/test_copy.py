@@ -116,6 +116,14 @@ def test_another_store_at_dst_is_replaced_only_with_overwrite(s3_bucket, tmp_pat
     assert Remote(url).read_bytes("zarr.json") == (b / "zarr.json").read_bytes()
     assert "tokens/c/3" not in Remote(url).list()  # a's shards beyond b's are gone
 
+    flip(a / TOKENS_2)  # a's copy stops partway: an unfinished copy of another store than b
+    with pytest.raises(SaekitError, match="corrupt"):
+        copy(a, f"{s3_bucket}/half")
+    with pytest.raises(SaekitError, match="holds an unfinished copy of another store; pass --overwrite"):
+        copy(b, f"{s3_bucket}/half")
+    assert copy(b, f"{s3_bucket}/half", overwrite=True).kept == 0
+    assert set(Remote(f"{s3_bucket}/half").list()) == set(Remote(url).list())  # b's files only
+
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
