@@ -34,7 +34,8 @@ def test_round_trip_through_s3_gives_the_same_store(s3_bucket, tmp_path):
     assert (up.copied, up.kept, up.already) == (12, 0, False) and up.bytes > 0
     objects = Remote(url).list()
     assert "zarr.json" in objects and MARKER not in objects
-    down = copy(url, tmp_path / "back")
+    assert copy(url, f"{s3_bucket}/mirror").copied == 12  # bucket to bucket, through a local staging file
+    down = copy(f"{s3_bucket}/mirror", tmp_path / "back")
     assert (down.copied, down.kept, down.content_hash) == (12, 0, up.content_hash)
     assert digest(tmp_path / "back") == digest(src)  # every file, byte for byte
     back = open_store(tmp_path / "back")
@@ -162,3 +163,34 @@ def test_a_full_disk_is_one_line_and_a_rerun_finishes_the_copy(s3_bucket, tmp_pa
     r = copy(url, disk / "store")
     assert r.kept > 0 and r.copied + r.kept == 12
     assert digest(disk / "store") == digest(src)
+
+
+def test_a_killed_copy_is_no_store_and_a_rerun_finishes_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from saekit.store import create_store
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    w = create_store(src, {"h": 256}, n_rows=96 * 512, meta={}, shard_rows=512, chunk_rows=128)
+    w.append({"h": torch.randn(96 * 512, 256)}, torch.zeros(96 * 512, dtype=torch.int32), torch.zeros(96 * 512))
+    w.finalize()
+    cmd = [sys.executable, "-m", "saekit.cli.main", "copy", str(src), str(dst), "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (dst / "acts/h/c/2/0").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the copy finished before it could be killed"
+    assert (dst / MARKER).exists() and not (dst / "zarr.json").exists()
+    with pytest.raises(SaekitError, match="not a saekit activation store"):
+        open_store(dst)
+    r = copy(src, dst)
+    assert r.kept >= 6 and r.copied + r.kept == 96 * 3
+    assert digest(dst) == digest(src)
