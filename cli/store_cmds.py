@@ -1,4 +1,5 @@
-"""`saekit info`, `saekit verify` and `saekit ls`: look at activation stores without loading them."""
+"""`saekit info`, `saekit verify` and `saekit ls`: look at activation stores without loading them;
+`saekit copy`: copy one to or from object storage."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 from saekit.cli.commands import Command
 from saekit.errors import SaekitError
 from saekit.store import FORMAT_VERSION, InfoConfig, LsConfig, VerifyConfig, list_stores, open_store
+from saekit.store_copy import CopyConfig, copy_store
 
 
 def _human_bytes(n: int | None) -> str:
@@ -88,4 +90,25 @@ def ls(cfg: LsConfig) -> None:
         typer.echo(f"no saekit stores under {cfg.root}")
 
 
-COMMANDS = [Command("info", InfoConfig, info), Command("verify", VerifyConfig, verify), Command("ls", LsConfig, ls)]
+def copy(cfg: CopyConfig) -> None:
+    """Copy a complete store to or from object storage (s3://, gs://, ...), checking every shard; rerun to resume."""
+    r = copy_store(cfg)
+    if r.already:
+        typer.echo(f"{r.dst} already holds this store ({r.content_hash}); nothing to copy")
+        return
+    kept = f", {r.kept} already there" if r.kept else ""
+    typer.echo(
+        f"copied {cfg.src} -> {r.dst}: {r.copied} shard file(s){kept}, {r.bytes / 1e6:,.1f} MB in {r.seconds:.1f} s "
+        f"({r.mb_per_s:,.1f} MB/s); {r.content_hash}"
+    )
+
+
+COPY_INTERRUPTED = (
+    "DST is not a store until the copy finishes; rerun the same `saekit copy` to continue where it stopped"
+)
+COMMANDS = [
+    Command("info", InfoConfig, info),
+    Command("verify", VerifyConfig, verify),
+    Command("ls", LsConfig, ls),
+    Command("copy", CopyConfig, copy, interrupted=COPY_INTERRUPTED),
+]

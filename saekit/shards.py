@@ -40,6 +40,7 @@ __all__ = [
     "create_marked_group",
     "create_sharded_array",
     "discard_unfinished_creation",
+    "group_attrs",
     "is_plain_sharded",
     "map_shard_file",
     "pad_rows",
@@ -268,18 +269,25 @@ def read_group_attrs(root: Path, fmt: str, *, what: str, redo: str) -> dict | No
     never "not saekit's"."""
     f = root / "zarr.json"
     try:
-        doc = json.loads(f.read_text())
+        data = f.read_bytes()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    except ValueError as e:  # not JSON, not UTF-8: a truncated or overwritten file
-        doc = e
     except OSError as e:
         raise SaekitError(f"cannot read {f} ({e.strerror}); check its permissions") from e
+    return group_attrs(data, str(root), fmt, what=what, redo=redo)
+
+
+def group_attrs(data: bytes, root: str, fmt: str, *, what: str, redo: str) -> dict | None:
+    """`read_group_attrs` for the bytes of a zarr.json read elsewhere (e.g. from object storage at `root`)."""
+    try:
+        doc = json.loads(data)
+    except ValueError as e:  # not JSON, not UTF-8: a truncated or overwritten file
+        doc = e
     attrs = doc.get("attributes", {}) if isinstance(doc, dict) else None
     if not isinstance(attrs, dict):
         why = "not valid JSON" if isinstance(doc, ValueError) else "not a zarr group document"
         raise SaekitError(
-            f"{f} is damaged ({why}), so {root} cannot be read or recognised as {what} and is left as it is; "
+            f"{root}/zarr.json is damaged ({why}), so {root} cannot be read or recognised as {what} and is left as it is; "
             f"restore zarr.json from a copy, or delete {root} and {redo}"
         )
     return attrs if attrs.get("format") == fmt else None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError
-from saekit.shards import RECORDS_DIR, ShardRecord, read_group_attrs, read_records, shard_key
+from saekit.shards import RECORDS_DIR, ShardRecord, group_attrs, read_group_attrs, read_records, shard_key
 
 FORMAT = "saekit-activation-store"
 FORMAT_VERSION = 2  # 2: the content hash covers the statistics too (format 1 stores are still read)
@@ -193,6 +193,11 @@ def read_attrs(path: str | os.PathLike) -> dict | None:
     or another program's. A zarr.json that cannot be parsed is damaged: a one-line error saying
     so (and what to do), never "not a store"."""
     return read_group_attrs(Path(path), FORMAT, what="a saekit store", redo="harvest again")
+
+
+def attrs_of(data: bytes, where: str) -> dict | None:
+    """`read_attrs` for the bytes of a store's zarr.json read elsewhere (object storage at `where`)."""
+    return group_attrs(data, where, FORMAT, what="a saekit store", redo="harvest again")
 
 
 def _is_int(v: Any) -> bool:

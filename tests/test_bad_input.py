@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 133 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 149 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -112,10 +112,11 @@ class Row(NamedTuple):
     says: str
     """A fragment of the one `error:` line."""
     needs: str = ""
-    """'tmpfs' (mounts one: root) or 'setpriv' (runs as a user without root's file-permission override)."""
+    """'tmpfs' (mounts one: root), 'setpriv' (runs as a user without root's file-permission override) or
+    's3' (a local S3 server: the conftest fixture)."""
     partial: bool = False
-    """The command stops partway (a full disk; a damaged shard that training or pursuit reaches): its
-    new --out may keep the partial output, which --resume continues."""
+    """The command stops partway (a full disk; a damaged shard that training, pursuit or copy reaches):
+    its new --out (copy: DST) may keep the partial output, which --resume (copy: a rerun) continues."""
 
 
 # --- commands, with every size small ------------------------------------------------------
@@ -271,6 +272,13 @@ def damaged_store(env: Env, how: str) -> Path:
     else:
         raise AssertionError(how)
     return s
+
+
+def incomplete_store(env: Env) -> Path:
+    """A store whose writer never finished (no finalize)."""
+    from test_cli_store import make_store
+
+    return make_store(env.tmp / "half", finalize=False)
 
 
 def damaged_run(env: Env, file: str) -> Path:
@@ -465,6 +473,7 @@ def store_rows(command: str, damages: list[str]) -> dict[str, Row]:
                     "--resume",
                 ],
                 "harvest --overwrite": lambda: harvest(s, "--overwrite"),
+                "copy": lambda: ["copy", s, env.tmp / "dst"],
             }[command]()
 
         return make
@@ -474,8 +483,10 @@ def store_rows(command: str, damages: list[str]) -> dict[str, Row]:
             return "1 problem(s) in"  # the shard is named on stdout, above
         return STORE_DAMAGE[how]
 
-    def midway(how: str) -> bool:  # train and pursue find a damaged shard when they reach it
-        return command in ("train", "pursue") and how in ("missing shard", "flipped byte")
+    def midway(how: str) -> bool:  # train, pursue and copy find a damaged shard when they reach it
+        return (command in ("train", "pursue") and how in ("missing shard", "flipped byte")) or (
+            command == "copy" and how == "flipped byte"
+        )
 
     return {f"{command} on a store: {how}": Row(args(how), says(how), partial=midway(how)) for how in damages}
 
@@ -657,6 +668,28 @@ ROWS: dict[str, Row] = {
     "info of a directory that is not a store": Row(lambda env: ["info", a_file(env).parent], "is not a saekit activation store"),
     **store_rows("info", ["zarr.json cut short", "n_rows 'lots'", "hook ../../x"]),
     **store_rows("verify", ["missing shard", "flipped byte", "hook ../../x", "meta.ctx_len edited", "mean_sq_norm x1000"]),
+    # -- copy -------------------------------------------------------------------------------
+    "copy of a missing SRC": Row(lambda env: ["copy", env.tmp / "gone", env.tmp / "dst"], "gone does not exist"),
+    "copy from a URL fsspec does not know": Row(lambda env: ["copy", "nosuchscheme://b/store", env.tmp / "dst"],
+                                                "use a URL fsspec knows"),
+    "copy of an incomplete store": Row(lambda env: ["copy", incomplete_store(env), env.tmp / "dst"],
+                                       "finish the harvest first"),
+    **store_rows("copy", ["flipped byte", "missing shard", "zarr.json cut short", "meta.ctx_len edited"]),
+    "copy onto itself": Row(lambda env: ["copy", env.store, env.store], "are the same place"),
+    "copy --threads 0": Row(lambda env: ["copy", env.store, env.tmp / "dst", "--threads", 0], "--threads 0 must be positive"),
+    "copy DST is a file": Row(lambda env: ["copy", env.store, a_file(env)], "is a file, not a directory"),
+    "copy DST on a read-only mount": Row(lambda env: ["copy", env.store, read_only(env)], "Read-only file system",
+                                         needs="tmpfs"),
+    "copy DST without write permission": Row(lambda env: ["copy", env.store, locked(env)], "Permission denied",
+                                             needs="setpriv"),
+    "copy DST holding another store": Row(lambda env: ["copy", env.store, copy(env, env.inputs.demo / "store")],
+                                          "holds another saekit store"),
+    "copy --overwrite DST that is not a store": Row(lambda env: ["copy", env.store, a_file(env).parent, "--overwrite"],
+                                                    "holds no saekit store; refusing to write into it or delete it"),
+    "copy onto a full disk": Row(lambda env: ["copy", env.store, full_disk(env, 64 << 10)], "disk full", needs="tmpfs",
+                                 partial=True),
+    "copy to an S3 bucket that does not exist": Row(lambda env: ["copy", env.store, "s3://no-such-bucket/store"],
+                                                    "not found", needs="s3"),
     # -- demo -------------------------------------------------------------------------------
     "demo --out is a file": Row(lambda env: demo(a_file(env)), "is a file, not a directory"),
     "demo --out s3:// URL": Row(lambda env: demo(url_out(env, "s3://bucket/demo")), "is a URL"),
@@ -687,14 +720,16 @@ def _needs(what: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_bad_input_is_one_line_and_changes_nothing(name, inputs, tmp_path, tmpfs, capsys, monkeypatch):
+def test_bad_input_is_one_line_and_changes_nothing(name, inputs, tmp_path, tmpfs, capsys, monkeypatch, request):
     row = ROWS[name]
     _needs(row.needs)
+    if row.needs == "s3":
+        request.getfixturevalue("s3_server")
     env = Env(inputs, tmp_path / "row", tmpfs, capsys, monkeypatch)
     env.tmp.mkdir()
     args = [str(a) for a in row.make(env)]
     shared = [p for p in inputs if any(a == str(p) or a.startswith(f"{p}/") for a in args)]
-    out = Path(args[args.index("--out") + 1]) if row.partial else None
+    out = Path(args[2] if args[0] == "copy" else args[args.index("--out") + 1]) if row.partial else None
     before = tree(env.tmp, skip=out), {p: tree(p) for p in shared}
 
     if row.needs == "setpriv":

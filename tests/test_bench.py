@@ -33,6 +33,7 @@ TINY = {
     "eval.py": ["--models", "embedded", "--sequences", "4", "--batch-size", "2", "--repeat", "1"],
     "encoders.py": ["--tiny"],
     "dictionaries.py": ["--tiny"],
+    "remote_copy.py": ["--mb", "2", "--d", "64", "--shard-rows", "1024", "--repeat", "1", "--threads", "4"],
     "dashboard.py": [
         "--rows",
         "4096",
@@ -57,11 +58,14 @@ RATIO_LINE = {
     "encoders.py": "gap closed =",
     "dictionaries.py": "lowest FVU:",
     "dashboard.py": "dashboard/bare time:",
+    "remote_copy.py": "saekit/plain throughput",
 }
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_and_prints_its_ratios(script, tmp_path):
+    if script == "remote_copy.py":
+        pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[test]')")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     r = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *TINY[script]],

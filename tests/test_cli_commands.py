@@ -35,7 +35,7 @@ def test_help_lists_every_config_field_with_its_docstring(cmd):
         assert docs[f.name] in text, f.name
 
 
-@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "eval", "dashboard", "demo", "verify"])
+@pytest.mark.parametrize("command", ["harvest", "train", "pursue", "eval", "dashboard", "demo", "verify", "copy"])
 def test_every_command_with_a_progress_bar_has_progress_and_no_progress(command):
     assert "--progress --no-progress" in _help(command)
 
@@ -155,6 +155,16 @@ def config_ls(tmp_path, inputs, capsys, monkeypatch):
     assert code == 0 and out.strip() == f"no saekit stores under {empty}", err
 
 
+def config_copy(tmp_path, inputs, capsys, monkeypatch):
+    toml = _toml(tmp_path / "c.toml", progress=True, threads=2)  # a bar even though stderr is not a terminal here
+    code, out, err = in_process(capsys, monkeypatch, "copy", inputs[0], tmp_path / "c1", "--config", toml)
+    assert code == 0 and out.startswith("copied ") and "copy: 100%" in err, err
+    code, out, err = in_process(
+        capsys, monkeypatch, "copy", inputs[0], tmp_path / "c2", "--config", toml, "--no-progress"
+    )
+    assert code == 0 and out.startswith("copied ") and err == "", err
+
+
 def config_demo(tmp_path, inputs, capsys, monkeypatch):
     # A demo directory made with steps 20: the refusal names every size that differs, so it shows
     # which sizes the command took (the file's tokens and rows, the flag's steps), without a run.
@@ -178,6 +188,7 @@ CASES = (
     config_info,
     config_verify,
     config_ls,
+    config_copy,
     config_demo,
 )
 CONFIG_CASES = {f.__name__.removeprefix("config_"): f for f in CASES}
