@@ -161,7 +161,8 @@ def _advice(e: BaseException) -> str:
 
 
 def each_parallel(fn: Callable[[Any], Any], items: list, threads: int) -> list:
-    """fn over items on `threads` threads, in order; the first error is raised (the rest still finish)."""
+    """fn over items on `threads` threads, results in order. The first error is raised once the
+    items already running finish; items not yet started are not run (a rerun resumes)."""
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
     from concurrent.futures import ThreadPoolExecutor
