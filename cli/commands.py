@@ -15,6 +15,7 @@ written once, in the dataclass.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import textwrap
 import types
@@ -109,7 +110,16 @@ def _default_text(f: Field) -> str:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source, never executed)."""
+    """The docstring under each field of a dataclass and of the dataclasses it extends (read from
+    their source, never executed)."""
+    docs = {}
+    for c in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(c):
+            docs |= _own_field_docs(c)
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
