@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from test_cli_store import HOOK, make_store
 
 from saekit.errors import SaekitError
 from saekit.remote import Remote
-from saekit.store import open_store
+from saekit.store import open_store, shuffle_plan
 from saekit.store_format import shard_files
 
 
@@ -108,6 +109,43 @@ def test_an_incomplete_s3_store_reads_its_records_from_the_bucket(tmp_path, s3_b
     assert torch.equal(b.rows(HOOK, 0, 192).view(torch.int16), a.rows(HOOK, 0, 192).view(torch.int16))
     code, out, err = in_process(capsys, monkeypatch, "info", url)
     assert code == 0 and "incomplete, 192 rows" in out, err
+
+
+def wait_until(ok, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while not ok() and time.monotonic() < end:
+        time.sleep(0.02)
+    return ok()
+
+
+def test_readers_download_the_next_shards_ahead(stores, tmp_path):
+    _, url = stores
+    cache = tmp_path / "cache"
+    st = open_store(url, cache_dir=cache)
+    folder = cache / st.content_hash.removeprefix("sha256:")[:16]
+
+    def cached(i: int) -> bool:
+        return (folder / shard_files(st.layout, i)[f"acts/{HOOK}"]).is_file()
+
+    rows = st.iter_rows(HOOK, 10)
+    next(rows)  # rows of shard 0 only
+    assert wait_until(lambda: cached(1) and cached(2)) and not cached(3)
+    rows.close()
+    # shuffled: windows of one block; a seed whose third window lies in a shard the first two do not
+    # touch (the page-in thread reads only the next window; the shards of the one after are downloaded)
+    shard = lambda w: w.blocks[0][0] // st.layout.shard_rows  # noqa: E731
+    seed = next(s for s in range(100) if len({shard(w) for w in shuffle_plan(200, 16, seed=s, **ONE)[:3]}) == 3)
+    third = shard(shuffle_plan(200, 16, seed=seed, **ONE)[2])
+    for p in folder.rglob("*"):
+        if p.is_file():
+            p.unlink()
+    batches = st.shuffled_batches(HOOK, 8, seed=seed, window_blocks=1)
+    next(batches)
+    assert wait_until(lambda: cached(third))
+    batches.close()
+
+
+ONE = dict(epoch=0, rank=0, world_size=1, window_blocks=1)
 
 
 # --- train and pursue from s3:// give what they give from the local copy --------------------------
