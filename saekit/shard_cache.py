@@ -121,7 +121,9 @@ class _Ledger:
         self.cond = threading.Condition()
         self.reserved = 0  # bytes of the downloads in flight
         self.busy: set[Path] = set()  # files being downloaded or checked: never evicted
-        self.maps: dict[Path, np.ndarray] = {}  # checked mappings of cached files
+        self.maps: dict[
+            Path, tuple[Hashable, np.ndarray]
+        ] = {}  # checked mappings of cached files, with what they were checked against
         self.locks: dict[Path, threading.Lock] = {}
 
     def lock(self, file: Path) -> threading.Lock:
@@ -141,22 +143,33 @@ class ShardCache:
         with _LEDGERS_LOCK:
             self._ledger = _LEDGERS.setdefault(directory, _Ledger())
 
-    def get(self, remote: Any, name: str, store_key: str, open_checked: Callable[[Path], np.ndarray]) -> np.ndarray:
+    def get(
+        self,
+        remote: Any,
+        name: str,
+        store_key: str,
+        open_checked: Callable[[Path], np.ndarray],
+        check: Hashable,
+    ) -> np.ndarray:
         """The object `name` of `remote` (a `saekit.remote.Remote`) as `open_checked` maps it:
-        from the cache when a good copy is there, else downloaded. Raises ShardFetchError when
-        the object is missing or fails its check in every download."""
+        from the cache when a good copy is there, else downloaded. `check` names what
+        `open_checked` checks (e.g. rows and crc32c): a mapping checked against something else is
+        not reused (a store being written may redo a shard). Raises ShardFetchError when the object
+        is missing or fails its check in every download."""
         file = self.dir / store_key / name
         led = self._ledger
-        v = led.maps.get(file)
-        if v is not None and _touch(file):
-            return v
+        hit = led.maps.get(file)
+        if hit is not None and hit[0] == check and _touch(file):
+            return hit[1]
         with led.lock(file):
-            v = led.maps.get(file)
-            if v is None or not _touch(file):  # never mapped here, or another process evicted it
-                v = self._open_cached(file, open_checked)
-                if v is None:
-                    v = self._download(remote, name, file, open_checked)
-                led.maps[file] = v
+            hit = led.maps.get(file)
+            if hit is not None and hit[0] == check and _touch(file):
+                return hit[1]
+            # never mapped here, checked against another record, or evicted by another process
+            v = self._open_cached(file, open_checked)
+            if v is None:
+                v = self._download(remote, name, file, open_checked)
+            led.maps[file] = (check, v)
             return v
 
     def _open_cached(self, file: Path, open_checked: Callable[[Path], np.ndarray]) -> np.ndarray | None:

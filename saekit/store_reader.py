@@ -373,7 +373,7 @@ class ActivationStore:
             return v
 
         try:
-            return self._cache.get(self._remote, name, self._cache_key, open_checked)
+            return self._cache.get(self._remote, name, self._cache_key, open_checked, (stop - start, want))
         except ShardFetchError as e:
             raise _BadShard(self.path, name, e.what) from None
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from cli_checks import in_process, one_error, saekit
-from test_cli_store import HOOK, make_store
+from test_cli_store import HOOK, META, make_store
 
 from saekit.errors import SaekitError
 from saekit.remote import Remote
-from saekit.store import open_store, shuffle_plan
+from saekit.store import create_store, open_store, shuffle_plan
 from saekit.store_format import shard_files
 
 
@@ -146,6 +146,20 @@ def test_readers_download_the_next_shards_ahead(stores, tmp_path):
 
 
 ONE = dict(epoch=0, rank=0, world_size=1, window_blocks=1)
+
+
+def test_a_store_growing_in_the_bucket_is_read_as_it_is_now(tmp_path, s3_bucket):
+    """A harvest to S3 redoes its partial last shard on resume: a reader opening the store again
+    gets the new rows, not the mapping of the old file it checked before."""
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    local, url = tmp_path / "store", f"{s3_bucket}/store"
+    for stop in (100, 150):  # shard 1 has 36 rows, then 64
+        w = create_store(local, {HOOK: 8}, n_rows=200, meta=META, shard_rows=64, chunk_rows=16, resume=True)
+        w.append({HOOK: x[w.resume_row : stop]}, torch.arange(w.resume_row, stop), torch.arange(w.resume_row, stop))
+        w.close()
+        upload(local, url)
+        st = open_store(url, allow_incomplete=True)
+        assert st.n_rows == stop and torch.equal(st.rows(HOOK, 0, stop), x[:stop].bfloat16())
 
 
 # --- train and pursue from s3:// give what they give from the local copy --------------------------
