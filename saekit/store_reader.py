@@ -6,9 +6,8 @@ fails or the store is a file:// URL. A store in object storage (s3://, gs://, ..
 is read the same way from the local shard cache (`saekit.shard_cache`), which downloads each shard
 file whole; its shuffled and sequential readers download the next shards ahead. Every path checks a
 shard's crc32c against its record the first time it is touched, and a missing shard file is an
-error, never zeros. The content hash covers the
-attributes (format 2: statistics included); open_store recomputes it, so edited attributes are
-refused before any reader uses them.
+error, never zeros. The content hash covers the attributes (format 2: statistics included);
+open_store recomputes it, so edited attributes are refused before any reader uses them.
 """
 
 from __future__ import annotations
