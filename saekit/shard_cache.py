@@ -210,11 +210,18 @@ class ShardCache:
         """Download one object; a full or read-only local disk is named as the cache's problem."""
         try:
             remote.get_file(name, file)
+            return
         except (OSError, SaekitError) as e:
             cause = e if isinstance(e, OSError) else e.__cause__
-            if isinstance(cause, OSError) and cause.errno in _LOCAL_ERRNOS:
-                raise SaekitError(os_error_message(cause, f"shard cache {self.dir}")) from None
-            raise
+            if not (isinstance(cause, OSError) and cause.errno in _LOCAL_ERRNOS):
+                raise
+        # raised here, outside the handler, so no caller takes it for a full disk of its own output
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SaekitError(
+                f"shard cache {self.dir}: {cause.strerror} while downloading {name}; free space there, "
+                "or pass a smaller --cache-gb or another --cache-dir"
+            )
+        raise SaekitError(os_error_message(cause, f"shard cache {self.dir}"))
 
     # -- the size bound -------------------------------------------------------------------------
 

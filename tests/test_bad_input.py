@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 140 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 141 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -684,6 +684,9 @@ ROWS: dict[str, Row] = {
                                                                  f"{SHARD} is corrupt in the bucket", partial=True),
     "train --store s3:// with --cache-gb below one shard": Row(lambda env: train(in_bucket(env), env.tmp / "run",
                                                                                  "--cache-gb", 0.0001), "raise --cache-gb", partial=True),
+    "train --store s3:// with --cache-dir on a full disk": Row(lambda env: train(in_bucket(env), env.tmp / "run", "--cache-dir",
+                                                                                 env.tmpfs(64 << 10) / "cache"),
+                                                               "No space left on device", needs="tmpfs", partial=True),
     "pursue --store s3:// with --cache-dir of other files": Row(lambda env: pursue(in_bucket(env), env.sae, env.tmp / "p",
                                                                                    "--cache-dir", a_file(env).parent),
                                                                 "not a saekit shard cache"),
