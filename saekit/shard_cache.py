@@ -201,9 +201,16 @@ class ShardCache:
                     if got != size:
                         raise BadFile(f"a download of {got} of its {size} bytes")
                     return open_checked(file)
+                except FileNotFoundError:  # evicted by another process sharing the cache: not damage
+                    continue
                 except (BadFile, OSError, ValueError) as e:
                     file.unlink(missing_ok=True)
                     why = str(e) if isinstance(e, BadFile) else type(e).__name__
+        if not why:
+            raise SaekitError(
+                f"{remote.url}/{name}: other processes sharing the shard cache {self.dir} evicted it before it "
+                f"could be read, {TRIES} times; raise --cache-gb (or {ENV_GB})"
+            )
         raise ShardFetchError(f"corrupt in the bucket ({why}, in each of {TRIES} downloads)")
 
     def _get_file(self, remote: Any, name: str, file: Path) -> None:
