@@ -121,9 +121,8 @@ class _Ledger:
         self.cond = threading.Condition()
         self.reserved = 0  # bytes of the downloads in flight
         self.busy: set[Path] = set()  # files being downloaded or checked: never evicted
-        self.maps: dict[
-            Path, tuple[Hashable, np.ndarray]
-        ] = {}  # checked mappings of cached files, with what they were checked against
+        # checked mappings of cached files, with what they were checked against
+        self.maps: dict[Path, tuple[Hashable, np.ndarray]] = {}
         self.locks: dict[Path, threading.Lock] = {}
 
     def lock(self, file: Path) -> threading.Lock:
@@ -283,10 +282,6 @@ class ShardCache:
                     if p not in self._ledger.busy:
                         out.append((st.st_mtime, st.st_size, p))
         return out
-
-    def used_bytes(self) -> int:
-        """Bytes of the cached files (what the bound limits)."""
-        return sum(s for _, s, _ in self._files())
 
 
 def _touch(file: Path) -> bool:
