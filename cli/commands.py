@@ -74,7 +74,8 @@ def signature(cls: type) -> inspect.Signature:
     hints = typing.get_type_hints(cls)
     config = typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE", show_default=False)
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])]  # noqa: UP045 (typer reads typing.Optional)
-    for f in fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):  # a shared base's flags (--cache-dir) last
         assert f.name != "config", f"{cls.__name__}.config would shadow --config"
         kind = _flag_type(hints[f.name])
         text = " ".join(filter(None, [docs.get(f.name, ""), _default_text(f)]))

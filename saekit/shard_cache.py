@@ -54,7 +54,7 @@ class ShardCacheFields:
     """The settings of the shard cache, shared by every command that reads a store (one flag each)."""
 
     cache_dir: str = ""
-    """Local directory caching the shards of a remote (s3://, gs://, ...) --store; default $SAEKIT_SHARD_CACHE or ~/.cache/saekit/shards."""
+    """Local directory caching the shard files of a store in object storage (s3://, gs://, ...); default $SAEKIT_SHARD_CACHE or ~/.cache/saekit/shards."""
     cache_gb: float | None = None
     """Size bound of that shard cache in GiB (least recently used shards are deleted first); default $SAEKIT_SHARD_CACHE_GB or 32."""
 
