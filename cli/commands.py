@@ -15,6 +15,7 @@ written once, in the dataclass.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import textwrap
 import types
@@ -73,7 +74,8 @@ def signature(cls: type) -> inspect.Signature:
     hints = typing.get_type_hints(cls)
     config = typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE", show_default=False)
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=Optional[str])]  # noqa: UP045 (typer reads typing.Optional)
-    for f in fields(cls):
+    own = cls.__dict__.get("__annotations__", {})
+    for f in sorted(fields(cls), key=lambda f: f.name not in own):  # a shared base's flags (--cache-dir) last
         assert f.name != "config", f"{cls.__name__}.config would shadow --config"
         kind = _flag_type(hints[f.name])
         text = " ".join(filter(None, [docs.get(f.name, ""), _default_text(f)]))
@@ -109,7 +111,16 @@ def _default_text(f: Field) -> str:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source, never executed)."""
+    """The docstring under each field of a dataclass and of the dataclasses it extends (read from
+    their source, never executed)."""
+    docs = {}
+    for c in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(c):
+            docs |= _own_field_docs(c)
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):

@@ -62,7 +62,9 @@ def info(cfg: InfoConfig) -> None:
 
 def verify(cfg: VerifyConfig) -> None:
     """Recompute the content hash, every shard's checksum and the statistics; exit non-zero naming each problem."""
-    st = open_store(cfg.store, allow_incomplete=True, check=False)  # verify checks every shard itself
+    st = open_store(  # verify checks every shard itself
+        cfg.store, allow_incomplete=True, check=False, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb
+    )
     bad = st.verify(progress=sys.stderr.isatty() if cfg.progress is None else cfg.progress)
     for line in bad:
         typer.echo(f"bad: {line}")

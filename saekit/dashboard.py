@@ -35,6 +35,7 @@ from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
 from saekit.heldout import sae_held_out
 from saekit.pursuit import SparseCodes
 from saekit.sae import check_sae_fits_hook, encoder_codes, load_sae
+from saekit.shard_cache import ShardCacheFields
 from saekit.store import open_store
 
 BINS = 256
@@ -47,7 +48,7 @@ DEFAULT_CAP = 64
 
 
 @dataclass
-class DashboardConfig:
+class DashboardConfig(ShardCacheFields):
     """Everything `saekit dashboard` needs; each field is a CLI flag."""
 
     store: str = ""
@@ -86,6 +87,7 @@ class DashboardConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # --cache-dir, --cache-gb
         need(bool(self.store), "--store is required: the activation store whose rows are shown")
         need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
         need(bool(self.out), "--out is required: the directory for the site")
@@ -334,7 +336,7 @@ def run(cfg: DashboardConfig) -> DashboardResult:
 def _run(cfg: DashboardConfig, out: Path, device: torch.device) -> DashboardResult:
     from saekit.dashboard_html import write_site
 
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
     hook = store.resolve_hook(cfg.hook)
     sae = load_sae(cfg.sae, device)
     check_sae_fits_hook(sae, cfg.sae, store.d_model(hook), hook)

@@ -57,6 +57,7 @@ from saekit.sae import (
     load_sae,
     stale_note,
 )
+from saekit.shard_cache import ShardCacheFields
 from saekit.shards import write_json_atomic
 from saekit.store import open_store
 
@@ -70,7 +71,7 @@ REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ShardCacheFields):
     """Everything `saekit eval` needs; each field is a CLI flag (`batch_size` -> `--batch-size`)."""
 
     store: str = ""
@@ -107,6 +108,7 @@ class EvalConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # --cache-dir, --cache-gb
         need(bool(self.store), "--store is required: the activation store to evaluate on")
         need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
         need(bool(self.out), "--out is required: the directory for the report")
@@ -320,7 +322,7 @@ def run(cfg: EvalConfig) -> EvalResult:
 
 
 def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -> EvalResult:
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
     hook = store.resolve_hook(cfg.hook)
     layout = sequence_layout(store)
     sae = load_sae(cfg.sae, device)

@@ -90,6 +90,7 @@ from saekit.sae import (
     load_sae,
     stale_note,
 )
+from saekit.shard_cache import ShardCacheFields
 from saekit.shards import discard_unfinished_creation, write_json_atomic
 from saekit.store import open_store
 
@@ -121,7 +122,7 @@ EVAL_INSTEAD = "drop --downstream here, and measure CE and KL with `saekit eval 
 
 
 @dataclass
-class PursueConfig:
+class PursueConfig(ShardCacheFields):
     """Everything `saekit pursue` needs; each field is a CLI flag (`batch_size` -> `--batch-size`)."""
 
     store: str = ""
@@ -156,6 +157,7 @@ class PursueConfig:
     """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # --cache-dir, --cache-gb
         need(bool(self.store), "--store is required: the activation store to read")
         need(bool(self.sae), "--sae is required: a run dir, a saekit or sae-lens SAE dir, or RELEASE/ID")
         need(bool(self.out), "--out is required: the directory for codes and the report")
@@ -282,7 +284,7 @@ def run(cfg: PursueConfig) -> PursueResult:
 
 def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     out = _check_out(cfg)
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
     hook = store.resolve_hook(cfg.hook)
     d_model = store.d_model(hook)
     sae = load_sae(cfg.sae, device)

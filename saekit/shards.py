@@ -47,6 +47,7 @@ __all__ = [
     "read_group_attrs",
     "read_record",
     "read_records",
+    "read_remote_records",
     "record_path",
     "remove_entries",
     "shard_key",
@@ -209,13 +210,30 @@ def read_record(records: Path, index: int) -> ShardRecord | None:
 
 def read_records(records: Path) -> dict[int, ShardRecord]:
     """Every readable record in `records`, by shard index (unreadable ones count as missing)."""
-    out = {}
+    texts = {}
     for p in records.glob("shard-*.json") if records.is_dir() else []:
         try:
-            rec = _parse_record(p.read_text())
+            texts[p.name] = p.read_text()
         except OSError:
             continue
-        if rec is not None and p == record_path(records, rec.index):
+    return _parse_records(texts)
+
+
+def read_remote_records(remote: Any, records: str) -> dict[int, ShardRecord]:
+    """`read_records` of the folder `records` of a `saekit.remote.Remote` (one listing, one read each)."""
+    from saekit.remote import each_parallel  # lazy: only remote stores need it
+
+    names = [n for n in remote.list(records) if n.count("/") == records.count("/") + 1]
+    raw = each_parallel(remote.read_bytes, names, threads=8)
+    return _parse_records({n.rsplit("/", 1)[1]: b.decode(errors="replace") for n, b in zip(names, raw) if b})
+
+
+def _parse_records(texts: dict[str, str]) -> dict[int, ShardRecord]:
+    """Records from (file name -> text); one not named after its own index counts as missing."""
+    out = {}
+    for name, text in texts.items():
+        rec = _parse_record(text)
+        if rec is not None and name == record_path(Path(), rec.index).name:
             out[rec.index] = rec
     return out
 

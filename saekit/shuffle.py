@@ -21,6 +21,8 @@ from saekit.config import check_positive
 from saekit.errors import SaekitError
 from saekit.store_format import bits_to_bf16
 
+AHEAD_WINDOWS = 2  # windows whose shards `batch_stream`'s `ahead` asks for beyond the one being read
+
 
 class Window(NamedTuple):
     """One shuffle window of a rank: its blocks as row ranges, and the seed of its row permutation."""
@@ -76,6 +78,7 @@ def batch_stream(
     drop_last: bool,
     prefetch: bool,
     with_rows: bool = False,
+    ahead: Callable[[list[Window]], None] | None = None,
 ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, np.ndarray]]:
     """Batches bf16 [batch_size, d] cut from the plan's windows, from row `skip` of window `first` on.
 
@@ -83,6 +86,8 @@ def batch_stream(
     Leftover rows carry into the next window; the last batch is short unless `drop_last`. With
     `prefetch`, a background thread pages the next window in while this one is consumed. With
     `with_rows`, each batch comes as (batch, int64 [batch_size] store row of each of its rows).
+    `ahead(windows)` is told, as each window starts, the windows read next (up to AHEAD_WINDOWS of
+    them; a remote store starts downloading their shards); it never changes what is read.
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-prefetch") if prefetch else None
     load = (
@@ -91,10 +96,14 @@ def batch_stream(
         else (lambda j: _Done(window_blocks(read, plan[j])))
     )
     try:
+        if ahead is not None:
+            ahead(plan[first : first + 1 + AHEAD_WINDOWS])
         pending = load(first) if first < len(plan) else None
         out, filled = np.empty((batch_size, d), np.uint16), 0
         rows = np.empty(batch_size, np.int64)
         for j in range(first, len(plan)):
+            if ahead is not None:
+                ahead(plan[j + 1 : j + 1 + AHEAD_WINDOWS])
             blocks = pending.result()
             if j + 1 < len(plan):
                 pending = load(j + 1)  # page in the next window while this one is consumed

@@ -315,7 +315,12 @@ def _record_ok(r: ShardRecord, layout: StoreLayout) -> bool:
 
 def store_records(root: Path, layout: StoreLayout) -> dict[int, ShardRecord]:
     """Per-shard completion records on disk; unreadable or malformed ones count as missing (redo the shard)."""
-    return {i: r for i, r in read_records(root / RECORDS_DIR).items() if _record_ok(r, layout)}
+    return check_records(read_records(root / RECORDS_DIR), layout)
+
+
+def check_records(recs: dict[int, ShardRecord], layout: StoreLayout) -> dict[int, ShardRecord]:
+    """The records with the fields and types the writer writes (the others: redo the shard)."""
+    return {i: r for i, r in recs.items() if _record_ok(r, layout)}
 
 
 def leading_records(recs: dict[int, ShardRecord], shard_rows: int) -> list[ShardRecord]:

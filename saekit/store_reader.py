@@ -2,10 +2,12 @@
 
 Readers memory-map each shard file after validating zarr's shard index (contiguous C-order inner
 chunks, no compression) and fall back to zarr reads of whole shards (a small cache) when that check
-fails or the store is an fsspec URL. Every path checks a shard's crc32c against its record the first
-time it is touched, and a missing shard file is an error, never zeros. The content hash covers the
-attributes (format 2: statistics included); open_store recomputes it, so edited attributes are
-refused before any reader uses them.
+fails or the store is a file:// URL. A store in object storage (s3://, gs://, ...; `saekit.remote`)
+is read the same way from the local shard cache (`saekit.shard_cache`), which downloads each shard
+file whole; its shuffled and sequential readers download the next shards ahead. Every path checks a
+shard's crc32c against its record the first time it is touched, and a missing shard file is an
+error, never zeros. The content hash covers the attributes (format 2: statistics included);
+open_store recomputes it, so edited attributes are refused before any reader uses them.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from tqdm import tqdm
 
 from saekit.config import check_positive, need
 from saekit.errors import SaekitError, local_path
+from saekit.remote import Remote, is_remote, url_key
+from saekit.shard_cache import BadFile, Prefetcher, ShardCache, ShardCacheFields, ShardFetchError, shard_cache
 from saekit.shards import (
     CREATING,
+    RECORDS_DIR,
     ShardLayoutError,
     ShardRecord,
     crc32c_of,
     is_plain_sharded,
     map_shard_file,
+    read_remote_records,
     shard_key,
 )
 from saekit.shuffle import batch_stream, shuffle_plan, skip_windows
@@ -49,6 +55,7 @@ from saekit.store_format import (
     array_spec,
     bits_to_bf16,
     check_attrs,
+    check_records,
     combined_stats,
     content_hash,
     is_url,
@@ -60,33 +67,50 @@ from saekit.store_format import (
 )
 
 FALLBACK_CACHE_BYTES = 512 << 20  # whole shards read through zarr are kept up to this size (at least 2)
+# a remote store's sequential reader downloads this many shards ahead (shuffled: shuffle.AHEAD_WINDOWS)
+AHEAD_SHARDS = 2
+DOWNLOAD_THREADS = 4
 
 
 class _BadShard(SaekitError):
     """A shard that cannot be read as recorded (missing, unreadable, checksum mismatch)."""
 
     def __init__(self, store: Any, name: str, what: str):
+        verify = f"saekit verify {store}" if is_remote(store) else "saekit verify"
         super().__init__(
-            f"store {store}: shard {name} is {what}; run `saekit verify` to list every bad shard, then re-harvest or restore them"
+            f"store {store}: shard {name} is {what}; run `{verify}` to list every bad shard, then re-harvest or restore them"
         )
         self.name, self.what = name, what
 
 
 def open_store(
-    path_or_url: str | os.PathLike, *, allow_incomplete: bool = False, check: bool = True
+    path_or_url: str | os.PathLike,
+    *,
+    allow_incomplete: bool = False,
+    check: bool = True,
+    cache_dir: str | os.PathLike = "",
+    cache_gb: float | None = None,
 ) -> ActivationStore:
-    """Open a store for reading: a local directory (memory-mapped) or an fsspec URL (zarr reads).
+    """Open a store for reading: a local directory (memory-mapped), a store in object storage
+    (s3://, gs://, ...: shard files downloaded into the local shard cache at `cache_dir`, bounded
+    to `cache_gb` GiB, and memory-mapped; see `saekit.shard_cache`) or a file:// URL (zarr reads).
 
     The attributes are checked (types, and the content hash recomputed from them: no data read)
     before anything uses them. allow_incomplete: read the complete shards of a store still being
-    written (or killed). check: every shard file of a local store must be there now (a stat each,
-    so a stage fails before it writes anything), and each shard's crc32c is verified the first
-    time it is touched. A missing shard file is an error on every read either way.
+    written (or killed). check: every shard file of a local or remote store must be there now (a
+    stat each, or one listing, so a stage fails before it writes anything), and each shard's crc32c
+    is verified the first time it is touched (always, for a downloaded one). A missing shard file
+    is an error on every read either way.
     """
     import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
-    if is_url(path_or_url):
+    remote = cache = None
+    if is_remote(path_or_url):
+        remote = Remote(str(path_or_url))
+        root, group, attrs = None, None, _remote_attrs(remote)
+    elif is_url(path_or_url):
         root, group, attrs = None, *_open_url(path_or_url)
+        remote = Remote(str(path_or_url))
     else:
         root, group, attrs = Path(path_or_url), None, _local_attrs(Path(path_or_url))
     if attrs is None or attrs.get("format") != FORMAT:
@@ -101,9 +125,11 @@ def open_store(
             f"store {path_or_url}: its attributes do not match its content hash (zarr.json was edited or damaged: "
             "metadata, statistics or checksums); restore zarr.json from a copy or re-harvest"
         )
-    if group is None:
+    if root is not None:
         group = zarr.open_group(str(root), mode="r")
-    store = ActivationStore(path_or_url, root, group, attrs, check)
+    if is_remote(path_or_url):
+        cache = shard_cache(cache_dir, cache_gb)
+    store = ActivationStore(path_or_url, root, group, attrs, check, remote=remote, cache=cache)
     if check:
         store.check_files_present()
     return store
@@ -122,6 +148,23 @@ def _open_url(url: str | os.PathLike) -> tuple[Any, dict]:
         raise SaekitError(f"cannot open {url} as a store ({type(e).__name__}); check the URL") from e
 
 
+def _remote_attrs(remote: Remote) -> dict | None:
+    """The group attributes of a store in object storage (its zarr.json, read directly)."""
+    raw = remote.read_bytes("zarr.json")
+    if raw is None:
+        raise SaekitError(f"no store at {remote.url} (no zarr.json there); check the URL (harvest writes one)")
+    try:
+        doc = json.loads(raw)
+    except ValueError:  # not JSON, not UTF-8
+        doc = None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        raise SaekitError(
+            f"{remote.url}/zarr.json is damaged (not a zarr group document); restore it from a copy or re-harvest"
+        )
+    return attrs
+
+
 def _local_attrs(root: Path) -> dict | None:
     if not root.exists():
         raise SaekitError(f"no store at {root}; check the path (harvest writes one)")
@@ -136,7 +179,17 @@ def _local_attrs(root: Path) -> dict | None:
 class ActivationStore:
     """Read access to a store: rows as torch bf16, sequential and shuffled iteration, verify."""
 
-    def __init__(self, path, root: Path | None, group, attrs: dict, check: bool):
+    def __init__(
+        self,
+        path,
+        root: Path | None,
+        group,
+        attrs: dict,
+        check: bool,
+        *,
+        remote: Remote | None = None,
+        cache: ShardCache | None = None,
+    ):
         self.path = path
         self.meta: dict = attrs["meta"]
         self.layout = StoreLayout(
@@ -152,16 +205,15 @@ class ActivationStore:
         self._lock = threading.Lock()
         self._views: dict[tuple[str, int], np.ndarray] = {}  # memory-mapped shards (cheap: kept)
         self._fallback: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # shards read whole through zarr
-        self._fs = None  # fsspec filesystem of a URL store (to tell a missing shard file from fill values)
+        self._remote = remote  # a URL store's folder (to tell a missing shard file from fill values)
+        self._cache = cache  # the shard cache of a store in object storage (None: local or file://)
         if self.complete:
             self.n_rows = int(attrs["n_rows"])
             self.content_hash: str = attrs["content_hash"]
             self._shards = {s["index"]: s for s in attrs["shards"]}
             self._stats = attrs["stats"]
         else:  # readable part of an unfinished store: leading complete shards
-            order = (
-                leading_records(store_records(root, self.layout), self.layout.shard_rows) if root is not None else []
-            )
+            order = leading_records(self._records(), self.layout.shard_rows)
             self.n_rows = order[-1].stop if order else 0
             self.content_hash = ""
             self._shards = {
@@ -169,11 +221,28 @@ class ActivationStore:
             }
             self._stats = combined_stats(self.layout, order, self.n_rows) if order else {}
         self._plain = {key: self._is_plain(key) for key in self._array_keys()}
+        # the cache's folder for this store: its content names it (a store being written: its URL)
+        self._cache_key = (
+            self.content_hash.removeprefix("sha256:")[:16] if self.complete else f"url-{url_key(str(path))}"
+        )
+
+    def _records(self) -> dict[int, ShardRecord]:
+        """Completion records of an unfinished store (local, or in object storage)."""
+        if self._root is not None:
+            return store_records(self._root, self.layout)
+        if self._cache is not None:
+            return check_records(read_remote_records(self._remote, RECORDS_DIR), self.layout)
+        return {}
 
     def _is_plain(self, key: str) -> bool:
         """True when the array's shard files can be memory-mapped (saekit's layout, little-endian machine)."""
         try:
-            doc = json.loads((self._root / key / "zarr.json").read_text()) if self._root is not None else None
+            if self._root is not None:
+                doc = json.loads((self._root / key / "zarr.json").read_text())
+            elif self._cache is not None:
+                doc = json.loads(self._remote.read_bytes(f"{key}/zarr.json") or b"null")
+            else:
+                doc = None
         except (OSError, ValueError):
             doc = None
         return isinstance(doc, dict) and is_plain_sharded(doc) and sys.byteorder == "little"
@@ -211,7 +280,9 @@ class ActivationStore:
         return HookStats(torch.tensor(s["mean"], dtype=torch.float32), float(s["mean_sq_norm"]))
 
     def size_on_disk(self) -> int | None:
-        """Bytes of all files under a local store (None for URLs)."""
+        """Bytes of all files under a local store or in object storage (None for file:// URLs)."""
+        if self._cache is not None:
+            return sum(self._remote.list().values())
         if self._root is None:
             return None
         return sum(p.stat().st_size for p in self._root.rglob("*") if p.is_file())
@@ -223,11 +294,18 @@ class ActivationStore:
         return index * s, min((index + 1) * s, self.n_rows)
 
     def _array(self, key: str):
+        if self._group is None:  # a remote store's array in another writer's layout
+            import zarr  # lazy: see open_store
+
+            self._group = zarr.open_group(str(self.path), mode="r")
         return self._group[key]
 
     def _view(self, key: str, index: int) -> np.ndarray:
         """The valid rows of one shard, checked the first time they are touched: memory-mapped
-        (kept for the store's life) or read whole through zarr (kept in a small LRU cache)."""
+        (kept for the store's life; a remote store's while the shard cache holds the file) or
+        read whole through zarr (kept in a small LRU cache)."""
+        if self._cache is not None and self._plain[key]:
+            return self._load(key, index, True)  # the cache keeps the mapping, and drops it on eviction
         k = (key, index)
         v = self._views.get(k)
         if v is not None:
@@ -253,6 +331,8 @@ class ActivationStore:
         row, dtype = array_spec(self.layout, key)
         name = shard_key(key, 1 + len(row), index)
         start, stop = self._shard_range(index)
+        if self._cache is not None and self._plain[key]:
+            return self._fetch(key, index, name)
         try:
             size = self._file_size(name)
             if not size:  # zarr would read a missing or empty shard file as its fill value (zeros)
@@ -275,15 +355,37 @@ class ActivationStore:
             raise _BadShard(self.path, name, "corrupt (checksum mismatch)")
         return v
 
+    def _fetch(self, key: str, index: int, name: str) -> np.ndarray:
+        """One shard of a remote store through the shard cache: downloaded whole if need be,
+        memory-mapped and checked against its crc32c (always: a download can be damaged)."""
+        row, dtype = array_spec(self.layout, key)
+        start, stop = self._shard_range(index)
+        want = self._shards[index]["crc32c"][key]
+
+        def open_checked(file: Path) -> np.ndarray:
+            try:
+                v = map_shard_file(file, (self.layout.shard_rows, *row), self.layout.chunk_rows, dtype, stop - start)
+            except ShardLayoutError as e:
+                raise BadFile("its shard index is damaged") from e
+            if crc32c_of(v) != want:
+                raise BadFile("checksum mismatch")
+            return v
+
+        try:
+            return self._cache.get(self._remote, name, self._cache_key, open_checked, (stop - start, want))
+        except ShardFetchError as e:
+            raise _BadShard(self.path, name, e.what) from None
+
     def check_files_present(self) -> None:
-        """Raise for the first missing or empty shard file of a local store (URL stores: no-op;
-        their shards are checked as they are read)."""
-        if self._root is None:
+        """Raise for the first missing or empty shard file of a local store or a store in object
+        storage (one listing); file:// URL stores: no-op, their shards are checked as they are read."""
+        if self._root is None and self._cache is None:
             return
+        listed = self._remote.list() if self._root is None else None
         for index in sorted(self._shards):
             for key in self._array_keys():
                 name = shard_key(key, 1 + len(array_spec(self.layout, key)[0]), index)
-                size = self._file_size(name)
+                size = self._file_size(name) if listed is None else listed.get(name)
                 if not size:
                     raise _BadShard(self.path, name, "missing" if size is None else "empty (0 bytes)")
 
@@ -292,13 +394,7 @@ class ActivationStore:
         if self._root is not None:
             f = self._root / name
             return f.stat().st_size if f.is_file() else None
-        if self._fs is None:
-            import fsspec  # lazy: only URL stores need it
-
-            self._fs = fsspec.core.url_to_fs(str(self.path))
-        fs, base = self._fs
-        path = f"{base.rstrip('/')}/{name}"
-        return fs.size(path) if fs.isfile(path) else None
+        return self._remote.size(name)
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of an array as numpy (a view when they sit in one shard)."""
@@ -360,8 +456,17 @@ class ActivationStore:
         """Consecutive batches of rows [start, stop) as bf16 [<=batch_size, d]."""
         key = f"{ACTS}/{self.resolve_hook(hook)}"
         stop = self.n_rows if stop is None else stop
-        for s in range(start, stop, batch_size):
-            yield bits_to_bf16(self._read(key, s, min(s + batch_size, stop)))
+        last = math.ceil(stop / self.layout.shard_rows)
+        pre = self._prefetcher(key)
+        try:
+            for s in range(start, stop, batch_size):
+                if pre is not None:  # a remote store: download the next shards while this one is read
+                    i = s // self.layout.shard_rows
+                    pre.want(range(i + 1, min(i + 1 + AHEAD_SHARDS, last)))
+                yield bits_to_bf16(self._read(key, s, min(s + batch_size, stop)))
+        finally:
+            if pre is not None:
+                pre.close()
 
     def shuffled_batches(
         self,
@@ -406,7 +511,20 @@ class ActivationStore:
         # a plain function returning a generator: bad arguments fail here, not at the first next().
         d = self.layout.hooks[key[len(ACTS) + 1 :]]
         read = functools.partial(self._read, key)
-        return batch_stream(read, d, batch_size, plan, first, skip, drop_last, prefetch, with_rows)
+        pre = self._prefetcher(key) if prefetch else None
+        if pre is None:
+            return batch_stream(read, d, batch_size, plan, first, skip, drop_last, prefetch, with_rows)
+        s = self.layout.shard_rows
+        ahead = lambda windows: pre.want(dict.fromkeys(a // s for w in windows for a, _ in w.blocks))  # noqa: E731
+        return _closing(
+            batch_stream(read, d, batch_size, plan, first, skip, drop_last, prefetch, with_rows, ahead), pre
+        )
+
+    def _prefetcher(self, key: str) -> Prefetcher | None:
+        """Background downloads of the shards of `key` of a store in object storage (else None)."""
+        if self._cache is None or not self._plain[key]:
+            return None
+        return Prefetcher(lambda i: self._view(key, i), DOWNLOAD_THREADS)
 
     # -- integrity -----------------------------------------------------------------------------
 
@@ -457,6 +575,14 @@ class ActivationStore:
         return problems, ShardRecord(i, rec["start"], rec["stop"], rec["crc32c"], record_sums(stats))
 
 
+def _closing(stream: Iterator, pre: Prefetcher) -> Iterator:
+    """`stream`, then the prefetcher's pending downloads cancelled (also when the reader stops early)."""
+    try:
+        yield from stream
+    finally:
+        pre.close()
+
+
 # --------------------------------------------------------------------------------------------
 # What `saekit info` and `saekit verify` take (one flag per field)
 # --------------------------------------------------------------------------------------------
@@ -476,7 +602,7 @@ class InfoConfig:
 
 
 @dataclass
-class VerifyConfig:
+class VerifyConfig(ShardCacheFields):
     """Recompute a store's content hash, every shard's checksum and the statistics."""
 
     store: str = field(default="", metadata={"argument": "STORE"})
@@ -485,6 +611,7 @@ class VerifyConfig:
     """Show a progress bar; default: when stderr is a terminal."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # --cache-dir, --cache-gb
         need(bool(self.store), "STORE is required: the store directory (or fsspec URL) to verify")
 
 

@@ -358,7 +358,7 @@ def run(cfg: TrainConfig) -> RunResult:
 
 
 def _run(cfg: TrainConfig, d: Dist) -> RunResult:
-    store = open_store(cfg.store)
+    store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
     hook = store.resolve_hook(cfg.hook)
     d_in = store.d_model(hook)
     if cfg.batch_size % d.world_size:

@@ -11,6 +11,7 @@ from typing import Any
 from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, need
 from saekit.heldout import held_out_rows
 from saekit.sae import SparseAutoencoder
+from saekit.shard_cache import ShardCacheFields
 
 CODES = ("encoder", "pursuit", "both")
 MAX_UNROLL = 8
@@ -45,7 +46,7 @@ RUN_IDENTITY = (
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ShardCacheFields):
     """Everything `saekit train` needs; each field is also a CLI flag (`n_features` -> `--n-features`)."""
 
     store: str = ""
@@ -125,6 +126,7 @@ class TrainConfig:
     """wandb project name."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # --cache-dir, --cache-gb
         need(bool(self.store), "--store is required: the activation store to train on")
         need(bool(self.out), "--out is required: the run directory to write")
         need(

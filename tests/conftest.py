@@ -18,6 +18,21 @@ def embedded_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def own_shard_cache(tmp_path_factory):
+    """Remote stores read in the tests cache their shards here, never in the user's ~/.cache
+    (subprocesses inherit it); a test that checks the cache passes --cache-dir of its own."""
+    import os
+
+    old = os.environ.get("SAEKIT_SHARD_CACHE")
+    os.environ["SAEKIT_SHARD_CACHE"] = str(tmp_path_factory.mktemp("shard-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SAEKIT_SHARD_CACHE", None)
+    else:
+        os.environ["SAEKIT_SHARD_CACHE"] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
     # Every tensor in the suite is small: a second intra-op thread only adds wake-up waits, and on a
     # busy 2-core machine it spin-waits for a core another process holds (tiny ops get 10-50x slower).

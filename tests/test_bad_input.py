@@ -1,4 +1,4 @@
-"""The bad-input table: `saekit` run on 149 bad inputs across every command (issue 9, item 12; eval: issue 11).
+"""The bad-input table: `saekit` run on 157 bad inputs across every command (issue 9, item 12; eval: issue 11).
 
 Each row must
   (a) exit non-zero,
@@ -11,8 +11,9 @@ Each row must
 
 The inputs are real: a store harvested from the embedded model, a run dir from `saekit train`, a
 saekit SAE dir, a sae-lens dir written by sae-lens's own save_model, a tiny HF checkpoint and a
-finished tiny demo; each row damages a copy. Rows run in-process through saekit.cli.main:main (a
-subprocess costs seconds of imports), except those that need a real non-root user (setpriv).
+finished tiny demo; each row damages a copy (rows reading object storage upload it to a bucket of
+conftest's local S3 server). Rows run in-process through saekit.cli.main:main (a subprocess costs
+seconds of imports), except those that need a real non-root user (setpriv).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class Env(NamedTuple):
     tmpfs: Callable  # the conftest fixture: tmpfs(size, ro=False) -> a mounted directory
     capsys: pytest.CaptureFixture
     monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest  # for conftest's s3_server, started only by the rows that need it
 
     @property
     def store(self) -> Path:
@@ -279,6 +281,28 @@ def incomplete_store(env: Env) -> Path:
     from test_cli_store import make_store
 
     return make_store(env.tmp / "half", finalize=False)
+
+
+def bucket(env: Env) -> str:
+    """A new, empty bucket on the local S3 server: 's3://<name>'."""
+    import s3fs
+
+    env.request.getfixturevalue("s3_server")
+    name = "bad-input-" + hashlib.sha256(str(env.tmp).encode()).hexdigest()[:16]
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
+def in_bucket(env: Env, store: Path | None = None) -> str:
+    """The store (or a damaged copy) uploaded to a new bucket, file by file."""
+    from saekit.remote import Remote
+
+    store = store or env.store
+    url = f"{bucket(env)}/store"
+    for p in sorted(store.rglob("*")):
+        if p.is_file():
+            Remote(url).put_file(p, p.relative_to(store).as_posix())
+    return url
 
 
 def damaged_run(env: Env, file: str) -> Path:
@@ -661,6 +685,24 @@ ROWS: dict[str, Row] = {
     "dashboard --out not empty": Row(lambda env: dashboard(env.store, env.sae, a_file(env).parent), "is not empty"),
     "dashboard --out is a file": Row(lambda env: dashboard(env.store, env.sae, a_file(env)), "is a file, not a directory"),
     "dashboard --out s3:// URL": Row(lambda env: dashboard(env.store, env.sae, url_out(env, "s3://bucket/d")), "is a URL"),
+    # -- a store in object storage, through the shard cache -------------------------------------
+    "train --cache-gb 0": Row(lambda env: train(env.store, env.tmp / "run", "--cache-gb", 0), "--cache-gb 0.0 must be positive"),
+    "train --cache-dir s3:// URL": Row(lambda env: train(env.store, env.tmp / "run", "--cache-dir", "s3://b/c"), "is a URL"),
+    "train --store in a bucket that does not exist": Row(lambda env: train(f"{bucket(env)}-gone/store", env.tmp / "run"),
+                                                         "no store at s3://"),
+    "train --store s3:// with a flipped byte in the bucket": Row(lambda env: train(in_bucket(env, damaged_store(env, "flipped byte")),
+                                                                                   env.tmp / "run"),
+                                                                 f"{SHARD} is corrupt in the bucket", partial=True),
+    "train --store s3:// with --cache-gb below one shard": Row(lambda env: train(in_bucket(env), env.tmp / "run",
+                                                                                 "--cache-gb", 0.0001), "raise --cache-gb", partial=True),
+    "train --store s3:// with --cache-dir on a full disk": Row(lambda env: train(in_bucket(env), env.tmp / "run", "--cache-dir",
+                                                                                 env.tmpfs(64 << 10) / "cache"),
+                                                               "No space left on device", needs="tmpfs", partial=True),
+    "pursue --store s3:// with --cache-dir of other files": Row(lambda env: pursue(in_bucket(env), env.sae, env.tmp / "p",
+                                                                                   "--cache-dir", a_file(env).parent),
+                                                                "not a saekit shard cache"),
+    "verify s3:// with a flipped byte in the bucket": Row(lambda env: ["verify", in_bucket(env, damaged_store(env, "flipped byte"))],
+                                                          "1 problem(s) in"),
     # -- info, verify, ls ---------------------------------------------------------------------
     "ls of a missing directory": Row(lambda env: ["ls", env.tmp / "gone"], "is not a directory"),
     "ls of a URL": Row(lambda env: ["ls", "s3://bucket/cache"], "lists local directories only"),
@@ -725,7 +767,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, inputs, tmp_path, tmpfs
     _needs(row.needs)
     if row.needs == "s3":
         request.getfixturevalue("s3_server")
-    env = Env(inputs, tmp_path / "row", tmpfs, capsys, monkeypatch)
+    env = Env(inputs, tmp_path / "row", tmpfs, capsys, monkeypatch, request)
     env.tmp.mkdir()
     args = [str(a) for a in row.make(env)]
     shared = [p for p in inputs if any(a == str(p) or a.startswith(f"{p}/") for a in args)]

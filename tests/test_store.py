@@ -347,7 +347,8 @@ def test_stop_row_holds_out_the_tail_and_drop_last(id_store):
         id_store.shuffled_batches(HOOK, 32, seed=3, rank=3, world_size=3)  # refused at the call, not later
 
 
-def test_url_stores_read_through_zarr(tmp_path, id_store):
+def test_url_stores_read_like_the_local_store(tmp_path, id_store):
+    """memory:// is object storage (the shard cache), file:// goes through zarr."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
