@@ -1,7 +1,7 @@
 """Object storage against the local disk, in one run, on a real S3 endpoint on localhost (moto's
 standalone server from `moto[server]`, started here, speaking S3 over HTTP).
 
-    .venv/bin/python bench/remote.py                 # about 5 minutes
+    .venv/bin/python bench/remote.py                 # about 10 minutes on 2 cores
     .venv/bin/python bench/remote.py --quick         # a smoke run (tests/test_bench.py)
 
 Each line is a ratio against a baseline measured in the same run:
@@ -106,13 +106,13 @@ def bench_reads(bucket: str, tmp: Path, rows: int, d: int, n: int, batch: int, r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tokens = 2048 if args.quick else 65_536
+    tokens = 2048 if args.quick else 32_768
     repeat = 1 if args.quick else args.repeat
-    rows, d, n, batch = (8192, 64, 256, 512) if args.quick else (131_072, 768, 6144, 2048)
+    rows, d, n, batch = (8192, 64, 256, 512) if args.quick else (131_072, 768, 2048, 2048)
     tmp = Path(tempfile.mkdtemp(prefix="saekit-bench-remote-"))
     server = remote_copy.start_s3_server(tmp / "moto.log")
     try:

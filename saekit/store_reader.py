@@ -53,6 +53,7 @@ from saekit.store_format import (
     StoreLayout,
     array_keys,
     array_spec,
+    attrs_of,
     bits_to_bf16,
     check_attrs,
     check_records,
@@ -620,7 +621,7 @@ class LsConfig:
     """The saekit stores under a directory (a shared cache root), one line each."""
 
     root: str = field(default="", metadata={"argument": "ROOT"})
-    """Directory to search (e.g. cache), recursively; a store's own directories are not searched."""
+    """Directory or object-storage URL to search (e.g. cache, s3://bucket/cache), recursively; a store's own directories are not searched."""
 
     def __post_init__(self) -> None:
         need(bool(self.root), "ROOT is required: the directory holding stores (e.g. cache)")
@@ -629,16 +630,21 @@ class LsConfig:
 class StoreListing(NamedTuple):
     """One store found by `list_stores`."""
 
-    path: Path
+    path: Path | str
     summary: str
     """`info`'s essentials on one line, or why the store cannot be read."""
     ok: bool
 
 
 def list_stores(root: str | os.PathLike) -> list[StoreListing]:
-    """Every saekit store under the local directory `root`, sorted by path. A damaged one is listed
-    with what is wrong, not skipped, so a shared cache shows everything it holds."""
-    base = local_path(root, "ROOT", "`saekit ls` lists local directories only: pass a local directory (e.g. cache)")
+    """Every saekit store under `root` (a local directory, or a URL: s3://bucket/cache), sorted by
+    path. A damaged one is listed with what is wrong, not skipped, so a shared cache shows
+    everything it holds."""
+    if is_remote(root):
+        return _list_remote(Remote(str(root)))
+    base = local_path(
+        root, "ROOT", "`saekit ls` lists a local directory or object storage (s3://...): pass a plain path"
+    )
     if not base.is_dir():
         raise SaekitError(f"ROOT {root} is not a directory: pass the directory holding stores (e.g. cache)")
     found = []
@@ -653,6 +659,25 @@ def list_stores(root: str | os.PathLike) -> list[StoreListing]:
         except SaekitError as e:
             found.append(StoreListing(Path(here), f"unreadable: {e}", False))
         dirs.clear()  # a store's own directories hold no other store
+    return found
+
+
+def _list_remote(remote: Remote) -> list[StoreListing]:
+    """`list_stores` of a folder in object storage: one listing, then each group's zarr.json."""
+    names = remote.list()
+    groups = sorted({n[: -len("zarr.json")].rstrip("/") for n in names if n == "zarr.json" or n.endswith("/zarr.json")})
+    found, stores = [], []
+    for d in groups:  # sorted: a store comes before its own folders, which hold no other store
+        if any(s == "" or d.startswith(s + "/") for s in stores):
+            continue
+        where = f"{remote.url}/{d}" if d else remote.url
+        try:
+            if attrs_of(remote.read_bytes(f"{d}/zarr.json" if d else "zarr.json") or b"", where) is None:
+                continue  # another program's zarr group
+            found.append(StoreListing(where, _summary(open_store(where, allow_incomplete=True, check=False)), True))
+        except SaekitError as e:
+            found.append(StoreListing(where, f"unreadable: {e}", False))
+        stores.append(d)
     return found
 
 

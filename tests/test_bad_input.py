@@ -705,7 +705,7 @@ ROWS: dict[str, Row] = {
                                                           "1 problem(s) in"),
     # -- info, verify, ls ---------------------------------------------------------------------
     "ls of a missing directory": Row(lambda env: ["ls", env.tmp / "gone"], "is not a directory"),
-    "ls of a URL": Row(lambda env: ["ls", "s3://bucket/cache"], "lists local directories only"),
+    "ls of a file:// URL": Row(lambda env: ["ls", "file:///tmp/cache"], "lists a local directory or object storage"),
     "info of a missing path": Row(lambda env: ["info", env.tmp / "gone"], "gone"),
     "info of a directory that is not a store": Row(lambda env: ["info", a_file(env).parent], "is not a saekit activation store"),
     **store_rows("info", ["zarr.json cut short", "n_rows 'lots'", "hook ../../x"]),

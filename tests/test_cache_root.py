@@ -6,7 +6,7 @@ import torch
 
 import saekit.harvest
 from saekit.harvest import HarvestConfig, run
-from saekit.store import open_store
+from saekit.store import list_stores, open_store
 
 SMALL = dict(shard_rows=1024, chunk_rows=256, device="cpu", progress=False)
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
@@ -57,7 +57,7 @@ def test_a_superset_store_serves_fewer_hooks_and_a_smaller_one_is_extended(tmp_p
     assert open_store(grown.path).verify() == []
 
 
-def test_remote_cache_root_reuses_and_extends(s3_bucket, tmp_path, forwards):
+def test_remote_cache_root_reuses_and_extends(s3_bucket, tmp_path, forwards, monkeypatch, capsys):
     root = f"{s3_bucket}/team-cache"
     first = run(HarvestConfig(tokens=3000, cache_root=root, staging=str(tmp_path / "st"), **SMALL))
     assert str(first.path).startswith(root + "/saekit-embedded/embedded-")
@@ -68,3 +68,13 @@ def test_remote_cache_root_reuses_and_extends(s3_bucket, tmp_path, forwards):
     fresh = run(HarvestConfig(tokens=5000, out=str(tmp_path / "fresh"), **SMALL))
     assert grown.path == first.path and grown.content_hash == fresh.content_hash
     assert open_store(grown.path).content_hash == fresh.content_hash
+    # `saekit ls` of the bucket's root lists the store, once (not its arrays' zarr.json)
+    from saekit.cli.main import main
+
+    listing = list_stores(root)
+    assert [(str(s.path), s.ok) for s in listing] == [(str(grown.path), True)]
+    assert "complete  5,000 rows" in listing[0].summary
+    monkeypatch.setattr("sys.argv", ["saekit", "ls", root])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None) and str(grown.path) in capsys.readouterr().out
