@@ -621,7 +621,7 @@ class LsConfig:
     """The saekit stores under a directory (a shared cache root), one line each."""
 
     root: str = field(default="", metadata={"argument": "ROOT"})
-    """Directory or object-storage URL to search (e.g. cache, s3://bucket/cache), recursively; a store's own directories are not searched."""
+    """Directory or URL to search (cache, s3://bucket/cache); not inside a store."""
 
     def __post_init__(self) -> None:
         need(bool(self.root), "ROOT is required: the directory holding stores (e.g. cache)")
