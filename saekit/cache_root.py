@@ -20,7 +20,6 @@ attributes, which stay complete and valid until then, are replaced in one write 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import NamedTuple
 
 from saekit.errors import SaekitError
 from saekit.remote import Remote, is_remote
-from saekit.store_format import FORMAT, canonical_json, read_attrs
+from saekit.store_format import attrs_of, canonical_json, check_attrs, read_attrs
 
 DEFAULT_ROOT = "cache"
 # Metadata that does not decide a row's bytes: how many rows, which hooks (matched separately),
@@ -65,7 +64,8 @@ def identity_dir(model_name: str, dataset_name: str, meta: dict) -> str:
 
 
 def store_name(hooks: list[str]) -> str:
-    return _slug("+".join(hooks))
+    """The store's folder: its hooks, sorted (the same hooks in another order are the same request)."""
+    return _slug("+".join(sorted(hooks)))
 
 
 class Found(NamedTuple):
@@ -82,6 +82,8 @@ class Found(NamedTuple):
     shard_rows: int = 0
     chunk_rows: int = 0
     """The found store's layout (0 for a new one): an extension keeps it."""
+    meta: dict | None = None
+    """An unfinished store's metadata: resuming adopts it (it may name other local paths)."""
 
 
 def _join(root: str, rel: str) -> str:
@@ -90,24 +92,29 @@ def _join(root: str, rel: str) -> str:
 
 def _stores_under(root: str, rel: str) -> list[tuple[str, dict]]:
     """(location, attributes) of each saekit store directly inside <root>/<rel>."""
+    found = []
     if is_remote(root):
         remote = Remote(_join(root, rel))
-        out = []
         for name in sorted(remote.list()):
             parts = name.split("/")
             if len(parts) == 2 and parts[1] == "zarr.json":
-                doc = json.loads(remote.read_bytes(name) or b"{}")
-                attrs = doc.get("attributes", {}) if isinstance(doc, dict) else {}
-                if attrs.get("format") == FORMAT:
-                    out.append((f"{remote.url}/{parts[0]}", attrs))
-        return out
-    base = Path(root) / rel
-    found = []
-    for d in sorted(base.iterdir()) if base.is_dir() else []:
-        attrs = read_attrs(d) if d.is_dir() else None
-        if attrs is not None:
-            found.append((str(d), attrs))
-    return found
+                where = f"{remote.url}/{parts[0]}"
+                found.append((where, lambda n=name, w=where: attrs_of(remote.read_bytes(n) or b"", w)))
+    else:
+        base = Path(root) / rel
+        found = (
+            [(str(d), lambda d=d: read_attrs(d)) for d in sorted(base.iterdir()) if d.is_dir()] if base.is_dir() else []
+        )
+    out = []
+    for where, read in found:
+        try:  # a damaged sibling is skipped (`saekit ls` names it), never in the way of the others
+            attrs = read()
+            if attrs is not None:
+                check_attrs(where, attrs)
+                out.append((where, attrs))
+        except SaekitError:
+            continue
+    return out
 
 
 def find(root: str, rel: str, hooks: list[str], tokens: int, meta: dict) -> Found:
@@ -133,13 +140,15 @@ def find(root: str, rel: str, hooks: list[str], tokens: int, meta: dict) -> Foun
     unfinished = dict(_stores_under(root, rel)).get(path)
     if unfinished is None:
         return Found("new", path, 0, hooks)
-    asked = unfinished.get("meta", {}).get("tokens")
+    if canonical_json(identity(unfinished["meta"])) != key:
+        raise SaekitError(f"{path} holds a store of other data; remove it, or pass --out")
+    asked = unfinished["meta"].get("tokens")
     if asked != tokens:
         raise SaekitError(
             f"an unfinished harvest of {asked} tokens is at {path}: finish it first with --tokens {asked} "
             "(then ask for more, which extends it), or remove it"
         )
-    return Found("resume", path, 0, hooks)
+    return Found("resume", path, 0, hooks, meta=unfinished["meta"])
 
 
 def _found(action: str, where: str, attrs: dict) -> Found:

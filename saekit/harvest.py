@@ -56,7 +56,8 @@ from saekit.errors import SaekitError, is_disk_full, local_path
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
 from saekit.remote import Remote, is_remote
 from saekit.store import StoreLayout, create_store, open_store, read_attrs
-from saekit.store_writer import extend_store
+from saekit.store_format import ACTS, POSITIONS, TOKENS, bits_to_bf16
+from saekit.store_writer import Kept, extend_store
 from saekit.texts import TextSource, load_texts, model_packing, sequences
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
@@ -228,9 +229,20 @@ class ShardAssembler:
     Only shards in `todo` are kept; rows arrive in store order for those shards.
     """
 
-    def __init__(self, hooks: list[HookSpec], layout: RowLayout, todo: set[int], skip: int):
+    def __init__(self, hooks: list[HookSpec], layout: RowLayout, todo: set[int], skip: int, kept: Kept | None = None):
         self.hooks, self.layout, self.todo, self.skip = hooks, layout, todo, skip
         self._bufs: dict[int, dict] = {}  # shard -> buffers + fill
+        # an extended store's old last rows are copied, not computed again (see extend_store)
+        self.kept_shard, self.kept_stop = -1, 0
+        if kept is not None and kept.index in todo:
+            buf = self._buf(kept.index)
+            n = len(kept.arrays[TOKENS])
+            for h in hooks:
+                buf["acts"][h.name][:n] = bits_to_bf16(kept.arrays[f"{ACTS}/{h.name}"])
+            buf["tokens"][:n] = torch.from_numpy(kept.arrays[TOKENS])
+            buf["positions"][:n] = torch.from_numpy(kept.arrays[POSITIONS])
+            buf["fill"] = n
+            self.kept_shard, self.kept_stop = kept.index, kept.index * layout.shard_rows + n
 
     def _expected(self, j: int) -> int:
         s = self.layout.shard_rows
@@ -258,6 +270,10 @@ class ShardAssembler:
                 if j not in self.todo:
                     continue
                 a, z = max(lo, j * s), min(hi, (j + 1) * s)  # rows of seq i inside shard j
+                if j == self.kept_shard:  # ...but not those kept
+                    a = max(a, self.kept_stop)
+                    if a >= z:
+                        continue
                 buf = self._buf(j)
                 if buf["fill"] != a - j * s:
                     raise RuntimeError(f"rows of shard {j} arrived out of order ({a} after {buf['fill']})")
@@ -434,9 +450,9 @@ def forward_to_shards(
     batch once its rows are placed (for a progress bar, or rows to hand on); returns how far the
     stream went. Closing the generator early still lands the shards already queued.
     """
-    wanted, n_seqs = _needed_seqs(plan.layout, todo)
+    asm = ShardAssembler(plan.hooks, plan.layout, todo, plan.skip, getattr(writer, "kept", None))
+    wanted, n_seqs = _needed_seqs(plan.layout, todo, asm.kept_shard, asm.kept_stop)
     seqs = itertools.islice(sequences(plan.lm.model, plan.texts, plan.ctx_len), first_seq, first_seq + n_seqs)
-    asm = ShardAssembler(plan.hooks, plan.layout, todo, plan.skip)
     thread = ShardWriterThread(writer, path)
     seen, idx, rows = 0, [], []
     try:
@@ -473,13 +489,16 @@ def todo_shards(writer, layout: RowLayout, rank: int = 0, world: int = 1) -> set
     return {j for j in range(rank, layout.n_shards, world) if not writer.shard_done(j)}
 
 
-def _needed_seqs(layout: RowLayout, todo: set[int]):
-    """(wanted(i), number of sequences to enumerate) for the shards still to write."""
+def _needed_seqs(layout: RowLayout, todo: set[int], kept_shard: int = -1, kept_stop: int = 0):
+    """(wanted(i), number of sequences to enumerate) for the shards still to write; the rows of
+    shard `kept_shard` below `kept_stop` are kept, not computed."""
     if not todo:
         return (lambda i: False), 0
 
     def wanted(i: int) -> bool:
-        return any(j in todo for j in layout.shards_of_seq(i))
+        return any(
+            j in todo and (j != kept_shard or layout.seq_rows(i)[1] > kept_stop) for j in layout.shards_of_seq(i)
+        )
 
     return wanted, max(layout.last_seq_of_shard(j) for j in todo) + 1
 
@@ -524,6 +543,8 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
             plan = _plan(cfg, lm, texts)
             if d.main:
                 print(f"extending {found.path} from {found.n_rows:,} to {cfg.tokens:,} rows", file=sys.stderr)
+        if found.action == "resume":  # its own metadata: it may name other local paths of the same data
+            plan = plan._replace(meta=found.meta)
         cfg = replace(cfg, resume=found.action == "resume")
 
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its
@@ -569,6 +590,7 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
     rate = _harvest_shards(plan, writer, out, d.rank, d.world_size, cfg.progress and d.main)
     barrier()
     if not d.main:
+        writer.close()
         return HarvestResult(out, 0, "", rate)
     attrs = writer.finalize()
     if is_remote(out):  # the shards were checked as they were uploaded
@@ -596,9 +618,10 @@ def _find_in_cache_root(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource, 
     if main:
         try:
             rel = identity_dir(lm.name, texts.name, plan.meta)
-            found = find(cache_root(cfg.cache_root), rel, [h.name for h in plan.hooks], cfg.tokens, plan.meta)
             if cfg.overwrite:  # rebuild this request's store, whatever the root holds
-                found = Found("new", found.path if found.action == "resume" else _fresh_path(cfg, rel, plan), 0, [])
+                found = Found("new", _fresh_path(cfg, rel, plan), 0, [])
+            else:
+                found = find(cache_root(cfg.cache_root), rel, [h.name for h in plan.hooks], cfg.tokens, plan.meta)
         except SaekitError as e:
             err = str(e)
     err = broadcast_error(err)

@@ -101,10 +101,13 @@ class RemoteMirror:
         files = shard_files(layout, index).values()
         for name in files:
             self.remote.put_file(self.root / name, name)
-        rec = record_path(self.root / RECORDS_DIR, index)
-        self.remote.put_file(rec, f"{RECORDS_DIR}/{rec.name}")
+        self.push_record(index)
         for name in files:
             (self.root / name).unlink(missing_ok=True)
+
+    def push_record(self, index: int) -> None:
+        rec = record_path(self.root / RECORDS_DIR, index)
+        self.remote.put_file(rec, f"{RECORDS_DIR}/{rec.name}")
 
     def drop_record(self, index: int) -> None:
         """Forget a bad shard's record in the bucket, so no reader or resume takes it as done."""

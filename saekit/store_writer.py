@@ -15,12 +15,13 @@ import sys
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from saekit.config import check_positive
-from saekit.errors import SaekitError, is_non_empty
+from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty
 from saekit.remote import is_remote
 from saekit.shards import (
     RECORDS_DIR,
@@ -151,7 +152,7 @@ def _create_remote(
     """`create_store` at a URL: staged locally, published by a RemoteMirror."""
     mirror = RemoteMirror.staged(url, rank, staging)
     mirror.remote.check_writable()
-    objects = mirror.objects()
+    objects = _without_probes(mirror.objects())
     if rank == 0 and "zarr.json" not in objects and set(objects) <= set(metadata_files(layout)):
         mirror.clear(objects)  # a creation killed before its group zarr.json: no rows, nothing to keep
         objects = {}
@@ -262,6 +263,13 @@ def _shard_problem(root: Path, layout: StoreLayout, rec: ShardRecord) -> str | N
     return None
 
 
+class Kept(NamedTuple):
+    """Rows of a store being extended that are copied into its rewritten last shard."""
+
+    index: int  # the shard
+    arrays: dict[str, np.ndarray]  # array key -> its first rows, as stored (bf16 bits, int32)
+
+
 class StoreWriter:
     """Writes whole shards of a store; see `create_store`.
 
@@ -281,12 +289,15 @@ class StoreWriter:
         world_size: int,
         mirror: RemoteMirror | None = None,
         trusted: Collection[int] = (),
+        grows: bool = False,
     ):
         import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
         self.path = root  # where the files are written (a staging folder for a URL store)
         self.mirror = mirror
         self.where = mirror.remote.url if mirror else root  # the store, as the user named it
+        self.kept: Kept | None = None  # see extend_store
+        self._grows = grows  # extending a complete store: its arrays' shape changes only at finalize
         self.layout = layout
         self.meta = attrs["meta"]
         self.rank, self.world_size = rank, world_size
@@ -398,6 +409,8 @@ class StoreWriter:
         rank 0 calls finalize() instead, which does it too."""
         self._flush()
         self._pool.shutdown()
+        if self.mirror:  # everything this writer staged is in the bucket
+            self.mirror.done()
 
     def write_shard(self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
         """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard)."""
@@ -433,7 +446,7 @@ class StoreWriter:
             self.mirror.push_shard(self.layout, index)
 
     def _ensure_capacity(self, rows: int) -> None:
-        if rows <= self.capacity:
+        if rows <= self.capacity or self._grows:  # shard files are saekit's own: the shape is metadata
             return
         if self.world_size > 1:
             raise SaekitError(
@@ -531,13 +544,15 @@ def extend_store(
     (the caller has checked that its rows are the same as the store's: see saekit.cache_root).
 
     Its full shards are kept (their records rebuilt from the files, each checked against the
-    store's crc32c; a bad one is redone), its last partial shard is rewritten with more rows, and
-    the attributes, complete and valid for the old rows all along, are replaced at finalize.
+    store's crc32c; a bad one is redone). Its last, partial shard is rewritten with more rows: its
+    old rows are read back (checked) and handed to the caller as `writer.kept`, so they are copied,
+    never recomputed. Nothing of the complete store changes before finalize (not even the arrays'
+    shape), which replaces its attributes in one write.
     """
     mirror = RemoteMirror.staged(str(path), rank, staging) if is_remote(path) else None
     root = mirror.root if mirror else Path(path)
     if mirror:
-        mirror.objects_at_open = mirror.objects()
+        mirror.objects_at_open = _without_probes(mirror.objects())
         mirror.pull(mirror.objects_at_open)
     attrs = read_attrs(root)
     if not (attrs or {}).get("complete"):
@@ -547,21 +562,49 @@ def extend_store(
         raise SaekitError(f"store {path} has layout {tuple(stored)}, not {tuple(layout)}; it cannot be extended")
     if n_rows <= attrs["n_rows"]:
         raise SaekitError(f"store {path} already has {attrs['n_rows']} rows; nothing to extend to {n_rows}")
-    trusted = set()
+    trusted: set[int] = set()
     if rank == 0:
-        for i in _partial_records(root, layout):  # the old last shard is rewritten with more rows
-            record_path(root / RECORDS_DIR, i).unlink()
-            if mirror:
-                mirror.drop_record(i)
-        trusted = _adopt_full_shards(root, layout, attrs, local=mirror is None)
-        group = _open_group(root)
-        for key in array_keys(layout):
-            a = group[key]
-            a.resize((max(n_rows, a.shape[0]), *a.shape[1:]))
-        if mirror:  # the arrays' new capacity, for the other ranks (the group's zarr.json is untouched)
-            for name in metadata_files(layout)[:-1]:
-                mirror.remote.put_file(root / name, name)
-    return StoreWriter(root, layout, {**attrs, "meta": meta}, rank, world_size, mirror, trusted)
+        # the old last shard is rewritten with more rows; a killed earlier extension may have
+        # written shards past this request's end
+        for i, r in store_records(root, layout).items():
+            if r.stop - r.start < layout.shard_rows or r.stop > n_rows:
+                record_path(root / RECORDS_DIR, i).unlink()
+                if mirror:
+                    mirror.drop_record(i)
+        trusted = _adopt_full_shards(root, layout, attrs, mirror)
+    writer = StoreWriter(root, layout, {**attrs, "meta": meta}, rank, world_size, mirror, trusted, grows=True)
+    last = attrs["shards"][-1]
+    if last["index"] % world_size == rank and last["stop"] - last["start"] < layout.shard_rows:
+        writer.kept = _kept_rows(root, layout, last, mirror)
+    return writer
+
+
+def _without_probes(objects: dict[str, int]) -> dict[str, int]:
+    """A bucket listing without the write probes a killed process may have left (not data)."""
+    return {n: size for n, size in objects.items() if not n.startswith(WRITE_PROBE)}
+
+
+def _shard_arrays(root: Path, layout: StoreLayout, index: int, n_valid: int, mirror) -> dict[str, np.ndarray]:
+    """array key -> the first `n_valid` rows of shard `index` (a bucket's shard is fetched into staging)."""
+    out = {}
+    for key, name in shard_files(layout, index).items():
+        if mirror and not (root / name).is_file():
+            mirror.remote.get_file(name, root / name)
+        row, dtype = array_spec(layout, key)
+        out[key] = map_shard_file(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, n_valid)
+    return out
+
+
+def _kept_rows(root: Path, layout: StoreLayout, shard: dict, mirror) -> Kept | None:
+    """The rows of a complete store's partial last shard, checked against its recorded crc32c
+    (None when they cannot be read or do not match: then they are computed again)."""
+    try:
+        arrays = _shard_arrays(root, layout, shard["index"], shard["stop"] - shard["start"], mirror)
+    except (OSError, ShardLayoutError, SaekitError):
+        return None
+    if any(crc32c_of(v) != shard["crc32c"][key] for key, v in arrays.items()):
+        return None
+    return Kept(shard["index"], {key: np.array(v) for key, v in arrays.items()})
 
 
 def _open_group(root: Path):
@@ -570,26 +613,29 @@ def _open_group(root: Path):
     return zarr.open_group(str(root), mode="r+")
 
 
-def _partial_records(root: Path, layout: StoreLayout) -> list[int]:
-    return [i for i, r in store_records(root, layout).items() if r.stop - r.start < layout.shard_rows]
-
-
-def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, local: bool) -> set[int]:
-    """Write a completion record for each full shard of a complete store that has none (local
-    stores: rebuilt from the files, checked against the store's crc32c). Returns the shards
-    checked here. A shard without a record is written again."""
+def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, mirror) -> set[int]:
+    """Write a completion record for each full shard of a complete store that has none, rebuilt
+    from its files (a bucket's are fetched into staging, then freed) and checked against the
+    store's crc32c. A bucket gets the record too. Returns the shards checked here; a shard
+    without a record is written again."""
     records = root / RECORDS_DIR
     records.mkdir(parents=True, exist_ok=True)
     have = store_records(root, layout)
     checked = set()
     for s in attrs["shards"]:
-        if s["stop"] - s["start"] != layout.shard_rows or s["index"] in have or not local:
+        if s["stop"] - s["start"] != layout.shard_rows or s["index"] in have:
             continue
         try:
+            _shard_arrays(root, layout, s["index"], layout.shard_rows, mirror)
             rec = record_from_files(root, layout, s["index"], layout.shard_rows)
-        except (OSError, ShardLayoutError):
+        except (OSError, ShardLayoutError, SaekitError):
             continue
         if rec.crc32c == s["crc32c"]:
             write_json_atomic(record_path(records, rec.index), rec.to_json())
             checked.add(rec.index)
+            if mirror:
+                mirror.push_record(rec.index)
+        if mirror:
+            for name in shard_files(layout, s["index"]).values():
+                (root / name).unlink(missing_ok=True)
     return checked

@@ -78,3 +78,113 @@ def test_remote_cache_root_reuses_and_extends(s3_bucket, tmp_path, forwards, mon
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code in (0, None) and str(grown.path) in capsys.readouterr().out
+
+
+# -- review findings: each failed before its fix ---------------------------------------------------
+
+
+def stop_after(monkeypatch, batches: int):
+    """The next harvest stops (KeyboardInterrupt) after `batches` forward passes, like a Ctrl-C:
+    the shards already handed to the writer land, nothing else."""
+    real, calls = saekit.harvest.forward_acts, []
+
+    def fwd(*a, **k):
+        calls.append(1)
+        if len(calls) > batches:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(saekit.harvest, "forward_acts", fwd)
+
+
+def test_an_extension_copies_the_old_rows_never_recomputes_them(tmp_path, monkeypatch):
+    """A forward pass that differs in the last bit (another GPU kernel for another batch shape)
+    must not change rows a complete store already has."""
+    root = str(tmp_path / "root")
+    first = run(HarvestConfig(tokens=3000, cache_root=root, **SMALL))
+    before = open_store(first.path)
+    old = {k: v.clone() for k, v in (("acts", before.rows(None, 0, 3000)), ("tok", before.tokens(0, 3000)))}
+    real = saekit.harvest.forward_acts
+    monkeypatch.setattr(
+        saekit.harvest,
+        "forward_acts",
+        lambda *a, **k: {h: (x.view(torch.int16) ^ 1).view(torch.bfloat16) for h, x in real(*a, **k).items()},
+    )
+    grown = open_store(run(HarvestConfig(tokens=5000, cache_root=root, **SMALL)).path)
+    assert torch.equal(grown.rows(None, 0, 3000).view(torch.int16), old["acts"].view(torch.int16))
+    assert torch.equal(grown.tokens(0, 3000), old["tok"]) and grown.verify() == []
+    new = grown.rows(None, 3000, 5000).view(torch.int16)
+    monkeypatch.undo()
+    fresh = open_store(run(HarvestConfig(tokens=5000, out=str(tmp_path / "f"), **SMALL)).path)
+    assert torch.equal(new, fresh.rows(None, 3000, 5000).view(torch.int16) ^ 1)  # computed, by the new pass
+
+
+def test_an_interrupted_extension_leaves_the_store_as_it_was_and_a_smaller_request_is_exact(tmp_path, monkeypatch):
+    import zarr
+
+    root = str(tmp_path / "root")
+    first = run(HarvestConfig(tokens=3000, cache_root=root, **SMALL))
+    stop_after(monkeypatch, 1)  # one batch of 32 sequences (rows ~2,900-7,000): shards 2 to 5 land
+    with pytest.raises(KeyboardInterrupt):
+        run(HarvestConfig(tokens=9000, cache_root=root, **SMALL))
+    store = open_store(first.path)  # still the complete 3,000-row store, every array that long
+    assert store.n_rows == 3000 and store.content_hash == first.content_hash and store.verify() == []
+    assert zarr.open_group(str(first.path), mode="r")["tokens"].shape == (3000,)
+    monkeypatch.undo()
+    grown = run(HarvestConfig(tokens=4000, cache_root=root, **SMALL))
+    fresh = run(HarvestConfig(tokens=4000, out=str(tmp_path / "fresh"), **SMALL))
+    assert grown.n_rows == 4000 and grown.content_hash == fresh.content_hash
+
+
+def test_unfinished_store_in_a_cache_root_resumes_from_another_copy_of_the_data_and_overwrites(tmp_path, monkeypatch):
+    root = str(tmp_path / "root")
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "texts.txt").write_text("the residual stream of a small model\n" * 400)
+    cfg = dict(hooks=HOOKS[::-1], cache_root=root, **SMALL)
+    stop_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(HarvestConfig(dataset=str(tmp_path / "a" / "texts.txt"), tokens=12000, **cfg))
+    monkeypatch.undo()
+    # the same data at another path, the hooks in another order: the same store, resumed
+    done = run(
+        HarvestConfig(dataset=str(tmp_path / "b" / "texts.txt"), tokens=12000, hooks=HOOKS, cache_root=root, **SMALL)
+    )
+    fresh = run(HarvestConfig(dataset=str(tmp_path / "a" / "texts.txt"), tokens=12000, out=str(tmp_path / "f"), **cfg))
+    assert done.content_hash == fresh.content_hash
+    # an unfinished one of another size is replaced by --overwrite
+    stop_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run(HarvestConfig(dataset=str(tmp_path / "a" / "texts.txt"), tokens=9000, overwrite=True, **cfg))
+    monkeypatch.undo()
+    again = run(HarvestConfig(dataset=str(tmp_path / "a" / "texts.txt"), tokens=3000, overwrite=True, **cfg))
+    assert again.path == done.path and again.n_rows == 3000
+
+
+def test_a_damaged_sibling_does_not_block_the_cache_root(tmp_path, forwards):
+    root = tmp_path / "root"
+    first = run(HarvestConfig(tokens=2000, cache_root=str(root), **SMALL))
+    sibling = first.path.parent / "blocks.0.hook_resid_pre"
+    sibling.mkdir()
+    (sibling / "zarr.json").write_text("{ not json")
+    forwards.clear()
+    assert run(HarvestConfig(tokens=2000, cache_root=str(root), **SMALL)).path == first.path and forwards == []
+
+
+def test_remote_extension_keeps_shards_without_records_and_a_stray_probe_is_no_obstacle(s3_bucket, tmp_path, forwards):
+    from saekit.remote import Remote
+    from saekit.store_copy import CopyConfig, copy_store
+
+    local = run(HarvestConfig(tokens=3000, cache_root=str(tmp_path / "local-root"), **SMALL))
+    rel = local.path.relative_to(tmp_path / "local-root").as_posix()
+    root = f"{s3_bucket}/root"
+    copy_store(CopyConfig(src=str(local.path), dst=f"{root}/{rel}", progress=False))  # no completion records
+    Remote(f"{root}/{rel}").write_bytes(".saekit-write-test-999", b"")  # left by a killed process
+    forwards.clear()
+    grown = run(HarvestConfig(tokens=5000, cache_root=root, staging=str(tmp_path / "st"), **SMALL))
+    extending, forwards[:] = len(forwards), []
+    fresh = run(HarvestConfig(tokens=5000, out=str(tmp_path / "fresh"), **SMALL))
+    assert grown.path == f"{root}/{rel}" and grown.content_hash == fresh.content_hash
+    assert 0 < extending < len(forwards)  # the kept shards were not computed again
+    probe = run(HarvestConfig(tokens=1000, out=f"{s3_bucket}/probe", staging=str(tmp_path / "st"), **SMALL))
+    assert probe.n_rows == 1000

@@ -103,6 +103,7 @@ def test_harvest_to_s3_with_two_ranks_equals_local(data, s3_bucket, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert open_store(url).content_hash == want
+    assert not any(p.is_file() for p in (tmp_path / "staging").rglob("*"))  # every rank's staging is freed
 
 
 def test_harvest_to_a_url_it_cannot_honour_is_one_line(data, s3_server, tmp_path):
