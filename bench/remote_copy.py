@@ -40,8 +40,12 @@ HOOK = "blocks.8.hook_resid_pre"
 BUCKET = "bench"
 
 
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 def start_s3_server(log: Path) -> subprocess.Popen:
-    """moto's S3 server on a free localhost port; points the standard AWS environment at it."""
+    """moto's S3 server on a free localhost port (a separate process speaking S3 over HTTP); points
+    the standard AWS environment at it, as a user would for MinIO. tests/conftest.py uses it too."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -56,14 +60,9 @@ def start_s3_server(log: Path) -> subprocess.Popen:
             break
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"moto server exited: {log.read_text()[-2000:]}") from None
+                raise RuntimeError(f"moto server exited: {log.read_text()[-2000:]}") from None
             time.sleep(0.1)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_ENDPOINT_URL=url,
-    )
+    os.environ.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=url)
     return proc
 
 

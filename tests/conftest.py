@@ -79,39 +79,16 @@ def s3_server(tmp_path_factory):
     process speaking the S3 protocol over HTTP. Points the standard AWS environment at it (as a
     user would for MinIO), so saekit and any subprocess reach it the way they reach real S3."""
     import os
-    import socket
     import sys
-    import time
-    import urllib.request
 
     pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[test]')")
     pytest.importorskip("s3fs", reason="needs s3fs (pip install -e .)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=f, stderr=f
-        )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": url,
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield url
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+    from remote_copy import AWS_TEST_ENV, start_s3_server  # the benches start the same server
+
+    old = {k: os.environ.get(k) for k in (*AWS_TEST_ENV, "AWS_ENDPOINT_URL")}
+    proc = start_s3_server(tmp_path_factory.mktemp("moto") / "server.log")
+    yield os.environ["AWS_ENDPOINT_URL"]
     proc.terminate()
     proc.wait(timeout=10)
     for k, v in old.items():
