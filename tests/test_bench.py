@@ -34,6 +34,7 @@ TINY = {
     "encoders.py": ["--tiny"],
     "dictionaries.py": ["--tiny"],
     "remote_copy.py": ["--mb", "2", "--d", "64", "--shard-rows", "1024", "--repeat", "1", "--threads", "4"],
+    "remote.py": ["--quick"],
     "dashboard.py": [
         "--rows",
         "4096",
@@ -59,12 +60,13 @@ RATIO_LINE = {
     "dictionaries.py": "lowest FVU:",
     "dashboard.py": "dashboard/bare time:",
     "remote_copy.py": "saekit/plain throughput",
+    "remote.py": "cold ÷ local =",
 }
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_benchmark_runs_and_prints_its_ratios(script, tmp_path):
-    if script == "remote_copy.py":
+    if script in ("remote_copy.py", "remote.py"):
         pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[test]')")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     r = subprocess.run(
