@@ -45,7 +45,8 @@ def is_disk_full(e: BaseException | None) -> bool:
         # safetensors (Rust) reports I/O errors as SafetensorError with the OS error in the text.
         if not isinstance(e, OSError) and any(f"(os error {n})" in str(e) for n in (errno.ENOSPC, errno.EDQUOT)):
             return True
-        e = e.__cause__ or e.__context__
+        # `raise ... from None` suppresses the context: the error it replaced is not its story
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return False
 
 

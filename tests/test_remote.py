@@ -27,3 +27,26 @@ def test_remote_errors_are_one_line(s3_server):
     assert "\n" not in str(e.value)
     with pytest.raises(SaekitError, match="fsspec knows"):
         Remote("nosuchscheme://x/y")
+
+
+def test_an_error_raised_from_none_is_not_a_full_disk():
+    """`raise SaekitError(...) from None` inside `except OSError(ENOSPC)` says the full disk is
+    not the story (the shard cache names its own disk): a stage must not relabel it as its own
+    output's full disk."""
+    import errno
+
+    from saekit.errors import is_disk_full
+
+    def raised(suppress: bool) -> BaseException:
+        try:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError as e:
+                if suppress:
+                    raise SaekitError("the shard cache's disk is full: ...") from None
+                raise SaekitError("wrapped") from e
+        except SaekitError as e:
+            return e
+
+    assert is_disk_full(raised(False))
+    assert not is_disk_full(raised(True))
