@@ -121,8 +121,10 @@ class _Ledger:
         self.cond = threading.Condition()
         self.reserved = 0  # bytes of the downloads in flight
         self.busy: set[Path] = set()  # files being downloaded or checked: never evicted
-        # checked mappings of cached files, with what they were checked against
-        self.maps: dict[Path, tuple[Hashable, np.ndarray]] = {}
+        # checked mappings of cached files: what they were checked against, the file (device,
+        # inode) mapped, the mapping. A file another process evicted or replaced is not reused,
+        # and its mapping is dropped, so its disk space is freed.
+        self.maps: dict[Path, tuple[Hashable, tuple[int, int] | None, np.ndarray]] = {}
         self.locks: dict[Path, threading.Lock] = {}
 
     def lock(self, file: Path) -> threading.Lock:
@@ -149,27 +151,37 @@ class ShardCache:
         store_key: str,
         open_checked: Callable[[Path], np.ndarray],
         check: Hashable,
+        fresh: bool = False,
     ) -> np.ndarray:
         """The object `name` of `remote` (a `saekit.remote.Remote`) as `open_checked` maps it:
         from the cache when a good copy is there, else downloaded. `check` names what
         `open_checked` checks (e.g. rows and crc32c): a mapping checked against something else is
-        not reused (a store being written may redo a shard). Raises ShardFetchError when the object
-        is missing or fails its check in every download."""
+        not reused (a store being written may redo a shard). `fresh`: download it again whatever
+        the cache holds (`verify` checks the bucket, not the cache). Raises ShardFetchError when
+        the object is missing or fails its check in every download."""
         file = self.dir / store_key / name
         led = self._ledger
-        hit = led.maps.get(file)
-        if hit is not None and hit[0] == check and _touch(file):
-            return hit[1]
+        if not fresh and (v := self._mapped(file, check)) is not None:
+            return v
         with led.lock(file):
-            hit = led.maps.get(file)
-            if hit is not None and hit[0] == check and _touch(file):
-                return hit[1]
+            if not fresh and (v := self._mapped(file, check)) is not None:
+                return v
             # never mapped here, checked against another record, or evicted by another process
-            v = self._open_cached(file, open_checked)
+            v = None if fresh else self._open_cached(file, open_checked)
             if v is None:
                 v = self._download(remote, name, file, open_checked)
-            led.maps[file] = (check, v)
+            led.maps[file] = (check, _file_id(file), v)
             return v
+
+    def _mapped(self, file: Path, check: Hashable) -> np.ndarray | None:
+        """This process's checked mapping of `file`, while it is still the file on disk."""
+        hit = self._ledger.maps.get(file)
+        if hit is None or hit[0] != check:
+            return None
+        if hit[1] is None or _file_id(file) != hit[1] or not _touch(file):
+            self._ledger.maps.pop(file, None)  # evicted or replaced by another process: unmap it
+            return None
+        return hit[2]
 
     def _open_cached(self, file: Path, open_checked: Callable[[Path], np.ndarray]) -> np.ndarray | None:
         """The cached copy, checked; None when there is none, or it is bad (then it is deleted)."""
@@ -259,6 +271,9 @@ class ShardCache:
             path.unlink(missing_ok=True)
             led.maps.pop(path, None)
             used -= size
+        for path, hit in list(led.maps.items()):  # files other processes evicted: unmap, free their space
+            if path not in led.busy and _file_id(path) != hit[1]:
+                led.maps.pop(path, None)
         return used + nbytes <= self.max_bytes
 
     def _files(self) -> list[tuple[float, int, Path]]:
@@ -282,6 +297,15 @@ class ShardCache:
                     if p not in self._ledger.busy:
                         out.append((st.st_mtime, st.st_size, p))
         return out
+
+
+def _file_id(file: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it is gone."""
+    try:
+        st = os.stat(file)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _touch(file: Path) -> bool:

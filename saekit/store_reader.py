@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -129,9 +129,10 @@ def open_store(
     if root is not None:
         group = zarr.open_group(str(root), mode="r")
     if is_remote(path_or_url):
-        cache = shard_cache(cache_dir, cache_gb)
+        cache = functools.partial(shard_cache, cache_dir, cache_gb)  # made at the first shard read
     store = ActivationStore(path_or_url, root, group, attrs, check, remote=remote, cache=cache)
     if check:
+        store._cache  # noqa: B018 - a bad --cache-dir / --cache-gb fails now, before a stage writes anything
         store.check_files_present()
     return store
 
@@ -189,7 +190,7 @@ class ActivationStore:
         check: bool,
         *,
         remote: Remote | None = None,
-        cache: ShardCache | None = None,
+        cache: Callable[[], ShardCache] | None = None,
     ):
         self.path = path
         self.meta: dict = attrs["meta"]
@@ -207,7 +208,9 @@ class ActivationStore:
         self._views: dict[tuple[str, int], np.ndarray] = {}  # memory-mapped shards (cheap: kept)
         self._fallback: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # shards read whole through zarr
         self._remote = remote  # a URL store's folder (to tell a missing shard file from fill values)
-        self._cache = cache  # the shard cache of a store in object storage (None: local or file://)
+        self._make_cache = cache  # the shard cache of a store in object storage (None: local or file://)
+        self._shard_cache = None
+        self._in_bucket = cache is not None
         if self.complete:
             self.n_rows = int(attrs["n_rows"])
             self.content_hash: str = attrs["content_hash"]
@@ -227,11 +230,18 @@ class ActivationStore:
             self.content_hash.removeprefix("sha256:")[:16] if self.complete else f"url-{url_key(str(path))}"
         )
 
+    @property
+    def _cache(self) -> Any:
+        """The shard cache, made at the first shard read (`info` and `ls` read none)."""
+        if self._shard_cache is None and self._make_cache is not None:
+            self._shard_cache = self._make_cache()
+        return self._shard_cache
+
     def _records(self) -> dict[int, ShardRecord]:
         """Completion records of an unfinished store (local, or in object storage)."""
         if self._root is not None:
             return store_records(self._root, self.layout)
-        if self._cache is not None:
+        if self._in_bucket:
             return check_records(read_remote_records(self._remote, RECORDS_DIR), self.layout)
         return {}
 
@@ -240,7 +250,7 @@ class ActivationStore:
         try:
             if self._root is not None:
                 doc = json.loads((self._root / key / "zarr.json").read_text())
-            elif self._cache is not None:
+            elif self._in_bucket:
                 doc = json.loads(self._remote.read_bytes(f"{key}/zarr.json") or b"null")
             else:
                 doc = None
@@ -282,7 +292,7 @@ class ActivationStore:
 
     def size_on_disk(self) -> int | None:
         """Bytes of all files under a local store or in object storage (None for file:// URLs)."""
-        if self._cache is not None:
+        if self._in_bucket:
             return sum(self._remote.list().values())
         if self._root is None:
             return None
@@ -305,7 +315,7 @@ class ActivationStore:
         """The valid rows of one shard, checked the first time they are touched: memory-mapped
         (kept for the store's life; a remote store's while the shard cache holds the file) or
         read whole through zarr (kept in a small LRU cache)."""
-        if self._cache is not None and self._plain[key]:
+        if self._in_bucket and self._plain[key]:
             return self._load(key, index, True)  # the cache keeps the mapping, and drops it on eviction
         k = (key, index)
         v = self._views.get(k)
@@ -326,14 +336,14 @@ class ActivationStore:
                 self._fallback.popitem(last=False)
             return v
 
-    def _load(self, key: str, index: int, check: bool) -> np.ndarray:
+    def _load(self, key: str, index: int, check: bool, fresh: bool = False) -> np.ndarray:
         """Read one shard's valid rows: a memory map where the file's layout allows, else whole
         through zarr. Missing or unreadable files raise; so does a crc32c mismatch when `check`."""
         row, dtype = array_spec(self.layout, key)
         name = shard_key(key, 1 + len(row), index)
         start, stop = self._shard_range(index)
-        if self._cache is not None and self._plain[key]:
-            return self._fetch(key, index, name)
+        if self._in_bucket and self._plain[key]:
+            return self._fetch(key, index, name, fresh)
         try:
             size = self._file_size(name)
             if not size:  # zarr would read a missing or empty shard file as its fill value (zeros)
@@ -356,7 +366,7 @@ class ActivationStore:
             raise _BadShard(self.path, name, "corrupt (checksum mismatch)")
         return v
 
-    def _fetch(self, key: str, index: int, name: str) -> np.ndarray:
+    def _fetch(self, key: str, index: int, name: str, fresh: bool = False) -> np.ndarray:
         """One shard of a remote store through the shard cache: downloaded whole if need be,
         memory-mapped and checked against its crc32c (always: a download can be damaged)."""
         row, dtype = array_spec(self.layout, key)
@@ -373,14 +383,14 @@ class ActivationStore:
             return v
 
         try:
-            return self._cache.get(self._remote, name, self._cache_key, open_checked, (stop - start, want))
+            return self._cache.get(self._remote, name, self._cache_key, open_checked, (stop - start, want), fresh)
         except ShardFetchError as e:
             raise _BadShard(self.path, name, e.what) from None
 
     def check_files_present(self) -> None:
         """Raise for the first missing or empty shard file of a local store or a store in object
         storage (one listing); file:// URL stores: no-op, their shards are checked as they are read."""
-        if self._root is None and self._cache is None:
+        if self._root is None and not self._in_bucket:
             return
         listed = self._remote.list() if self._root is None else None
         for index in sorted(self._shards):
@@ -523,7 +533,7 @@ class ActivationStore:
 
     def _prefetcher(self, key: str) -> Prefetcher | None:
         """Background downloads of the shards of `key` of a store in object storage (else None)."""
-        if self._cache is None or not self._plain[key]:
+        if not self._in_bucket or not self._plain[key]:
             return None
         return Prefetcher(lambda i: self._view(key, i), DOWNLOAD_THREADS)
 
@@ -563,7 +573,7 @@ class ActivationStore:
                 problems.append(f"{name}: no checksum recorded (shard missing)")
                 continue
             try:
-                v = self._load(key, i, check=False)
+                v = self._load(key, i, check=False, fresh=True)  # a bucket's objects, not the cache's copies
             except _BadShard as e:
                 problems.append(f"{e.name}: {e.what}")
                 continue

@@ -273,3 +273,38 @@ def test_two_processes_share_one_cache(stores, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     assert open_store(url, cache_dir=cache).verify() == []
+
+
+# -- review findings: each failed before its fix ---------------------------------------------------
+
+
+def test_a_file_another_process_evicted_is_unmapped_so_its_space_is_freed(stores, tmp_path):
+    local, url = stores
+    st = open_store(url, cache_dir=tmp_path / "cache")
+    st.rows(HOOK, 0, 10)  # shard 0 mapped
+    (cached,) = (tmp_path / "cache").rglob(f"acts/{HOOK}/c/0/0")
+    cached.unlink()  # what another process sharing the cache does when it needs room
+    st.rows(HOOK, 64, 74)  # a download: the cache makes room, and drops what others evicted
+    assert f"{cached} (deleted)" not in Path("/proc/self/maps").read_text()
+    assert torch.equal(st.rows(HOOK, 0, 10), open_store(local).rows(HOOK, 0, 10))  # fetched again
+
+
+def test_verify_of_a_url_checks_the_bucket_not_the_cache(stores, tmp_path):
+    _, url = stores
+    st = open_store(url, cache_dir=tmp_path / "cache")
+    assert st.verify() == []  # every shard now cached
+    r = Remote(url)
+    name = shard_files(st.layout, 1)[f"acts/{HOOK}"]
+    r.write_bytes(name, flip(r.read_bytes(name)))
+    assert any(p.startswith(name) and "corrupt" in p for p in open_store(url, cache_dir=tmp_path / "cache").verify())
+
+
+def test_info_and_ls_of_a_bucket_need_no_shard_cache(stores, tmp_path, monkeypatch):
+    from saekit.store import list_stores
+
+    _, url = stores
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    monkeypatch.setenv("SAEKIT_SHARD_CACHE", str(tmp_path / "mine"))
+    assert open_store(url, allow_incomplete=True, check=False).n_rows == 200  # what `info` opens
+    assert [s.ok for s in list_stores(url.rsplit("/", 1)[0])] == [True]
