@@ -115,6 +115,12 @@ class Remote:
         cut = len(self.base) + 1
         return {p[cut:]: int(i["size"]) for p, i in found.items() if i.get("type", "file") == "file"}
 
+    def exists(self) -> bool:
+        """True when the folder holds anything (or, for a bucket's root, the bucket is there)."""
+        self.fs.invalidate_cache()
+        with self.errors(f"reading {self.url}"):
+            return bool(self.fs.exists(self.base))
+
     def remove(self, names: list[str]) -> None:
         if names:
             with self.errors(f"removing objects under {self.url}"):

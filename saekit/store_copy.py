@@ -244,7 +244,7 @@ class _Copy:
     def run(
         self, files: list[ShardFile], records: list[str], group: bytes, overwrite: bool, start: float
     ) -> CopyResult:
-        have = _prepare(self.dst, group, self.digest, overwrite)
+        have = _prepare(self.dst, group, self.digest, overwrite, files)
         if have is None:
             return CopyResult(self.dst.url, self.digest, 0, 0, 0, time.perf_counter() - start, already=True)
         self.have = have
@@ -344,15 +344,21 @@ class _Copy:
         os.replace(local, final)
 
 
-def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool) -> dict[str, int] | None:
+def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool, files: list[ShardFile]) -> dict[str, int] | None:
     """What DST holds that this copy may keep (name -> size), after clearing it for --overwrite;
     None when DST already holds this very store. Anything else there is refused."""
     data, marker = dst.read_bytes("zarr.json"), dst.read_bytes(MARKER)
     if data is not None:
         if data == group:
-            if marker is not None:  # a copy killed just after its last write
-                dst.remove([MARKER])
-            return None
+            there = dst.list()
+            if all(there.get(f.name) == f.size for f in files):
+                if marker is not None:  # a copy killed just after its last write
+                    dst.remove([MARKER])
+                return None
+            # this store's zarr.json over missing shard files (an --overwrite cut short): not a
+            # store until the copy is finished again
+            dst.remove(["zarr.json"])
+            return there
         attrs = attrs_of(data, dst.url)  # a damaged zarr.json is one line, and DST is left alone
         if attrs is None:
             raise SaekitError(
@@ -363,7 +369,9 @@ def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool) -> dict[str
         if _marker_hash(marker) == digest:
             return dst.list()  # this store's copy, interrupted: resume it
         what = "an unfinished copy of another store"
-    elif is_non_empty(dst.root) if isinstance(dst, _Local) else dst.list():
+    elif (
+        is_non_empty(dst.root) if isinstance(dst, _Local) else [n for n in dst.list() if not n.startswith(WRITE_PROBE)]
+    ):
         raise SaekitError(
             f"DST {dst} is not empty and holds no saekit store; refusing to write into it or delete it: "
             "choose an empty DST"
@@ -372,6 +380,7 @@ def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool) -> dict[str
         return {}
     if not overwrite:
         raise SaekitError(f"DST {dst} holds {what}; pass --overwrite to replace it, or choose another DST")
+    dst.remove(["zarr.json"])  # first: a removal cut short leaves no store that looks complete
     if isinstance(dst, _Local):
         remove_entries(dst.root, [p.name for p in dst.root.iterdir()])
     else:

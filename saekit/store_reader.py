@@ -675,6 +675,8 @@ def list_stores(root: str | os.PathLike) -> list[StoreListing]:
 def _list_remote(remote: Remote) -> list[StoreListing]:
     """`list_stores` of a folder in object storage: one listing, then each group's zarr.json."""
     names = remote.list()
+    if not names and not remote.exists():
+        raise SaekitError(f"ROOT {remote.url} is not there: check the bucket and the prefix")
     groups = sorted({n[: -len("zarr.json")].rstrip("/") for n in names if n == "zarr.json" or n.endswith("/zarr.json")})
     found, stores = [], []
     for d in groups:  # sorted: a store comes before its own folders, which hold no other store

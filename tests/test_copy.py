@@ -194,3 +194,28 @@ def test_a_killed_copy_is_no_store_and_a_rerun_finishes_it(tmp_path):
     r = copy(src, dst)
     assert r.kept >= 6 and r.copied + r.kept == 96 * 3
     assert digest(dst) == digest(src)
+
+
+# -- review findings: each failed before its fix ---------------------------------------------------
+
+
+def test_a_store_whose_shard_files_went_missing_is_not_already_there(s3_bucket, tmp_path):
+    """An --overwrite cut short (or lost objects) can leave this store's zarr.json over missing
+    shard files: a copy repairs it rather than answering "already"."""
+    src = make_store(tmp_path / "src")
+    url = f"{s3_bucket}/store"
+    copy(src, url)
+    Remote(url).remove([HOOK_0, TOKENS_2])
+    again = copy(src, url)
+    assert not again.already and again.copied == 2
+    assert open_store(url, cache_dir=tmp_path / "cache").verify() == []
+
+
+def test_a_stray_write_probe_at_dst_is_no_obstacle_and_ls_of_a_missing_bucket_is_one_line(s3_bucket, tmp_path):
+    from saekit.store import list_stores
+
+    src = make_store(tmp_path / "src")
+    Remote(f"{s3_bucket}/probe").write_bytes(".saekit-write-test-999", b"")  # left by a killed process
+    assert copy(src, f"{s3_bucket}/probe").copied == 12
+    with pytest.raises(SaekitError, match="is not there"):
+        list_stores("s3://no-such-bucket-here/cache")
