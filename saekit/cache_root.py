@@ -86,6 +86,11 @@ class Found(NamedTuple):
     """An unfinished store's metadata: resuming adopts it (it may name other local paths)."""
 
 
+def store_path(root: str, rel: str, hooks: list[str]) -> str:
+    """Where the store of `hooks` of the identity folder `rel` lives in the cache root."""
+    return _join(root, f"{rel}/{store_name(hooks)}")
+
+
 def _join(root: str, rel: str) -> str:
     return f"{root}/{rel}" if is_remote(root) else str(Path(root) / rel)
 
@@ -136,7 +141,7 @@ def find(root: str, rel: str, hooks: list[str], tokens: int, meta: dict) -> Foun
     if grows:  # the largest: the least to compute
         n, where, attrs = max(grows, key=lambda t: (t[0], -len(t[2]["hooks"]), t[1]))
         return _found("extend", where, attrs)
-    path = _join(root, f"{rel}/{store_name(hooks)}")
+    path = store_path(root, rel, hooks)
     unfinished = dict(_stores_under(root, rel)).get(path)
     if unfinished is None:
         return Found("new", path, 0, hooks)

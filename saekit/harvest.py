@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from saekit import __version__
-from saekit.cache_root import Found, cache_root, find, identity_dir, store_name
+from saekit.cache_root import Found, cache_root, find, identity_dir, store_path
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import (
     barrier,
@@ -619,7 +619,7 @@ def _find_in_cache_root(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource, 
         try:
             rel = identity_dir(lm.name, texts.name, plan.meta)
             if cfg.overwrite:  # rebuild this request's store, whatever the root holds
-                found = Found("new", _fresh_path(cfg, rel, plan), 0, [])
+                found = Found("new", store_path(cache_root(cfg.cache_root), rel, [h.name for h in plan.hooks]), 0, [])
             else:
                 found = find(cache_root(cfg.cache_root), rel, [h.name for h in plan.hooks], cfg.tokens, plan.meta)
         except SaekitError as e:
@@ -628,12 +628,6 @@ def _find_in_cache_root(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource, 
     if err is not None:
         raise SaekitError(err)
     return broadcast_object(found)
-
-
-def _fresh_path(cfg: HarvestConfig, rel: str, plan: Plan) -> str:
-    root = cache_root(cfg.cache_root)
-    name = f"{rel}/{store_name([h.name for h in plan.hooks])}"
-    return f"{root}/{name}" if is_remote(root) else str(Path(root) / name)
 
 
 def _already_complete(out: Path, meta: dict) -> str | None:

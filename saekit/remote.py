@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from saekit.errors import SaekitError, one_line
+from saekit.errors import WRITE_PROBE, SaekitError, one_line
 
 # fsspec's package for each common scheme, for a one-line "install it" message.
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -105,7 +105,8 @@ class Remote:
             return int(info["size"]) if info.get("type") == "file" else None
 
     def list(self, prefix: str = "") -> dict[str, int]:
-        """name -> size of every object under `prefix` (recursively; fresh, not cached)."""
+        """name -> size of every object under `prefix` (recursively; fresh, not cached), but the
+        write probes of `check_writable` a killed process may have left (never data)."""
         self.fs.invalidate_cache()
         with self.errors(f"listing {self.url}/{prefix}"):
             try:
@@ -113,7 +114,11 @@ class Remote:
             except FileNotFoundError:
                 return {}
         cut = len(self.base) + 1
-        return {p[cut:]: int(i["size"]) for p, i in found.items() if i.get("type", "file") == "file"}
+        return {
+            p[cut:]: int(i["size"])
+            for p, i in found.items()
+            if i.get("type", "file") == "file" and not p.rsplit("/", 1)[-1].startswith(WRITE_PROBE)
+        }
 
     def exists(self) -> bool:
         """True when the folder holds anything (or, for a bucket's root, the bucket is there)."""
@@ -152,7 +157,7 @@ class Remote:
 
     def check_writable(self) -> None:
         """Write and remove a probe object: fails early (one line) on a missing bucket or no rights."""
-        probe = f".saekit-write-test-{os.getpid()}"
+        probe = f"{WRITE_PROBE}{os.getpid()}"
         self.write_bytes(probe, b"")
         self.remove([probe])
 

@@ -369,9 +369,7 @@ def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool, files: list
         if _marker_hash(marker) == digest:
             return dst.list()  # this store's copy, interrupted: resume it
         what = "an unfinished copy of another store"
-    elif (
-        is_non_empty(dst.root) if isinstance(dst, _Local) else [n for n in dst.list() if not n.startswith(WRITE_PROBE)]
-    ):
+    elif is_non_empty(dst.root) if isinstance(dst, _Local) else dst.list():
         raise SaekitError(
             f"DST {dst} is not empty and holds no saekit store; refusing to write into it or delete it: "
             "choose an empty DST"

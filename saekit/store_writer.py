@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from saekit.config import check_positive
-from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty
+from saekit.errors import SaekitError, is_non_empty
 from saekit.remote import is_remote
 from saekit.shards import (
     RECORDS_DIR,
@@ -152,7 +152,7 @@ def _create_remote(
     """`create_store` at a URL: staged locally, published by a RemoteMirror."""
     mirror = RemoteMirror.staged(url, rank, staging)
     mirror.remote.check_writable()
-    objects = _without_probes(mirror.objects())
+    objects = mirror.objects()
     if rank == 0 and "zarr.json" not in objects and set(objects) <= set(metadata_files(layout)):
         mirror.clear(objects)  # a creation killed before its group zarr.json: no rows, nothing to keep
         objects = {}
@@ -520,9 +520,7 @@ def record_from_files(root: Path, layout: StoreLayout, index: int, n_valid: int)
     """The completion record of shard `index` rebuilt from its files' first `n_valid` rows
     (checksums and statistics, as the writer computed them). Raises ShardLayoutError / OSError."""
     crc, stats = {}, {}
-    for key, name in shard_files(layout, index).items():
-        row, dtype = array_spec(layout, key)
-        v = map_shard_file(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, n_valid)
+    for key, v in _shard_arrays(root, layout, index, n_valid, None).items():
         crc[key] = crc32c_of(v)
         if key.startswith(ACTS + "/"):
             stats[key[len(ACTS) + 1 :]] = row_stats(v)
@@ -552,7 +550,7 @@ def extend_store(
     mirror = RemoteMirror.staged(str(path), rank, staging) if is_remote(path) else None
     root = mirror.root if mirror else Path(path)
     if mirror:
-        mirror.objects_at_open = _without_probes(mirror.objects())
+        mirror.objects_at_open = mirror.objects()
         mirror.pull(mirror.objects_at_open)
     attrs = read_attrs(root)
     if not (attrs or {}).get("complete"):
@@ -579,11 +577,6 @@ def extend_store(
     return writer
 
 
-def _without_probes(objects: dict[str, int]) -> dict[str, int]:
-    """A bucket listing without the write probes a killed process may have left (not data)."""
-    return {n: size for n, size in objects.items() if not n.startswith(WRITE_PROBE)}
-
-
 def _shard_arrays(root: Path, layout: StoreLayout, index: int, n_valid: int, mirror) -> dict[str, np.ndarray]:
     """array key -> the first `n_valid` rows of shard `index` (a bucket's shard is fetched into staging)."""
     out = {}
@@ -605,12 +598,6 @@ def _kept_rows(root: Path, layout: StoreLayout, shard: dict, mirror) -> Kept | N
     if any(crc32c_of(v) != shard["crc32c"][key] for key, v in arrays.items()):
         return None
     return Kept(shard["index"], {key: np.array(v) for key, v in arrays.items()})
-
-
-def _open_group(root: Path):
-    import zarr  # lazy: see StoreWriter
-
-    return zarr.open_group(str(root), mode="r+")
 
 
 def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, mirror) -> set[int]:
