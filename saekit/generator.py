@@ -16,6 +16,7 @@ from collections.abc import Generator, Iterator
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from saekit.cache_root import DEFAULT_ROOT
@@ -31,7 +32,7 @@ from saekit.harvest import (
 )
 from saekit.models import LoadedModel, describe_model
 from saekit.store import create_store, open_store, read_attrs
-from saekit.texts import TextSource, dataset_source, load_texts
+from saekit.texts import TextSource, dataset_source, load_texts, sequences
 
 
 def _object_identity(model, dataset, text_column: str) -> tuple[LoadedModel, TextSource]:
@@ -74,6 +75,11 @@ def cached_activation_generator(
     documents, tokenizer, hook, ctx_len, skip, run size. A finished run is read back instead of
     recomputed; a run cut short (the consumer stopped early) is resumed from its last whole
     shard. The first batch arrives after one model batch (`generator_batch_size` sequences).
+
+    A stream is known by what it yields: a cached row is handed out only once this stream's own
+    token ids for it equal the stored ones (the stream is tokenized, the model is not run), so a
+    filtered or cut stream with the same first documents never gets another stream's rows; a
+    cached run that is not this stream's is a one-line error naming the folder.
 
     Rows come in store order, sequence after sequence; for shuffled training batches read the
     stores with `saekit.store.open_store(path).shuffled_batches(...)`. The generator ends when
@@ -134,12 +140,18 @@ def _rebatch(rows: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Te
 
 
 def _run_rows(plan: Plan, path: Path, first_seq: int) -> Generator[torch.Tensor, None, bool]:
-    """Rows of one generator run, in store order: read back where `path` has them, computed (and
-    written) batch by batch otherwise. Returns True when the dataset ended inside this run."""
+    """Rows of one generator run, in store order: read back where `path` has them (each row only
+    once this stream's own tokens for it prove it is this stream's), computed (and written) batch
+    by batch otherwise. Returns True when the dataset ended inside this run."""
     hook, layout = plan.hooks[0].name, plan.layout
     if (read_attrs(path) or {}).get("complete"):
         store = open_store(path)  # a damaged run is an error here, not something to write over
-        yield from store.iter_rows(hook, 65536)
+        stream = _stream_tokens(plan, first_seq)
+        ended = yield from _proven_rows(store, hook, store.n_rows, stream, path)
+        if ended:  # this stream ends inside the cached run: its rows so far were this stream's
+            return True
+        if store.n_rows < layout.n_rows and next(stream, None) is not None:
+            raise _other_stream(path, f"it ends after row {store.n_rows}, where this dataset goes on")
         return store.n_rows < layout.n_rows
     writer = create_store(
         path,
@@ -152,7 +164,9 @@ def _run_rows(plan: Plan, path: Path, first_seq: int) -> Generator[torch.Tensor,
     )
     start = writer.resume_row  # one writer: every shard before this row is on disk
     if start:
-        yield from open_store(path, allow_incomplete=True).iter_rows(hook, 65536, 0, start)
+        store = open_store(path, allow_incomplete=True)
+        if (yield from _proven_rows(store, hook, start, _stream_tokens(plan, first_seq), path)):
+            return True
     # closing: when the consumer stops early, the shards already queued still land
     with closing(forward_to_shards(plan, writer, path, todo_shards(writer, layout), first_seq)) as loop:
         end = yield from _computed_rows(loop, hook, layout, start)
@@ -161,6 +175,49 @@ def _run_rows(plan: Plan, path: Path, first_seq: int) -> Generator[torch.Tensor,
         return True
     writer.finalize()
     return end.exhausted
+
+
+def _stream_tokens(plan: Plan, first_seq: int) -> Iterator[np.ndarray]:
+    """The token ids of each row of this stream's sequences from `first_seq` on, a sequence at a
+    time: what the rows of a run must have been computed from."""
+    seqs = itertools.islice(sequences(plan.lm.model, plan.texts, plan.ctx_len), first_seq, None)
+    return (np.asarray(seq[plan.skip :], dtype=np.int32) for seq in seqs)
+
+
+def _proven_rows(
+    store, hook: str, stop: int, stream: Iterator[np.ndarray], path: Path
+) -> Generator[torch.Tensor, None, bool]:
+    """Rows [0, stop) of `hook` in a cached run, each block handed out only after `stream`'s token
+    ids for its rows equal the stored ones. A streamed dataset is known by its first documents
+    only, so another stream with the same start (a filter, another take) finds the same run: its
+    rows are this stream's only as far as its tokens are. Returns True when `stream` ended
+    first (the rows handed out are then all of this stream's)."""
+    pending = np.empty(0, np.int32)
+    for lo in range(0, stop, _PROVE_ROWS):
+        hi = min(stop, lo + _PROVE_ROWS)
+        while len(pending) < hi - lo and (seq := next(stream, None)) is not None:
+            pending = np.concatenate([pending, seq])
+        n = min(len(pending), hi - lo)  # only whole sequences: the packed stream drops a last partial one
+        stored = store.tokens(lo, lo + n).numpy()
+        differ = np.flatnonzero(stored != pending[:n])
+        if differ.size:
+            raise _other_stream(path, f"the tokens of its row {lo + int(differ[0])} are not this dataset's")
+        if n:
+            yield store.rows(hook, lo, lo + n)
+        if n < hi - lo:
+            return True
+        pending = pending[n:]
+    return False
+
+
+_PROVE_ROWS = 65536  # rows checked and handed out at a time
+
+
+def _other_stream(path: Path, why: str) -> SaekitError:
+    return SaekitError(
+        f"the cached run {path} was made from another text stream ({why}): a filtered, cut or reordered "
+        f"dataset with the same first documents? pass save_to_disk= a folder of this dataset's own, or delete {path.parent}"
+    )
 
 
 def _computed_rows(

@@ -580,3 +580,51 @@ def test_damaged_store_or_file_as_out_is_one_line(data, tmp_path, capsys):
     (tmp_path / "f").write_text("not a directory")
     code, err = cli(*base, "--out", str(tmp_path / "f"), capsys=capsys)
     assert_one_line_error(code, err, r"is a file, not a directory; choose a directory path")
+
+
+def _gen_rows(model, ds, acts, **kw):
+    """(rows the generator hands out, the SaekitError that stopped it or None)."""
+    kw = dict(hook_name=HOOKS[0], activation_batch_size=100, generator_batch_size=8, acts_per_run=1000, ctx_len=32, **kw)
+    got = []
+    try:
+        for x in cached_activation_generator(model, ds, save_to_disk=str(acts), **kw):
+            got.append(x)
+    except SaekitError as e:
+        return (torch.cat(got) if got else torch.empty(0, 32, dtype=torch.bfloat16)), e
+    return torch.cat(got), None
+
+
+@pytest.mark.parametrize(
+    "first, then, refused",
+    [
+        ("all", "filter", True),  # keeps the first 16 documents, drops the 21st
+        ("take20", "take400", True),  # a shorter stream cached first: it ends where this one goes on
+        ("take400", "take20", False),  # a longer one cached first: its rows are this one's, as far as it goes
+    ],
+)
+def test_cached_activation_generator_never_serves_another_streams_rows(data, tmp_path, first, then, refused):
+    """A streamed dataset's cache key hashes only its first documents, so another stream with the
+    same start (a filter, another take) finds the same runs. Every row served must be the row a
+    fresh run on this stream gives; a cached run that is not this stream's is one line, not rows."""
+    import datasets
+
+    model = models.load_model(data[1], torch.device("cpu"), torch.float32).model
+    words = "the a sparse feature model token layer residual stream dictionary code of in on with".split()
+    docs = [{"text": " ".join(words[(7 * i + j) % 15] for j in range(1 + i % 5)), "id": i} for i in range(300)]
+    ds = datasets.Dataset.from_list(docs).to_iterable_dataset()  # short documents: many in each run
+    streams = {
+        "all": ds,
+        "filter": ds.filter(lambda r: r["id"] != 20),
+        "take20": ds.take(20),
+        "take400": ds.take(400),
+    }
+    _gen_rows(model, streams[first], tmp_path / "acts", max_runs=3)
+    want, err = _gen_rows(model, streams[then], tmp_path / "fresh", max_runs=3)
+    assert err is None
+    got, err = _gen_rows(model, streams[then], tmp_path / "acts", max_runs=3)
+    assert torch.equal(got.view(torch.int16), want[: len(got)].view(torch.int16))
+    assert (err is not None) == refused
+    if err is None:
+        assert len(got) == len(want)
+    else:
+        assert "\n" not in str(err) and "save_to_disk" in str(err), err
