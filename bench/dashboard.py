@@ -4,8 +4,9 @@
     python bench/dashboard.py --rows 4096 --d 64 --n-features 512 --k 8 --pages 20   # quick
 
 On a store of random rows (speed does not depend on the values) with a random TopK SAE:
-  bare       `encoder_codes` over every batch of `iter_rows`: what the pass cannot beat
-  dashboard  `saekit.dashboard.stream_stats`: the same encoder codes, plus each latent's count,
+  bare       `sae.encode` (the SAE's own forward) over every batch of `iter_rows`: what the pass
+             cannot beat
+  dashboard  `saekit.dashboard.stream_stats`: the same encoder output, kept sparse, plus each latent's count,
              max, histogram, bounded top-N and sample (the statistics the pages are built from)
   pages      `latent_pages` + the site's HTML for --pages latents (no model: token ids), per latent
 Prints rows/s of both, dashboard/bare (target <= 1.5), and the projected time for 1M rows x
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saekit.dashboard import DashboardConfig, latent_pages, stream_stats  # noqa: E402
 from saekit.dashboard_html import latent_html  # noqa: E402
-from saekit.sae import SparseAutoencoder, encoder_codes  # noqa: E402
+from saekit.sae import SparseAutoencoder  # noqa: E402
 from saekit.store import create_store, open_store  # noqa: E402
 
 HOOK = "blocks.0.hook_resid_pre"
@@ -45,9 +46,10 @@ def make_store(root: Path, n: int, d: int, ctx: int = 128) -> Path:
     return root
 
 
-def bare(store, sae, rows: range, batch: int, k: int) -> None:
-    for x in store.iter_rows(HOOK, batch, rows.start, rows.stop):
-        encoder_codes(sae, x.float(), k)
+def bare(store, sae, rows: range, batch: int) -> None:
+    with torch.no_grad():
+        for x in store.iter_rows(HOOK, batch, rows.start, rows.stop):
+            sae.encode(x.float())
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
         stats = None
         for _ in range(args.repeat):
             t = time.perf_counter()
-            bare(store, sae, rows, args.batch_size, args.k)
+            bare(store, sae, rows, args.batch_size)
             times["bare"] = min(times.get("bare", 1e9), time.perf_counter() - t)
             t = time.perf_counter()
             stats = stream_stats(cfg, store, HOOK, sae, rows, None, torch.device("cpu"))

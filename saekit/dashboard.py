@@ -11,7 +11,9 @@ The histogram bins are global and log-spaced (a quarter octave each, 2^-32 .. 2^
 suffices: no per-latent range is needed before binning. The lower-quantile samples come from a
 uniform sample of each latent's nonzero activations (the `SAMPLES` with the smallest hash of
 (row, latent, seed): independent of the batching), split into quartiles of value.
-The codes of the dashboard's rows are kept sparse ([rows, k]) to shade the windows' tokens.
+Every nonzero the encoder outputs counts (`saekit.sae.encoder_output`): a Batch-TopK encoder at
+its threshold, a ReLU or a JumpReLU encoder is never cut to a k. The codes of the dashboard's
+rows are kept sparse (each row's nonzeros, one after another) to shade the windows' tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -34,7 +37,7 @@ from saekit.downstream import store_model_spec
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
 from saekit.heldout import sae_held_out
 from saekit.pursuit import SparseCodes
-from saekit.sae import check_sae_fits_hook, encoder_codes, load_sae
+from saekit.sae import check_sae_fits_hook, encoder_output, load_sae
 from saekit.shard_cache import ShardCacheFields
 from saekit.store import open_store
 
@@ -43,8 +46,6 @@ BINS_PER_OCTAVE = 4
 """Histogram bin b holds values in [2^((b - BINS/2) / 4), 2^((b + 1 - BINS/2) / 4))."""
 SAMPLES = 48
 """Uniformly sampled nonzero activations kept per latent, for the lower-quantile panel."""
-DEFAULT_CAP = 64
-"""Nonzeros per row kept from an encoder without a k (ReLU, JumpReLU)."""
 
 
 @dataclass
@@ -190,17 +191,18 @@ class LatentStats:
         self.hist = torch.zeros(n_features * BINS, dtype=torch.int64)
         self.top = TopN(n_features, contexts)
         self.sample = TopN(n_features, SAMPLES)
-        self.codes: list[SparseCodes] = []
+        # each row's nonzeros, row after row (batches of any width): latents, values, counts per row
+        self._parts: list[tuple[Tensor, Tensor, Tensor]] = []
         self.n_rows = 0
 
     def add_(self, codes: SparseCodes, first_row: int) -> None:
-        """codes: [b, k] of store rows first_row .. first_row + b - 1."""
+        """codes: [b, k] of store rows first_row .. first_row + b - 1 (any k; zeros are not codes)."""
         b, k = codes.values.shape
-        self.codes.append(SparseCodes(codes.indices.to(torch.int32), codes.values.float()))
         self.n_rows += b
         nz = codes.values.reshape(-1) > 0
         latent = codes.indices.reshape(-1)[nz].long()
         value = codes.values.reshape(-1)[nz].float()
+        self._parts.append((latent.to(torch.int32), value, (codes.values > 0).sum(1)))
         row = (torch.arange(b).repeat_interleave(k) + first_row)[nz]
         self.count += torch.bincount(latent, minlength=len(self.count))
         self.max.scatter_reduce_(0, latent, value, "amax")
@@ -213,17 +215,20 @@ class LatentStats:
         """After the last batch: the buffers merged, the codes in one piece."""
         self.top.merge_()
         self.sample.merge_()
-        if len(self.codes) > 1:
-            self.codes = [SparseCodes(*(torch.cat(parts) for parts in zip(*self.codes)))]
+        latents, values, counts = (torch.cat(p).numpy() for p in zip(*self._parts)) if self._parts else ([],) * 3
+        self._latents, self._values = np.asarray(latents, np.int32), np.asarray(values, np.float32)
+        self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._parts = []
 
     def value_at(self, first_row: int, rows: Tensor, latent: int) -> Tensor:
         """The latent's value at store rows [m] (NaN outside the rows seen)."""
-        indices, values = self.codes[0]
-        local = rows - first_row
-        inside = (local >= 0) & (local < len(indices))
-        at = local.clamp(0, len(indices) - 1)
-        got = torch.where(indices[at] == latent, values[at], 0.0).sum(-1)
-        return torch.where(inside, got, torch.nan)
+        out = np.full(len(rows), np.nan, np.float32)
+        for j, r in enumerate(rows.tolist()):
+            local = r - first_row
+            if 0 <= local < self.n_rows:
+                lo, hi = self._starts[local], self._starts[local + 1]
+                out[j] = self._values[lo:hi][self._latents[lo:hi] == latent].sum()
+        return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,14 +423,14 @@ def one_thread() -> Iterator[None]:
 
 def stream_stats(cfg, store, hook, sae, rows: range, codes, device) -> list[LatentStats]:
     """The one pass over `rows`: the encoder's statistics, and with `codes` (store, group) theirs."""
-    n, k = sae.n_features, int(sae.k) if sae.k else min(DEFAULT_CAP, sae.n_features)
+    n = sae.n_features
     stats = [LatentStats(n, cfg.contexts, cfg.seed) for _ in range(2 if codes else 1)]
     bar = tqdm(
         total=len(rows), unit="row", unit_scale=True, desc="dashboard", disable=not cfg.progress, dynamic_ncols=True
     )
     start = rows.start
     for x in store.iter_rows(hook, cfg.batch_size, rows.start, rows.stop):
-        c = encoder_codes(sae, x.to(device).float(), k)
+        c = encoder_output(sae, x.to(device).float())
         with one_thread():
             stats[0].add_(SparseCodes(c.indices.cpu(), c.values.cpu()), start)
             if codes:

@@ -550,6 +550,29 @@ def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCode
     return SparseCodes(indices.reshape(*x.shape[:-1], k), values.reshape(*x.shape[:-1], k))
 
 
+@torch.no_grad()
+def encoder_output(sae: SparseAutoencoder, x: torch.Tensor) -> SparseCodes:
+    """Everything the SAE's encoder outputs for x (`sae.encode`), as SparseCodes over
+    `sae.decoder.raw_dictionary()`: nothing cut to a k.
+
+    x: [..., d_in] raw activations -> indices/values [..., m] (values float32), m the most
+    nonzeros any row of x has (at least 1), so a Batch-TopK encoder at its threshold, a ReLU or a
+    JumpReLU encoder keeps every nonzero of every row; slots past a row's nonzeros hold 0. Short
+    batches are padded as in `encoder_codes`, so the codes do not depend on the batching.
+    """
+    if sae.activation == "topk":  # exactly k per row: its codes at its own k, without a dense detour
+        return encoder_codes(sae, x, int(sae.k))
+    check_last_dim(x, sae.d_in, "inputs", "d_in")
+    rows = x.reshape(-1, sae.d_in)
+    n = rows.shape[0]
+    if n < MIN_CHUNK_ROWS:
+        rows = torch.cat([rows, rows.new_zeros(MIN_CHUNK_ROWS - n, sae.d_in)])
+    dense = sae.encode(rows)[:n].float()
+    m = max(1, int((dense != 0).sum(-1).max())) if n else 1
+    values, indices = dense.topk(m, dim=-1)
+    return SparseCodes(indices.reshape(*x.shape[:-1], m), values.reshape(*x.shape[:-1], m))
+
+
 def check_encoder_usable(sae: SparseAutoencoder, spec: str | os.PathLike, why: str) -> None:
     """One line when `sae` (given as `spec`) has no encoder to start from: `why` needs one."""
     enc = getattr(sae, "encoder", None)

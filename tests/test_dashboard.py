@@ -80,6 +80,36 @@ def test_top_contexts_density_and_max_equal_brute_force(embedded_store, sae_dir,
             assert ctx.tokens[ctx.centre] == bytes([int(store.tokens(ctx.row, ctx.row + 1))]).decode(errors="replace")
 
 
+@pytest.mark.parametrize("activation", ["batchtopk", "relu", "jumprelu"])
+def test_statistics_are_what_the_encoder_outputs_whatever_its_l0(embedded_store, tmp_path, activation):
+    """Encoders without a fixed k per row (Batch-TopK at its inference threshold, ReLU, JumpReLU)
+    give some rows more nonzeros than k or than any cap: every one of them counts (density, max,
+    top contexts), as `sae.encode` outputs them."""
+    torch.manual_seed(0)
+    n = 256  # ReLU and JumpReLU: more than 64 nonzeros in a row
+    sae = SparseAutoencoder(d_in=128, n_features=n, activation=activation, k=K if activation == "batchtopk" else None)
+    store = open_store(embedded_store)
+    st = store.stats()
+    sae.set_input_normalization(st.mean, st.mean_sq_norm)
+    first = store.n_rows - store.n_rows // 10
+    x = store.rows(HOOK, first, first + ROWS).float()
+    with torch.no_grad():
+        if activation == "batchtopk":
+            sae.calibrate_threshold_(x)  # k on average: many rows have more
+        else:
+            sae.encoder.b_enc.fill_(0.2)
+            if activation == "jumprelu":
+                sae.encoder.threshold.fill_(0.1)
+    dense = sae.eval().encode(x).detach()
+    per_row = (dense > 0).sum(1)
+    assert int(per_row.max()) > (K if activation == "batchtopk" else 64)
+    res = run(_cfg(tmp_path / "site", embedded_store, sae.save(tmp_path / "sae")))
+    for page, expected in zip(res.pages, _brute_force(dense, 5)):
+        _check_view(page.views[0], expected, first)
+        for ctx in page.views[0].top:
+            assert ctx.acts[ctx.centre] == pytest.approx(ctx.value)
+
+
 def test_group_top_n_keeps_the_n_highest_of_each_group():
     g = torch.tensor([0, 1, 0, 0, 1, 2])
     p = torch.tensor([0.5, 0.2, 0.9, 0.1, 0.7, 0.3], dtype=torch.float64)

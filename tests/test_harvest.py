@@ -584,7 +584,9 @@ def test_damaged_store_or_file_as_out_is_one_line(data, tmp_path, capsys):
 
 def _gen_rows(model, ds, acts, **kw):
     """(rows the generator hands out, the SaekitError that stopped it or None)."""
-    kw = dict(hook_name=HOOKS[0], activation_batch_size=100, generator_batch_size=8, acts_per_run=1000, ctx_len=32, **kw)
+    kw = dict(
+        hook_name=HOOKS[0], activation_batch_size=100, generator_batch_size=8, acts_per_run=1000, ctx_len=32, **kw
+    )
     got = []
     try:
         for x in cached_activation_generator(model, ds, save_to_disk=str(acts), **kw):
