@@ -9,7 +9,9 @@ For each model, with the hook `blocks.{L}.hook_resid_pre`:
   naive   the usual approach: full `run_with_cache` (every hook, all layers, logits), then
           `torch.save` of the hook's activations per batch.
 Prints rows/s of each and the ratios harvest/bare (target >= 0.9) and harvest/naive, plus bytes
-per row on disk. Timings are best of --repeat runs (the machine may be shared and noisy).
+per row on disk. Also the cost of the weights fingerprint (`models.weights_fingerprint`, which
+reads every byte of every parameter, once per model load) against a memcpy of the same bytes.
+Timings are best of --repeat runs (the machine may be shared and noisy).
 """
 
 from __future__ import annotations
@@ -113,8 +115,18 @@ def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, t
                 _, cache = model.run_with_cache(b)
                 torch.save(cache[hook][:, 1:].reshape(-1, model.cfg.d_model).clone(), d / f"acts_{i}.pt")
 
+    params = [p.detach() for p in model.parameters()]
+
+    def fingerprint():
+        models.weights_fingerprint(model)
+
+    def memcpy():  # the baseline: every byte of the weights read (and written) once
+        for p in params:
+            p.clone()
+
     bare()  # warm-up: first-call allocations and kernel selection
     t_bare, t_harvest, t_naive = best_interleaved([bare, harvest, naive], repeat)
+    t_fp, t_copy = best_interleaved([fingerprint, memcpy], max(repeat, 3))
     rows = n_seq * per_seq
     from saekit.store import open_store
 
@@ -130,6 +142,9 @@ def bench_model(name: str, tokens: int, ctx_len: int, batch: int, repeat: int, t
         "bytes_per_row": store.size_on_disk() / store.n_rows,
         "naive_bytes_per_row": naive_bytes / rows,
         "d_model": model.cfg.d_model,
+        "weights_mb": sum(p.numel() * p.element_size() for p in params) / 1e6,
+        "fingerprint_s": t_fp,
+        "memcpy_s": t_copy,
     }
 
 
@@ -167,6 +182,11 @@ def main() -> None:
             print(
                 f"  disk           {r['bytes_per_row']:.1f} bytes/row (bf16 payload {2 * r['d_model']} + token/position 8); "
                 f"naive torch.save fp32: {r['naive_bytes_per_row']:.1f}"
+            )
+            print(
+                f"  fingerprint    {r['fingerprint_s']:.3f} s for {r['weights_mb']:,.0f} MB of weights "
+                f"({r['weights_mb'] / 1e3 / r['fingerprint_s']:.1f} GB/s)   fingerprint/memcpy = "
+                f"{r['fingerprint_s'] / r['memcpy_s']:.2f}"
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

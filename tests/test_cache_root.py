@@ -188,3 +188,32 @@ def test_remote_extension_keeps_shards_without_records_and_a_stray_probe_is_no_o
     assert 0 < extending < len(forwards)  # the kept shards were not computed again
     probe = run(HarvestConfig(tokens=1000, out=f"{s3_bucket}/probe", staging=str(tmp_path / "st"), **SMALL))
     assert probe.n_rows == 1000
+
+
+def test_a_checkpoint_with_one_neuron_edited_is_another_store(tmp_path, forwards):
+    """The weights' identity reads every byte: zeroing the input weights of one MLP neuron (a
+    column a strided sample never reaches) is another model, so the cache root harvests anew."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_sources import make_tiny_gpt2
+
+    orig = make_tiny_gpt2(tmp_path / "a" / "tiny-gpt2", n_embd=256, n_layer=1)  # W_in [256, 1024]
+    edited = tmp_path / "b" / "tiny-gpt2"  # the same folder name: the same identity folder
+    shutil.copytree(orig, edited)
+    weights = load_file(edited / "model.safetensors")
+    weights["transformer.h.0.mlp.c_fc.weight"][:, 1] = 0  # neuron 1's input weights
+    save_file(weights, edited / "model.safetensors", metadata={"format": "pt"})
+
+    root = str(tmp_path / "root")
+    kw = dict(hooks=["blocks.0.hook_mlp_out"], tokens=500, ctx_len=32, cache_root=root, **SMALL)
+    first = run(HarvestConfig(model=str(orig), **kw))
+    forwards.clear()
+    second = run(HarvestConfig(model=str(edited), **kw))
+    assert forwards and second.path != first.path and second.content_hash != first.content_hash
+    a, b = open_store(first.path), open_store(second.path)
+    assert not torch.equal(a.rows(None, 0, 500), b.rows(None, 0, 500))
