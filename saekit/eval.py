@@ -193,13 +193,6 @@ def choose_sequences(cfg: EvalConfig, store: Any, layout: SequenceLayout, held_s
     return seqs
 
 
-def held_out_start(cfg: EvalConfig, store: Any, sae: Any) -> tuple[int, bool]:
-    """(first held-out row, whether the SAE was trained on this store). The run's own held-out
-    count when --sae is a run dir trained on this store, else the default rule."""
-    held = sae_held_out(store, sae, cfg.sae)
-    return held.rows.start, held.trained_here
-
-
 # --------------------------------------------------------------------------------------------
 # What is compared
 # --------------------------------------------------------------------------------------------
@@ -327,7 +320,8 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
     layout = sequence_layout(store)
     sae = load_sae(cfg.sae, device)
     check_sae_fits_hook(sae, cfg.sae, store.d_model(hook), hook)
-    seqs = choose_sequences(cfg, store, layout, *held_out_start(cfg, store, sae))
+    held = sae_held_out(store, sae, cfg.sae)
+    seqs = choose_sequences(cfg, store, layout, held.rows.start, held.trained_here)
     rows = _rows(cfg, store, hook, sae, seqs, layout.per_seq, device)
     sequences = store_sequences(store, hook, layout, seqs, device, dtype, model=cfg.model)
     encodings = {_row_name(r): r.encoding for r in rows if r.encoding is not None}
@@ -340,6 +334,7 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
         "sae": cfg.sae,
         "n_features": sae.n_features,
         **sequences.describe(),
+        "held out": held.describe(layout.rows(seqs)),
         "tokens": results[CLEAN].n_tokens,
         "device": str(device),
         "dtype": dtype_name(dtype),

@@ -142,7 +142,7 @@ class PursueConfig(ShardCacheFields):
     rows: int = 0
     """How many rows to compare; 0: all the held-out rows (with --start-row: every row from there on)."""
     start_row: int | None = None
-    """First store row compared; default: the first held-out row (the rows `saekit train` held out: the run's eval_rows, else the store's last min(65536, rows/10)). --start-row 0 compares the store's first rows, which an SAE trained on this store has seen."""
+    """First store row compared; default: the first held-out row (the rows after those the SAE's own record says trained it on this store, else the store's last min(65536, rows/10)). --start-row 0 compares the store's first rows, which an SAE trained on this store has seen."""
     encoders: list[str] = field(default_factory=list, metadata={"flag": "--encoder"})
     """Extra encoders to compare on the same rows (e.g. an MLP-encoder run dir), each loaded like --sae; repeat --encoder for several."""
     downstream: bool = False

@@ -45,7 +45,16 @@ _LIST_RELEASES = (
     'get_pretrained_saes_directory as d; print(list(d()))"'
 )
 # sae-lens config metadata kept in a loaded SAE's `metadata` (saekit's exports also write ENCODER_STALE)
-_KEPT_METADATA = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", ENCODER_STALE)
+_KEPT_METADATA = (
+    "model_name",
+    "hook_name",
+    "hook_head_index",
+    "context_size",
+    "prepend_bos",
+    ENCODER_STALE,
+    "store_hash",
+    "trained_on",  # saekit.heldout.TRAINED_ON: the rows that trained it travel with the export
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from saekit.codes import group_name, open_codes_for
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
+from saekit.heldout import TRAINED_ON, training_record
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import SparseCodes, to_dense
 from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_cost, load_sae
@@ -375,6 +376,8 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
         cfg, d_in=d_in, mean=stats.mean, mean_sq_norm=stats.mean_sq_norm, device=d.device, pretrained=pretrained
     )
     sae.metadata.update(_provenance(store, hook))
+    stop = store.n_rows - cfg.eval_rows  # it trains on rows [0, stop): the record travels with the SAE
+    sae.metadata[TRAINED_ON] = training_record(store, hook, stop, pretrained, cfg.from_pretrained or "")
     targets = distill_targets(cfg, store, hook, sae)
     session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm), targets)
     return _loop(session)

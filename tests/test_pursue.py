@@ -224,9 +224,34 @@ def test_the_default_rows_are_the_ones_training_held_out(tmp_path, store, traine
     assert math.isclose(held.entries[1].fvu, float(fvu(x, reconstruct(c, W, b))), rel_tol=1e-5)
     # --rows: the first of the held-out rows
     assert run(_cfg(tmp_path / "part", store, trained, rows=40, **gp3)).header["store rows"] == "200..239"
-    # the run's sae/ copied away knows its store but not its run: the default rule, the last 30 rows
+    # the run's sae/ copied away still knows the rows that trained it: the same last 100 rows
     bare = run(_cfg(tmp_path / "bare", store, shutil.copytree(trained / "sae", tmp_path / "sae"), **gp3))
-    assert bare.header["store rows"] == "270..299" and bare.header["held out"].startswith("yes")
+    assert bare.header["store rows"] == "200..299" and bare.header["held out"].startswith("yes")
+
+
+def test_the_rows_an_sae_trained_on_travel_with_it(tmp_path, store):
+    """Held out by --eval-rows 10 (fewer than the default rule's 30): the SAE's own record says so
+    wherever it goes (a copy of sae/, its sae-lens export, a run that started from it), so the
+    report never calls rows that trained it held out. An SAE whose training saekit cannot see is
+    never said to have missed any row."""
+    import sae_lens
+
+    gp3 = dict(k=[3], methods=["gp"], start_row=None)
+    dictionary = _train(store, tmp_path / "dict", eval_rows=10)  # trained on rows 0..289
+    copy = shutil.copytree(dictionary / "sae", tmp_path / "copy")
+    mlp = _train(store, tmp_path / "mlp", eval_rows=50, from_pretrained=str(copy), d_hidden=8, n_hidden=1)
+    for i, spec in enumerate([dictionary, copy, dictionary / "sae_lens", mlp, mlp / "sae"]):
+        res = run(_cfg(tmp_path / f"p{i}", store, spec, **gp3))
+        assert res.header["store rows"] == "290..299", spec
+        assert res.header["held out"].startswith("yes: inside the store's last 10 rows"), spec
+    # a dictionary from outside saekit: nobody knows its training rows
+    torch.manual_seed(0)
+    foreign = tmp_path / "foreign"
+    sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=D, d_sae=N_FEATURES)).save_model(foreign)
+    started = _train(store, tmp_path / "started", eval_rows=10, from_pretrained=str(foreign), k=4)
+    for i, spec in enumerate([foreign, started]):
+        held = run(_cfg(tmp_path / f"f{i}", store, spec, **gp3)).header["held out"]
+        assert "never saw" not in held and "does not know" in held, held
 
 
 def test_an_encoder_not_trained_with_its_dictionary_is_marked_stale(tmp_path, store, trained):
