@@ -206,13 +206,14 @@ class SparseAutoencoder(nn.Module):
             apply_preencoder_bias=self.apply_preencoder_bias,
             threshold_lr=self.encoder.threshold_lr,
             n_unroll=self.n_unroll,
+            rank_scale=self.encoder.rank_scale is not None,
             dtype=dtype_name(self.dtype),
             metadata=dict(self.metadata),
         )
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, device: Any = None) -> SparseAutoencoder:
-        return cls(
+        sae = cls(
             cfg.d_in,
             cfg.n_features,
             cfg.k,
@@ -226,6 +227,9 @@ class SparseAutoencoder(nn.Module):
             metadata=cfg.metadata,
             n_unroll=cfg.n_unroll,
         )
+        if cfg.rank_scale:  # its values come with the weights
+            sae.encoder.set_rank_scale_(torch.ones(cfg.n_features, device=device))
+        return sae
 
     # ---- computation ----
     def forward(self, x: torch.Tensor) -> ForwardOutput:
@@ -545,8 +549,12 @@ def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCode
     else:
         pre = sae.encoder.pre_activations(xn, sae.decoder.b_dec)
     pre = pre[:n]
-    acts = pre.relu() if sae.activation == "topk" else sae.encoder.activate(pre)
-    values, indices = acts.float().topk(k, dim=-1)
+    acts = (pre.relu() if sae.activation == "topk" else sae.encoder.activate(pre)).float()
+    if sae.encoder.rank_scale is None:
+        values, indices = acts.topk(k, dim=-1)
+    else:  # a sae-lens TopK SAE's own ranking (`Encoder.set_rank_scale_`)
+        indices = sae.encoder.rank_key(acts).topk(k, dim=-1).indices
+        values = acts.gather(-1, indices)
     return SparseCodes(indices.reshape(*x.shape[:-1], k), values.reshape(*x.shape[:-1], k))
 
 

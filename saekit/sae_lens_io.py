@@ -86,6 +86,7 @@ class _UnitRowWeights(NamedTuple):
     W_dec: torch.Tensor  # [n, d_in], unit rows
     b_dec: torch.Tensor  # [d_in]
     threshold: torch.Tensor | None  # [n] JumpReLU / Batch-TopK threshold in saekit's units
+    rank: torch.Tensor | None  # [n] 1 / row norm where a TopK SAE ranks by its own pre-activations, else None
 
 
 def from_sae_lens(
@@ -94,7 +95,7 @@ def from_sae_lens(
     """`SparseAutoencoder.from_sae_lens`: convert an in-memory sae-lens SAE (see that method)."""
     arch = sl.cfg.architecture()
     native = _native_activation(sl, arch)
-    weights = _unit_row_weights(sl, arch, warn_topk=native in ("topk", "batchtopk") and k is None)
+    weights = _unit_row_weights(sl, arch, warn_topk=native == "batchtopk" and k is None)
     activation = "topk" if k is not None else native
     k_value = k if k is not None else (getattr(sl.cfg, "k", None) if native in ("topk", "batchtopk") else None)
     decoder = Decoder(weights.W_dec.shape[0], weights.W_dec.shape[1], dtype=weights.W_dec.dtype, device="meta")
@@ -114,6 +115,8 @@ def from_sae_lens(
     decoder.to_empty(device=target)
     encoder.to_empty(device=target)
     _copy_weights_(encoder, decoder, weights)
+    if activation == "topk" and native == "topk" and weights.rank is not None:
+        encoder.set_rank_scale_(weights.rank)  # it picks its latents as sae-lens does
     meta = getattr(sl.cfg, "metadata", None)
     keep = {key: getattr(meta, key, None) for key in _KEPT_METADATA}
     sae = SparseAutoencoder(
@@ -147,16 +150,20 @@ def _native_activation(sl: Any, arch: str) -> str:
 def _unit_row_weights(sl: Any, arch: str, warn_topk: bool) -> _UnitRowWeights:
     """Copies of sl's weights with each decoder row's norm n_i folded into the encoder
     (W_enc[:, i] *= n_i, b_enc[i] *= n_i, threshold *= n_i unless sae-lens already measures codes
-    that way). warn_topk: say so when a TopK SAE's row norms differ (a few selections can change)."""
+    that way). A TopK SAE that ranks by its own pre-activations (no rescale_acts_by_decoder_norm)
+    with unequal norms gets `rank` = 1 / n_i, so saekit ranks as it does. warn_topk: say so when a
+    Batch-TopK SAE's row norms differ (its batch-level selection in training can change)."""
     W_dec = sl.W_dec.detach().clone()
     norms = W_dec.norm(dim=1).clamp_min(1e-8)
     rescaled = bool(getattr(sl.cfg, "rescale_acts_by_decoder_norm", False))
     threshold = _sae_lens_threshold(sl, arch)
     if threshold is not None and not rescaled:
         threshold = threshold * norms
-    if warn_topk and not rescaled and _uneven(norms):
+    uneven = not rescaled and _uneven(norms)
+    if warn_topk and uneven:
         warnings.warn(
-            "decoder rows of this sae-lens TopK SAE have unequal norms; saekit ranks latents by pre-activation x row norm, so a few selections can differ",
+            "decoder rows of this sae-lens Batch-TopK SAE have unequal norms; in training mode saekit ranks latents "
+            "by pre-activation x row norm, so a few selections can differ (inference, by its threshold, is exact)",
             stacklevel=4,
         )
     return _UnitRowWeights(
@@ -165,6 +172,7 @@ def _unit_row_weights(sl: Any, arch: str, warn_topk: bool) -> _UnitRowWeights:
         W_dec / norms[:, None],
         sl.b_dec.detach().clone(),
         threshold,
+        1 / norms if uneven and arch == "topk" else None,
     )
 
 
@@ -273,6 +281,9 @@ def _to_sae_lens(sae: SparseAutoencoder) -> Any:
         "apply_b_dec_to_input": sae.apply_preencoder_bias,
         "metadata": SAEMetadata(**{key: v for key, v in sae.metadata.items() if isinstance(key, str)}),
     }
+    if enc.rank_scale is not None:  # unfold: sae-lens ranks by its own pre-activations, rows of norm 1 / rank
+        r = enc.rank_scale.float()
+        folded = FoldedWeights(folded.W_enc * r, folded.b_enc * r, folded.W_dec / r[:, None], folded.b_dec)
     if sae.activation == "topk":
         sl = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(k=int(sae.k), rescale_acts_by_decoder_norm=False, **common))
     elif sae.activation == "relu":

@@ -50,6 +50,10 @@ class SAEConfig:
     """Subtract the decoder's b_dec from the input before encoding (sae-lens `apply_b_dec_to_input`)."""
     threshold_lr: float = 0.01
     """Batch-TopK: rate of the running (exponential) average of the smallest kept activation."""
+    rank_scale: bool = False
+    """TopK: the encoder picks its k latents by pre-activation x a per-latent `rank_scale` buffer
+    instead of by pre-activation (a sae-lens TopK SAE whose decoder rows have unequal norms ranks
+    by its own pre-activations; saekit's unit-norm atoms fold the norms into them)."""
     dtype: str = "float32"
     """Parameter dtype: 'float32', 'float64', 'bfloat16' or 'float16' (or an alias in saekit.devices.DTYPES)."""
     metadata: dict = field(default_factory=dict)
@@ -72,6 +76,8 @@ class SAEConfig:
                 f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden="
             )
         check_non_negative("n_unroll", self.n_unroll, "no refinement steps")
+        if self.rank_scale and (self.activation != "topk" or self.n_unroll):
+            raise SaekitError("rank_scale applies to a TopK encoder without refinement steps (n_unroll=0)")
         if self.n_unroll and self.activation != "topk":
             raise SaekitError(
                 f"n_unroll={self.n_unroll} refines TopK codes, but the activation is {self.activation!r}: use 'topk' or n_unroll=0"
@@ -140,12 +146,17 @@ def _check_k_range(k: float, n_features: int, integer: bool) -> None:
         raise SaekitError(f"k={k} must be a whole number for TopK (Batch-TopK allows a fractional average)")
 
 
-def topk_activation(pre_acts: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest pre-activations of each row, ReLU them, zero the rest.
+def topk_activation(pre_acts: torch.Tensor, k: int, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the k largest pre-activations of each row (the k largest of `rank` [..., n] where given:
+    the same entries, ranked otherwise), ReLU them, zero the rest.
 
     pre_acts: [..., n] -> codes [..., n] with at most k nonzeros per row.
     """
-    values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    if rank is None:
+        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    else:
+        indices = rank.topk(k, dim=-1, sorted=False).indices
+        values = pre_acts.gather(-1, indices)
     return torch.zeros_like(pre_acts).scatter_(-1, indices, values.relu())
 
 
@@ -412,6 +423,7 @@ class Encoder(nn.Module):
         self.register_buffer("threshold", torch.full((n_features,), fill, dtype=dtype, device=device))
         self.mlp = _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device) if cfg.n_hidden > 0 else None
         self.n_unroll = cfg.n_unroll
+        self.register_buffer("rank_scale", None)  # TopK's ranking scale: `set_rank_scale_`
         if self.n_unroll:  # registered only when used: T = 0 keeps the state dict of older SAEs
             shape = (self.n_unroll, n_features)
             self.unroll_step_size = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
@@ -435,6 +447,17 @@ class Encoder(nn.Module):
         for p in self.parameters():
             p.requires_grad_(value)
 
+    def set_rank_scale_(self, scale: torch.Tensor) -> None:
+        """TopK: pick the k latents by pre-activation x `scale` [n_features] from now on (kept in the
+        state dict). A sae-lens TopK SAE with unequal decoder row norms n_i ranks by its own
+        pre-activations, which are saekit's divided by n_i: scale = 1 / n_i."""
+        SAEConfig(self.d_in, self.n_features, self.activation, self.k, n_unroll=self.n_unroll, rank_scale=True)
+        self.rank_scale = scale.detach().to(self.W_enc.dtype).to(self.W_enc.device).clone()
+
+    def rank_key(self, pre_acts: torch.Tensor) -> torch.Tensor:
+        """What TopK ranks latents by: the pre-activations, times `rank_scale` where it is set."""
+        return pre_acts if self.rank_scale is None else pre_acts * self.rank_scale
+
     def pre_activations(self, x: torch.Tensor, b_dec: torch.Tensor | None) -> torch.Tensor:
         """x: [..., d_in] normalized input; b_dec: [d_in] the decoder's bias -> [..., n_features]."""
         if self.apply_preencoder_bias and b_dec is not None:
@@ -451,8 +474,8 @@ class Encoder(nn.Module):
         (needed when n_unroll > 0) -> indices/values [b, k], pre_acts [b, n_features].
         """
         pre = self.pre_activations(x, b_dec)
-        values, indices = pre.topk(int(self.k), dim=-1, sorted=False)
-        codes = TopKCodes(indices, values.relu(), pre)
+        indices = self.rank_key(pre).topk(int(self.k), dim=-1, sorted=False).indices
+        codes = TopKCodes(indices, pre.gather(-1, indices).relu(), pre)
         if self.n_unroll and W_dec is None:
             raise SaekitError(
                 "this encoder refines its codes against the dictionary (n_unroll > 0): pass W_dec, or use SparseAutoencoder.encode"
@@ -464,7 +487,7 @@ class Encoder(nn.Module):
     def activate(self, pre_acts: torch.Tensor) -> torch.Tensor:
         """pre_acts [..., n_features] -> codes [..., n_features], per `self.activation`."""
         if self.activation == "topk":
-            return topk_activation(pre_acts, int(self.k))
+            return topk_activation(pre_acts, int(self.k), None if self.rank_scale is None else self.rank_key(pre_acts))
         if self.activation == "relu":
             return pre_acts.relu()
         if self.activation == "jumprelu":

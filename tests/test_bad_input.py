@@ -82,7 +82,7 @@ def inputs(tmp_path_factory) -> Inputs:
     torch.manual_seed(0)
     lens = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=128, d_sae=64, k=4))
     with torch.no_grad():
-        lens.W_dec /= lens.W_dec.norm(dim=1, keepdim=True)  # as trained: saekit would warn about uneven row norms
+        lens.W_dec /= lens.W_dec.norm(dim=1, keepdim=True)  # unit rows, as sae-lens trains them
     lens.save_model(root / "lens")
     ckpt = make_tiny_gpt2(root / "tiny-gpt2")
     demo_out = demo(DemoConfig(out=str(root / "demo"), tokens=2048, steps=2, rows=200, progress=False)).store.parent

@@ -89,16 +89,30 @@ def test_sae_lens_saved_model_loads_with_same_outputs(tmp_path, arch):
     assert sae.activation == {"standard": "relu", "topk_rescaled": "topk"}.get(arch, arch)
 
 
-def test_batchtopk_loaded_threshold_matches_sae_lens_inference_export(tmp_path):
-    sl, _ = make_sae_lens("batchtopk")
+@pytest.mark.parametrize("matryoshka", [False, True])
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_batchtopk_loaded_threshold_matches_sae_lens_inference_export(tmp_path, matryoshka, rescaled):
+    """sae-lens saves a (Matryoshka) Batch-TopK SAE for inference as a JumpReLU SAE: saekit's
+    encoder of the training SAE equals it, decoder rows of unequal norms or not."""
+    kw = dict(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescaled)
+    if matryoshka:
+        cfg = sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=[32, D_SAE], **kw)
+        sl = sae_lens.MatryoshkaBatchTopKTrainingSAE(cfg)
+    else:
+        sl = sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**kw))
+    _randomize_(sl, unit_rows=False)
+    sl.topk_threshold = torch.tensor(0.4, dtype=torch.double)
     sl.save_model(tmp_path / "train")
     sl.save_inference_model(tmp_path / "infer")  # sae-lens's own inference form: a JumpReLU SAE
     sae = SparseAutoencoder.from_pretrained(tmp_path / "train")
     assert not sae.training  # loaders return eval mode: the threshold is used
     jump = sae_lens.SAE.load_from_disk(tmp_path / "infer")
     x = data()
-    with torch.no_grad():
-        torch.testing.assert_close(sae.encode(x), jump.encode(x), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # the same latents; codes in saekit's units (unit-norm atoms)
+        ours, theirs = sae.encode(x), jump.encode(x)
+        assert torch.equal(ours != 0, theirs != 0)
+        torch.testing.assert_close(ours, theirs * jump.W_dec.norm(dim=1), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sae(x).reconstruction, jump(x), atol=1e-5, rtol=1e-4)
 
 
 def test_from_pretrained_finds_sae_id_subfolder_and_keeps_metadata(tmp_path):
@@ -122,12 +136,35 @@ def test_k_replaces_native_activation_with_topk(tmp_path):
         torch.testing.assert_close(codes, topk_activation(relu.encode(x), 5))
 
 
-def test_topk_with_uneven_decoder_norms_warns(tmp_path):
-    sl = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K))
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_topk_with_uneven_decoder_norms_encodes_as_sae_lens_does(tmp_path, rescaled):
+    """A sae-lens TopK SAE whose decoder rows have unequal norms picks its k latents by its own
+    pre-activations (or, with rescale_acts_by_decoder_norm, by pre-activation x row norm). saekit
+    keeps unit-norm atoms, yet its encoder picks the same latents for every row and reconstructs
+    what sae-lens does, through a save and load and an export back to sae-lens."""
+    from saekit.sae import encoder_codes
+
+    cfg = sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescaled)
+    sl = sae_lens.TopKSAE(cfg)
     _randomize_(sl, unit_rows=False)
+    with torch.no_grad():
+        sl.W_dec.mul_(torch.rand(D_SAE, 1) * 3 + 0.1)  # norms from 0.1 to 3 times the random ones
     sl.save_model(tmp_path / "sl")
-    with pytest.warns(UserWarning, match="unequal norms"):
-        SparseAutoencoder.from_pretrained(tmp_path / "sl")
+    sae = SparseAutoencoder.from_pretrained(tmp_path / "sl")
+    again = SparseAutoencoder.load(sae.save(tmp_path / "saekit"))
+    x = data(512)
+    with torch.no_grad():
+        theirs = sl.encode(x)
+        for mine in (sae, again):
+            ours = mine.encode(x)
+            assert torch.equal(ours != 0, theirs != 0)  # the same latents, every row
+            torch.testing.assert_close(mine(x).reconstruction, sl(x), atol=1e-4, rtol=1e-4)
+            c = encoder_codes(mine, x, K)
+            assert torch.equal(c.indices.sort(-1).values, theirs.topk(K).indices.sort(-1).values)
+        sae.export_sae_lens(tmp_path / "back")
+        back = sae_lens.SAE.load_from_disk(tmp_path / "back")
+        assert torch.equal(back.encode(x) != 0, theirs != 0)
+        torch.testing.assert_close(back(x), sl(x), atol=1e-4, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
