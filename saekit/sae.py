@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from saekit.atomic import discard_leftovers, replace_dir
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError, is_non_empty, one_line
 from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
@@ -422,19 +423,22 @@ def _decoder_from_encoder(encoder: Encoder) -> Decoder:
 
 
 def publish_dir(path: Path, write: Any, overwrite: bool) -> None:
-    """Write a directory aside with `write(tmp)` and rename it into place (never half-written)."""
+    """Write a directory aside with `write(tmp)` and swap it into place (`atomic.replace_dir`):
+    `path` is the old directory or the new one, never half of one; what an interrupted publish
+    left beside it goes first."""
     if is_non_empty(path) and not overwrite:
         raise SaekitError(f"{path} already exists and is not empty: choose a new path or pass overwrite=True")
     path.parent.mkdir(parents=True, exist_ok=True)
+    discard_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         write(tmp)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if path.exists() and not path.is_dir():
+        path.unlink()
+    replace_dir(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "crc32c_of",
     "create_marked_group",
     "create_sharded_array",
+    "clear_group",
     "discard_unfinished_creation",
     "group_attrs",
     "is_plain_sharded",
@@ -362,6 +364,10 @@ def create_sharded_array(
     a.attrs.update(attrs)
 
 
+# zarr.json half-written: zarr's own temp file, or `write_json_atomic`'s (the attributes)
+_ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial|\.zarr\.json\.\d+\.tmp")
+
+
 def discard_unfinished_creation(root: Path, fmt: str, own_entries: Collection[str] | None) -> None:
     """Remove what a `create_marked_group` killed before its attributes were written left (no rows
     yet), and only that: the marker must be there, and nothing but the creator's `own_entries`.
@@ -379,9 +385,18 @@ def discard_unfinished_creation(root: Path, fmt: str, own_entries: Collection[st
         marker.unlink()
     elif own_entries is None:
         shutil.rmtree(root)
-    elif set(names) <= {CREATING, "zarr.json", *own_entries}:
+    elif all(n in {CREATING, "zarr.json", *own_entries} or _ZARR_PARTIAL.fullmatch(n) for n in names):
         remove_entries(root, [n for n in names if n != CREATING])
         marker.unlink()
+
+
+def clear_group(root: Path, note: str) -> None:
+    """Empty the saekit group at `root` (`--overwrite`) so that a kill part way is recognised:
+    the `CREATING` marker (text: `note`) first, then zarr.json (its attributes), then the rest.
+    What a kill leaves is an unfinished creation, which `discard_unfinished_creation` removes."""
+    (root / CREATING).write_text(note)
+    (root / "zarr.json").unlink(missing_ok=True)
+    remove_entries(root, [p.name for p in root.iterdir() if p.name != CREATING])
 
 
 def remove_entries(root: Path, names: Sequence[str]) -> None:

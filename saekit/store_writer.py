@@ -27,13 +27,13 @@ from saekit.shards import (
     RECORDS_DIR,
     ShardLayoutError,
     ShardRecord,
+    clear_group,
     crc32c_of,
     create_marked_group,
     create_sharded_array,
     discard_unfinished_creation,
     map_shard_file,
     record_path,
-    remove_entries,
     shard_key,
     write_group_attrs,
     write_json_atomic,
@@ -111,7 +111,7 @@ def create_store(
     if not _may_create(root, attrs, non_empty, resume, overwrite, rank):
         return _reopen(root, attrs, layout, meta, rank, world_size)
     if non_empty:
-        remove_entries(root, [p.name for p in root.iterdir()])
+        clear_group(root, "replacing a store (--overwrite)")
     attrs = _create(root, layout, meta, capacity=int(n_rows))
     return StoreWriter(root, layout, attrs, rank, world_size)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from saekit.atomic import aside, discard_dir, replace_dir
 from saekit.config import check_types
 from saekit.errors import SaekitError, one_line
 from saekit.metrics import FiringTracker
@@ -36,24 +36,24 @@ class Position(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 CKPT = "checkpoint"
+MARKER = "state.json"  # written last, deleted first: a checkpoint directory holding it is complete
 
 
 def save_checkpoint(
     out: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position
 ) -> None:
-    """Write out/checkpoint/ aside and swap it in, so a crash leaves the previous one intact."""
-    tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write out/checkpoint/ aside and swap it in (`atomic.replace_dir`): a kill between any two
+    filesystem operations leaves a complete checkpoint, the previous one or this one, that
+    `checkpoint_dir` finds; what such a kill left aside goes at the next save."""
+    tmp, final = out / f"{CKPT}.tmp", out / CKPT
+    discard_dir(tmp, MARKER)
     tmp.mkdir()
     try:
         _write_checkpoint(tmp, sae, opt, firing, pos)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # give back the space a failed write took (disk full)
+        discard_dir(tmp, MARKER)  # give back the space a failed write took (disk full)
         raise
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final, MARKER)
 
 
 def _write_checkpoint(
@@ -75,14 +75,15 @@ def _write_checkpoint(
     save_file(state, str(tmp / "state.safetensors"))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
     meta = {"position": pos._asdict(), "param_groups": groups, "firing_window_tokens": fs["window_tokens"]}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1))  # last: its presence says "complete"
 
 
 def checkpoint_dir(out: Path) -> Path | None:
-    """The newest complete checkpoint in a run dir (the .old one if a swap was interrupted)."""
-    for name in (CKPT, f"{CKPT}.old"):
-        if (out / name / "state.json").is_file():
-            return out / name
+    """The newest complete checkpoint in a run dir (the one a swap without an atomic exchange
+    had put aside, if a kill came before the new one was in place)."""
+    for ckpt in (out / CKPT, aside(out / CKPT)):
+        if (ckpt / MARKER).is_file():
+            return ckpt
     return None
 
 

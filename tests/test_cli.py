@@ -16,6 +16,7 @@ from test_cli_store import make_store
 from saekit.cli.main import app
 from saekit.sae import SparseAutoencoder
 from saekit.store import RECORDS_DIR, open_store
+from saekit.train_checkpoint import checkpoint_dir
 
 COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
 
@@ -200,12 +201,13 @@ def test_ctrl_c_in_train_is_one_line_and_the_run_resumes(embedded_store, tmp_pat
         "--no-progress",
     ]
     proc = _popen(*args, "--tokens", 256 * 100_000)
-    code, err = _interrupt_when(proc, lambda: (out / "checkpoint" / "state.json").is_file())
+    code, err = _interrupt_when(proc, lambda: checkpoint_dir(out) is not None)
     _said_interrupted(code, err, "the last checkpoint is kept; rerun the same command with --resume to continue")
-    step = json.loads((out / "checkpoint" / "state.json").read_text())["position"]["step"]
+    # where resume finds it: the Ctrl-C may have come in the middle of a checkpoint's swap
+    step = json.loads((checkpoint_dir(out) / "state.json").read_text())["position"]["step"]
     r = saekit(*args, "--tokens", 256 * (step + 2), "--resume")  # a shorter budget, to finish quickly
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["position"]["step"] == step + 2
+    assert json.loads((checkpoint_dir(out) / "state.json").read_text())["position"]["step"] == step + 2
 
 
 def test_ctrl_c_in_harvest_is_one_line_and_keeps_the_finished_shards(tmp_path):

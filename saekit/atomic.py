@@ -1,0 +1,83 @@
+"""Files and directories that appear whole or not at all, and go away without leaving a half.
+
+Every swap-into-place saekit does (a checkpoint, an SAE directory, an export) goes through
+`replace_dir`, and every deletion of a directory whose presence means "complete" goes through
+`discard_dir`, so a kill between any two filesystem operations leaves something a rerun
+recognises: the old directory or the new one in place, never half of one, and leftovers that the
+next write removes first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+from pathlib import Path
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap the directories `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+    False where the system or the file system cannot (then nothing happened)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28, not Linux
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def discard_dir(path: Path, marker: str | None = None) -> None:
+    """Delete the directory `path` (nothing if it is not there). `marker`, the file whose presence
+    says the directory is complete, goes first: a kill part way leaves a directory that no longer
+    claims to be complete."""
+    if marker is not None:
+        try:
+            (path / marker).unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def aside(path: Path) -> Path:
+    """Where `replace_dir` keeps the old directory while it swaps without an atomic exchange."""
+    return path.with_name(f"{path.name}.old")
+
+
+def replace_dir(new: Path, path: Path, marker: str | None = None) -> None:
+    """Put the complete directory `new` at `path`, in place of what is there, and delete that.
+
+    Where the file system can, the two are exchanged in one atomic step, so `path` is the old
+    directory or the new one at every moment. Elsewhere the old one is renamed to `aside(path)`
+    first (a kill before the second rename leaves the old one there, complete), and one left
+    there by an earlier kill is discarded once `path` is complete. `marker`: the file whose
+    presence says a directory is complete (see `discard_dir`).
+    """
+    if not path.exists():
+        new.rename(path)
+        discard_dir(aside(path), marker)  # a kill between the two renames left the old one there
+        return
+    old = aside(path)
+    discard_dir(old, marker)  # left by a kill in an earlier swap: `path` is complete
+    if _rename_exchange(new, path):
+        discard_dir(new, marker)  # now the old directory
+        return
+    path.rename(old)
+    new.rename(path)
+    discard_dir(old, marker)
+
+
+def discard_leftovers(path: Path) -> None:
+    """Remove what interrupted `publish_dir`s of `path` left beside it: the hidden temporary
+    directories it names `.<name>.<8 random characters>`, and nothing else."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+    for p in path.parent.iterdir() if path.parent.is_dir() else []:
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
