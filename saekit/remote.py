@@ -35,6 +35,25 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def local_file(root: Path, name: str) -> Path:
+    """`root / name` for a '/'-separated `name` that came from outside (an object listing, a
+    store's metadata), refused in one line unless it stays inside `root`: no absolute path, no
+    empty, '.' or '..' part, no backslash or NUL, and no symlink on the way to it."""
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts) or "\\" in name or "\0" in name:
+        raise SaekitError(
+            f"refusing the object name {name!r}: it is not a name inside a store, and would lead outside {root}; "
+            "remove that object from the bucket"
+        )
+    path = root.joinpath(*parts)
+    for p in [path, *path.parents]:
+        if p == root:
+            break
+        if p.is_symlink():
+            raise SaekitError(f"refusing to write {path}: {p} is a symlink, and saekit never follows one out of {root}")
+    return path
+
+
 def url_key(url: str) -> str:
     """A short stable name for a URL (cache and staging folder names)."""
     return hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -39,6 +40,7 @@ import numpy as np
 
 from saekit.config import check_positive, need
 from saekit.errors import SaekitError, local_path, os_error_message
+from saekit.remote import local_file
 
 ENV_DIR, ENV_GB = "SAEKIT_SHARD_CACHE", "SAEKIT_SHARD_CACHE_GB"
 DEFAULT_GB = 32.0
@@ -159,7 +161,7 @@ class ShardCache:
         not reused (a store being written may redo a shard). `fresh`: download it again whatever
         the cache holds (`verify` checks the bucket, not the cache). Raises ShardFetchError when
         the object is missing or fails its check in every download."""
-        file = self.dir / store_key / name
+        file = local_file(self.dir, f"{store_key}/{name}")  # a symlink planted on the way is refused
         led = self._ledger
         if not fresh and (v := self._mapped(file, check)) is not None:
             return v
@@ -277,18 +279,23 @@ class ShardCache:
         return used + nbytes <= self.max_bytes
 
     def _files(self) -> list[tuple[float, int, Path]]:
-        """Every cached file but the busy ones; removes download temp files left by killed processes."""
+        """Every cached file but the busy ones; removes download temp files left by killed processes.
+        Only regular files in real folders count: a symlink (to a folder or a file) is never
+        followed, so eviction never deletes anything outside the cache (a shared directory may
+        hold links someone else planted)."""
         out = []
         now = time.time()
         for sub in self.dir.iterdir():
-            if not _STORE_DIR.match(sub.name) or not sub.is_dir():
+            if not _STORE_DIR.match(sub.name) or sub.is_symlink() or not sub.is_dir():
                 continue
-            for here, _, names in os.walk(sub):
+            for here, _, names in os.walk(sub):  # never descends into a symlinked folder
                 for n in names:
                     p = Path(here, n)
                     try:
-                        st = p.stat()
+                        st = os.lstat(p)
                     except FileNotFoundError:  # evicted by another process meanwhile
+                        continue
+                    if not stat.S_ISREG(st.st_mode):
                         continue
                     if n.startswith("."):  # a download in flight (Remote.get_file's temp file)
                         if n.endswith(".partial") and now - st.st_mtime > STALE_PARTIAL_S:

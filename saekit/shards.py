@@ -44,6 +44,7 @@ __all__ = [
     "discard_unfinished_creation",
     "group_attrs",
     "is_plain_sharded",
+    "is_record_name",
     "map_shard_file",
     "pad_rows",
     "read_group_attrs",
@@ -179,6 +180,14 @@ class ShardRecord(NamedTuple):
 
     def to_json(self) -> dict:
         return {"index": self.index, "start": self.start, "stop": self.stop, "crc32c": self.crc32c, **self.extra}
+
+
+_RECORD_NAME = re.compile(rf"{re.escape(RECORDS_DIR)}/shard-(\d{{6,}})\.json")
+
+
+def is_record_name(name: str) -> bool:
+    """True for the name of a completion record inside a store (`<RECORDS_DIR>/shard-NNNNNN.json`)."""
+    return _RECORD_NAME.fullmatch(name) is not None
 
 
 def record_path(records: Path, index: int) -> Path:

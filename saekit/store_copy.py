@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from saekit.config import check_positive, need
 from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty, os_error_message, output_dir
-from saekit.remote import Remote, each_parallel, is_remote
-from saekit.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, remove_entries
+from saekit.remote import Remote, each_parallel, is_remote, local_file
+from saekit.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, record_path, remove_entries
 from saekit.store_format import (
     StoreLayout,
     array_spec,
@@ -104,7 +104,7 @@ class _Local:
         return self.url
 
     def file(self, name: str) -> Path:
-        return self.root / name
+        return local_file(self.root, name)
 
     def read_bytes(self, name: str) -> bytes | None:
         try:
@@ -158,7 +158,8 @@ def copy_store(cfg: CopyConfig) -> CopyResult:
     attrs, layout, group = _source(src)
     listing = src.list()
     files = _shard_plan(src, listing, layout, attrs)
-    records = sorted(n for n in listing if n.startswith(RECORDS_DIR + "/"))
+    # the records of the store's own shards, by the names the format gives them (a listing is untrusted)
+    records = [n for r in attrs["shards"] if (n := f"{RECORDS_DIR}/{record_path(Path(), r['index']).name}") in listing]
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     job = _Copy(src, dst, layout, attrs["content_hash"], cfg.threads, progress)
     if isinstance(dst, _Local):

@@ -172,6 +172,15 @@ def metadata_files(layout: StoreLayout) -> list[str]:
     return arrays + [f"{ACTS}/zarr.json", "zarr.json"]
 
 
+def is_metadata_name(name: str) -> bool:
+    """True for the name of a zarr.json the store format defines: the group's, the `acts` group's,
+    or one array's (`acts/<hook>/zarr.json` for a valid hook name, tokens', positions')."""
+    if name in ("zarr.json", f"{ACTS}/zarr.json", f"{TOKENS}/zarr.json", f"{POSITIONS}/zarr.json"):
+        return True
+    head, _, tail = name.rpartition("/")
+    return tail == "zarr.json" and head.startswith(ACTS + "/") and hook_name_ok(head[len(ACTS) + 1 :])
+
+
 def identity(layout: StoreLayout, meta: dict) -> dict:
     """What a store is (format, provenance, layout): the part of its attributes fixed at creation."""
     return {

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from saekit.errors import SaekitError
-from saekit.remote import Remote, url_key
-from saekit.shards import RECORDS_DIR, ShardRecord, record_path
-from saekit.store_format import StoreLayout, array_spec, metadata_files, shard_files
+from saekit.remote import Remote, local_file, url_key
+from saekit.shards import RECORDS_DIR, ShardRecord, is_record_name, record_path
+from saekit.store_format import StoreLayout, array_spec, is_metadata_name, metadata_files, shard_files
 
 
 def default_staging() -> Path:
@@ -62,11 +62,13 @@ class RemoteMirror:
         return self.remote.list()
 
     def pull(self, objects: dict[str, int]) -> None:
-        """Copy the store's metadata and completion records (no shard data) into staging."""
+        """Copy the store's metadata and completion records (no shard data) into staging: only
+        objects whose names the store format defines (a listing is untrusted input), each to its
+        place inside staging."""
         self.root.mkdir(parents=True, exist_ok=True)
         for name in objects:
-            if name.endswith("zarr.json") or name.startswith(RECORDS_DIR + "/"):
-                self.remote.get_file(name, self.root / name)
+            if is_metadata_name(name) or is_record_name(name):
+                self.remote.get_file(name, local_file(self.root, name))
 
     def pull_records(self) -> None:
         """Every rank's completion records, for rank 0's finalize."""
