@@ -12,7 +12,11 @@ Each line is a ratio against a baseline measured in the same run:
              ÷ fed from the local copy (saekit's training step, bench/train.py). Target >= 0.9.
 3. shuffled: shuffled batches from `s3://` while its shards download (cold cache, prefetch on)
              ÷ from the local copy, each consumed by the same training step. Target >= 0.7.
-4. copy:     `saekit copy` throughput ÷ a plain object-store client (boto3, same threads) copying
+4. resume:   `--resume` of a store in the bucket whose shards are all recorded but not finalized
+             (a harvest killed at its end): every recorded shard is downloaded and proved against
+             its record (crc32c and statistics, recomputed from its rows) ÷ a plain boto3 download of
+             the same objects; and ÷ harvesting those rows again (what resuming saves).
+5. copy:     `saekit copy` throughput ÷ a plain object-store client (boto3, same threads) copying
              the same objects, upload and download.
 
 moto keeps objects in memory and serves them from one Python process, so absolute MB/s are far
@@ -103,6 +107,40 @@ def bench_reads(bucket: str, tmp: Path, rows: int, d: int, n: int, batch: int, r
     return out
 
 
+def bench_resume(bucket: str, tmp: Path, rows: int, d: int, shard_rows: int, repeat: int) -> dict:
+    """The check a resume makes of every recorded shard in the bucket, against downloading them."""
+    import boto3
+
+    from saekit.store import create_store
+
+    url, hooks = f"{bucket}/resume", {"h": d}
+    kw = dict(n_rows=rows, meta={"bench": "resume"}, shard_rows=shard_rows, chunk_rows=4096)
+    w = create_store(url, hooks, staging=tmp / "staging-w", **kw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(rows // shard_rows):
+        w.append({"h": torch.randn(shard_rows, d, generator=g)}, torch.zeros(shard_rows), torch.zeros(shard_rows))
+    w.close()  # every shard and its record is in the bucket; no finalize: a harvest killed at its end
+    bucket_name, prefix = url[len("s3://") :].split("/", 1)
+    s3 = boto3.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket_name, Prefix=f"{prefix}/")["Contents"]]
+    shard_keys = [k for k in keys if "/c/" in k]
+
+    def resume():
+        w = create_store(url, hooks, staging=tmp / "staging-r", resume=True, **kw)
+        assert w.damaged == [] and w.resume_row == rows
+        w.close()
+
+    def download():
+        for k in shard_keys:
+            s3.get_object(Bucket=bucket_name, Key=k)["Body"].read()
+
+    t_resume, t_download = best_interleaved([resume, download], repeat)
+    nbytes = sum(
+        o["Size"] for o in s3.list_objects_v2(Bucket=bucket_name, Prefix=f"{prefix}/")["Contents"] if "/c/" in o["Key"]
+    )
+    return {"shards": len(shard_keys), "bytes": nbytes, "resume_s": t_resume, "download_s": t_download}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -139,6 +177,14 @@ def main() -> None:
                 f"warm ÷ local = {t['local'] / t['warm']:.2f}   cold ÷ local = {t['local'] / t['cold']:.2f}"
             )
         print("  targets: training from s3 once cached >= 0.9; shuffled batches while downloading >= 0.7")
+        shard_rows = 4096 if args.quick else 16384
+        z = bench_resume(bucket, tmp, 4 * shard_rows, 768, shard_rows, repeat)
+        harvest_s = 4 * shard_rows / h["local_rows_s"]
+        print(
+            f"resume    {z['shards']} recorded shard files ({z['bytes'] / 1e6:.0f} MB) proved against their records: "
+            f"{z['resume_s']:.2f} s   ÷ boto3 download of the same objects = {z['resume_s'] / z['download_s']:.2f}   "
+            f"÷ harvesting those rows again = {z['resume_s'] / harvest_s:.3f}"
+        )
         print("copy      (bench/remote_copy.py)")
         remote_copy.run(
             argparse.Namespace(

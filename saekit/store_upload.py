@@ -11,7 +11,8 @@ as soon as it is final:
 
 so a reader of the bucket never sees a shard without its data, nor a complete store with a shard
 missing. `--resume` rebuilds the staging folder from the bucket (metadata and records; no shard
-data) and checks each recorded shard's objects for their sizes; ranks under torchrun each stage in
+data); the writer then proves each recorded shard against its record (sizes here, then its rows'
+crc32c and statistics, `store_writer._shard_problem`); ranks under torchrun each stage in
 their own folder and write disjoint shards, as they do locally.
 """
 
@@ -80,8 +81,8 @@ class RemoteMirror:
 
     def shard_problem(self, layout: StoreLayout, rec: ShardRecord, objects: dict[str, int]) -> str | None:
         """What is wrong with a recorded shard in the bucket (an object missing or of the wrong
-        size), or None. Objects are written whole, so the size is the check resume can afford;
-        `saekit verify URL` checks every crc32c."""
+        size), or None: the check that needs no download, made first (`store_writer._shard_problem`
+        then proves the rows)."""
         for key, name in shard_files(layout, rec.index).items():
             size = objects.get(name)
             if size is None:

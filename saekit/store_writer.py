@@ -34,7 +34,6 @@ from saekit.shards import (
     discard_unfinished_creation,
     map_shard_file,
     record_path,
-    shard_key,
     write_group_attrs,
     write_json_atomic,
     write_recorded_shard,
@@ -246,20 +245,26 @@ def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int) -> dict:
     return attrs
 
 
-def _shard_problem(root: Path, layout: StoreLayout, rec: ShardRecord) -> str | None:
-    """What is wrong with a finished shard saekit wrote (files there, crc32c of the valid rows
-    as recorded), or None. Used on resume; readers check through ActivationStore._load."""
-    for key in array_keys(layout):
-        row, dtype = array_spec(layout, key)
-        name = shard_key(key, 1 + len(row), rec.index)
-        try:
-            v = map_shard_file(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, rec.stop - rec.start)
-        except FileNotFoundError:
-            return f"{name}: missing"
-        except (OSError, ShardLayoutError) as e:
-            return f"{name}: unreadable ({type(e).__name__})"
-        if crc32c_of(v) != rec.crc32c[key]:
+def _shard_problem(root: Path, layout: StoreLayout, rec: ShardRecord, mirror: RemoteMirror | None = None) -> str | None:
+    """What is wrong with a finished shard a writer before this one recorded, or None: each
+    array's file must be there (a bucket's is fetched into staging, then freed) and its record must
+    be its rows' own, the crc32c of every array and the statistics recomputed from the rows. Used
+    on resume, so a finished store verifies; readers check through ActivationStore._load."""
+    try:
+        fresh = record_from_files(root, layout, rec.index, rec.stop - rec.start, mirror)
+    except (FileNotFoundError, SaekitError) as e:
+        return f"shard {rec.index}: missing ({e if isinstance(e, SaekitError) else e.filename})"
+    except (OSError, ShardLayoutError) as e:
+        return f"shard {rec.index}: unreadable ({type(e).__name__})"
+    finally:
+        if mirror:
+            for name in shard_files(layout, rec.index).values():
+                (root / name).unlink(missing_ok=True)
+    for key, name in shard_files(layout, rec.index).items():
+        if fresh.crc32c[key] != rec.crc32c.get(key):
             return f"{name}: corrupt (checksum mismatch)"
+    if any(fresh.extra[k] != rec.extra.get(k) for k in fresh.extra):
+        return f"shard {rec.index}: its record's statistics are not its rows'"
     return None
 
 
@@ -328,10 +333,10 @@ class StoreWriter:
         it is redone. One line per bad shard."""
         bad = []
         for i in sorted(j for j in check if j % self.world_size == self.rank):
-            if self.mirror:
+            problem = None
+            if self.mirror:  # sizes first: a short or missing object is known without a download
                 problem = self.mirror.shard_problem(self.layout, check[i], self.mirror.objects_at_open)
-            else:
-                problem = _shard_problem(self.path, self.layout, check[i])
+            problem = problem or _shard_problem(self.path, self.layout, check[i], self.mirror)
             if problem is not None:
                 record_path(self._records, i).unlink(missing_ok=True)
                 if self.mirror:
@@ -516,11 +521,14 @@ class StoreWriter:
         return record_from_files(self.path, self.layout, rec.index, stop - rec.start)
 
 
-def record_from_files(root: Path, layout: StoreLayout, index: int, n_valid: int) -> ShardRecord:
+def record_from_files(
+    root: Path, layout: StoreLayout, index: int, n_valid: int, mirror: RemoteMirror | None = None
+) -> ShardRecord:
     """The completion record of shard `index` rebuilt from its files' first `n_valid` rows
-    (checksums and statistics, as the writer computed them). Raises ShardLayoutError / OSError."""
+    (checksums and statistics, as the writer computed them; a bucket's files are fetched into
+    staging where they are not there). Raises ShardLayoutError / OSError / SaekitError."""
     crc, stats = {}, {}
-    for key, v in _shard_arrays(root, layout, index, n_valid, None).items():
+    for key, v in _shard_arrays(root, layout, index, n_valid, mirror).items():
         crc[key] = crc32c_of(v)
         if key.startswith(ACTS + "/"):
             stats[key[len(ACTS) + 1 :]] = row_stats(v)
