@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, check_url, url_scheme
 from saekit.remote import Remote, is_remote
 from saekit.store_format import attrs_of, canonical_json, check_attrs, read_attrs
 
@@ -38,7 +38,10 @@ PATHS = ("path",)
 
 def cache_root(flag: str | None) -> str:
     """The cache root in force: --cache-root, else $SAEKIT_CACHE, else ./cache."""
-    return (flag or os.environ.get("SAEKIT_CACHE") or DEFAULT_ROOT).rstrip("/") or "/"
+    text = flag or os.environ.get("SAEKIT_CACHE") or DEFAULT_ROOT
+    if url_scheme(text) is not None:
+        return check_url(text, "--cache-root" if flag else "$SAEKIT_CACHE")
+    return text.rstrip("/") or "/"
 
 
 def identity(meta: dict) -> dict:

@@ -71,7 +71,29 @@ def os_error_message(e: OSError, what: str | None = None) -> str:
     return f"{where}: {reason}; {_ADVICE.get(e.errno, 'check the path and its file system, then rerun')}"
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
+
+
+def url_scheme(path: str | os.PathLike) -> str | None:
+    """The scheme of a URL-shaped argument ('s3' for s3://bucket/x, 'file' for file://...), None for a
+    plain path. The one test of "is this a URL" (saekit.remote.is_remote builds on it)."""
+    m = _URL.match(os.fspath(path))
+    return m.group(1).lower() if m else None
+
+
+def check_url(path: str | os.PathLike, flag: str = "") -> str:
+    """A URL-shaped argument checked and normalised (no trailing '/'), a plain path as it is. A URL
+    must name something after its scheme: `s3://` alone is one line, never a local folder `s3:`."""
+    text = os.fspath(path)
+    m = _URL.match(text)
+    if m is None:
+        return text
+    if not m.group(2).strip("/"):
+        scheme = m.group(1)
+        raise SaekitError(
+            f"{flag + ' ' if flag else ''}{text} names no bucket or folder after {scheme}://: pass e.g. {scheme}://BUCKET/PREFIX"
+        )
+    return text.rstrip("/")
 
 
 def local_path(

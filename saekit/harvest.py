@@ -52,7 +52,7 @@ from saekit.devices import (
     resolve_dtype,
     shutdown_dist,
 )
-from saekit.errors import SaekitError, is_disk_full, local_path
+from saekit.errors import SaekitError, check_url, is_disk_full, local_path
 from saekit.models import HookSpec, LoadedModel, default_hook, load_model, resolve_hooks, stop_layer
 from saekit.remote import Remote, is_remote
 from saekit.store import StoreLayout, create_store, open_store, read_attrs
@@ -116,6 +116,10 @@ class HarvestConfig:
         need(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
         if self.out and not is_remote(self.out):
             local_path(self.out, why="harvest writes to a local path or to object storage (s3://, gs://, ...)")
+        elif self.out:
+            check_url(self.out, "--out")
+        if self.cache_root:
+            cache_root(self.cache_root)  # the URL check, before a model is loaded
         if self.staging:
             local_path(self.staging, "--staging")
 
@@ -527,7 +531,7 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
     _check_not_empty(plan)
     found = None
     if cfg.out:
-        out = cfg.out.rstrip("/") if is_remote(cfg.out) else local_path(cfg.out)
+        out = check_url(cfg.out, "--out") if is_remote(cfg.out) else local_path(cfg.out)
     else:
         found = _find_in_cache_root(cfg, lm, texts, plan, d.main)
         out = found.path if is_remote(found.path) else Path(found.path)

@@ -23,16 +23,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from saekit.errors import WRITE_PROBE, SaekitError, one_line
+from saekit.errors import WRITE_PROBE, SaekitError, check_url, one_line, url_scheme
 
 # fsspec's package for each common scheme, for a one-line "install it" message.
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
 def is_remote(path: str | os.PathLike) -> bool:
-    """True for a URL saekit reads through fsspec (anything with '://' but file://)."""
-    s = os.fspath(path)
-    return "://" in s and not s.startswith("file://")
+    """True for a URL saekit reads through fsspec (any scheme:// but file://)."""
+    return url_scheme(path) not in (None, "file")
 
 
 def local_file(root: Path, name: str) -> Path:
@@ -65,7 +64,7 @@ class Remote:
     def __init__(self, url: str):
         import fsspec  # lazy: only remote stores need it
 
-        self.url = url.rstrip("/")
+        self.url = check_url(url)  # `s3://` alone names no bucket: one line
         scheme = self.url.split("://", 1)[0]
         try:
             self.fs, self.base = fsspec.core.url_to_fs(self.url)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, url_scheme
 from saekit.shards import RECORDS_DIR, ShardRecord, group_attrs, read_group_attrs, read_records, shard_key
 
 FORMAT = "saekit-activation-store"
@@ -122,7 +122,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
+    """True for any URL-shaped argument, file:// included (`errors.url_scheme`)."""
+    return url_scheme(path) is not None
 
 
 def hook_name_ok(name: Any) -> bool:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import saekit.harvest
+from saekit.errors import SaekitError
 from saekit.harvest import HarvestConfig, run
 from saekit.store import list_stores, open_store
 
@@ -217,3 +218,19 @@ def test_a_checkpoint_with_one_neuron_edited_is_another_store(tmp_path, forwards
     assert forwards and second.path != first.path and second.content_hash != first.content_hash
     a, b = open_store(first.path), open_store(second.path)
     assert not torch.equal(a.rows(None, 0, 500), b.rows(None, 0, 500))
+
+
+@pytest.mark.parametrize("where", ["--cache-root", "SAEKIT_CACHE", "--out"])
+@pytest.mark.parametrize("url", ["s3://", "s3:///", "gs://"])
+def test_a_url_that_names_no_bucket_is_one_line_and_never_a_local_folder(tmp_path, monkeypatch, forwards, where, url):
+    """`--cache-root s3://` once became the local folder `s3:`: every URL-shaped argument goes
+    through the one URL check, which wants a bucket after the scheme."""
+    monkeypatch.chdir(tmp_path)
+    if where == "SAEKIT_CACHE":
+        monkeypatch.setenv("SAEKIT_CACHE", url)
+        cfg = dict()
+    else:
+        cfg = {where[2:].replace("-", "_"): url}
+    with pytest.raises(SaekitError, match="names no bucket") as e:
+        run(HarvestConfig(tokens=500, **SMALL, **cfg))
+    assert "\n" not in str(e.value) and forwards == [] and list(tmp_path.iterdir()) == []
