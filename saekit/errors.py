@@ -82,7 +82,8 @@ def url_scheme(path: str | os.PathLike) -> str | None:
 
 
 def check_url(path: str | os.PathLike, flag: str = "") -> str:
-    """A URL-shaped argument checked and normalised (no trailing '/'), a plain path as it is. A URL
+    """A URL-shaped argument checked and normalised (scheme in lower case, no trailing '/'), a plain
+    path as it is. A URL
     must name something after its scheme: `s3://` alone is one line, never a local folder `s3:`."""
     text = os.fspath(path)
     m = _URL.match(text)
@@ -93,7 +94,7 @@ def check_url(path: str | os.PathLike, flag: str = "") -> str:
         raise SaekitError(
             f"{flag + ' ' if flag else ''}{text} names no bucket or folder after {scheme}://: pass e.g. {scheme}://BUCKET/PREFIX"
         )
-    return text.rstrip("/")
+    return f"{m.group(1).lower()}://{m.group(2)}".rstrip("/")  # schemes are case-insensitive (RFC 3986)
 
 
 def local_path(

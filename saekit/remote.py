@@ -17,6 +17,7 @@ credentials, an endpoint that does not answer.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -77,6 +78,19 @@ class Remote:
 
     def __repr__(self) -> str:
         return self.url
+
+    @property
+    def place(self) -> tuple:
+        """Where this folder is, whatever the URL's spelling (s3:// and s3a:// are one file system):
+        the file system's class and options, and the path in it."""
+        fs = type(self.fs)
+        options = json.dumps(self.fs.storage_options, sort_keys=True, default=str)
+        return (f"{fs.__module__}.{fs.__qualname__}", options, self.base)
+
+    def contains(self, other: Remote) -> bool:
+        """True when `other` is this folder or inside it."""
+        mine, theirs = self.place, other.place
+        return mine[:2] == theirs[:2] and (theirs[2] + "/").startswith(mine[2] + "/")
 
     def path(self, name: str) -> str:
         return f"{self.base}/{name}" if name else self.base

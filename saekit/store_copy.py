@@ -174,9 +174,8 @@ def _refuse_overlap(src: Place, dst: Place) -> None:
     if isinstance(src, _Local) and isinstance(dst, _Local):
         a, b = src.root.resolve(), dst.root.resolve()
         overlap = a == b or a in b.parents or b in a.parents
-    else:
-        a, b = src.url + "/", dst.url + "/"
-        overlap = type(src) is type(dst) and (a.startswith(b) or b.startswith(a))
+    else:  # as places, not strings: s3:// and s3a:// are one bucket
+        overlap = type(src) is type(dst) and (src.contains(dst) or dst.contains(src))
     if overlap:
         raise SaekitError(f"SRC {src} and DST {dst} are the same place or one is inside the other; copy to another DST")
 

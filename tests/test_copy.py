@@ -219,3 +219,18 @@ def test_a_stray_write_probe_at_dst_is_no_obstacle_and_ls_of_a_missing_bucket_is
     assert copy(src, f"{s3_bucket}/probe").copied == 12
     with pytest.raises(SaekitError, match="is not there"):
         list_stores("s3://no-such-bucket-here/cache")
+
+
+@pytest.mark.parametrize("alias", ["s3a", "S3"])
+def test_a_copy_into_itself_under_another_spelling_of_the_url_is_refused(s3_bucket, tmp_path, alias):
+    """s3:// and s3a:// (or S3://) name the same bucket: compared as places, not as strings."""
+    src = make_store(tmp_path / "src")
+    url = f"{s3_bucket}/st"
+    copy(src, url)
+    before = Remote(url).list()
+    other = url.replace("s3://", f"{alias}://", 1)
+    for a, b in ((url, f"{other}/sub"), (other, url), (f"{url}/", other)):
+        with pytest.raises(SaekitError, match="same place or one is inside the other") as e:
+            copy(a, b)
+        assert "\n" not in str(e.value)
+    assert Remote(url).list() == before
