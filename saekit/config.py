@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -37,22 +38,31 @@ def need(ok: bool, message: str) -> None:
         raise SaekitError(message)
 
 
+def check_finite(flag: str, value: float) -> None:
+    """Every numeric check starts here: inf and NaN are never a setting."""
+    need(math.isfinite(value), f"{flag} {value} must be a finite number")
+
+
 def check_positive(flag: str, value: float) -> None:
+    check_finite(flag, value)
     need(value > 0, f"{flag} {value} must be positive")
 
 
 def check_non_negative(flag: str, value: float, zero: str) -> None:
     """value >= 0, where 0 means `zero` (e.g. 'auto')."""
+    check_finite(flag, value)
     need(value >= 0, f"{flag} {value} must be >= 0 (0: {zero})")
 
 
 def check_fraction(flag: str, value: float) -> None:
+    check_finite(flag, value)
     need(0 <= value <= 1, f"{flag} {value} must be in [0, 1]")
 
 
 def check_k(k: float, n_features: int, k_name: str = "k", n_name: str = "n_features") -> None:
     """1 <= k <= n_features: k active latents (or nonzeros per row) out of a dictionary of
     n_features. `k_name` and `n_name` say where the two came from (e.g. '--k', '--n-features')."""
+    check_finite(k_name, k)
     need(k > 0, f"{k_name} {k} must be positive")
     need(k <= n_features, f"{k_name} {k} is larger than {n_name} {n_features}: k must be between 1 and n_features")
 
@@ -171,13 +181,15 @@ def _convert(value: Any, tp: Any) -> tuple[bool, Any]:
         return value.is_integer(), int(value) if value.is_integer() else value  # JSON writes 1e6 as a float
     if tp is float and isinstance(value, int):
         return True, float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        return False, value  # inf and NaN are never a setting
     return isinstance(value, tp), value
 
 
 _NAMES = {
     bool: "true or false",
     int: "an integer",
-    float: "a number",
+    float: "a finite number",
     str: "a string",
     dict: "a table",
     type(None): "null",

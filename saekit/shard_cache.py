@@ -24,6 +24,7 @@ share their files) or `url-<key of its URL>` for a store still being written.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import stat
@@ -62,7 +63,7 @@ class ShardCacheFields:
 
     def __post_init__(self) -> None:
         if self.cache_gb is not None:
-            check_positive("--cache-gb", self.cache_gb)
+            check_cache_gb("--cache-gb", self.cache_gb)
         local_path(self.cache_dir, "--cache-dir", "the shard cache is a local directory: pass a local path")
 
 
@@ -84,7 +85,7 @@ def shard_cache(cache_dir: str | os.PathLike = "", cache_gb: float | None = None
     where = cache_dir or os.environ.get(ENV_DIR) or Path.home() / ".cache" / "saekit" / "shards"
     where = local_path(where, "--cache-dir", "the shard cache is a local directory: pass a local path").expanduser()
     gb = cache_gb if cache_gb is not None else _env_gb()
-    check_positive("--cache-gb", gb)
+    check_cache_gb("--cache-gb", gb)
     _make_cache_dir(where)
     return ShardCache(where.resolve(), int(gb * 2**30))
 
@@ -97,8 +98,21 @@ def _env_gb() -> float:
         gb = float(text)
     except ValueError:
         raise SaekitError(f"{ENV_GB}={text!r} is not a number of GiB; set it to e.g. 32, or pass --cache-gb") from None
-    need(gb > 0, f"{ENV_GB}={text!r} must be positive; set it to e.g. 32, or pass --cache-gb")
+    need(
+        math.isfinite(gb) and gb > 0,
+        f"{ENV_GB}={text!r} must be a positive number; set it to e.g. 32, or pass --cache-gb",
+    )
+    check_cache_gb(ENV_GB, gb)
     return gb
+
+
+MAX_GB = 2.0**20  # 1 PiB: more than any cache disk, and far from a float's range
+
+
+def check_cache_gb(flag: str, gb: float) -> None:
+    """A positive, finite size bound no larger than `MAX_GB`."""
+    check_positive(flag, gb)
+    need(gb <= MAX_GB, f"{flag} {gb:g} is more than any disk holds: pass at most {MAX_GB:.0f} (1 PiB)")
 
 
 def _make_cache_dir(where: Path) -> None:

@@ -687,6 +687,13 @@ ROWS: dict[str, Row] = {
     "dashboard --out s3:// URL": Row(lambda env: dashboard(env.store, env.sae, url_out(env, "s3://bucket/d")), "is a URL"),
     # -- a store in object storage, through the shard cache -------------------------------------
     "train --cache-gb 0": Row(lambda env: train(env.store, env.tmp / "run", "--cache-gb", 0), "--cache-gb 0.0 must be positive"),
+    "train --cache-gb inf": Row(lambda env: train(env.store, env.tmp / "run", "--cache-gb", "inf"), "--cache-gb inf must be a finite number"),
+    "train --cache-gb nan": Row(lambda env: train(env.store, env.tmp / "run", "--cache-gb", "nan"), "--cache-gb nan must be a finite number"),
+    "verify s3:// --cache-gb 1e300": Row(lambda env: ["verify", in_bucket(env), "--cache-gb", "1e300"], "--cache-gb 1e+300 is more than"),
+    "train --lr inf": Row(lambda env: train(env.store, env.tmp / "run", "--lr", "inf"), "--lr inf must be a finite number"),
+    "train --config with decay-frac = nan": Row(lambda env: train(env.store, env.tmp / "run", "--config",
+                                                                   write(env.tmp / "c.toml", "decay-frac = nan\n")),
+                                                "decay-frac must be a finite number, got nan"),
     "train --cache-dir s3:// URL": Row(lambda env: train(env.store, env.tmp / "run", "--cache-dir", "s3://b/c"), "is a URL"),
     "train --store in a bucket that does not exist": Row(lambda env: train(f"{bucket(env)}-gone/store", env.tmp / "run"),
                                                          "no store at s3://"),

@@ -308,3 +308,12 @@ def test_info_and_ls_of_a_bucket_need_no_shard_cache(stores, tmp_path, monkeypat
     monkeypatch.setenv("SAEKIT_SHARD_CACHE", str(tmp_path / "mine"))
     assert open_store(url, allow_incomplete=True, check=False).n_rows == 200  # what `info` opens
     assert [s.ok for s in list_stores(url.rsplit("/", 1)[0])] == [True]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300", "-1", "lots"])
+def test_a_bad_shard_cache_gb_in_the_environment_is_one_line(stores, tmp_path, monkeypatch, value):
+    _, url = stores
+    monkeypatch.setenv("SAEKIT_SHARD_CACHE_GB", value)
+    with pytest.raises(SaekitError, match="SAEKIT_SHARD_CACHE_GB") as e:
+        open_store(url, cache_dir=tmp_path / "cache").rows(HOOK, 0, 1)
+    assert "\n" not in str(e.value)
