@@ -1,10 +1,13 @@
-"""Files and directories that appear whole or not at all, and go away without leaving a half.
+"""Files and directories that appear whole or not at all, go away without leaving a half, and
+are read without ever blocking.
 
 Every swap-into-place saekit does (a checkpoint, an SAE directory, an export) goes through
 `replace_dir`, and every deletion of a directory whose presence means "complete" goes through
 `discard_dir`, so a kill between any two filesystem operations leaves something a rerun
 recognises: the old directory or the new one in place, never half of one, and leftovers that the
-next write removes first.
+next write removes first. `read_regular` is how saekit reads a small file it did not just write
+(metadata, records, configs): only a regular file, so a FIFO or a device put where a file should
+be is one line, never a read that waits forever.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import ctypes
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
+
+from saekit.errors import SaekitError, file_kind
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
@@ -81,3 +87,31 @@ def discard_leftovers(path: Path) -> None:
     for p in path.parent.iterdir() if path.parent.is_dir() else []:
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """The bytes of the regular file `path` (FileNotFoundError when nothing is there). Anything else
+    there (a FIFO, whose open waits for a writer; a device such as /dev/zero, which never ends; a
+    socket) is one line saying what it is: the open never blocks, and nothing is read from it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SaekitError(
+                f"{path} is {file_kind(mode)}, not a regular file: saekit reads only files there; replace it"
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # closed with f
+            return f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    """True when `path` is a regular file (a symlink to one counts; nothing is opened)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from saekit import dashboard, harvest, pursue, train
+from saekit.atomic import read_regular
 from saekit.codes import group_name
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
@@ -167,7 +168,7 @@ def _claim(out: Path, cfg: DemoConfig) -> None:
     path = out / DEMO_FILE
     if path.is_file():
         try:
-            saved = json.loads(path.read_text())
+            saved = json.loads(read_regular(path))
         except ValueError:
             saved = None
         if not isinstance(saved, dict):

@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+from saekit.atomic import read_regular
 from saekit.errors import SaekitError
 from saekit.sae import run_config_file
 
@@ -43,7 +44,7 @@ def run_eval_rows(sae_spec: str | os.PathLike) -> int | None:
     if config is None:
         return None
     try:
-        saved = json.loads(config.read_bytes())
+        saved = json.loads(read_regular(config))
     except (OSError, ValueError):
         saved = None
     rows = saved.get("eval_rows") if isinstance(saved, dict) else None

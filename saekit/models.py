@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from saekit import embedded
+from saekit.atomic import is_regular, read_regular
 from saekit.devices import dtype_name
 from saekit.embedded import EMBEDDED
 from saekit.errors import SaekitError, file_kind, one_line, path_mode
@@ -177,7 +178,7 @@ def _load_local_hf(path: Path, device, dtype) -> LoadedModel:
         raise SaekitError(
             f"could not load the checkpoint in {path} ({one_line(e, 100)}): transformer-lens supports GPT-2-style save_pretrained checkpoints"
         ) from e
-    cfg_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+    cfg_sha = hashlib.sha256(read_regular(path / "config.json")).hexdigest()[:16]
     return _finish(
         model,
         path.name,
@@ -202,7 +203,7 @@ def _check_checkpoint(path: Path) -> None:
     if not config.exists():
         raise SaekitError(f"--model {path} is a directory without config.json: pass a save_pretrained checkpoint")
     try:
-        cfg = json.loads(config.read_bytes())
+        cfg = json.loads(read_regular(config))
     except ValueError as e:  # not JSON, or not UTF-8
         raise SaekitError(
             f"{config} is not JSON ({one_line(e, 60)}): save the checkpoint again with save_pretrained"
@@ -229,7 +230,7 @@ def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            return [path / name for name in sorted(set(json.loads(index.read_bytes())["weight_map"].values()))]
+            return [path / name for name in sorted(set(json.loads(read_regular(index))["weight_map"].values()))]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SaekitError(
                 f"{index} is damaged ({one_line(e, 60)}): save the checkpoint again with save_pretrained"
@@ -251,6 +252,10 @@ def _check_weights(path: Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     for f in _weight_files(path):
+        if f.exists() and not is_regular(f):
+            raise SaekitError(
+                f"weights file {f} is not a regular file: copy the checkpoint again or re-save it with save_pretrained"
+            )
         try:
             with safe_open(str(f), "pt"):
                 pass

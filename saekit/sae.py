@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,9 +30,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from saekit.atomic import discard_leftovers, replace_dir
+from saekit.atomic import discard_leftovers, is_regular, read_regular, replace_dir
 from saekit.devices import dtype_name, resolve_dtype
-from saekit.errors import SaekitError, is_non_empty, one_line
+from saekit.errors import SaekitError, file_kind, is_non_empty, one_line
 from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
 
 # the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
@@ -311,6 +312,7 @@ class SparseAutoencoder(nn.Module):
         For any kind of SAE (a run dir, a sae-lens dir or release) use `load_sae`.
         """
         path = Path(path)
+        _refuse_non_regular(path, (CONFIG_FILE, WEIGHTS_FILE))
         cfg_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_file.is_file():
             if (path / SAE_LENS_CONFIG).is_file():
@@ -449,7 +451,7 @@ def publish_dir(path: Path, write: Any, overwrite: bool) -> None:
 def read_json_object(file: Path, what: str) -> dict:
     """The JSON object in `file`; anything else is one SaekitError line naming the file."""
     try:
-        raw = json.loads(file.read_bytes())
+        raw = json.loads(read_regular(file))
     except json.JSONDecodeError as e:
         raise SaekitError(f"{file} is not valid JSON ({e.msg}, line {e.lineno}): re-save the SAE") from None
     except ValueError:  # bytes that are not text at all
@@ -613,7 +615,7 @@ def encoder_stale(sae: SparseAutoencoder, spec: str | os.PathLike) -> bool:
         return True
     config = run_config_file(spec)
     try:
-        saved = json.loads(config.read_bytes()) if config is not None else None
+        saved = json.loads(read_regular(config)) if config is not None else None
     except (OSError, ValueError):  # a damaged run config says nothing about the encoder
         saved = None
     return isinstance(saved, dict) and saved.get("codes") == "pursuit"
@@ -642,6 +644,7 @@ def run_config_file(spec: str | os.PathLike) -> Path | None:
 def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
     if (path / "sae").is_dir():
         path = path / "sae"  # a training run directory (its own config.json is the training config)
+    _refuse_non_regular(path, (CONFIG_FILE, WEIGHTS_FILE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS))
     saekit_cfg, lens_cfg = (path / CONFIG_FILE).is_file(), (path / SAE_LENS_CONFIG).is_file()
     if saekit_cfg and (
         not lens_cfg or read_json_object(path / CONFIG_FILE, "an SAE config").get("format") == FORMAT_NAME
@@ -653,6 +656,17 @@ def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
         f"no SAE in {path}: expected a saekit SAE ({CONFIG_FILE} + {WEIGHTS_FILE}), a sae-lens one "
         f"({SAE_LENS_CONFIG} + {SAE_LENS_WEIGHTS}), or a training run dir with sae/"
     )
+
+
+def _refuse_non_regular(path: Path, names: tuple[str, ...]) -> None:
+    """One line when an SAE file's name holds something that is not a regular file (a FIFO would
+    block the read forever; a directory is no weights)."""
+    for name in names:
+        p = path / name
+        if os.path.lexists(p) and not is_regular(p):
+            mode = os.stat(p).st_mode if os.path.exists(p) else 0
+            what = file_kind(mode) if mode and not stat.S_ISDIR(mode) else "not a regular file"
+            raise SaekitError(f"{p} is {what}: an SAE's files are regular files; re-save the SAE or copy it again")
 
 
 def _looks_local(spec: str) -> bool:

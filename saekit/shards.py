@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +28,8 @@ from typing import Any, NamedTuple
 import crc32c
 import numpy as np
 
-from saekit.errors import SaekitError
+from saekit.atomic import read_regular
+from saekit.errors import SaekitError, file_kind
 
 RECORDS_DIR = ".saekit-shards"
 CREATING = ".saekit-creating"  # marker file: present from the start of a creation until its attributes are written
@@ -130,7 +132,10 @@ def map_shard_file(file: Path, shape: tuple[int, ...], chunk_rows: int, dtype: n
     n_inner = shape[0] // chunk_rows
     chunk_bytes = chunk_rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     idx_bytes = n_inner * 16
-    size = file.stat().st_size
+    st = file.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below
+        raise ShardLayoutError(f"{file} is {file_kind(st.st_mode)}, not a regular file")
+    size = st.st_size
     if size < idx_bytes + 4:
         raise ShardLayoutError(f"{file} is too short for its index")
     with open(file, "rb") as f:
@@ -213,7 +218,7 @@ def _parse_record(text: str) -> ShardRecord | None:
 def read_record(records: Path, index: int) -> ShardRecord | None:
     """The record of shard `index`, or None when it is missing or unreadable (then the shard is redone)."""
     try:
-        rec = _parse_record(record_path(records, index).read_text())
+        rec = _parse_record(read_regular(record_path(records, index)).decode(errors="replace"))
     except OSError:
         return None
     return rec if rec is not None and rec.index == index else None
@@ -224,7 +229,7 @@ def read_records(records: Path) -> dict[int, ShardRecord]:
     texts = {}
     for p in records.glob("shard-*.json") if records.is_dir() else []:
         try:
-            texts[p.name] = p.read_text()
+            texts[p.name] = read_regular(p).decode(errors="replace")
         except OSError:
             continue
     return _parse_records(texts)
@@ -298,7 +303,7 @@ def read_group_attrs(root: Path, fmt: str, *, what: str, redo: str) -> dict | No
     never "not saekit's"."""
     f = root / "zarr.json"
     try:
-        data = f.read_bytes()
+        data = read_regular(f)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except OSError as e:
@@ -324,7 +329,7 @@ def group_attrs(data: bytes, root: str, fmt: str, *, what: str, redo: str) -> di
 
 def write_group_attrs(root: Path, attrs: dict) -> None:
     """Replace the group's attributes in one atomic write of its zarr.json."""
-    doc = json.loads((root / "zarr.json").read_text())
+    doc = json.loads(read_regular(root / "zarr.json"))
     doc["attributes"] = attrs
     write_json_atomic(root / "zarr.json", doc)
 

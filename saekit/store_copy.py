@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from saekit.atomic import read_regular
 from saekit.config import check_positive, need
 from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty, os_error_message, output_dir
 from saekit.remote import Remote, each_parallel, is_remote, local_file
@@ -108,7 +109,7 @@ class _Local:
 
     def read_bytes(self, name: str) -> bytes | None:
         try:
-            return self.file(name).read_bytes()
+            return read_regular(self.file(name))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as e:

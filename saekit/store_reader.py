@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from saekit.atomic import is_regular, read_regular
 from saekit.config import check_positive, need
 from saekit.errors import SaekitError, local_path
 from saekit.remote import Remote, is_remote, url_key
@@ -61,6 +62,7 @@ from saekit.store_format import (
     content_hash,
     is_url,
     leading_records,
+    metadata_files,
     read_attrs,
     record_sums,
     row_stats,
@@ -127,6 +129,7 @@ def open_store(
             "metadata, statistics or checksums); restore zarr.json from a copy or re-harvest"
         )
     if root is not None:
+        _check_metadata_files(root, check_attrs(path_or_url, attrs))  # before zarr opens any of them
         group = zarr.open_group(str(root), mode="r")
     if is_remote(path_or_url):
         cache = functools.partial(shard_cache, cache_dir, cache_gb)  # made at the first shard read
@@ -135,6 +138,17 @@ def open_store(
         store._cache  # noqa: B018 - a bad --cache-dir / --cache-gb fails now, before a stage writes anything
         store.check_files_present()
     return store
+
+
+def _check_metadata_files(root: Path, layout: StoreLayout) -> None:
+    """Each zarr.json of the store that is there is a regular file: zarr would block forever
+    opening a FIFO put in one's place."""
+    for name in metadata_files(layout):
+        p = root / name
+        if os.path.lexists(p) and not is_regular(p):
+            raise SaekitError(
+                f"store {root}: {name} is not a regular file (a FIFO or a device?); restore it from a copy"
+            )
 
 
 def _open_url(url: str | os.PathLike) -> tuple[Any, dict]:
@@ -249,7 +263,7 @@ class ActivationStore:
         """True when the array's shard files can be memory-mapped (saekit's layout, little-endian machine)."""
         try:
             if self._root is not None:
-                doc = json.loads((self._root / key / "zarr.json").read_text())
+                doc = json.loads(read_regular(self._root / key / "zarr.json"))
             elif self._in_bucket:
                 doc = json.loads(self._remote.read_bytes(f"{key}/zarr.json") or b"null")
             else:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from saekit.atomic import read_regular
 from saekit.codes import group_name, open_codes_for
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
@@ -336,7 +337,7 @@ def _run_info(out: Path) -> dict:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from a file of the run, or one line saying it is unreadable or damaged."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular(path))
     except OSError as e:
         raise SaekitError(os_error_message(e, f"{what} {path} is unreadable")) from None
     except ValueError:  # not JSON, not UTF-8

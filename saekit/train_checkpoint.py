@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.atomic import aside, discard_dir, replace_dir
+from saekit.atomic import aside, discard_dir, read_regular, replace_dir
 from saekit.config import check_types
 from saekit.errors import SaekitError, one_line
 from saekit.metrics import FiringTracker
@@ -95,7 +95,7 @@ def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
 
     device = sae.device
     try:
-        meta = json.loads((ckpt / "state.json").read_text())
+        meta = json.loads(read_regular(ckpt / "state.json"))
         model = load_file(str(ckpt / "model.safetensors"), device=str(device))
         opt_flat = load_file(str(ckpt / "optimizer.safetensors"), device=str(device))
         state = load_file(str(ckpt / "state.safetensors"))
@@ -213,7 +213,7 @@ class MetricsLog:
 def _lines_until(path: Path, step: int) -> list[str]:
     """The lines of metrics.jsonl up to `step`; a torn last line (a crash mid-write) is dropped."""
     # metrics.jsonl is ASCII JSON: a byte that is not UTF-8 only makes its line unparsable (damaged)
-    lines = [ln for ln in path.read_bytes().decode(errors="replace").splitlines() if ln]
+    lines = [ln for ln in read_regular(path).decode(errors="replace").splitlines() if ln]
     kept = []
     for i, ln in enumerate(lines):
         try:
@@ -252,4 +252,4 @@ def _num(v: Any) -> Any:
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of a run's metrics.jsonl."""
-    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+    return [json.loads(ln) for ln in read_regular(Path(run_dir) / "metrics.jsonl").decode().splitlines() if ln]

@@ -421,7 +421,7 @@ def test_cli_train_help_lists_the_required_flags(capsys, monkeypatch):
         ("k = [1, 2]", "k must be an integer, got [1, 2]"),
         ("tokens = true", "tokens must be an integer, got True"),
         ("batch_size = 1.5", "batch-size must be an integer, got 1.5"),
-        ('lr = "fast"', "lr must be a number, got 'fast'"),
+        ('lr = "fast"', "lr must be a finite number, got 'fast'"),
         ("hook = 3", "hook must be a string or null, got 3"),
     ],
 )

@@ -129,3 +129,62 @@ def test_copy_never_follows_a_symlink_in_the_source(s3_bucket, tmp_path):
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     for obj in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
         assert b"credentials" not in s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+
+
+def _never_hangs(fn, fifos, timeout: float = 120):
+    """fn() run on a thread: its result, or the exception it raised. If it is still blocked after
+    `timeout` (a hang: the test fails), the FIFOs are opened for writing to set the thread free."""
+    import threading
+
+    out = {}
+
+    def go():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        for f in fifos:
+            with open(f, "wb"):
+                pass
+        pytest.fail(f"{fn} blocked reading a FIFO")
+    return out
+
+
+@pytest.mark.parametrize(
+    "fifo", ["zarr.json", "acts/blocks.3.hook_resid_post/zarr.json", ".saekit-shards/shard-000000.json"]
+)
+def test_a_fifo_where_a_store_keeps_a_file_is_one_line_never_a_hang(tmp_path, fifo):
+    """Opening a FIFO to read waits for a writer forever: `ls ROOT`, `info` and `verify` open only
+    regular files, and say what is there instead."""
+    from saekit.store import list_stores
+
+    store = make_store(tmp_path / "root" / "st", finalize=not fifo.startswith(".saekit-shards"))
+    os.unlink(store / fifo)
+    os.mkfifo(store / fifo)
+    got = _never_hangs(lambda: list_stores(tmp_path / "root"), [store / fifo])
+    assert "error" not in got, got
+    [(path, summary, ok)] = got["value"]  # listed, with what is wrong
+    assert path == store and not ok and "FIFO" in summary and "\n" not in summary
+    for fn in (
+        lambda: open_store(store, allow_incomplete=True),
+        lambda: open_store(store, allow_incomplete=True).verify(),
+    ):
+        got = _never_hangs(fn, [store / fifo])
+        assert isinstance(got.get("error"), SaekitError) and "FIFO" in str(got["error"]), got
+
+
+@pytest.mark.parametrize("fifo", ["config.json", "sae.safetensors"])
+def test_a_fifo_in_an_sae_directory_is_one_line_never_a_hang(tmp_path, fifo):
+    from saekit.sae import SparseAutoencoder, load_sae
+
+    sae = SparseAutoencoder(d_in=4, n_features=8, k=2).save(tmp_path / "sae")
+    os.unlink(sae / fifo)
+    os.mkfifo(sae / fifo)
+    got = _never_hangs(lambda: load_sae(sae), [sae / fifo])
+    assert isinstance(got.get("error"), SaekitError) and "FIFO" in str(got["error"]), got
+    assert "\n" not in str(got["error"])
