@@ -49,15 +49,22 @@ def main() -> None:
         code = app(prog_name="saekit", standalone_mode=False)
     except ClickError as e:  # usage: an unknown flag, a value of the wrong type, a missing argument
         if type(e).__name__ != "NoArgsIsHelpError":  # bare `saekit` has printed the help already
-            typer.echo(f"error: {usage_error_line(e)}", err=True)
+            typer.echo(error_line(usage_error_line(e)), err=True)
         sys.exit(e.exit_code)  # 2 for usage errors, as click says
     except SaekitError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(error_line(str(e)), err=True)
         sys.exit(1)
     except OSError as e:  # the safety net; the stages say more specific things where they can
-        typer.echo(f"error: {os_error_message(e)}", err=True)
+        typer.echo(error_line(os_error_message(e)), err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) from a command returns its code
+
+
+def error_line(message: str) -> str:
+    """`error: <message>` on one line whatever the message quotes: a newline, a carriage return
+    or a terminal escape (e.g. in a path) is shown escaped, as Python writes it."""
+    shown = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+    return f"error: {shown}"
 
 
 def usage_error_line(e: Exception) -> str:

@@ -218,3 +218,11 @@ def test_ctrl_c_in_harvest_is_one_line_and_keeps_the_finished_shards(tmp_path):
     code, err = _interrupt_when(proc, lambda: any((out / RECORDS_DIR).glob("*.json")))
     _said_interrupted(code, err, "finished shards are kept; rerun the same command with --resume to continue")
     assert open_store(out, allow_incomplete=True).n_rows >= 4096
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "carriage\rreturn", "escape\x1b[2Jcodes"])
+def test_a_control_character_in_a_path_never_breaks_the_error_line(tmp_path, capsys, monkeypatch, name):
+    """A path with a newline (or a terminal escape) in it is shown escaped: still one `error:` line."""
+    code, _, err = in_process(capsys, monkeypatch, "info", tmp_path / name)
+    line = one_error(code, err, "no store at")
+    assert "\x1b" not in line and "\r" not in err
