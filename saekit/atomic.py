@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from pathlib import Path
 
 from saekit.errors import SaekitError, file_kind
@@ -115,3 +116,57 @@ def is_regular(path: str | os.PathLike) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
         return False
+
+
+class Busy(Exception):
+    """Another process holds the lock."""
+
+
+class _Held:
+    """One flock this process holds, shared by its handles (`Lock`)."""
+
+    def __init__(self, fd: int, key: tuple[int, int]):
+        self.fd, self.key, self.users = fd, key, 0
+
+
+_HELD: dict[tuple[int, int], _Held] = {}
+_HELD_LOCK = threading.Lock()
+
+
+class Lock:
+    """An advisory lock (flock) on a directory or file against other processes, held until every
+    handle of it in this process is released or gone (or the process ends: a killed process never
+    leaves a stale lock). Writers in one process share it: a notebook that reopens a store it was
+    writing is not refused. It keeps every other process out."""
+
+    def __init__(self, path: str | os.PathLike):
+        import fcntl
+
+        self._held: _Held | None = None
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)
+        with _HELD_LOCK:
+            held = _HELD.get(key)
+            if held is None:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise Busy(str(path)) from None
+                held = _HELD[key] = _Held(fd, key)
+            held.users += 1
+        self._held = held
+
+    def release(self) -> None:
+        with _HELD_LOCK:
+            held, self._held = self._held, None
+            if held is None:
+                return
+            held.users -= 1
+            if held.users == 0:
+                _HELD.pop(held.key, None)
+                os.close(held.fd)
+
+    def __del__(self) -> None:
+        self.release()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saekit.atomic import Busy, Lock
 from saekit.errors import SaekitError
 from saekit.remote import Remote, local_file, url_key
 from saekit.shards import RECORDS_DIR, ShardRecord, is_record_name, record_path
@@ -45,17 +46,27 @@ def shard_file_size(layout: StoreLayout, key: str) -> int:
 class RemoteMirror:
     """Publishes a store being written in the local folder `root` to `remote`, piece by piece."""
 
-    def __init__(self, remote: Remote, root: Path):
-        self.remote, self.root = remote, root
+    def __init__(self, remote: Remote, root: Path, lock: Lock | None = None):
+        self.remote, self.root, self._lock = remote, root, lock
 
     @classmethod
     def staged(cls, url: str, rank: int, staging: str | os.PathLike | None) -> RemoteMirror:
-        """A mirror of `url` with a fresh staging folder for writer `rank`."""
+        """A mirror of `url` with a fresh staging folder for writer `rank`, locked for this writer
+        (a second harvest to the same URL from this machine is one line, not a staging folder
+        deleted under the first one)."""
         remote = Remote(url)
         root = Path(staging) if staging else default_staging()
         root = root / f"{url_key(remote.url)}-rank{rank}"
-        shutil.rmtree(root, ignore_errors=True)  # staging is rebuilt from the bucket, never trusted
-        return cls(remote, root)
+        root.mkdir(parents=True, exist_ok=True)  # kept (empty) after use: the lock lives on it
+        try:
+            lock = Lock(root)
+        except Busy:
+            raise SaekitError(
+                f"another process on this machine is writing {remote.url} right now (its staging folder {root} is in use); "
+                "wait for it to finish, then rerun: its store will be reused, or resumed if it was stopped"
+            ) from None
+        _empty(root)  # staging is rebuilt from the bucket, never trusted
+        return cls(remote, root, lock)
 
     # -- what is in the bucket ---------------------------------------------------------------------
 
@@ -117,7 +128,18 @@ class RemoteMirror:
         self.remote.remove([f"{RECORDS_DIR}/{record_path(Path(), index).name}"])
 
     def done(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        _empty(self.root)
+        if self._lock is not None:
+            self._lock.release()
+
+
+def _empty(root: Path) -> None:
+    """Remove everything inside `root`, not `root` itself."""
+    for p in root.iterdir() if root.is_dir() else []:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def refuse_truncation(remote: Remote, stop: int, total: int) -> None:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from saekit.atomic import Busy, Lock
 from saekit.config import check_positive
 from saekit.errors import SaekitError, is_non_empty
 from saekit.remote import is_remote
@@ -34,6 +35,7 @@ from saekit.shards import (
     discard_unfinished_creation,
     map_shard_file,
     record_path,
+    remove_entries,
     write_group_attrs,
     write_json_atomic,
     write_recorded_shard,
@@ -103,16 +105,35 @@ def create_store(
     root = Path(path)
     if root.exists() and not root.is_dir():
         raise SaekitError(f"{root} is a file, not a directory; choose a directory path for the store")
+    lock = lock_store(root, rank)  # before anything is read or removed: another writer may be at work
     if rank == 0:
         discard_unfinished_creation(root, FORMAT, STORE_ENTRIES)
     non_empty = is_non_empty(root)  # a file was refused above
     attrs = read_attrs(root) if non_empty else None
     if not _may_create(root, attrs, non_empty, resume, overwrite, rank):
-        return _reopen(root, attrs, layout, meta, rank, world_size)
-    if non_empty:
-        clear_group(root, "replacing a store (--overwrite)")
-    attrs = _create(root, layout, meta, capacity=int(n_rows))
-    return StoreWriter(root, layout, attrs, rank, world_size)
+        writer = _reopen(root, attrs, layout, meta, rank, world_size)
+    else:
+        if non_empty:
+            clear_group(root, "replacing a store (--overwrite)")
+        attrs = _create(root, layout, meta, capacity=int(n_rows))
+        writer = StoreWriter(root, layout, attrs, rank, world_size)
+    return writer.holding(lock)
+
+
+def lock_store(root: Path, rank: int = 0) -> Lock | None:
+    """The store directory `root` (made if need be) locked by rank 0 of the job writing it, for
+    as long as its writer lives: another harvest of the same store is one line, never a second
+    writer of the same shards. Ranks > 0 join a store their rank 0 holds (None: no lock)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if rank > 0:
+        return None
+    try:
+        return Lock(root)
+    except Busy:
+        raise SaekitError(
+            f"another process is writing the store {root} right now (a harvest of the same data?); "
+            "wait for it to finish, then rerun: its store will be reused, or resumed if it was stopped"
+        ) from None
 
 
 def _may_create(where, attrs: dict | None, non_empty: bool, resume: bool, overwrite: bool, rank: int) -> bool:
@@ -162,7 +183,7 @@ def _create_remote(
         return _reopen(mirror.root, attrs, layout, meta, rank, world_size, mirror)
     if objects:
         mirror.clear(objects)
-        shutil.rmtree(mirror.root)
+        remove_entries(mirror.root, [p.name for p in mirror.root.iterdir()])  # the folder keeps its lock
     attrs = _create(mirror.root, layout, meta, capacity=capacity)
     mirror.push_metadata(layout)
     return StoreWriter(mirror.root, layout, attrs, rank, world_size, mirror)
@@ -326,6 +347,12 @@ class StoreWriter:
         self._buf = self._new_buffer()
         self._fill = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-stats")
+        self._lock: Lock | None = None
+
+    def holding(self, lock: Lock | None) -> StoreWriter:
+        """This writer, holding `lock` (`lock_store`) until it closes or finalizes."""
+        self._lock = lock
+        return self
 
     def _drop_damaged(self, check: dict[int, ShardRecord], done: dict[int, ShardRecord]) -> list[str]:
         """Check this writer's finished shards in `check` against their records (files there,
@@ -416,6 +443,11 @@ class StoreWriter:
         self._pool.shutdown()
         if self.mirror:  # everything this writer staged is in the bucket
             self.mirror.done()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def write_shard(self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
         """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard)."""
@@ -499,6 +531,7 @@ class StoreWriter:
             return attrs
         # the records now live in the attributes; the directory is not part of the zarr hierarchy.
         shutil.rmtree(self._records, ignore_errors=True)
+        self._release()
         return attrs
 
     def _finished_shards(self) -> list[ShardRecord]:
@@ -557,6 +590,7 @@ def extend_store(
     """
     mirror = RemoteMirror.staged(str(path), rank, staging) if is_remote(path) else None
     root = mirror.root if mirror else Path(path)
+    lock = None if mirror else lock_store(root, rank)  # a bucket's: its staging folder's (RemoteMirror)
     if mirror:
         mirror.objects_at_open = mirror.objects()
         mirror.pull(mirror.objects_at_open)
@@ -579,6 +613,7 @@ def extend_store(
                     mirror.drop_record(i)
         trusted = _adopt_full_shards(root, layout, attrs, mirror)
     writer = StoreWriter(root, layout, {**attrs, "meta": meta}, rank, world_size, mirror, trusted, grows=True)
+    writer.holding(lock)
     last = attrs["shards"][-1]
     if last["index"] % world_size == rank and last["stop"] - last["start"] < layout.shard_rows:
         writer.kept = _kept_rows(root, layout, last, mirror)

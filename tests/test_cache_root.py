@@ -3,6 +3,7 @@ smaller request from a bigger store, and extends a smaller one in place (local a
 
 import pytest
 import torch
+from cli_checks import one_error
 
 import saekit.harvest
 from saekit.errors import SaekitError
@@ -234,3 +235,58 @@ def test_a_url_that_names_no_bucket_is_one_line_and_never_a_local_folder(tmp_pat
     with pytest.raises(SaekitError, match="names no bucket") as e:
         run(HarvestConfig(tokens=500, **SMALL, **cfg))
     assert "\n" not in str(e.value) and forwards == [] and list(tmp_path.iterdir()) == []
+
+
+def _second_harvest_during_the_first(monkeypatch, first: HarvestConfig, second: list):
+    """Harvest `first` in this process; at its first forward pass, `saekit harvest SECOND` runs in
+    another process, to its end. Returns (the first's result, the second's CompletedProcess)."""
+    from cli_checks import saekit as cli
+
+    other = []
+    forward = saekit.harvest.forward_acts
+
+    def once(*a, **k):
+        if not other:
+            other.append(cli(*second))
+        return forward(*a, **k)
+
+    monkeypatch.setattr(saekit.harvest, "forward_acts", once)
+    return run(first), other[0]
+
+
+def test_a_second_harvest_of_a_store_being_written_is_one_line_and_leaves_it_whole(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    first, r = _second_harvest_during_the_first(
+        monkeypatch,
+        HarvestConfig(tokens=3000, cache_root=str(root), **SMALL),
+        [
+            "harvest",
+            "--tokens",
+            3000,
+            "--cache-root",
+            root,
+            "--shard-rows",
+            1024,
+            "--chunk-rows",
+            256,
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
+    one_error(r.returncode, r.stderr, "another process is writing the store", "wait for it to finish")
+    st = open_store(first.path)
+    assert st.verify() == [] and st.content_hash == first.content_hash
+    assert sorted(p.name for p in first.path.iterdir() if p.name.startswith(".")) == []  # no records left behind
+
+
+def test_a_second_harvest_to_the_same_url_is_one_line_and_leaves_the_first_whole(s3_bucket, tmp_path, monkeypatch):
+    url, staging = f"{s3_bucket}/st", tmp_path / "staging"
+    first, r = _second_harvest_during_the_first(
+        monkeypatch,
+        HarvestConfig(tokens=3000, out=url, staging=str(staging), **SMALL),
+        ["harvest", "--tokens", 3000, "--out", url, "--staging", staging, "--shard-rows", 1024, "--chunk-rows", 256,
+         "--device", "cpu", "--no-progress"],
+    )  # fmt: skip
+    one_error(r.returncode, r.stderr, f"another process on this machine is writing {url}")
+    assert open_store(url).verify() == [] and open_store(url).content_hash == first.content_hash
