@@ -173,6 +173,31 @@ def metadata_files(layout: StoreLayout) -> list[str]:
     return arrays + [f"{ACTS}/zarr.json", "zarr.json"]
 
 
+def array_meta_problem(layout: StoreLayout, key: str, doc: Any, n_rows: int | None) -> str | None:
+    """What is wrong with array `key`'s zarr.json `doc` (parsed JSON) for a store of this layout
+    and `n_rows` rows (None: a store still being written, whose shape is its capacity), or None:
+    an array node of the right data type, shape and shard and chunk shapes, which readers trust."""
+    row, dtype = array_spec(layout, key)
+    if not isinstance(doc, dict) or doc.get("node_type") != "array" or doc.get("zarr_format") != 3:
+        return "not an array's zarr v3 metadata"
+    if doc.get("data_type") != dtype.name:
+        return f"data type {doc.get('data_type')!r}, not {dtype.name!r}"
+    shape = doc.get("shape")
+    if not (isinstance(shape, list) and shape[1:] == list(row) and (n_rows is None or shape[:1] == [n_rows])):
+        want = [n_rows if n_rows is not None else "rows", *row]
+        return f"shape {shape}, not {want}"
+    grid = (doc.get("chunk_grid") or {}).get("configuration", {}).get("chunk_shape")
+    if grid != [layout.shard_rows, *row]:
+        return f"shard shape {grid}, not {[layout.shard_rows, *row]}"
+    codecs = doc.get("codecs") or [{}]
+    inner = (
+        codecs[0].get("configuration", {}).get("chunk_shape") if codecs[0].get("name") == "sharding_indexed" else None
+    )
+    if inner is not None and inner != [layout.chunk_rows, *row]:
+        return f"chunk shape {inner}, not {[layout.chunk_rows, *row]}"
+    return None
+
+
 def is_metadata_name(name: str) -> bool:
     """True for the name of a zarr.json the store format defines: the group's, the `acts` group's,
     or one array's (`acts/<hook>/zarr.json` for a valid hook name, tokens', positions')."""

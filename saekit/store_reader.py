@@ -53,6 +53,7 @@ from saekit.store_format import (
     HookStats,
     StoreLayout,
     array_keys,
+    array_meta_problem,
     array_spec,
     attrs_of,
     bits_to_bf16,
@@ -259,17 +260,21 @@ class ActivationStore:
             return check_records(read_remote_records(self._remote, RECORDS_DIR), self.layout)
         return {}
 
-    def _is_plain(self, key: str) -> bool:
-        """True when the array's shard files can be memory-mapped (saekit's layout, little-endian machine)."""
+    def _array_doc(self, key: str) -> Any:
+        """The array's zarr.json, parsed (None where it cannot be read here: missing, not JSON, or a
+        file:// store read through zarr)."""
         try:
             if self._root is not None:
-                doc = json.loads(read_regular(self._root / key / "zarr.json"))
-            elif self._in_bucket:
-                doc = json.loads(self._remote.read_bytes(f"{key}/zarr.json") or b"null")
-            else:
-                doc = None
+                return json.loads(read_regular(self._root / key / "zarr.json"))
+            if self._in_bucket:
+                return json.loads(self._remote.read_bytes(f"{key}/zarr.json") or b"null")
         except (OSError, ValueError):
-            doc = None
+            return None
+        return None
+
+    def _is_plain(self, key: str) -> bool:
+        """True when the array's shard files can be memory-mapped (saekit's layout, little-endian machine)."""
+        doc = self._array_doc(key)
         return isinstance(doc, dict) and is_plain_sharded(doc) and sys.byteorder == "little"
 
     # -- small accessors ------------------------------------------------------------------------
@@ -563,6 +568,13 @@ class ActivationStore:
         bad = []
         if self.complete and content_hash(self.attrs) != self.content_hash:
             bad.append("content_hash: does not match the attributes (zarr.json was edited)")
+        if self._root is not None or self._in_bucket:
+            for key in self._array_keys():
+                problem = array_meta_problem(
+                    self.layout, key, self._array_doc(key), self.n_rows if self.complete else None
+                )
+                if problem is not None:
+                    bad.append(f"{key}/zarr.json: {problem}")
         expected = self.n_shards if self.complete else max(self._shards, default=-1) + 1
         recs = []
         for i in tqdm(range(expected), desc="verify", unit="shard", disable=not progress):

@@ -786,3 +786,26 @@ def test_temp_files_of_a_failed_shard_write_are_removed_on_resume(tmp_path):
     st = write_store(tmp_path / "s", x, resume=True)
     assert list((tmp_path / "s").rglob("*.partial")) == []
     assert st.content_hash == ref.content_hash
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda d: d.update(shape=[d["shape"][0] - 1, *d["shape"][1:]]), "shape"),
+        (lambda d: d.update(data_type="int16"), "data type"),
+        (lambda d: d["chunk_grid"]["configuration"].update(chunk_shape=[7, 6]), "shard shape"),
+        (lambda d: d.update(node_type="group"), "not an array"),
+    ],
+    ids=["shape", "dtype", "shard shape", "node type"],
+)
+def test_verify_checks_each_arrays_zarr_json(tmp_path, edit, says):
+    """The arrays' metadata (shape, data type, shards) is what zarr and every other reader trusts;
+    verify checks it against the store's own attributes."""
+    st = write_store(tmp_path / "s", rows_with_ids(300))
+    assert st.verify() == []
+    meta = tmp_path / "s" / "acts" / HOOK / "zarr.json"
+    doc = json.loads(meta.read_text())
+    edit(doc)
+    meta.write_text(json.dumps(doc))
+    bad = open_store(tmp_path / "s").verify()
+    assert len(bad) == 1 and bad[0].startswith(f"acts/{HOOK}/zarr.json") and says in bad[0], bad
