@@ -63,7 +63,7 @@ def encoder_at_label(k: int) -> str:
 
 def encoder_at_ks(sae: Any, ks: Sequence[int]) -> list[int]:
     """The ks that need an `encoder@k` row: all but a TopK encoder's own k (its row is the encoder's)."""
-    own = sae.k if sae.activation == "topk" else None
+    own = sae.k if sae.arch.fixed_k else None
     return [k for k in sorted(ks) if k != own]
 
 

@@ -24,12 +24,14 @@ import shutil
 import stat
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from saekit.architectures import Architecture
 from saekit.atomic import discard_leftovers, is_regular, read_regular, replace_dir
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError, file_kind, is_non_empty, one_line
@@ -134,21 +136,19 @@ class SparseAutoencoder(nn.Module):
                 _check_encoder_fits_decoder(None, decoder, d_in, n_features)
             if activation is None and k is None:
                 raise SaekitError("a new encoder needs k (TopK), or activation='relu' / 'batchtopk' with k")
-            encoder = Encoder(
-                decoder.d_in,
-                decoder.n_features,
-                k,
-                d_hidden,
-                n_hidden,
-                apply_preencoder_bias,
-                dtype=decoder.dtype,
-                device=decoder.device,
-                activation=activation,
-                threshold_lr=threshold_lr,
+            cfg = SAEConfig(
+                d_in=decoder.d_in,
+                n_features=decoder.n_features,
+                activation=activation or "topk",
+                k=k,
+                d_hidden=d_hidden,
+                n_hidden=n_hidden,
                 n_unroll=n_unroll,
+                apply_preencoder_bias=apply_preencoder_bias,
+                threshold_lr=threshold_lr,
+                dtype=dtype_name(decoder.dtype),
             )
-            with torch.no_grad():
-                encoder.W_enc.copy_(decoder.W_dec.T)
+            encoder = _new_encoder(cfg, decoder)
         if device is not None:
             decoder.to(device)
             encoder.to(device)
@@ -171,6 +171,11 @@ class SparseAutoencoder(nn.Module):
     @property
     def activation(self) -> str:
         return self.encoder.activation
+
+    @property
+    def arch(self) -> Architecture:
+        """What its activation is and allows (`saekit.architectures`)."""
+        return self.encoder.arch
 
     @property
     def d_hidden(self) -> int | None:
@@ -198,40 +203,14 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def config(self) -> SAEConfig:
-        return SAEConfig(
-            d_in=self.d_in,
-            n_features=self.n_features,
-            activation=self.activation,
-            k=self.k,
-            d_hidden=self.d_hidden,
-            n_hidden=self.n_hidden,
-            apply_preencoder_bias=self.apply_preencoder_bias,
-            threshold_lr=self.encoder.threshold_lr,
-            n_unroll=self.n_unroll,
-            rank_scale=self.encoder.rank_scale is not None,
-            dtype=dtype_name(self.dtype),
-            metadata=dict(self.metadata),
-        )
+        """Everything needed to rebuild it (saved as config.json): its encoder's, in the SAE's dtype, with its metadata."""
+        return replace(self.encoder.config, dtype=dtype_name(self.dtype), metadata=dict(self.metadata))
 
     @classmethod
     def from_config(cls, cfg: SAEConfig, device: Any = None) -> SparseAutoencoder:
-        sae = cls(
-            cfg.d_in,
-            cfg.n_features,
-            cfg.k,
-            cfg.d_hidden,
-            cfg.n_hidden,
-            cfg.apply_preencoder_bias,
-            dtype=cfg.dtype,
-            device=device,
-            activation=cfg.activation,
-            threshold_lr=cfg.threshold_lr,
-            metadata=cfg.metadata,
-            n_unroll=cfg.n_unroll,
-        )
-        if cfg.rank_scale:  # its values come with the weights
-            sae.encoder.set_rank_scale_(torch.ones(cfg.n_features, device=device))
-        return sae
+        """A new SAE as `cfg` says: a fresh dictionary, and an encoder starting as its transpose."""
+        decoder = Decoder(cfg.n_features, cfg.d_in, dtype=resolve_dtype(cfg.dtype), device=device)
+        return cls(encoder=_new_encoder(cfg, decoder), decoder=decoder, metadata=cfg.metadata)
 
     # ---- computation ----
     def forward(self, x: torch.Tensor) -> ForwardOutput:
@@ -260,7 +239,7 @@ class SparseAutoencoder(nn.Module):
         It sits halfway between the (k·rows)-th and the next largest positive pre-activation. This
         replaces the running estimate, which trails behind the encoder in short runs.
         """
-        if self.activation != "batchtopk":
+        if not self.arch.calibrates:
             raise SaekitError(f"only Batch-TopK SAEs have a threshold to calibrate; this one is {self.activation}")
         check_last_dim(x, self.d_in, "inputs", "d_in")
         pre = self.encoder.pre_activations(self.decoder.normalize(x), self.decoder.b_dec).relu().flatten()
@@ -416,6 +395,14 @@ def _check_encoder_fits_decoder(
         raise SaekitError(f"n_features={n_features} does not match the decoder's n_features={decoder.n_features}")
 
 
+def _new_encoder(cfg: SAEConfig, decoder: Decoder) -> Encoder:
+    """A new encoder over `decoder` as `cfg` says: its linear path starts as the dictionary's transpose."""
+    encoder = Encoder.from_config(cfg, decoder.device)
+    with torch.no_grad():
+        encoder.W_enc.copy_(decoder.W_dec.T)
+    return encoder
+
+
 def _decoder_from_encoder(encoder: Encoder) -> Decoder:
     decoder = Decoder(encoder.n_features, encoder.d_in, dtype=encoder.W_enc.dtype, device=encoder.W_enc.device)
     with torch.no_grad():
@@ -526,7 +513,7 @@ def encoder_cost(sae: SparseAutoencoder | SAEConfig) -> float:
 
 def encoder_k(sae: SparseAutoencoder) -> float | None:
     """The k a report shows for an SAE's encoder: TopK's k, Batch-TopK's average; None for ReLU and JumpReLU."""
-    return sae.k if sae.activation in ("topk", "batchtopk") else None
+    return sae.k if sae.arch.has_k else None
 
 
 @torch.no_grad()
@@ -555,7 +542,7 @@ def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCode
     else:
         pre = sae.encoder.pre_activations(xn, sae.decoder.b_dec)
     pre = pre[:n]
-    acts = (pre.relu() if sae.activation == "topk" else sae.encoder.activate(pre)).float()
+    acts = (pre.relu() if sae.arch.fixed_k else sae.encoder.activate(pre)).float()
     if sae.encoder.rank_scale is None:
         values, indices = acts.topk(k, dim=-1)
     else:  # a sae-lens TopK SAE's own ranking (`Encoder.set_rank_scale_`)
@@ -574,7 +561,7 @@ def encoder_output(sae: SparseAutoencoder, x: torch.Tensor) -> SparseCodes:
     JumpReLU encoder keeps every nonzero of every row; slots past a row's nonzeros hold 0. Short
     batches are padded as in `encoder_codes`, so the codes do not depend on the batching.
     """
-    if sae.activation == "topk":  # exactly k per row: its codes at its own k, without a dense detour
+    if sae.arch.fixed_k:  # exactly k per row: its codes at its own k, without a dense detour
         return encoder_codes(sae, x, int(sae.k))
     check_last_dim(x, sae.d_in, "inputs", "d_in")
     rows = x.reshape(-1, sae.d_in)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from saekit.architectures import Architecture, TopK, sae_lens_loadable, sae_lens_native
 from saekit.devices import dtype_name
 from saekit.errors import SaekitError, one_line
 from saekit.sae import (
@@ -29,16 +30,6 @@ from saekit.sae import (
     read_json_object,
 )
 from saekit.sae_parts import Decoder, Encoder
-
-# sae-lens architecture -> saekit native activation. Batch-TopK exists in sae-lens only as a
-# training architecture (its inference form is saved as jumprelu); matryoshka encodes the same way.
-SAE_LENS_ARCHS = {
-    "standard": "relu",
-    "topk": "topk",
-    "batchtopk": "batchtopk",
-    "matryoshka_batchtopk": "batchtopk",
-    "jumprelu": "jumprelu",
-}
 
 _LIST_RELEASES = (
     'list them with: python -c "from sae_lens.loading.pretrained_saes_directory import '
@@ -93,11 +84,10 @@ def from_sae_lens(
     sl: Any, k: int | None = None, d_hidden: int | None = None, n_hidden: int = 0, device: Any = None
 ) -> SparseAutoencoder:
     """`SparseAutoencoder.from_sae_lens`: convert an in-memory sae-lens SAE (see that method)."""
-    arch = sl.cfg.architecture()
-    native = _native_activation(sl, arch)
-    weights = _unit_row_weights(sl, arch, warn_topk=native == "batchtopk" and k is None)
-    activation = "topk" if k is not None else native
-    k_value = k if k is not None else (getattr(sl.cfg, "k", None) if native in ("topk", "batchtopk") else None)
+    native = _native_architecture(sl)
+    weights = _unit_row_weights(sl, native, warn_batch=native.calibrates and k is None)
+    activation = TopK.name if k is not None else native.name  # a k given replaces the activation with TopK(k)
+    k_value = k if k is not None else (getattr(sl.cfg, "k", None) if native.has_k else None)
     decoder = Decoder(weights.W_dec.shape[0], weights.W_dec.shape[1], dtype=weights.W_dec.dtype, device="meta")
     encoder = Encoder(
         weights.W_enc.shape[0],
@@ -115,7 +105,7 @@ def from_sae_lens(
     decoder.to_empty(device=target)
     encoder.to_empty(device=target)
     _copy_weights_(encoder, decoder, weights)
-    if activation == "topk" and native == "topk" and weights.rank is not None:
+    if encoder.arch.fixed_k and native.fixed_k and weights.rank is not None:
         encoder.set_rank_scale_(weights.rank)  # it picks its latents as sae-lens does
     meta = getattr(sl.cfg, "metadata", None)
     keep = {key: getattr(meta, key, None) for key in _KEPT_METADATA}
@@ -125,12 +115,14 @@ def from_sae_lens(
     return sae.eval()
 
 
-def _native_activation(sl: Any, arch: str) -> str:
-    """saekit's activation for a sae-lens architecture; refuses what saekit cannot load as is."""
-    native = SAE_LENS_ARCHS.get(arch)
+def _native_architecture(sl: Any) -> Architecture:
+    """saekit's architecture for a sae-lens SAE (`architectures.sae_lens_native`); refuses what saekit
+    cannot load as is."""
+    arch = sl.cfg.architecture()
+    native = sae_lens_native(arch)
     if native is None:
         raise SaekitError(
-            f"sae-lens architecture {arch!r} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}"
+            f"sae-lens architecture {arch!r} is not supported: saekit loads {', '.join(sae_lens_loadable())}"
         )
     norm_mode = getattr(sl.cfg, "normalize_activations", "none")
     if norm_mode == "expected_average_only_in":
@@ -147,20 +139,20 @@ def _native_activation(sl: Any, arch: str) -> str:
 
 
 @torch.no_grad()
-def _unit_row_weights(sl: Any, arch: str, warn_topk: bool) -> _UnitRowWeights:
+def _unit_row_weights(sl: Any, native: Architecture, warn_batch: bool) -> _UnitRowWeights:
     """Copies of sl's weights with each decoder row's norm n_i folded into the encoder
     (W_enc[:, i] *= n_i, b_enc[i] *= n_i, threshold *= n_i unless sae-lens already measures codes
     that way). A TopK SAE that ranks by its own pre-activations (no rescale_acts_by_decoder_norm)
-    with unequal norms gets `rank` = 1 / n_i, so saekit ranks as it does. warn_topk: say so when a
+    with unequal norms gets `rank` = 1 / n_i, so saekit ranks as it does. warn_batch: say so when a
     Batch-TopK SAE's row norms differ (its batch-level selection in training can change)."""
     W_dec = sl.W_dec.detach().clone()
     norms = W_dec.norm(dim=1).clamp_min(1e-8)
     rescaled = bool(getattr(sl.cfg, "rescale_acts_by_decoder_norm", False))
-    threshold = _sae_lens_threshold(sl, arch)
+    threshold = _sae_lens_threshold(sl)
     if threshold is not None and not rescaled:
         threshold = threshold * norms
     uneven = not rescaled and _uneven(norms)
-    if warn_topk and uneven:
+    if warn_batch and uneven:
         warnings.warn(
             "decoder rows of this sae-lens Batch-TopK SAE have unequal norms; in training mode saekit ranks latents "
             "by pre-activation x row norm, so a few selections can differ (inference, by its threshold, is exact)",
@@ -172,7 +164,7 @@ def _unit_row_weights(sl: Any, arch: str, warn_topk: bool) -> _UnitRowWeights:
         W_dec / norms[:, None],
         sl.b_dec.detach().clone(),
         threshold,
-        1 / norms if uneven and arch == "topk" else None,
+        1 / norms if uneven and native.fixed_k else None,
     )
 
 
@@ -186,7 +178,7 @@ def _copy_weights_(encoder: Encoder, decoder: Decoder, w: _UnitRowWeights) -> No
     encoder.W_enc.copy_(w.W_enc)
     encoder.b_enc.copy_(w.b_enc)
     encoder.threshold.copy_(w.threshold if w.threshold is not None else torch.zeros_like(w.b_enc))
-    if encoder.activation == "batchtopk" and w.threshold is None:
+    if encoder.arch.calibrates and w.threshold is None:
         encoder.threshold.fill_(math.nan)
     if encoder.mlp is not None:
         _reset_mlp_(encoder.mlp)
@@ -248,7 +240,7 @@ def export_sae_lens(sae: SparseAutoencoder, path: str | os.PathLike, overwrite: 
         raise SaekitError(
             "unrolled encoders (n_unroll > 0) exist only in saekit (sae-lens has no refinement steps): use sae.save(path) instead"
         )
-    if sae.activation == "batchtopk" and bool(sae.encoder.threshold.isnan().any()):
+    if sae.arch.calibrates and bool(sae.encoder.threshold.isnan().any()):
         raise SaekitError(
             "this Batch-TopK SAE has no inference threshold yet (it is estimated during training): train it before exporting"
         )
@@ -259,7 +251,8 @@ def export_sae_lens(sae: SparseAutoencoder, path: str | os.PathLike, overwrite: 
 
 def _to_sae_lens(sae: SparseAutoencoder) -> Any:
     """An in-memory sae-lens SAE (on the CPU) computing what `sae` computes on raw activations."""
-    import sae_lens
+    import sae_lens  # noqa: F401 - registers sae-lens's own architectures
+    from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata
 
     dec, enc = sae.decoder, sae.encoder
@@ -284,14 +277,11 @@ def _to_sae_lens(sae: SparseAutoencoder) -> Any:
     if enc.rank_scale is not None:  # unfold: sae-lens ranks by its own pre-activations, rows of norm 1 / rank
         r = enc.rank_scale.float()
         folded = FoldedWeights(folded.W_enc * r, folded.b_enc * r, folded.W_dec / r[:, None], folded.b_dec)
-    if sae.activation == "topk":
-        sl = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(k=int(sae.k), rescale_acts_by_decoder_norm=False, **common))
-    elif sae.activation == "relu":
-        sl = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(**common))
-    else:
-        sl = sae_lens.JumpReLUSAE(sae_lens.JumpReLUSAEConfig(**common))
+    sl_class, sl_config = get_sae_class(sae.arch.sae_lens_exports)  # the architecture's sae-lens inference class
+    fixed = {"k": int(sae.k), "rescale_acts_by_decoder_norm": False} if sae.arch.fixed_k else {}
+    sl = sl_class(sl_config(**fixed, **common))
     state = folded._asdict()
-    if isinstance(sl, sae_lens.JumpReLUSAE):
+    if "threshold" in sl.state_dict():  # JumpReLU, Batch-TopK's inference form
         state["threshold"] = enc.threshold.float()
     sl.load_state_dict({key: v.detach().cpu().to(sl.dtype) for key, v in state.items()})
     return sl
@@ -306,10 +296,12 @@ def _uneven(norms: torch.Tensor) -> bool:
     return bool((norms.max() - norms.min()) > 1e-4 * norms.max())
 
 
-def _sae_lens_threshold(sl: Any, arch: str) -> torch.Tensor | None:
-    if arch == "jumprelu":
+def _sae_lens_threshold(sl: Any) -> torch.Tensor | None:
+    """A sae-lens SAE's threshold [d_sae]: JumpReLU's per-latent one, or Batch-TopK's single
+    `topk_threshold` for every latent; None for an SAE without one."""
+    if isinstance(getattr(sl, "threshold", None), torch.Tensor):
         return sl.threshold.detach().clone().float().to(sl.W_enc.dtype)
-    if arch in ("batchtopk", "matryoshka_batchtopk"):
+    if isinstance(getattr(sl, "topk_threshold", None), torch.Tensor):
         value = sl.topk_threshold.detach().to(sl.W_enc.dtype)
         return value.expand(sl.cfg.d_sae).clone()
     return None
@@ -350,9 +342,9 @@ def _load_sae_lens_dir(folder: Path, device: str) -> Any:
 
     cfg = read_json_object(folder / SAE_LENS_CONFIG, "a sae-lens SAE config")
     arch = cfg.get("architecture", "standard")
-    if arch not in SAE_LENS_ARCHS:
+    if sae_lens_native(arch) is None:
         raise SaekitError(
-            f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sorted(SAE_LENS_ARCHS))}"
+            f"sae-lens architecture {arch!r} in {folder} is not supported: saekit loads {', '.join(sae_lens_loadable())}"
         )
     if not (folder / SAE_LENS_WEIGHTS).is_file():
         raise SaekitError(f"{folder} has {SAE_LENS_CONFIG} but no {SAE_LENS_WEIGHTS}: copy the weights next to it")

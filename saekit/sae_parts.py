@@ -9,18 +9,21 @@ sit on the `Decoder` (see saekit/sae.py's docstring).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from saekit.config import check_k, check_non_negative
+from saekit.architectures import ACTIVATIONS as ACTIVATIONS
+from saekit.architectures import architecture
+from saekit.architectures import batch_topk_activation as batch_topk_activation
+from saekit.architectures import jumprelu_activation as jumprelu_activation
+from saekit.architectures import topk_activation as topk_activation
+from saekit.config import check_non_negative
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError
 from saekit.pursuit import decode_sparse
-
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 
 # --------------------------------------------------------------------------------------------
 # Config and return types
@@ -60,25 +63,19 @@ class SAEConfig:
     """Free-form provenance kept through save/load/export (e.g. model_name, hook_name, source)."""
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise SaekitError(f"unknown activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        arch = architecture(self.activation)
         if self.d_in <= 0 or self.n_features <= 0:
             raise SaekitError(f"d_in={self.d_in} and n_features={self.n_features} must both be positive")
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is None:
-                raise SaekitError(f"activation {self.activation!r} needs k (active latents per token): pass k=")
-            _check_k_range(self.k, self.n_features, integer=self.activation == "topk")
-            if self.activation == "topk":
-                self.k = int(self.k)
+        self.k = arch.check_k(self.k, self.n_features)
         check_non_negative("n_hidden", self.n_hidden, "no MLP path")
         if self.n_hidden > 0 and (self.d_hidden is None or self.d_hidden <= 0):
             raise SaekitError(
                 f"n_hidden={self.n_hidden} needs d_hidden (the width of the MLP's hidden layers): pass d_hidden="
             )
         check_non_negative("n_unroll", self.n_unroll, "no refinement steps")
-        if self.rank_scale and (self.activation != "topk" or self.n_unroll):
+        if self.rank_scale and (not arch.fixed_k or self.n_unroll):
             raise SaekitError("rank_scale applies to a TopK encoder without refinement steps (n_unroll=0)")
-        if self.n_unroll and self.activation != "topk":
+        if self.n_unroll and not arch.fixed_k:
             raise SaekitError(
                 f"n_unroll={self.n_unroll} refines TopK codes, but the activation is {self.activation!r}: use 'topk' or n_unroll=0"
             )
@@ -140,38 +137,6 @@ class Normalization(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_k_range(k: float, n_features: int, integer: bool) -> None:
-    check_k(k, n_features)
-    if integer and float(k) != int(k):
-        raise SaekitError(f"k={k} must be a whole number for TopK (Batch-TopK allows a fractional average)")
-
-
-def topk_activation(pre_acts: torch.Tensor, k: int, rank: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the k largest pre-activations of each row (the k largest of `rank` [..., n] where given:
-    the same entries, ranked otherwise), ReLU them, zero the rest.
-
-    pre_acts: [..., n] -> codes [..., n] with at most k nonzeros per row.
-    """
-    if rank is None:
-        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
-    else:
-        indices = rank.topk(k, dim=-1, sorted=False).indices
-        values = pre_acts.gather(-1, indices)
-    return torch.zeros_like(pre_acts).scatter_(-1, indices, values.relu())
-
-
-def batch_topk_activation(pre_acts: torch.Tensor, k: float) -> torch.Tensor:
-    """Keep the int(k * rows) largest ReLU'd pre-activations of the whole batch (k per row on average).
-
-    pre_acts: [..., n] -> codes [..., n].
-    """
-    acts = pre_acts.relu()
-    flat = acts.flatten()
-    n_rows = acts.shape[:-1].numel()
-    values, indices = flat.topk(int(k * n_rows), sorted=False)
-    return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
-
-
 def unroll_step(
     x: torch.Tensor,
     codes: TopKCodes,
@@ -204,14 +169,6 @@ def unroll_step(
     pre = z + mu * step * corr + bias
     values, indices = pre.topk(k, dim=-1, sorted=False)
     return TopKCodes(indices, values.relu(), pre)
-
-
-def jumprelu_activation(pre_acts: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """ReLU, keeping only latents whose pre-activation exceeds its threshold (as sae-lens does).
-
-    pre_acts: [..., n], threshold: [n] -> codes [..., n].
-    """
-    return pre_acts.relu() * (pre_acts > threshold).to(pre_acts.dtype)
 
 
 def normalization_from_stats(
@@ -393,7 +350,6 @@ class Encoder(nn.Module):
         n_unroll: int = 0,
     ):
         super().__init__()
-        dtype = resolve_dtype(dtype)
         if activation is None:
             activation = "topk" if k is not None else "relu"
         cfg = SAEConfig(
@@ -405,10 +361,25 @@ class Encoder(nn.Module):
             n_hidden=n_hidden,
             apply_preencoder_bias=apply_preencoder_bias,
             threshold_lr=threshold_lr,
-            dtype=dtype_name(dtype),
+            dtype=dtype_name(resolve_dtype(dtype)),
             n_unroll=n_unroll,
         )
+        self._build(cfg, device)
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig, device: Any = None) -> Encoder:
+        """A new encoder as `cfg` says (its metadata aside), on `device`."""
+        enc = cls.__new__(cls)
+        nn.Module.__init__(enc)
+        enc._build(cfg, device)
+        return enc
+
+    def _build(self, cfg: SAEConfig, device: Any) -> None:
+        dtype = resolve_dtype(cfg.dtype)
+        d_in, n_features = cfg.d_in, cfg.n_features
+        self._config = replace(cfg, metadata={})
         self.activation = cfg.activation
+        self.arch = architecture(cfg.activation)
         self.k = cfg.k
         self.apply_preencoder_bias = cfg.apply_preencoder_bias
         self.threshold_lr = cfg.threshold_lr
@@ -419,7 +390,7 @@ class Encoder(nn.Module):
         nn.init.kaiming_uniform_(W)
         self.W_enc = nn.Parameter(W)
         self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype, device=device))
-        fill = math.nan if self.activation == "batchtopk" else 0.0
+        fill = self.arch.initial_threshold()
         self.register_buffer("threshold", torch.full((n_features,), fill, dtype=dtype, device=device))
         self.mlp = _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device) if cfg.n_hidden > 0 else None
         self.n_unroll = cfg.n_unroll
@@ -428,6 +399,13 @@ class Encoder(nn.Module):
             shape = (self.n_unroll, n_features)
             self.unroll_step_size = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
             self.unroll_bias = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        if cfg.rank_scale:  # its values come with the weights
+            self.set_rank_scale_(torch.ones(n_features, device=device))
+
+    @property
+    def config(self) -> SAEConfig:
+        """What it was built from (no metadata: that is the SAE's), in its current dtype."""
+        return replace(self._config, rank_scale=self.rank_scale is not None, dtype=dtype_name(self.W_enc.dtype))
 
     @property
     def d_in(self) -> int:
@@ -485,22 +463,15 @@ class Encoder(nn.Module):
         return codes
 
     def activate(self, pre_acts: torch.Tensor) -> torch.Tensor:
-        """pre_acts [..., n_features] -> codes [..., n_features], per `self.activation`."""
-        if self.activation == "topk":
-            return topk_activation(pre_acts, int(self.k), None if self.rank_scale is None else self.rank_key(pre_acts))
-        if self.activation == "relu":
-            return pre_acts.relu()
-        if self.activation == "jumprelu":
-            return jumprelu_activation(pre_acts, self.threshold)
-        # Batch-TopK: batch-level selection while training; at inference the running threshold
-        # makes each token's code independent of its batch (and a fresh SAE falls back to batches).
-        if self.training or bool(self.threshold.isnan().any()):
-            return batch_topk_activation(pre_acts, self.k)
-        return jumprelu_activation(pre_acts, self.threshold)
+        """pre_acts [..., n_features] -> codes [..., n_features], per the architecture (`self.arch`)."""
+        if self.rank_scale is not None:  # a sae-lens TopK SAE's own ranking (`set_rank_scale_`)
+            return topk_activation(pre_acts, int(self.k), self.rank_key(pre_acts))
+        return self.arch.activate(pre_acts, self.k, self.threshold, self.training)
 
     @torch.no_grad()
     def update_threshold_(self, codes: torch.Tensor) -> None:
-        """Batch-TopK: move the running threshold toward this batch's smallest kept activation."""
+        """An architecture that calibrates (Batch-TopK): move the running threshold toward this
+        batch's smallest kept activation."""
         kept = codes[codes > 0]
         if kept.numel() == 0:
             return
@@ -520,7 +491,7 @@ class Encoder(nn.Module):
             return EncoderOutput(torch.zeros_like(sel.pre_acts).scatter_(-1, sel.indices, sel.values), sel.pre_acts)
         pre = self.pre_activations(x, b_dec)
         codes = self.activate(pre)
-        if self.activation == "batchtopk" and self.training:
+        if self.arch.calibrates and self.training:
             self.update_threshold_(codes)
         return EncoderOutput(codes, pre)
 

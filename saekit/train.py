@@ -527,7 +527,7 @@ def _loop(s: _Session) -> RunResult:
             if s.pos.step % cfg.log_every == 0 or s.pos.step == total:
                 s.log.log(s.pos.step, s.pos.step * cfg.batch_size, {**stats, "train/lr": lr})
                 bar.set_postfix(fvu=f"{stats['train/fvu'] or stats['train/pursuit_fvu']:.4f}")
-            if s.pos.step == total and s.sae.activation == "batchtopk":
+            if s.pos.step == total and s.sae.arch.calibrates:
                 calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device, cfg.seed)
             if s.pos.step % cfg.eval_every == 0 or s.pos.step == total:
                 last_eval = s.evaluate()

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from saekit.architectures import TRAINABLE, architecture
 from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, need
 from saekit.heldout import held_out_rows
 from saekit.sae import SparseAutoencoder
@@ -15,7 +16,7 @@ from saekit.shard_cache import ShardCacheFields
 
 CODES = ("encoder", "pursuit", "both")
 MAX_UNROLL = 8
-TRAIN_ACTIVATIONS = ("topk", "batchtopk")
+TRAIN_ACTIVATIONS = TRAINABLE
 
 # Fields that must match the run being resumed: they decide the model, the loss and the data stream.
 # Others (lr, budget, eval and logging cadence, device) may change on resume (then the result
@@ -162,7 +163,10 @@ class TrainConfig(ShardCacheFields):
             0 <= self.unroll <= MAX_UNROLL,
             f"--unroll {self.unroll} must be in 0..{MAX_UNROLL} (each step costs one more matmul per row; 1-3 are typical)",
         )
-        need(not self.unroll or self.activation == "topk", "--unroll refines TopK codes: use --activation topk")
+        need(
+            not self.unroll or architecture(self.activation).fixed_k,
+            "--unroll refines codes of exactly k per row: use --activation topk",
+        )
         check_non_negative("--distill", self.distill, "no distillation")
         need(
             not self.distill or self.codes != "pursuit",

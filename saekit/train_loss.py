@@ -37,7 +37,7 @@ class Encoded(NamedTuple):
 def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
     """Encode normalized inputs [b, d] and decode them; TopK decodes only the chosen atoms."""
     enc, dec = sae.encoder, sae.decoder
-    if enc.activation == "topk" and not DENSE_DECODE:
+    if enc.arch.fixed_k and not DENSE_DECODE:
         indices, values, pre = enc.topk_codes(sae_in, dec.b_dec, dec.W_dec)
         counts = firing_counts(indices, values, dec.n_features, pre.dtype)
         return Encoded(decode_sparse(indices, values, dec.W_dec, dec.b_dec), pre, counts)
