@@ -290,11 +290,11 @@ def harvest_embedded(ctx: Ctx, out: Path, device: str, dtype, tokens: int) -> di
 def harvest_timed(ctx: Ctx, lm, hook: str, out: Path, tokens: int) -> dict:
     """Harvest `tokens` rows (the CLI's path: `harvest.run_loaded`, after the model is loaded) and
     a bare forward to the hooked layer over the same sequences and batches, nothing stored."""
-    from saekit import harvest, texts
+    from saekit import harvest, harvest_loop, texts
 
     model, device, corpus = lm.model, str(lm.model.cfg.device), texts.load_texts(None)
     cfg = harvest_config(ctx, out, tokens, hooks=[hook], overwrite=True)
-    plan = harvest.make_plan(
+    plan = harvest_loop.make_plan(
         lm, [hook], corpus, ctx_len=0, skip=1, n_rows=tokens, shard_rows=cfg.shard_rows, batch_size=0
     )
     n_seq = -(-tokens // plan.layout.per_seq)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as td
 
 from saekit.errors import SaekitError
+
+T = TypeVar("T")
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 
@@ -153,6 +156,22 @@ def barrier() -> None:
 def broadcast_error(message: str | None) -> str | None:
     """Share rank 0's error message (or None) with every rank, so all ranks stop together."""
     return broadcast_object(message)
+
+
+def on_main(fn: Callable[[], T], main: bool, share: bool = False) -> T | None:
+    """fn() on the main rank; a SaekitError it raises is raised on every rank, so all ranks stop
+    together (a collective: every rank calls this). Its result stays on the main rank (None
+    elsewhere), or with `share` every rank gets it (it must then be picklable)."""
+    result, err = None, None
+    if main:
+        try:
+            result = fn()
+        except SaekitError as e:
+            err = str(e)
+    err = broadcast_error(err)
+    if err is not None:
+        raise SaekitError(err)
+    return broadcast_object(result) if share else result
 
 
 def broadcast_object(obj: Any) -> Any:

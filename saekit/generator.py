@@ -1,7 +1,7 @@
 """The original sae-kit API, `cached_activation_generator`, backed by saekit activation stores.
 
 It cuts the packed token stream into runs of whole sequences and harvests each run lazily into
-its own store with harvest's main loop (`saekit.harvest.forward_to_shards`), handing every row to
+its own store with harvest's main loop (`saekit.harvest_loop.forward_to_shards`), handing every row to
 the consumer as soon as it is computed; a finished run is read back instead.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from saekit.cache_root import DEFAULT_ROOT
 from saekit.errors import SaekitError
-from saekit.harvest import (
+from saekit.harvest_loop import (
     ActBatch,
     Plan,
     RowLayout,

@@ -410,14 +410,14 @@ def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
 def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeypatch):
     import datasets
 
-    import saekit.harvest
+    import saekit.harvest_loop
 
     model = models.load_model(data[1], torch.device("cpu"), torch.float32).model
     docs = [json.loads(line)["text"] for line in open(data[2])]
     ds = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()  # stands in for a streamed dataset
     calls = []
-    real = saekit.harvest.forward_acts
-    monkeypatch.setattr(saekit.harvest, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = saekit.harvest_loop.forward_acts
+    monkeypatch.setattr(saekit.harvest_loop, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(
         hook_name="blocks.1.hook_resid_pre",
         activation_batch_size=100,
