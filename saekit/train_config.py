@@ -165,7 +165,7 @@ class TrainConfig(ShardCacheFields):
         )
         need(
             not self.unroll or architecture(self.activation).fixed_k,
-            "--unroll refines codes of exactly k per row: use --activation topk",
+            "--unroll refines TopK codes (exactly k per row): use --activation topk",
         )
         check_non_negative("--distill", self.distill, "no distillation")
         need(

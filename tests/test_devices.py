@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from saekit.devices import DTYPES, dtype_name, resolve_dtype
+from saekit.devices import DTYPES, resolve_dtype
 from saekit.errors import SaekitError
 from saekit.sae import SAEConfig, SparseAutoencoder
 
@@ -27,14 +27,32 @@ def test_device_and_dtype_defaults():
         resolve_dtype("int8", CPU, what="--dtype")
 
 
-@pytest.mark.parametrize("name", sorted(DTYPES))
-def test_every_dtype_name_means_the_same_in_an_sae_as_in_harvest(name):
+# What a user writes -> the dtype meant and the name a saved config holds (written out here, not
+# read from saekit's own table, so a wrong entry there fails).
+EXPECTED = {
+    "float32": (torch.float32, "float32"),
+    "fp32": (torch.float32, "float32"),
+    "torch.float32": (torch.float32, "float32"),
+    "bfloat16": (torch.bfloat16, "bfloat16"),
+    "bf16": (torch.bfloat16, "bfloat16"),
+    "torch.bfloat16": (torch.bfloat16, "bfloat16"),
+    "float16": (torch.float16, "float16"),
+    "fp16": (torch.float16, "float16"),
+    "float64": (torch.float64, "float64"),
+    "fp64": (torch.float64, "float64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_dtype_name_means_the_same_in_an_sae_as_in_harvest(name, tmp_path):
     """One table: harvest's short names (bf16, fp32, fp16) work for an SAE, and the SAE's long
-    names for harvest; a saved config always holds the long name."""
-    assert resolve_dtype(name, CPU) == resolve_dtype(f"torch.{dtype_name(DTYPES[name])}") == DTYPES[name]
+    names for harvest; a saved config always holds the long name, and loads back as that dtype."""
+    dtype, saved = EXPECTED[name]
+    assert resolve_dtype(name, CPU) == dtype
     sae = SparseAutoencoder(d_in=4, n_features=8, k=2, dtype=name)
-    assert sae.dtype == DTYPES[name]
-    assert sae.config.dtype == dtype_name(DTYPES[name])
+    assert sae.dtype == dtype and sae.config.dtype == saved
+    assert SparseAutoencoder.load(sae.save(tmp_path / "sae")).dtype == dtype
+    assert set(DTYPES) <= set(EXPECTED)  # every name saekit takes is checked here
 
 
 def test_an_unknown_sae_dtype_is_one_line():

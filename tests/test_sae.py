@@ -241,9 +241,14 @@ def test_new_mlp_encoder_starts_equal_to_linear_encoder_and_learns(tmp_path):
     (out.sae_out - out.sae_in).pow(2).sum(-1).mean().backward()
     assert mlp.encoder.mlp[-1].weight.grad.abs().sum() > 0  # the zero-init path still trains
 
+    # a new MLP encoder over an existing dictionary: its path adds exactly nothing at first, though
+    # its hidden layers hold random weights (so it can learn), and it encodes as the linear one does
     fresh = SparseAutoencoder(decoder=linear.decoder, k=K, d_hidden=64, n_hidden=2)
     plain = SparseAutoencoder(decoder=linear.decoder, k=K)
     with torch.no_grad():
+        assert fresh.encoder.mlp[0].weight.abs().sum() > 0
+        assert torch.equal(fresh.encoder.mlp(x), torch.zeros(len(x), D_SAE))
+        assert torch.equal(fresh.encoder.W_enc, linear.decoder.W_dec.T)
         assert torch.equal(fresh.encode(x), plain.encode(x))
 
 
