@@ -95,6 +95,7 @@ def test_unrolled_encoder_needs_the_dictionary_and_topk():
         SAEConfig(d_in=8, n_features=32, activation="batchtopk", k=2, n_unroll=1)
 
 
+@pytest.mark.slow
 def test_steps_lower_the_fvu_of_a_fresh_encoder_and_keep_k(dictionary, embedded_store, held_out, tmp_path):
     common = dict(from_pretrained=str(dictionary), tokens=256 * 100)
     plain = run(cfg(embedded_store, tmp_path / "t0", **common))
@@ -133,6 +134,7 @@ def test_encoder_cost_counts_linear_encoder_matmuls():
 # --- distillation -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_distillation_moves_the_support_toward_pursuit(dictionary, embedded_store, held_out, tmp_path):
     # From the dictionary's transpose: started from the trained encoder (the default), the rise
     # here is smaller (0.005), and docs/encoders.md measures what distillation does from there.
@@ -158,6 +160,7 @@ def test_batches_carry_the_store_rows_of_their_activations(embedded_store):
         it.close()
 
 
+@pytest.mark.slow
 def test_distill_codes_from_pursue_match_pursuit_on_the_fly(
     dictionary, embedded_store, held_out, tmp_path, capsys, monkeypatch
 ):
@@ -192,6 +195,7 @@ def _dense(codes) -> torch.Tensor:
     return torch.zeros(codes.indices.shape[0], 512).scatter_add_(1, codes.indices, codes.values.float())
 
 
+@pytest.mark.slow
 def test_resume_of_an_unrolled_distilled_run_is_bitwise_identical(dictionary, embedded_store, tmp_path, monkeypatch):
     kw = dict(
         from_pretrained=str(dictionary),

@@ -768,7 +768,11 @@ def _needs(what: str) -> None:
         pytest.skip("needs root and setpriv to run a command as a user without root's permission override")
 
 
-@pytest.mark.parametrize("name", list(ROWS))
+@pytest.mark.parametrize(
+    "name",
+    # a command run as another user is a subprocess: the slow lane
+    [pytest.param(n, marks=pytest.mark.slow) if r.needs == "setpriv" else n for n, r in ROWS.items()],
+)
 def test_bad_input_is_one_line_and_changes_nothing(name, inputs, tmp_path, tmpfs, capsys, monkeypatch, request):
     row = ROWS[name]
     _needs(row.needs)

@@ -65,6 +65,7 @@ RATIO_LINE = {
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
+@pytest.mark.slow
 def test_benchmark_runs_and_prints_its_ratios(script, tmp_path):
     if script in ("remote_copy.py", "remote.py"):
         pytest.importorskip("moto.server", reason="needs moto[server] (pip install -e '.[test]')")

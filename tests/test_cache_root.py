@@ -254,6 +254,7 @@ def _second_harvest_during_the_first(monkeypatch, first: HarvestConfig, second: 
     return run(first), other[0]
 
 
+@pytest.mark.slow
 def test_a_second_harvest_of_a_store_being_written_is_one_line_and_leaves_it_whole(tmp_path, monkeypatch):
     root = tmp_path / "root"
     first, r = _second_harvest_during_the_first(
@@ -280,6 +281,7 @@ def test_a_second_harvest_of_a_store_being_written_is_one_line_and_leaves_it_who
     assert sorted(p.name for p in first.path.iterdir() if p.name.startswith(".")) == []  # no records left behind
 
 
+@pytest.mark.slow
 def test_a_second_harvest_to_the_same_url_is_one_line_and_leaves_the_first_whole(s3_bucket, tmp_path, monkeypatch):
     url, staging = f"{s3_bucket}/st", tmp_path / "staging"
     first, r = _second_harvest_during_the_first(

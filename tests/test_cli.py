@@ -30,6 +30,7 @@ def test_every_stage_is_registered():
 
 
 @pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.slow
 def test_help(command):
     r = _saekit(command, "--help")
     assert r.returncode == 0, r.stderr
@@ -119,6 +120,7 @@ OUT_CASES = {
         if (c, k) != ("harvest", "a file")
     ],
 )
+@pytest.mark.slow
 def test_an_out_that_cannot_be_written_is_one_line(tmp_path, inputs, tmpfs, capsys, monkeypatch, command, case):
     if case == "read-only":
         out = tmpfs(1 << 20, ro=True) / "out"
@@ -178,6 +180,7 @@ def _said_interrupted(code: int, err: str, what: str) -> None:
     assert [ln for ln in err.splitlines() if ln.strip()][-1] == f"interrupted: {what}", err
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_is_one_line_and_the_run_resumes(embedded_store, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -210,6 +213,7 @@ def test_ctrl_c_in_train_is_one_line_and_the_run_resumes(embedded_store, tmp_pat
     assert json.loads((checkpoint_dir(out) / "state.json").read_text())["position"]["step"] == step + 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_harvest_is_one_line_and_keeps_the_finished_shards(tmp_path):
     out = tmp_path / "store"
     proc = _popen(

@@ -98,6 +98,7 @@ def test_verify_clean_then_corrupt(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["not-a-store", "missing", "truncated-shard"])
+@pytest.mark.slow
 def test_errors_are_one_line_without_traceback(tmp_path, case):
     # a real process: what a user sees on the terminal, exit status included
     if case == "not-a-store":
@@ -146,6 +147,7 @@ def assert_one_error_line(r: subprocess.CompletedProcess, *wants: str) -> None:
 
 
 @pytest.mark.parametrize("url", [False, True], ids=["path", "file:// URL"])
+@pytest.mark.slow
 def test_train_and_pursue_refuse_a_store_with_a_missing_shard(tmp_path, url):
     from saekit.sae import SparseAutoencoder
 
@@ -219,6 +221,7 @@ def edit_attrs(root, change) -> None:
     ],
     ids=["hook ../../x", "n_rows 'lots'", "edited meta", "truncated zarr.json"],
 )
+@pytest.mark.slow
 def test_info_and_verify_of_a_damaged_store_are_one_line(tmp_path, damage, want):
     make_store(tmp_path / "s")
     damage(tmp_path / "s")

@@ -42,6 +42,7 @@ def _resumed_step(out) -> int:
 
 
 @EXCHANGE
+@pytest.mark.slow
 def test_a_kill_anywhere_in_a_checkpoint_swap_resumes(tmp_path, exchange):
     template = tmp_path / "template"
     template.mkdir()
@@ -89,6 +90,7 @@ def test_a_kill_anywhere_while_an_sae_is_saved_over_another_keeps_one_of_them(tm
         assert value(root / "sae") == 3.0 and sorted(p.name for p in root.iterdir()) == ["sae"]
 
 
+@pytest.mark.slow
 def test_a_kill_anywhere_in_harvest_overwrite_leaves_a_store_that_overwrite_replaces(tmp_path):
     """`create_store(overwrite=True)` (harvest --overwrite) removes the old store and creates the
     new one; killed at any point, the old store is whole or recognisably on its way out, and

@@ -81,6 +81,7 @@ def test_top_contexts_density_and_max_equal_brute_force(embedded_store, sae_dir,
 
 
 @pytest.mark.parametrize("activation", ["batchtopk", "relu", "jumprelu"])
+@pytest.mark.slow
 def test_statistics_are_what_the_encoder_outputs_whatever_its_l0(embedded_store, tmp_path, activation):
     """Encoders without a fixed k per row (Batch-TopK at its inference threshold, ReLU, JumpReLU)
     give some rows more nonzeros than k or than any cap: every one of them counts (density, max,

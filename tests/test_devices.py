@@ -94,6 +94,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("stage", ["harvest", "train"])
+@pytest.mark.slow
 def test_a_stage_keeps_the_process_group_its_caller_owns(tmp_path, embedded_store, stage):
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", _CALLER, stage, str(tmp_path / "out"), str(embedded_store)]

@@ -97,6 +97,7 @@ def test_zero_ablation_matches_a_hand_written_one(model, held_out):
     assert zero.ce_recovered_zero == 0.0 and zero.fvu > 1  # zeros are worse than the mean
 
 
+@pytest.mark.slow
 def test_a_trained_sae_recovers_part_of_the_loss_and_start_at_layer_equals_a_full_forward(model, held_out, sae_run):
     tokens, acts = held_out
     sae = SparseAutoencoder.load(sae_run / "sae")
@@ -293,6 +294,7 @@ def _spliced(report: list[dict]) -> dict:
     return {(e["method"], e["k"]): {f: v for f, v in e["downstream"].items() if f != "seconds"} for e in report}
 
 
+@pytest.mark.slow
 def test_pursue_downstream_reports_what_eval_reports_and_a_resumed_run_the_same(
     short_store, sae_run, mlp_encoder, tmp_path, capsys, monkeypatch
 ):

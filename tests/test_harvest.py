@@ -99,6 +99,7 @@ def assert_one_line_error(code, err, pattern):
 # -- end to end -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embedded_default_end_to_end(tmp_path):
     """No --model/--dataset/--hook: the embedded model and corpus, the middle layer, ./cache."""
     r = subprocess.run(
@@ -203,6 +204,7 @@ def _records(out: Path) -> int:
     return len(list(d.glob("*.json"))) if d.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_store(data, tmp_path, capsys):
     want = run(cfg_for(data, tmp_path / "ref", tokens=40_000)).content_hash
     out = tmp_path / "killed"
@@ -356,6 +358,7 @@ def test_disk_full_says_so_and_stays_resumable(data, tmp_path, tmpfs, capsys):
 # -- distributed ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
     want = run(cfg_for(data, tmp_path / "one", tokens=5000)).content_hash
     out = tmp_path / "two"
@@ -464,6 +467,7 @@ def test_cached_activation_generator_takes_any_run_size(data, tmp_path):
 
 
 @pytest.mark.parametrize("first", ["saekit.harvest", "sae_kit.utils"])
+@pytest.mark.slow
 def test_generator_import_paths_named_in_the_docs_work_in_any_order(first):
     """Its home is saekit.generator (built on saekit.harvest); saekit.harvest and sae_kit.utils
     still give it, whichever module a program imports first."""

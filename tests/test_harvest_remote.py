@@ -53,6 +53,7 @@ def records_in(remote: Remote) -> int:
     return len(remote.list(".saekit-shards"))
 
 
+@pytest.mark.slow
 def test_harvest_to_s3_killed_then_resumed_equals_local(data, s3_bucket, tmp_path):
     want = run(cfg_for(data, tmp_path / "local", tokens=TOKENS)).content_hash
     url = f"{s3_bucket}/caches/gpt2"
@@ -92,6 +93,7 @@ def test_harvest_to_s3_killed_then_resumed_equals_local(data, s3_bucket, tmp_pat
     assert not any(p.is_file() for p in (tmp_path / "staging").rglob("*"))
 
 
+@pytest.mark.slow
 def test_harvest_to_s3_with_two_ranks_equals_local(data, s3_bucket, tmp_path):
     want = run(cfg_for(data, tmp_path / "local", tokens=5000)).content_hash
     url = f"{s3_bucket}/two-ranks"
@@ -106,6 +108,7 @@ def test_harvest_to_s3_with_two_ranks_equals_local(data, s3_bucket, tmp_path):
     assert not any(p.is_file() for p in (tmp_path / "staging").rglob("*"))  # every rank's staging is freed
 
 
+@pytest.mark.slow
 def test_harvest_to_a_url_it_cannot_honour_is_one_line(data, s3_server, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "saekit.cli.main", *cli_args(data, "s3://no-such-bucket/x", tmp_path / "st")],

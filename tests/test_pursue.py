@@ -501,6 +501,7 @@ def _saekit(*args) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cli_runs_and_prints_the_table(tmp_path, store, sae_dir):
     p = _saekit(
         "pursue",
@@ -770,6 +771,7 @@ def test_refit_needs_an_encoder(tmp_path, store, sae_dir):
     assert run(_cfg(tmp_path, store, tmp_path / "dictionary", methods=["gp"], k=[2])).entries
 
 
+@pytest.mark.slow
 def test_cli_decomposes_the_gap(tmp_path, store, sae_dir):
     args = ["pursue", "--store", store, "--sae", sae_dir, "--k", 2, "--k", 4, "--out", tmp_path / "o"]
     p = _saekit(*args, "--method", "gp", "--method", "refit", "--method", "encoder+gp", "--refine", 2)

@@ -252,6 +252,7 @@ def test_a_zero_coefficient_with_negative_gradient_is_not_a_clamp(method, monkey
         ("omp", "nonnegative_orthogonal_matching_pursuit"),
     ],
 )
+@pytest.mark.slow
 def test_agrees_with_transformer_lens(method, tl_algorithm):
     """transformer-lens 3.x ships a one-vector nonnegative gradient pursuit and NNLS-OMP
     (tools/analysis/jacobian_lens_decomposition.py). Its OMP selects as ours does. Its GP only

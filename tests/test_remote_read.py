@@ -224,6 +224,7 @@ def test_a_damaged_object_in_the_bucket_is_one_line_and_never_used(stores, tmp_p
     assert f"bad: {name}: corrupt in the bucket" in out
 
 
+@pytest.mark.slow
 def test_a_damaged_file_in_the_cache_is_fetched_again(stores, tmp_path):
     local, url = stores
     cache = tmp_path / "cache"
@@ -240,6 +241,7 @@ def test_a_damaged_file_in_the_cache_is_fetched_again(stores, tmp_path):
 # --- the size bound -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_cache_stays_under_its_bound(tmp_path, s3_bucket):
     local = make_store(tmp_path / "store", n=1024)  # acts: 16 shard files of 1,092 bytes
     url = upload(local, f"{s3_bucket}/store")
@@ -266,6 +268,7 @@ def test_a_directory_of_other_files_is_not_taken_as_a_cache(stores, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_cache(stores, tmp_path):
     local, url = stores
     cache = tmp_path / "cache"
@@ -311,6 +314,7 @@ def test_info_and_ls_of_a_bucket_need_no_shard_cache(stores, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "1e300", "-1", "lots"])
+@pytest.mark.slow
 def test_a_bad_shard_cache_gb_in_the_environment_is_one_line(stores, tmp_path, monkeypatch, value):
     _, url = stores
     monkeypatch.setenv("SAEKIT_SHARD_CACHE_GB", value)

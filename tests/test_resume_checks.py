@@ -67,6 +67,7 @@ def test_a_local_resume_checks_each_kept_shards_record_against_its_rows(tmp_path
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "crc32c", "sq_norms"])
+@pytest.mark.slow
 def test_a_resume_in_a_bucket_checks_each_kept_shard_against_its_rows(s3_bucket, tmp_path, damage):
     want = _fresh(tmp_path / "fresh")
     url = f"{s3_bucket}/st"

@@ -562,6 +562,7 @@ def test_load_sae_says_what_a_path_lacks(tmp_path, monkeypatch, spec, fragment):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_pursue_with_a_bad_sae_is_one_error_line(tmp_path, capsys, monkeypatch):
     """`saekit pursue --sae BAD`: exit 1 and one `error:` line, no traceback (the first case in a
     real subprocess, the rest through the same entry point in-process)."""

@@ -207,6 +207,7 @@ def test_embedded_model_is_trained_and_structured():
     assert spread > r_spread
 
 
+@pytest.mark.slow
 def test_embedded_training_is_reproducible(tmp_path):
     cfg = embedded.TrainEmbeddedConfig(steps=2, batch_size=2, warmup=1)
     a = embedded.train(cfg, out=tmp_path / "a.safetensors")
@@ -215,6 +216,7 @@ def test_embedded_training_is_reproducible(tmp_path):
     assert a["corpus_sha256"] == b["corpus_sha256"]
 
 
+@pytest.mark.slow
 def test_corpus_regenerates_identically_on_the_same_python(tmp_path):
     from safetensors import safe_open
 
@@ -296,6 +298,7 @@ NOISE = bytes(random.Random(0).randrange(256) for _ in range(8192))
 WORDS = ("plain ascii words " * 300).encode()
 
 
+@pytest.mark.slow
 def test_undecodable_and_binary_datasets_are_refused(embedded_store, tmp_path):
     files = {
         "noise.jsonl": NOISE,
@@ -335,6 +338,7 @@ def test_non_regular_files_are_refused_without_reading(tmp_path):
     assert_refused(cases, tmp_path)
 
 
+@pytest.mark.slow
 def test_malformed_jsonl_and_saved_datasets_are_one_line(tmp_path):
     import datasets
 
@@ -369,6 +373,7 @@ def _pickled_weights(ckpt: Path, marker: Path) -> None:
     marker.unlink()  # ...and saekit must never spring it
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_one_line_and_never_unpickled(tiny_ckpt, tmp_path):
     def variant(name: str) -> Path:
         return Path(shutil.copytree(tiny_ckpt, tmp_path / name))

@@ -737,6 +737,7 @@ store.create_store(path, {HOOK: 6}, n_rows=300, meta=META, shard_rows=SHARD, chu
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_creation_then_resume_or_overwrite(tmp_path):
     x = rows_with_ids(300)
     ref = write_store(tmp_path / "ref", x)

@@ -93,6 +93,7 @@ def test_saved_and_exported_sae_reconstruct_raw_activations(sae_run, embedded_st
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3 * float(x.norm(dim=1).mean()))
 
 
+@pytest.mark.slow
 def test_mlp_encoder_beats_linear_on_the_same_frozen_dictionary(sae_run, embedded_store, tmp_path):
     common = dict(from_pretrained=str(sae_run.out), tokens=256 * 200)
     linear = run(cfg(embedded_store, tmp_path / "linear", **common))
@@ -122,6 +123,7 @@ def test_no_init_encoder_starts_from_the_dictionarys_transpose(sae_run, embedded
     assert read_run_config(tmp_path / "t")["init_encoder"] is False
 
 
+@pytest.mark.slow
 def test_dictionary_trained_on_mlp_and_pursuit_codes_improves(embedded_store, tmp_path):
     out = tmp_path / "dict"
     run(cfg(embedded_store, out, codes="both", d_hidden=128, tokens=256 * 150))
