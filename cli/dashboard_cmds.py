@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.dashboard import DashboardConfig, run
+
+from .commands import Command
 
 
 def dashboard(cfg: DashboardConfig) -> None:

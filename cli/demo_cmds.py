@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.demo import DemoConfig, run
+
+from .commands import Command
 
 
 def demo(cfg: DemoConfig) -> None:

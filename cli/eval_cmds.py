@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.eval import EvalConfig, run
+
+from .commands import Command
 
 
 def run_eval(cfg: EvalConfig) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.harvest import HarvestConfig, run
+
+from .commands import Command
 
 
 def harvest(cfg: HarvestConfig) -> None:

@@ -9,12 +9,14 @@ status 130. Never a traceback, never a usage box.
 """
 
 import sys
+from typing import Any
 
 import typer
 
-from saekit.cli import dashboard_cmds, demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
-from saekit.cli.commands import add_command
 from saekit.errors import SaekitError, os_error_message
+
+from . import dashboard_cmds, demo_cmds, eval_cmds, harvest_cmds, pursue_cmds, store_cmds, train_cmds
+from .commands import add_command
 
 app = typer.Typer(
     name="saekit",
@@ -39,7 +41,7 @@ for _command in COMMANDS:
 
 # click's base exception, reached through typer's public BadParameter: typer (since 0.26) vendors
 # click as a private module, and an installed `click` package would be another copy.
-ClickError = typer.BadParameter.__mro__[2]  # BadParameter -> UsageError -> ClickException
+ClickError: type[Exception] = typer.BadParameter.__mro__[2]  # BadParameter -> UsageError -> ClickException
 
 
 def main() -> None:
@@ -67,8 +69,8 @@ def error_line(message: str) -> str:
     return f"error: {shown}"
 
 
-def usage_error_line(e: Exception) -> str:
-    """click's message on one line, and where to look: `saekit <cmd> --help`."""
+def usage_error_line(e: Any) -> str:
+    """click's message on one line (e: a click exception), and where to look: `saekit <cmd> --help`."""
     message = " ".join(e.format_message().split()).rstrip(".")
     ctx = getattr(e, "ctx", None)
     if ctx is not None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.pursue import PursueConfig, run
+
+from .commands import Command
 
 
 def pursue(cfg: PursueConfig) -> None:

@@ -8,18 +8,20 @@ import sys
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.errors import SaekitError
 from saekit.store import FORMAT_VERSION, InfoConfig, LsConfig, VerifyConfig, list_stores, open_store
 from saekit.store_copy import CopyConfig, copy_store
 
+from .commands import Command
 
-def _human_bytes(n: int | None) -> str:
-    if n is None:
+
+def _human_bytes(size: int | None) -> str:
+    if size is None:
         return "unknown (remote store)"
+    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.1f} {unit}" if unit != "B" else f"{size} B"
         n /= 1024
     raise AssertionError("unreachable")
 

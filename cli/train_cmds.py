@@ -8,9 +8,10 @@ from typing import Any
 
 import typer
 
-from saekit.cli.commands import Command
 from saekit.train import read_run_config, run
 from saekit.train_config import TrainConfig
+
+from .commands import Command
 
 
 def train(cfg: TrainConfig) -> None:

@@ -114,6 +114,7 @@ class TopK(Architecture):
     sae_lens_loads, sae_lens_exports = ("topk",), "topk"
 
     def activate(self, pre, k, threshold, training):
+        assert k is not None  # SAEConfig checks it
         return topk_activation(pre, int(k))
 
 
@@ -124,6 +125,7 @@ class BatchTopK(Architecture):
     def activate(self, pre, k, threshold, training):
         # Batch-level selection while training; at inference the threshold makes each token's code
         # independent of its batch (and a fresh SAE, whose threshold is unknown, falls back to batches).
+        assert k is not None  # SAEConfig checks it
         if training or bool(threshold.isnan().any()):
             return batch_topk_activation(pre, k)
         return jumprelu_activation(pre, threshold)

@@ -96,13 +96,26 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _toml() -> Any:
+    """Python 3.11's tomllib, or tomli (the same parser) on 3.10."""
+    try:
+        import tomllib  # lazy: only a --config .toml needs it
+
+        return tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli  # pyright: ignore[reportMissingImports]
+
+            return tomli
+        except ImportError:
+            raise SaekitError("reading a .toml --config needs Python 3.11+ or tomli: pip install tomli") from None
+
+
 def _parse(path: Path, text: str) -> Any:
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
-            import tomllib
-
-            return tomllib.loads(text)
+            return _toml().loads(text)
         if suffix in (".yaml", ".yml"):
             try:
                 import yaml

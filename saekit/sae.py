@@ -243,7 +243,7 @@ class SparseAutoencoder(nn.Module):
             raise SaekitError(f"only Batch-TopK SAEs have a threshold to calibrate; this one is {self.activation}")
         check_last_dim(x, self.d_in, "inputs", "d_in")
         pre = self.encoder.pre_activations(self.decoder.normalize(x), self.decoder.b_dec).relu().flatten()
-        m = int(self.k * x.shape[0])
+        m = int((self.k or 0) * x.shape[0])
         if not 0 < m < pre.numel():
             raise SaekitError(f"calibrating k={self.k} needs more than {x.shape[0]} rows; pass more rows")
         top = pre.float().topk(m + 1).values  # sorted, largest first
@@ -562,7 +562,7 @@ def encoder_output(sae: SparseAutoencoder, x: torch.Tensor) -> SparseCodes:
     batches are padded as in `encoder_codes`, so the codes do not depend on the batching.
     """
     if sae.arch.fixed_k:  # exactly k per row: its codes at its own k, without a dense detour
-        return encoder_codes(sae, x, int(sae.k))
+        return encoder_codes(sae, x, sae.encoder.k_per_row)
     check_last_dim(x, sae.d_in, "inputs", "d_in")
     rows = x.reshape(-1, sae.d_in)
     n = rows.shape[0]

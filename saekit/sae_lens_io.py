@@ -278,7 +278,7 @@ def _to_sae_lens(sae: SparseAutoencoder) -> Any:
         r = enc.rank_scale.float()
         folded = FoldedWeights(folded.W_enc * r, folded.b_enc * r, folded.W_dec / r[:, None], folded.b_dec)
     sl_class, sl_config = get_sae_class(sae.arch.sae_lens_exports)  # the architecture's sae-lens inference class
-    fixed = {"k": int(sae.k), "rescale_acts_by_decoder_norm": False} if sae.arch.fixed_k else {}
+    fixed = {"k": sae.encoder.k_per_row, "rescale_acts_by_decoder_norm": False} if sae.arch.fixed_k else {}
     sl = sl_class(sl_config(**fixed, **common))
     state = folded._asdict()
     if "threshold" in sl.state_dict():  # JumpReLU, Batch-TopK's inference form
@@ -319,6 +319,10 @@ def _load_sae_lens(release: str | os.PathLike, sae_id: str | None, device: str) 
 
     import sae_lens
 
+    if not sae_id:
+        raise SaekitError(
+            f"sae-lens release {release!r} needs an SAE id: pass RELEASE/ID (e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre); {_LIST_RELEASES}"
+        )
     try:
         return sae_lens.SAE.from_pretrained(str(release), sae_id, device=device)
     except ValueError as e:

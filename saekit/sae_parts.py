@@ -206,6 +206,9 @@ class Decoder(nn.Module):
     normalized space the atoms live in (identity by default).
     """
 
+    input_mean: torch.Tensor  # buffers (registered in __init__)
+    input_scale: torch.Tensor
+
     def __init__(self, n_features: int, d_in: int, dtype: torch.dtype | str = torch.float32, device: Any = None):
         super().__init__()
         dtype = resolve_dtype(dtype)
@@ -334,6 +337,11 @@ class Encoder(nn.Module):
     `unroll_bias` [T, n_features] at 0. T = 0 registers neither: the encoder is exactly as before.
     """
 
+    threshold: torch.Tensor  # buffers (registered in `_build`)
+    rank_scale: torch.Tensor | None
+    k: float | None
+    d_hidden: int | None
+
     def __init__(
         self,
         d_in: int,
@@ -392,7 +400,11 @@ class Encoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype, device=device))
         fill = self.arch.initial_threshold()
         self.register_buffer("threshold", torch.full((n_features,), fill, dtype=dtype, device=device))
-        self.mlp = _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device) if cfg.n_hidden > 0 else None
+        self.mlp = (
+            _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device)
+            if cfg.n_hidden > 0 and cfg.d_hidden
+            else None
+        )
         self.n_unroll = cfg.n_unroll
         self.register_buffer("rank_scale", None)  # TopK's ranking scale: `set_rank_scale_`
         if self.n_unroll:  # registered only when used: T = 0 keeps the state dict of older SAEs
@@ -432,6 +444,12 @@ class Encoder(nn.Module):
         SAEConfig(self.d_in, self.n_features, self.activation, self.k, n_unroll=self.n_unroll, rank_scale=True)
         self.rank_scale = scale.detach().to(self.W_enc.dtype).to(self.W_enc.device).clone()
 
+    @property
+    def k_per_row(self) -> int:
+        """k of an encoder with exactly k codes per row (TopK)."""
+        assert self.k is not None and self.arch.fixed_k, "only an encoder with exactly k codes per row has k_per_row"
+        return int(self.k)
+
     def rank_key(self, pre_acts: torch.Tensor) -> torch.Tensor:
         """What TopK ranks latents by: the pre-activations, times `rank_scale` where it is set."""
         return pre_acts if self.rank_scale is None else pre_acts * self.rank_scale
@@ -452,20 +470,22 @@ class Encoder(nn.Module):
         (needed when n_unroll > 0) -> indices/values [b, k], pre_acts [b, n_features].
         """
         pre = self.pre_activations(x, b_dec)
-        indices = self.rank_key(pre).topk(int(self.k), dim=-1, sorted=False).indices
+        indices = self.rank_key(pre).topk(self.k_per_row, dim=-1, sorted=False).indices
         codes = TopKCodes(indices, pre.gather(-1, indices).relu(), pre)
-        if self.n_unroll and W_dec is None:
+        if not self.n_unroll:
+            return codes
+        if W_dec is None:
             raise SaekitError(
                 "this encoder refines its codes against the dictionary (n_unroll > 0): pass W_dec, or use SparseAutoencoder.encode"
             )
         for t in range(self.n_unroll):
-            codes = unroll_step(x, codes, W_dec, b_dec, self.unroll_step_size[t], self.unroll_bias[t], int(self.k))
+            codes = unroll_step(x, codes, W_dec, b_dec, self.unroll_step_size[t], self.unroll_bias[t], self.k_per_row)
         return codes
 
     def activate(self, pre_acts: torch.Tensor) -> torch.Tensor:
         """pre_acts [..., n_features] -> codes [..., n_features], per the architecture (`self.arch`)."""
         if self.rank_scale is not None:  # a sae-lens TopK SAE's own ranking (`set_rank_scale_`)
-            return topk_activation(pre_acts, int(self.k), self.rank_key(pre_acts))
+            return topk_activation(pre_acts, self.k_per_row, self.rank_key(pre_acts))
         return self.arch.activate(pre_acts, self.k, self.threshold, self.training)
 
     @torch.no_grad()
