@@ -140,7 +140,7 @@ class Lock:
     writing is not refused. It keeps every other process out."""
 
     def __init__(self, path: str | os.PathLike):
-        import fcntl
+        import fcntl  # lazy: POSIX only; only a lock needs it
 
         self._held: _Held | None = None
         st = os.stat(path)

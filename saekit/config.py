@@ -118,7 +118,7 @@ def _parse(path: Path, text: str) -> Any:
             return _toml().loads(text)
         if suffix in (".yaml", ".yml"):
             try:
-                import yaml
+                import yaml  # lazy: optional: only a YAML --config needs it
             except ImportError:
                 raise SaekitError(
                     f"--config {path} is YAML but pyyaml is not installed: pip install pyyaml, or use TOML"

@@ -304,7 +304,7 @@ def _vocab(model: Any, note: str) -> Vocab:
 
 def _load_model(cfg: DashboardConfig, store: Any) -> tuple[Any, str]:
     """The store's model (or --model) on the CPU, or None and why not: the site is built without it."""
-    from saekit.models import load_model
+    from saekit.models import load_model  # lazy: it imports transformer-lens
 
     try:
         spec = cfg.model or store_model_spec(store, fix="pass --model to show decoded tokens and logit effects")
@@ -339,7 +339,7 @@ def run(cfg: DashboardConfig) -> DashboardResult:
 
 
 def _run(cfg: DashboardConfig, out: Path, device: torch.device) -> DashboardResult:
-    from saekit.dashboard_html import write_site
+    from saekit.dashboard_html import write_site  # lazy: only writing the site needs it
 
     store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
     hook = store.resolve_hook(cfg.hook)

@@ -58,7 +58,7 @@ _MIN_DOCSTRING_CHARS = 200
 
 def embedded_config(device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The HookedTransformerConfig of the embedded model (GPT-2 architecture, byte vocabulary)."""
-    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig  # lazy: transformer-lens takes seconds to import
 
     return HookedTransformerConfig(
         model_name=MODEL_NAME,
@@ -104,8 +104,9 @@ def build_tokenizer():
 
     No merges, no regex split, no prefix space: encoding is exactly `text.encode("utf-8")`.
     """
+    # lazy: only building the embedded tokenizer needs it
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers takes seconds to import
 
     b2u = _bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
@@ -132,7 +133,7 @@ def write_tokenizer(out_dir: Path = TOKENIZER_DIR) -> None:
 
 def load_embedded_tokenizer():
     """The shipped byte-level tokenizer (reads `saekit/data/embedded-tokenizer/`, no network)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True)
 
@@ -148,7 +149,7 @@ def build_corpus() -> list[str]:
     pydoc topics sorted by name, then the docstrings (>= 200 chars) of the top-level stdlib
     modules sorted by file name, in `ast.walk` order. Exact duplicates are kept once.
     """
-    import pydoc_data.topics
+    import pydoc_data.topics  # lazy: only rebuilding the embedded corpus needs it
 
     docs = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -186,7 +187,7 @@ def load_embedded_corpus() -> list[str]:
 
 
 def _new_model(cfg, tokenizer=None):
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # lazy: transformer-lens takes seconds to import
 
     # transformer-lens 3 marks HookedTransformer as deprecated in favour of TransformerBridge,
     # which needs an HF model; a config-built HookedTransformer is still the supported path here.
@@ -197,7 +198,7 @@ def _new_model(cfg, tokenizer=None):
 
 def load_embedded_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The shipped embedded model as a HookedTransformer (with its byte tokenizer attached)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: only reading or writing weights needs it
 
     cfg = embedded_config(device=str(device), dtype=dtype)
     cfg.init_weights = False  # every parameter is overwritten by the shipped weights
@@ -276,8 +277,8 @@ def train(tc: TrainEmbeddedConfig | None = None, out: Path = WEIGHTS_PATH) -> di
 
 
 def _train(tc: TrainEmbeddedConfig, out: Path) -> dict:
-    from safetensors.torch import save_file
-    from tqdm import tqdm
+    from safetensors.torch import save_file  # lazy: only reading or writing weights needs it
+    from tqdm import tqdm  # lazy: only a progress bar needs it
 
     torch.manual_seed(tc.seed)
     if not CORPUS_PATH.exists():

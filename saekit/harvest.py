@@ -314,7 +314,7 @@ def __getattr__(name: str):
     # before it moved, keeps working. Its home, saekit.generator, builds on this module, so
     # importing it at the top would be circular.
     if name == "cached_activation_generator":
-        from saekit.generator import cached_activation_generator
+        from saekit.generator import cached_activation_generator  # lazy: saekit.generator builds on this module
 
         return cached_activation_generator
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -63,7 +63,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _tl_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError, version  # lazy: only provenance needs it
 
     try:
         return version("transformer-lens")
@@ -132,13 +132,13 @@ def _load_embedded(device, dtype) -> LoadedModel:
 
 def _official_names() -> dict[str, str]:
     """lower-cased name or alias -> official transformer-lens name."""
-    from transformer_lens import loading_from_pretrained as loading
+    from transformer_lens import loading_from_pretrained as loading  # lazy: transformer-lens takes seconds to import
 
     return loading.make_model_alias_map()
 
 
 def _load_tl_name(spec: str, device, dtype) -> LoadedModel:
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # lazy: transformer-lens takes seconds to import
 
     names = _official_names()
     official = names.get(spec.lower())
@@ -249,7 +249,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _check_weights(path: Path) -> None:
     """Open each weights file's header: a file cut short or overwritten fails here, by name."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # lazy: only reading or writing weights needs it
 
     for f in _weight_files(path):
         if f.exists() and not is_regular(f):
@@ -273,7 +273,7 @@ def _tl_config(path: Path, hf_model, device, dtype):
     name instead of config.json (and then fails), so a GPT-2 in /data/llama-study/ckpt would not
     load; a link named `checkpoint` shows it the folder without its path.
     """
-    from transformer_lens import loading_from_pretrained as loading
+    from transformer_lens import loading_from_pretrained as loading  # lazy: transformer-lens takes seconds to import
 
     with tempfile.TemporaryDirectory() as tmp:
         link = Path(tmp) / "checkpoint"
@@ -291,9 +291,9 @@ def _tl_config(path: Path, hf_model, device, dtype):
 
 
 def _convert_local_hf(path: Path, device, dtype):
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import HookedTransformer  # lazy: transformer-lens takes seconds to import
+    from transformer_lens import loading_from_pretrained as loading  # lazy: transformer-lens takes seconds to import
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers takes seconds to import
 
     # use_safetensors: never fall back to a pickled pytorch_model.bin lying beside the safetensors.
     hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype, use_safetensors=True)

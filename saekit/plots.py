@@ -27,10 +27,10 @@ def plot_against_l0(
     curves: label -> points of a line (sorted by L0 here); points: label -> one star;
     levels: label -> a dashed horizontal line. The bytes depend only on the inputs.
     """
-    import matplotlib
+    import matplotlib  # lazy: matplotlib takes a second to import
 
     matplotlib.use("Agg")  # no display needed; also keeps the bytes independent of the backend
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     fig, axes = plt.subplots(1, len(ylabels), figsize=(6 * len(ylabels), 4.2), dpi=120, squeeze=False)
     colors = plt.get_cmap("tab10").colors

@@ -208,7 +208,7 @@ def each_parallel(fn: Callable[[Any], Any], items: list, threads: int) -> list:
     items already running finish; items not yet started are not run (a rerun resumes)."""
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor  # lazy: only parallel transfers need a pool
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="saekit-remote") as pool:
         return list(pool.map(fn, items))

@@ -271,7 +271,7 @@ class SparseAutoencoder(nn.Module):
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write `path/` with `sae.safetensors` and `config.json`. Refuses a non-empty `path` unless
         overwrite=True; the directory appears complete or not at all (written aside, then renamed)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # lazy: only reading or writing weights needs it
 
         path = Path(path)
         state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
@@ -452,8 +452,8 @@ def read_json_object(file: Path, what: str) -> dict:
 
 def _read_weights(file: Path, device: Any) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file on `device`; a damaged or unreadable file is one line."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # lazy: only reading or writing weights needs it
+    from safetensors.torch import load_file  # lazy: only reading or writing weights needs it
 
     try:
         return load_file(str(file), device=str(torch.device(device)))

@@ -252,8 +252,8 @@ def export_sae_lens(sae: SparseAutoencoder, path: str | os.PathLike, overwrite: 
 def _to_sae_lens(sae: SparseAutoencoder) -> Any:
     """An in-memory sae-lens SAE (on the CPU) computing what `sae` computes on raw activations."""
     import sae_lens  # noqa: F401 - registers sae-lens's own architectures
-    from sae_lens.registry import get_sae_class
-    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.registry import get_sae_class  # lazy: sae-lens pulls in transformer-lens
+    from sae_lens.saes.sae import SAEMetadata  # lazy: sae-lens pulls in transformer-lens
 
     dec, enc = sae.decoder, sae.encoder
     with torch.no_grad():
@@ -317,7 +317,7 @@ def _load_sae_lens(release: str | os.PathLike, sae_id: str | None, device: str) 
             raise SaekitError(f"no sae-lens SAE (cfg.json + sae_weights.safetensors) in {where}: check the path")
         return _load_sae_lens_dir(folder, device)
 
-    import sae_lens
+    import sae_lens  # lazy: sae-lens pulls in transformer-lens
 
     if not sae_id:
         raise SaekitError(
@@ -341,8 +341,8 @@ def _load_sae_lens(release: str | os.PathLike, sae_id: str | None, device: str) 
 
 
 def _load_sae_lens_dir(folder: Path, device: str) -> Any:
-    import sae_lens
-    from sae_lens.registry import SAE_CLASS_REGISTRY
+    import sae_lens  # lazy: sae-lens pulls in transformer-lens
+    from sae_lens.registry import SAE_CLASS_REGISTRY  # lazy: sae-lens pulls in transformer-lens
 
     cfg = read_json_object(folder / SAE_LENS_CONFIG, "a sae-lens SAE config")
     arch = cfg.get("architecture", "standard")
@@ -364,7 +364,7 @@ def _load_sae_lens_dir(folder: Path, device: str) -> Any:
 def _check_sae_lens_weights(folder: Path, cfg: dict) -> None:
     """Say plainly when the weights are damaged or do not match cfg.json (sae-lens reports either
     as a multi-line state_dict dump). Reads only the safetensors header."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # lazy: only reading or writing weights needs it
 
     weights = folder / SAE_LENS_WEIGHTS
     try:
@@ -382,7 +382,7 @@ def _check_sae_lens_weights(folder: Path, cfg: dict) -> None:
 
 
 def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
-    try:
+    try:  # lazy: only a failed hub download needs it
         from huggingface_hub.errors import (
             GatedRepoError,
             LocalEntryNotFoundError,

@@ -197,7 +197,7 @@ def _jsonl_source(path: Path, column: str) -> TextSource:
 
 
 def _parquet_file(path: Path):
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: only .parquet and save_to_disk texts need it
     import pyarrow.parquet as pq
 
     try:
@@ -210,7 +210,7 @@ def _parquet_file(path: Path):
 
 
 def _parquet_source(path: Path, column: str) -> TextSource:
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: only .parquet texts need it
 
     sha = _file_sha([path])  # first: an unreadable file is a permissions problem, not a Parquet one
     schema = _parquet_file(path).schema_arrow
@@ -243,8 +243,8 @@ def _parquet_source(path: Path, column: str) -> TextSource:
 
 def _load_saved(path: Path):
     """`datasets.load_from_disk`, with what can go wrong in one line."""
-    import datasets
-    import pyarrow as pa
+    import datasets  # lazy: datasets takes seconds to import
+    import pyarrow as pa  # lazy: as datasets
 
     saved = (path / "state.json").exists() or (path / "dataset_dict.json").exists()
     try:
@@ -261,7 +261,7 @@ def _load_saved(path: Path):
 
 
 def _disk_source(path: Path, split: str, column: str) -> TextSource:
-    import datasets
+    import datasets  # lazy: datasets takes seconds to import
 
     ds = _load_saved(path)
     if isinstance(ds, datasets.DatasetDict):
@@ -283,7 +283,7 @@ def _disk_source(path: Path, split: str, column: str) -> TextSource:
 
 
 def _hub_source(name: str, config: str | None, split: str, column: str) -> TextSource:
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: datasets takes seconds to import
 
     try:
         # Exactly what a user online would write: a streamed dataset, read as it is consumed.

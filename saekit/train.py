@@ -260,7 +260,7 @@ def _wandb(cfg: TrainConfig, out: Path, run_id: str) -> Any:
     if not cfg.wandb:
         return _NoWandb()
     try:
-        import wandb
+        import wandb  # lazy: optional: only --wandb needs it
     except ImportError:
         warnings.warn("--wandb: the wandb package is not installed; logging to metrics.jsonl only", stacklevel=2)
         return _NoWandb()
@@ -459,7 +459,7 @@ def _start(
 
     model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance, cfg.distill)
     if d.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: only DDP training needs it
 
         # Buffers (normalization, Batch-TopK threshold) are not re-synced each forward: the
         # normalization is identical on every rank, and rank 0's threshold is the one saved.
@@ -498,7 +498,7 @@ def _start(
 
 def _loop(s: _Session) -> RunResult:
     """Train from s.pos to the budget: step, log, evaluate, checkpoint; then publish the SAE."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # lazy: only a progress bar needs it
 
     cfg, d, total = s.cfg, s.d, s.total
     bar = tqdm(total=total, initial=s.pos.step, unit="step", disable=not (d.main and cfg.progress), dynamic_ncols=True)

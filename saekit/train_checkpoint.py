@@ -59,7 +59,7 @@ def save_checkpoint(
 def _write_checkpoint(
     tmp: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, firing: FiringTracker, pos: Position
 ) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: only reading or writing weights needs it
 
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
     names = {p: n for n, p in sae.named_parameters()}
@@ -91,7 +91,7 @@ def load_checkpoint(ckpt: Path, sae: SparseAutoencoder, opt: torch.optim.Optimiz
     """Restore weights, optimizer, firing tracker and RNG from `ckpt`; returns the data position.
 
     A damaged checkpoint is one line before anything is restored."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: only reading or writing weights needs it
 
     device = sae.device
     try:
