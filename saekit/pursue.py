@@ -326,7 +326,7 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     codes = _open_or_create(out, identity, groups, len(rows), store.layout)
 
     W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
-    stats = _stream(cfg, store, hook, codes, sae, extras, at_k, W, b, device)
+    stats = _Pass(cfg, store, hook, codes, sae, extras, at_k, W, b, device).measure()
     codes.finalize()
     spliced = _downstream(cfg, sequences, sae, extras, at_k, codes, W, b) if sequences is not None else {}
 
@@ -447,82 +447,105 @@ class _Measured(NamedTuple):
     seconds: float
 
 
-def _stream(
-    cfg: PursueConfig,
-    store: Any,
-    hook: str,
-    codes: CodesStore,
-    sae: Any,
-    extras: list,
-    at_k: list[int],
-    W: torch.Tensor,
-    b: torch.Tensor,
-    device: torch.device,
-) -> dict[str, _Measured]:
-    """One pass over the rows, shard by shard: encoders measured, pursuits run (or their finished
-    shards read back) and measured. Returns name -> metrics over all rows."""
-    encoders = [("encoder", sae), *[(name, enc) for name, _, enc in extras]]
-    names = [*(n for n, _ in encoders), *map(encoder_at_label, at_k), *codes.groups]
-    stats = {name: ReconstructionStats() for name in names}
-    # the ks whose encoder codes some row needs: an encoder@k row, or a refit / encoder+gp group
-    start_ks = sorted({*at_k, *(k for g, k in codes.groups.items() if codes.methods[g] in ENCODER_METHODS)})
-    seconds = dict.fromkeys(stats, 0.0)
-    bar = tqdm(
-        total=codes.n_rows, unit="row", unit_scale=True, desc="pursue", disable=not cfg.progress, dynamic_ncols=True
-    )
-    try:
-        for i in range(codes.n_shards):
-            start, stop = codes.shard_range(i)
-            row0 = codes.start_row  # code row j is store row row0 + j
-            if codes.record(ROWS, i) is None:
-                codes.write(ROWS, i, {ROWS: np.arange(row0 + start, row0 + stop, dtype=np.int64)}, 0.0)
-            done = {g: codes.read(g, i) for g in codes.groups}
-            todo = [g for g, v in done.items() if v is None]
-            fresh = {g: _empty_shard(g, stop - start, codes.groups[g]) for g in todo}
-            spent = dict.fromkeys(todo, 0.0)
-            x_shard = store.rows(hook, row0 + start, row0 + stop)
-            for b0 in range(0, stop - start, cfg.batch_size):
-                b1 = min(b0 + cfg.batch_size, stop - start)
-                x = x_shard[b0:b1].to(device).float()
-                with torch.no_grad():
-                    for name, enc in encoders:
-                        t0 = device_clock(device)
-                        res = enc(x)
-                        seconds[name] += device_clock(device) - t0
-                        stats[name].update(x, res.reconstruction, res.codes)
-                starts, start_seconds = _encoder_starts(sae, x, start_ks, device)
-                for k in at_k:
-                    name = encoder_at_label(k)
-                    seconds[name] += start_seconds[k]
-                    stats[name].update(x, reconstruct(starts[k], W, b), starts[k].values)
-                for g, k in codes.groups.items():
-                    if g in fresh:
-                        method = codes.methods[g]
-                        t0 = device_clock(device)
-                        if method in ENCODER_METHODS:  # its time includes the encoder's
-                            c = encode_from(x, W, method, starts[k], steps=cfg.refine, b_dec=b)
-                            spent[g] += start_seconds[k]
-                        else:
-                            c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
-                        spent[g] += device_clock(device) - t0
-                        fresh[g][f"{g}/indices"][b0:b1] = c.indices.to("cpu", torch.int32).numpy()
-                        fresh[g][f"{g}/values"][b0:b1] = c.values.cpu().numpy()
-                        arrays = fresh[g]
-                    else:
-                        arrays = done[g]
-                    # Metrics always come from the stored form of the codes, so a resumed run
-                    # reports exactly what an uninterrupted one does.
-                    c = SparseCodes(
-                        torch.from_numpy(arrays[f"{g}/indices"][b0:b1]).long().to(device),
-                        torch.from_numpy(arrays[f"{g}/values"][b0:b1]).to(device),
-                    )
-                    stats[g].update(x, reconstruct(c, W, b), c.values)
-                bar.update(b1 - b0)
-            for g in todo:
-                codes.write(g, i, fresh[g], spent[g])
-    finally:
-        bar.close()
-    return {name: _Measured(s.compute(), seconds[name]) for name, s in stats.items()}
+@dataclass
+class _Pass:
+    """The one pass over the compared rows, shard by shard: encoders measured, pursuits run (or
+    their finished shards read back) and measured (`run` builds it; `measure` runs it)."""
+
+    cfg: PursueConfig
+    store: Any
+    hook: str
+    codes: CodesStore
+    sae: Any
+    extras: list
+    at_k: list[int]
+    W: torch.Tensor
+    b: torch.Tensor
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.encoders = [("encoder", self.sae), *[(name, enc) for name, _, enc in self.extras]]
+        names = [*(n for n, _ in self.encoders), *map(encoder_at_label, self.at_k), *self.codes.groups]
+        self.stats = {name: ReconstructionStats() for name in names}
+        self.seconds = dict.fromkeys(self.stats, 0.0)
+        # the ks whose encoder codes some row needs: an encoder@k row, or a refit / encoder+gp group
+        groups = self.codes.groups
+        self.start_ks = sorted(
+            {*self.at_k, *(k for g, k in groups.items() if self.codes.methods[g] in ENCODER_METHODS)}
+        )
+
+    def measure(self) -> dict[str, _Measured]:
+        """Returns name -> metrics over all rows."""
+        codes = self.codes
+        bar = tqdm(
+            total=codes.n_rows,
+            unit="row",
+            unit_scale=True,
+            desc="pursue",
+            disable=not self.cfg.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for i in range(codes.n_shards):
+                self._shard(i, bar)
+        finally:
+            bar.close()
+        return {name: _Measured(s.compute(), self.seconds[name]) for name, s in self.stats.items()}
+
+    def _shard(self, i: int, bar: Any) -> None:
+        """Shard i of the codes: its missing groups computed and written, every entry measured."""
+        codes = self.codes
+        start, stop = codes.shard_range(i)
+        row0 = codes.start_row  # code row j is store row row0 + j
+        if codes.record(ROWS, i) is None:
+            codes.write(ROWS, i, {ROWS: np.arange(row0 + start, row0 + stop, dtype=np.int64)}, 0.0)
+        done = {g: codes.read(g, i) for g in codes.groups}
+        todo = [g for g, v in done.items() if v is None]
+        fresh = {g: _empty_shard(g, stop - start, codes.groups[g]) for g in todo}
+        spent = dict.fromkeys(todo, 0.0)
+        x_shard = self.store.rows(self.hook, row0 + start, row0 + stop)
+        for b0 in range(0, stop - start, self.cfg.batch_size):
+            b1 = min(b0 + self.cfg.batch_size, stop - start)
+            x = x_shard[b0:b1].to(self.device).float()
+            self._batch(x, slice(b0, b1), {**done, **fresh}, fresh, spent)
+            bar.update(b1 - b0)
+        for g in todo:
+            codes.write(g, i, fresh[g], spent[g])
+
+    def _batch(self, x: torch.Tensor, rows: slice, arrays: dict, fresh: dict, spent: dict[str, float]) -> None:
+        """Rows `rows` of the shard (x [b, d] on the device): each encoder, each encoder@k, and each
+        group, computed into `fresh` where the shard has none yet, then measured from `arrays`."""
+        device, W, b = self.device, self.W, self.b
+        with torch.no_grad():
+            for name, enc in self.encoders:
+                t0 = device_clock(device)
+                res = enc(x)
+                self.seconds[name] += device_clock(device) - t0
+                self.stats[name].update(x, res.reconstruction, res.codes)
+        starts, start_seconds = _encoder_starts(self.sae, x, self.start_ks, device)
+        for k in self.at_k:
+            name = encoder_at_label(k)
+            self.seconds[name] += start_seconds[k]
+            self.stats[name].update(x, reconstruct(starts[k], W, b), starts[k].values)
+        for g, k in self.codes.groups.items():
+            if g in fresh:
+                method = self.codes.methods[g]
+                t0 = device_clock(device)
+                if method in ENCODER_METHODS:  # its time includes the encoder's
+                    c = encode_from(x, W, method, starts[k], steps=self.cfg.refine, b_dec=b)
+                    spent[g] += start_seconds[k]
+                else:
+                    c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
+                spent[g] += device_clock(device) - t0
+                fresh[g][f"{g}/indices"][rows] = c.indices.to("cpu", torch.int32).numpy()
+                fresh[g][f"{g}/values"][rows] = c.values.cpu().numpy()
+            # Metrics always come from the stored form of the codes, so a resumed run reports
+            # exactly what an uninterrupted one does.
+            c = SparseCodes(
+                torch.from_numpy(arrays[g][f"{g}/indices"][rows]).long().to(device),
+                torch.from_numpy(arrays[g][f"{g}/values"][rows]).to(device),
+            )
+            self.stats[g].update(x, reconstruct(c, W, b), c.values)
 
 
 def _encoder_starts(
