@@ -33,7 +33,8 @@ from saekit.store_format import (
     content_hash,
     read_attrs,
 )
-from saekit.store_reader import ActivationStore, InfoConfig, LsConfig, VerifyConfig, list_stores, open_store
+from saekit.store_listing import InfoConfig, LsConfig, VerifyConfig, list_stores
+from saekit.store_reader import ActivationStore, open_store
 from saekit.store_writer import StoreWriter, create_store
 
 __all__ = [
