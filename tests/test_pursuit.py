@@ -226,17 +226,17 @@ def test_a_zero_coefficient_with_negative_gradient_is_not_a_clamp(method, monkey
     """Only a positive coefficient that the step would push below 0 is a clamp (it makes the step
     back off and restarts CGP's direction); one already at 0 whose gradient points down simply
     stays at 0."""
-    import saekit.pursuit
+    import saekit.pursuit_loop
 
     backtracked = []
-    real = saekit.pursuit._backtrack_
+    real = saekit.pursuit_loop._backtrack_
 
     def spy(s, W, m, rows, start, direction, step):
         crossing = (start > 0) & (start + step[:, None] * direction < 0)
         backtracked.append(crossing.any(dim=1))
         return real(s, W, m, rows, start, direction, step)
 
-    monkeypatch.setattr(saekit.pursuit, "_backtrack_", spy)
+    monkeypatch.setattr(saekit.pursuit_loop, "_backtrack_", spy)
     W = dictionary(512, 64, clusters=32)
     x = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
     pursuit(x, W, 32, method=method)
