@@ -195,8 +195,11 @@ def _proven_rows(
     pending = np.empty(0, np.int32)
     for lo in range(0, stop, _PROVE_ROWS):
         hi = min(stop, lo + _PROVE_ROWS)
-        while len(pending) < hi - lo and (seq := next(stream, None)) is not None:
-            pending = np.concatenate([pending, seq])
+        parts, have = [pending], len(pending)
+        while have < hi - lo and (seq := next(stream, None)) is not None:
+            parts.append(seq)
+            have += len(seq)
+        pending = np.concatenate(parts)  # once per block, not once per sequence
         n = min(len(pending), hi - lo)  # only whole sequences: the packed stream drops a last partial one
         stored = store.tokens(lo, lo + n).numpy()
         differ = np.flatnonzero(stored != pending[:n])
