@@ -14,7 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar, overload
 
 import torch
 import torch.distributed as td
@@ -158,6 +158,10 @@ def broadcast_error(message: str | None) -> str | None:
     return broadcast_object(message)
 
 
+@overload
+def on_main(fn: Callable[[], T], main: bool, share: Literal[True]) -> T: ...
+@overload
+def on_main(fn: Callable[[], T], main: bool, share: Literal[False] = False) -> T | None: ...
 def on_main(fn: Callable[[], T], main: bool, share: bool = False) -> T | None:
     """fn() on the main rank; a SaekitError it raises is raised on every rank, so all ranks stop
     together (a collective: every rank calls this). Its result stays on the main rank (None

@@ -360,7 +360,7 @@ class _Tally:
         self.n += ce.numel()
         self.kl.append(kl.flatten().cpu())
         self.seconds += seconds
-        if x is not None:
+        if x is not None and x_hat is not None:
             self.recon = self.recon or ReconstructionStats()
             self.recon.update(x, x_hat, codes)
 
@@ -459,7 +459,7 @@ def sequence_tokens(store: Any, layout: SequenceLayout, seqs: range) -> Tensor:
             f"{layout.skip}..{layout.ctx_len - 1}): it was not laid out by `saekit harvest`"
         )
     tokens = store.tokens(r0, r1).long().reshape(-1, per)
-    if layout.skip:
+    if layout.skip and layout.bos_id is not None:  # sequence_layout refuses a skip without a BOS token
         tokens = torch.cat([torch.full((len(seqs), 1), layout.bos_id, dtype=torch.long), tokens], dim=1)
     return tokens
 

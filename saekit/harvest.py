@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from saekit.cache_root import Found, cache_root, find, identity_dir, store_path
 from saekit.config import check_non_negative, check_positive, need
-from saekit.devices import barrier, broadcast_object, init_dist, on_main, resolve_dtype, shutdown_dist
+from saekit.devices import Dist, barrier, broadcast_object, init_dist, on_main, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, check_url, local_path
 from saekit.harvest_loop import (
     Plan,
@@ -152,16 +152,21 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
                 )
             return HarvestResult(out, found.n_rows, found.content_hash if d.main else "", 0.0)
         cfg, plan = _follow(cfg, found, lm, texts, plan, d.main)
+    return _write(cfg, plan, out, found, d)
+
+
+def _write(cfg: HarvestConfig, plan: Plan, out: Path | str, found: Found | None, d: Dist) -> HarvestResult:
+    """Every rank writes its shards of the store at `out`; rank 0 finalizes it."""
     store_at = _opener(cfg, out, plan, found, d.world_size)
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its errors
     # (the broadcast is a collective, so it also orders creation before joining).
     opened = on_main(lambda: _open_on_main(cfg, out, plan, store_at, found), d.main)
-    done_hash = broadcast_object(opened[0] if opened else None)
+    done_hash = broadcast_object(opened.done_hash if opened else None)
     if done_hash is not None:
         if d.main:
             print(f"store {out} is already complete ({done_hash}); nothing to do", file=sys.stderr)
         return HarvestResult(out, open_store(out, check=False).n_rows, done_hash if d.main else "", 0.0)
-    writer = opened[1] if d.main else store_at(rank=d.rank)
+    writer = opened.writer if opened else store_at(rank=d.rank)
     rate = _harvest_shards(plan, writer, out, d.rank, d.world_size, cfg.progress and d.main)
     barrier()
     if not d.main:
@@ -199,15 +204,21 @@ def _opener(cfg: HarvestConfig, out, plan: Plan, found: Found | None, world_size
     return partial(create_store, out, plan.meta["hooks"], world_size=world_size, staging=cfg.staging, **opts)
 
 
-def _open_on_main(cfg: HarvestConfig, out, plan: Plan, store_at: Callable[..., Any], found: Found | None):
-    """Rank 0: (the content hash of an already complete store, None) when --resume finds one, else
-    (None, its writer)."""
+class _Opened(NamedTuple):
+    """What rank 0 finds at the store: `done_hash` when --resume finds it complete, else its `writer`."""
+
+    done_hash: str | None
+    writer: Any  # a StoreWriter, or None when done_hash is set
+
+
+def _open_on_main(cfg: HarvestConfig, out, plan: Plan, store_at: Callable[..., Any], found: Found | None) -> _Opened:
+    """Rank 0: the store's content hash when --resume finds it complete, else its writer."""
     done_hash = _already_complete(out, plan.meta) if cfg.resume else None
     if done_hash is not None:
-        return done_hash, None
+        return _Opened(done_hash, None)
     if found is not None and found.action == "extend":
-        return None, store_at()
-    return None, store_at(resume=cfg.resume, overwrite=cfg.overwrite)
+        return _Opened(None, store_at())
+    return _Opened(None, store_at(resume=cfg.resume, overwrite=cfg.overwrite))
 
 
 def _plan(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Plan:
@@ -231,12 +242,12 @@ def _find_in_cache_root(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource, 
     return find(cache_root(cfg.cache_root), rel, [h.name for h in plan.hooks], cfg.tokens, plan.meta)
 
 
-def _already_complete(out: Path, meta: dict) -> str | None:
+def _already_complete(out: Path | str, meta: dict) -> str | None:
     """The content hash of a finished store at `out` made with these arguments, once every shard
     and the statistics check out; None if there is no finished store there (create_store takes
     it from there); an error if it was made with other arguments or is damaged."""
     if is_remote(out):
-        if Remote(out).read_bytes("zarr.json") is None:
+        if Remote(str(out)).read_bytes("zarr.json") is None:
             return None
         store = open_store(out, allow_incomplete=True, check=False)  # refuses damaged or edited attributes
         if not store.complete:
@@ -268,7 +279,7 @@ def _canonical(obj) -> str:
     return json.dumps(json.loads(json.dumps(obj)), sort_keys=True)
 
 
-def _harvest_shards(plan: Plan, writer, out: Path, rank: int, world: int, progress: bool) -> float:
+def _harvest_shards(plan: Plan, writer, out: Path | str, rank: int, world: int, progress: bool) -> float:
     """Compute and write every shard of this rank that is not on disk yet. Returns rows/s."""
     layout = plan.layout
     for line in writer.damaged:

@@ -210,7 +210,7 @@ class ShardWriterThread:
     re-raised on the caller's next `put` or at `close`.
     """
 
-    def __init__(self, writer, store_path: Path):
+    def __init__(self, writer, store_path: Path | str):
         self._writer, self._path = writer, store_path
         self._q: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
@@ -346,7 +346,7 @@ class StreamEnd(NamedTuple):
 
 
 def forward_to_shards(
-    plan: Plan, writer, path: Path, todo: set[int], first_seq: int = 0
+    plan: Plan, writer, path: Path | str, todo: set[int], first_seq: int = 0
 ) -> Generator[ActBatch, None, StreamEnd]:
     """Run the model over the sequences that shards `todo` need and write those shards.
 

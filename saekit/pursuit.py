@@ -35,7 +35,7 @@ keeps the result scale-equivariant.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,20 @@ def reconstruct(codes: SparseCodes, W_dec: Tensor, b_dec: Tensor | None = None) 
     return decode_sparse(codes.indices.to(W.device), codes.values.to(W), W, bias)
 
 
+@overload
+def gradient_pursuit(
+    x: Tensor, decoder: Any, k: int, *, b_dec: Tensor | None = ..., chunk_size: int | None = ..., dense: Literal[False]
+) -> SparseCodes: ...
+@overload
+def gradient_pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    b_dec: Tensor | None = ...,
+    chunk_size: int | None = ...,
+    dense: bool | None = ...,
+) -> SparseCodes | Tensor: ...
 def gradient_pursuit(
     x: Tensor,
     decoder: Any,
@@ -170,6 +184,28 @@ def orthogonal_pursuit(
     return _run(x, decoder, k, "omp", b_dec=b_dec, chunk_size=chunk_size, dense=dense)
 
 
+@overload
+def pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    method: str = ...,
+    b_dec: Tensor | None = ...,
+    chunk_size: int | None = ...,
+    dense: Literal[False],
+) -> SparseCodes: ...
+@overload
+def pursuit(
+    x: Tensor,
+    decoder: Any,
+    k: int,
+    *,
+    method: str = ...,
+    b_dec: Tensor | None = ...,
+    chunk_size: int | None = ...,
+    dense: bool | None = ...,
+) -> SparseCodes | Tensor: ...
 def pursuit(
     x: Tensor,
     decoder: Any,

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,9 @@ def url_key(url: str) -> str:
 
 
 class Remote:
-    """A folder at an fsspec URL. Names are '/'-separated paths relative to it."""
+    """A folder at an fsspec URL (a `saekit.location.Location`). Names are '/'-separated paths relative to it."""
+
+    hint = "check the URL and the bucket"  # what to check when nothing is found here
 
     def __init__(self, url: str):
         import fsspec  # lazy: only remote stores need it
@@ -87,8 +89,10 @@ class Remote:
         options = json.dumps(self.fs.storage_options, sort_keys=True, default=str)
         return (f"{fs.__module__}.{fs.__qualname__}", options, self.base)
 
-    def contains(self, other: Remote) -> bool:
-        """True when `other` is this folder or inside it."""
+    def contains(self, other: object) -> bool:
+        """True when `other` is this folder or inside it (s3:// and s3a:// are one place)."""
+        if not isinstance(other, Remote):
+            return False
         mine, theirs = self.place, other.place
         return mine[:2] == theirs[:2] and (theirs[2] + "/").startswith(mine[2] + "/")
 
@@ -163,6 +167,13 @@ class Remote:
             with self.errors(f"removing objects under {self.url}"):
                 self.fs.rm([self.path(n) for n in names])
 
+    def clear(self) -> None:
+        """Remove every object under the folder."""
+        self.remove(list(self.list()))
+
+    def is_non_empty(self) -> bool:
+        return bool(self.list())
+
     # -- whole files ------------------------------------------------------------------------------
 
     def put_file(self, local: Path, name: str) -> None:
@@ -186,6 +197,15 @@ class Remote:
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def in_place(self, name: str) -> Path | None:
+        """None: an object is fetched before it is read (see `saekit.location.Location`)."""
+        return None
+
+    def writing(self, flag: str, kept: str, rerun: str) -> AbstractContextManager[object]:
+        """Check the bucket takes writes (one line if not) before any work; see `Location.writing`."""
+        self.check_writable()
+        return nullcontext(self)
 
     def check_writable(self) -> None:
         """Write and remove a probe object: fails early (one line) on a missing bucket or no rights."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import threading
@@ -28,11 +27,11 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from saekit.atomic import read_regular
 from saekit.config import check_positive, need
-from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty, os_error_message, output_dir
-from saekit.remote import Remote, each_parallel, is_remote, local_file
-from saekit.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, record_path, remove_entries
+from saekit.errors import SaekitError
+from saekit.location import Location, location
+from saekit.remote import each_parallel
+from saekit.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, record_path
 from saekit.store_format import (
     StoreLayout,
     array_spec,
@@ -94,59 +93,6 @@ class ShardFile(NamedTuple):
     size: int  # bytes at SRC
 
 
-class _Local:
-    """A local directory with the small-object methods of `Remote`, so one copy routine serves both."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.url = str(root)
-
-    def __repr__(self) -> str:
-        return self.url
-
-    def file(self, name: str) -> Path:
-        return local_file(self.root, name)
-
-    def read_bytes(self, name: str) -> bytes | None:
-        try:
-            return read_regular(self.file(name))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as e:
-            raise SaekitError(os_error_message(e, f"cannot read {self.file(name)}")) from e
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        f = self.file(name)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}.{os.getpid()}.partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, f)  # a reader sees the old file or the new one, never half of one
-
-    def list(self) -> dict[str, int]:
-        """name -> size of every file below the directory (another process's write probe aside)."""
-        if not self.root.is_dir():
-            return {}
-        return {
-            p.relative_to(self.root).as_posix(): p.stat().st_size
-            for p in self.root.rglob("*")
-            if p.is_file() and not p.name.startswith(WRITE_PROBE)
-        }
-
-    def remove(self, names: list[str]) -> None:
-        for name in names:
-            self.file(name).unlink(missing_ok=True)
-
-
-Place = Remote | _Local
-
-
-def place(where: str) -> Place:
-    """A local directory or an fsspec URL (file:// is a local directory)."""
-    if where.startswith("file://"):
-        return _Local(Path(where[len("file://") :]))
-    return Remote(where) if is_remote(where) else _Local(Path(where))
-
-
 # ---------------------------------------------------------------------------------------------
 # the copy
 
@@ -154,7 +100,7 @@ def place(where: str) -> Place:
 def copy_store(cfg: CopyConfig) -> CopyResult:
     """Copy the complete store at cfg.src to cfg.dst (see the module docstring for the guarantees)."""
     start = time.perf_counter()
-    src, dst = place(cfg.src), place(cfg.dst)
+    src, dst = location(cfg.src), location(cfg.dst)
     _refuse_overlap(src, dst)
     attrs, layout, group = _source(src)
     listing = src.list()
@@ -163,33 +109,24 @@ def copy_store(cfg: CopyConfig) -> CopyResult:
     records = [n for r in attrs["shards"] if (n := f"{RECORDS_DIR}/{record_path(Path(), r['index']).name}") in listing]
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     job = _Copy(src, dst, layout, attrs["content_hash"], cfg.threads, progress)
-    if isinstance(dst, _Local):
-        kept = "the shard files copied so far are kept, and DST becomes a store only when the copy finishes"
-        with output_dir(dst.root, flag="DST", kept=kept, rerun="rerun the same `saekit copy` to continue"):
-            return job.run(files, records, group, cfg.overwrite, start)
-    dst.check_writable()  # no bucket, no rights: one line before anything else
-    return job.run(files, records, group, cfg.overwrite, start)
+    kept = "the shard files copied so far are kept, and DST becomes a store only when the copy finishes"
+    with dst.writing("DST", kept, "rerun the same `saekit copy` to continue"):
+        return job.run(files, records, group, cfg.overwrite, start)
 
 
-def _refuse_overlap(src: Place, dst: Place) -> None:
-    if isinstance(src, _Local) and isinstance(dst, _Local):
-        a, b = src.root.resolve(), dst.root.resolve()
-        overlap = a == b or a in b.parents or b in a.parents
-    else:  # as places, not strings: s3:// and s3a:// are one bucket
-        overlap = type(src) is type(dst) and (src.contains(dst) or dst.contains(src))
-    if overlap:
+def _refuse_overlap(src: Location, dst: Location) -> None:
+    if src.contains(dst) or dst.contains(src):  # as places, not strings: s3:// and s3a:// are one bucket
         raise SaekitError(f"SRC {src} and DST {dst} are the same place or one is inside the other; copy to another DST")
 
 
-def _source(src: Place) -> tuple[dict, StoreLayout, bytes]:
+def _source(src: Location) -> tuple[dict, StoreLayout, bytes]:
     """The attributes, layout and zarr.json bytes of the complete store at SRC."""
-    if isinstance(src, _Local) and not src.root.exists():
-        raise SaekitError(f"SRC {src} does not exist; pass the directory harvest wrote (or a store's URL)")
     data = src.read_bytes("zarr.json")
     attrs = attrs_of(data, src.url) if data is not None else None
-    if attrs is None:
-        where = "pass the directory harvest wrote" if isinstance(src, _Local) else "check the URL and the bucket"
-        raise SaekitError(f"SRC {src} is not a saekit activation store (no store's zarr.json there); {where}")
+    if data is None and not src.exists():
+        raise SaekitError(f"SRC {src} does not exist; {src.hint}")
+    if data is None or attrs is None:
+        raise SaekitError(f"SRC {src} is not a saekit activation store (no store's zarr.json there); {src.hint}")
     layout = check_attrs(src, attrs)
     if not attrs["complete"]:
         raise SaekitError(
@@ -204,7 +141,7 @@ def _source(src: Place) -> tuple[dict, StoreLayout, bytes]:
     return attrs, layout, data
 
 
-def _shard_plan(src: Place, listing: dict[str, int], layout: StoreLayout, attrs: dict) -> list[ShardFile]:
+def _shard_plan(src: Location, listing: dict[str, int], layout: StoreLayout, attrs: dict) -> list[ShardFile]:
     """Every shard file of the store, in shard order; a missing one is an error before anything is copied."""
     files = []
     for r in attrs["shards"]:
@@ -236,7 +173,7 @@ def shard_file_problem(path: Path, layout: StoreLayout, f: ShardFile) -> str | N
 class _Copy:
     """One copy from `src` to `dst`: the shard files in parallel, then the records and the metadata."""
 
-    def __init__(self, src: Place, dst: Place, layout: StoreLayout, digest: str, threads: int, progress: bool):
+    def __init__(self, src: Location, dst: Location, layout: StoreLayout, digest: str, threads: int, progress: bool):
         self.src, self.dst, self.layout, self.digest = src, dst, layout, digest
         self.threads, self.progress = threads, progress
         self.have: dict[str, int] = {}  # what DST holds of an earlier, interrupted copy
@@ -253,9 +190,7 @@ class _Copy:
         with tempfile.TemporaryDirectory(prefix="saekit-copy-") as staging:
             self.staging = Path(staging)
             moved = self._shard_files(files)
-        if isinstance(self.dst, _Local):
-            for stale in self.dst.root.rglob(".*.partial"):  # temp files of a killed earlier copy
-                stale.unlink(missing_ok=True)
+        self.dst.remove([n for n in self.have if n.rsplit("/", 1)[-1].endswith(".partial")])  # a killed copy's
         each_parallel(lambda n: self.dst.write_bytes(n, self._read(n)), records, self.threads)
         for name in metadata_files(self.layout)[:-1]:
             self.dst.write_bytes(name, self._read(name))
@@ -288,31 +223,35 @@ class _Copy:
         """Copy one shard file, checked, unless DST has it already; returns the bytes moved."""
         if self._kept(f):
             return 0
-        if isinstance(self.src, _Local):
-            problem = shard_file_problem(self.src.file(f.name), self.layout, f)
-            if problem is not None:
-                raise SaekitError(
-                    f"SRC {self.src}: shard file {f.name} is {problem}, so it is not copied (a damaged store is never "
-                    f"published); run `saekit verify {self.src}`, then restore it or re-harvest"
-                )
-            self._publish(self.src.file(f.name), f)
-        else:
-            self._publish(self._download(f), f)
+        here = self.src.in_place(f.name)
+        if here is None:
+            here = self._download(f)
+        elif (problem := shard_file_problem(here, self.layout, f)) is not None:
+            raise SaekitError(
+                f"SRC {self.src}: shard file {f.name} is {problem}, so it is not copied (a damaged store is never "
+                f"published); run `saekit verify {self.src}`, then restore it or re-harvest"
+            )
+        self.dst.put_file(here, f.name)  # whole; an object's size is checked after its upload
+        if self.staging is not None and self.staging in here.parents:
+            here.unlink()
         return f.size
 
     def _kept(self, f: ShardFile) -> bool:
         """DST holds this file from an earlier copy: locally checked as a download is, remotely by size."""
         if f.name not in self.have:
             return False
-        if isinstance(self.dst, _Local):
-            return shard_file_problem(self.dst.file(f.name), self.layout, f) is None
+        there = self.dst.in_place(f.name)
+        if there is not None:
+            return shard_file_problem(there, self.layout, f) is None
         return self.have[f.name] == f.size
 
     def _landing(self, f: ShardFile) -> Path:
         """Where a download lands before its check: beside its final name at a local DST."""
-        if isinstance(self.dst, _Local):
-            final = self.dst.file(f.name)
+        final = self.dst.in_place(f.name)
+        if final is not None:
             return final.with_name(f".{final.name}.{os.getpid()}.partial")
+        if self.staging is None:
+            raise SaekitError("internal: a download before the copy's staging folder exists; report this")
         return self.staging / f.name.replace("/", "_")
 
     def _download(self, f: ShardFile) -> Path:
@@ -329,23 +268,10 @@ class _Copy:
             f"run `saekit verify {self.src.url}`, restore it, then rerun the copy"
         )
 
-    def _publish(self, local: Path, f: ShardFile) -> None:
-        """Put a checked local file at DST under its name (whole, atomically)."""
-        if isinstance(self.dst, Remote):
-            self.dst.put_file(local, f.name)  # then checks the object's size
-            if self.staging in local.parents:
-                local.unlink()
-            return
-        final = self.dst.file(f.name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(self.src, _Local):
-            tmp = self._landing(f)
-            shutil.copyfile(local, tmp)
-            local = tmp
-        os.replace(local, final)
 
-
-def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool, files: list[ShardFile]) -> dict[str, int] | None:
+def _prepare(
+    dst: Location, group: bytes, digest: str, overwrite: bool, files: list[ShardFile]
+) -> dict[str, int] | None:
     """What DST holds that this copy may keep (name -> size), after clearing it for --overwrite;
     None when DST already holds this very store. Anything else there is refused."""
     data, marker = dst.read_bytes("zarr.json"), dst.read_bytes(MARKER)
@@ -370,7 +296,7 @@ def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool, files: list
         if _marker_hash(marker) == digest:
             return dst.list()  # this store's copy, interrupted: resume it
         what = "an unfinished copy of another store"
-    elif is_non_empty(dst.root) if isinstance(dst, _Local) else dst.list():
+    elif dst.is_non_empty():
         raise SaekitError(
             f"DST {dst} is not empty and holds no saekit store; refusing to write into it or delete it: "
             "choose an empty DST"
@@ -380,10 +306,7 @@ def _prepare(dst: Place, group: bytes, digest: str, overwrite: bool, files: list
     if not overwrite:
         raise SaekitError(f"DST {dst} holds {what}; pass --overwrite to replace it, or choose another DST")
     dst.remove(["zarr.json"])  # first: a removal cut short leaves no store that looks complete
-    if isinstance(dst, _Local):
-        remove_entries(dst.root, [p.name for p in dst.root.iterdir()])
-    else:
-        dst.remove(list(dst.list()))
+    dst.clear()
     return {}
 
 

@@ -10,9 +10,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn, TypeGuard
 
 import numpy as np
 import torch
@@ -235,11 +235,11 @@ def attrs_of(data: bytes, where: str) -> dict | None:
     return group_attrs(data, where, FORMAT, what="a saekit store", redo="harvest again")
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
+def _is_num(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -247,64 +247,74 @@ def _show(v: Any) -> str:
     return json.dumps(v)[:40]
 
 
+class _Damaged:
+    """Raises the one line a damaged attribute gives: which store, what is wrong, what to do."""
+
+    def __init__(self, where: Any) -> None:
+        self.where = where
+
+    def __call__(self, what: str) -> NoReturn:
+        raise SaekitError(f"store {self.where} has damaged attributes: {what}; restore zarr.json or re-harvest")
+
+
 def check_attrs(where: Any, attrs: dict) -> StoreLayout:
     """Check a store's attributes for type and consistency; return its layout. A hand-edited or
     damaged zarr.json gives one line, never a traceback or a path outside the store."""
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise SaekitError(f"store {where} has damaged attributes: {what}; restore zarr.json or re-harvest")
-
+    fail = _Damaged(where)
     v = attrs.get("format_version")
-    need(_is_int(v) and v >= 1, f"format_version is {_show(v)}, not a positive integer")
+    if not (_is_int(v) and v >= 1):
+        fail(f"format_version is {_show(v)}, not a positive integer")
     if v > FORMAT_VERSION:
         raise SaekitError(f"{where} has store format {v}; upgrade saekit to read it")
     hooks = attrs.get("hooks")
-    need(isinstance(hooks, dict) and len(hooks) > 0, f"hooks is {_show(hooks)}, not a map of hook name -> d_model")
+    if not (isinstance(hooks, dict) and len(hooks) > 0):
+        fail(f"hooks is {_show(hooks)}, not a map of hook name -> d_model")
     for h, d in hooks.items():
-        need(hook_name_ok(h), f"hook name {h!r} is not an array name inside the store")
-        need(_is_int(d) and d > 0, f"hook {h!r} has d_model {_show(d)}, not a positive integer")
+        if not hook_name_ok(h):
+            fail(f"hook name {h!r} is not an array name inside the store")
+        if not (_is_int(d) and d > 0):
+            fail(f"hook {h!r} has d_model {_show(d)}, not a positive integer")
     s, c = attrs.get("shard_rows"), attrs.get("chunk_rows")
-    need(
-        _is_int(s) and _is_int(c) and c > 0 and s > 0 and s % c == 0,
-        f"shard_rows {_show(s)} is not a positive multiple of chunk_rows {_show(c)}",
-    )
-    need(isinstance(attrs.get("meta"), dict), f"meta is {_show(attrs.get('meta'))}, not a map")
-    need(isinstance(attrs.get("complete"), bool), f"complete is {_show(attrs.get('complete'))}, not true/false")
+    if not (_is_int(s) and _is_int(c) and c > 0 and s > 0 and s % c == 0):
+        fail(f"shard_rows {_show(s)} is not a positive multiple of chunk_rows {_show(c)}")
+    if not isinstance(attrs.get("meta"), dict):
+        fail(f"meta is {_show(attrs.get('meta'))}, not a map")
+    if not isinstance(attrs.get("complete"), bool):
+        fail(f"complete is {_show(attrs.get('complete'))}, not true/false")
     layout = StoreLayout(dict(hooks), s, c)
     if attrs["complete"]:
-        _check_summary(attrs, layout, need)
+        _check_summary(attrs, layout, fail)
     return layout
 
 
-def _check_summary(attrs: dict, layout: StoreLayout, need: Callable[[bool, str], None]) -> None:
+def _check_summary(attrs: dict, layout: StoreLayout, fail: _Damaged) -> None:
     """The attributes finalize writes: row count, per-shard checksums, statistics, content hash."""
     n = attrs.get("n_rows")
-    need(_is_int(n) and n > 0, f"n_rows is {_show(n)}, not a positive integer")
+    if not (_is_int(n) and n > 0):
+        fail(f"n_rows is {_show(n)}, not a positive integer")
     s = layout.shard_rows
     shards = attrs.get("shards")
-    need(
-        isinstance(shards, list) and len(shards) == math.ceil(n / s),
-        f"shards is {_show(shards)}, not one record per shard of {n} rows",
-    )
+    if not (isinstance(shards, list) and len(shards) == math.ceil(n / s)):
+        fail(f"shards is {_show(shards)}, not one record per shard of {n} rows")
     keys = array_keys(layout)
     for i, r in enumerate(shards):
         ok = isinstance(r, dict) and all(_is_int(r.get(k)) for k in ("index", "start", "stop"))
         ok = ok and (r["index"], r["start"], r["stop"]) == (i, i * s, min((i + 1) * s, n))
         ok = ok and isinstance(r.get("crc32c"), dict) and all(_is_int(r["crc32c"].get(k)) for k in keys)
-        need(ok, f"shards[{i}] is not the record of shard {i}")
+        if not ok:
+            fail(f"shards[{i}] is not the record of shard {i}")
     stats = attrs.get("stats")
-    need(isinstance(stats, dict), f"stats is {_show(stats)}, not a map of hook -> statistics")
+    if not isinstance(stats, dict):
+        fail(f"stats is {_show(stats)}, not a map of hook -> statistics")
     for h, d in layout.hooks.items():
         st = stats.get(h)
-        ok = isinstance(st, dict) and isinstance(st.get("mean"), list) and len(st["mean"]) == d
-        need(
-            ok and all(map(_is_num, st["mean"])) and _is_num(st.get("mean_sq_norm")),
-            f"stats of hook {h!r} are not a mean of {d} numbers and a mean_sq_norm",
-        )
-    need(
-        isinstance(attrs.get("content_hash"), str), f"content_hash is {_show(attrs.get('content_hash'))}, not a string"
-    )
+        mean = st.get("mean") if isinstance(st, dict) else None
+        if not (isinstance(mean, list) and len(mean) == d and all(map(_is_num, mean))):
+            fail(f"stats of hook {h!r} are not a mean of {d} numbers and a mean_sq_norm")
+        if not (isinstance(st, dict) and _is_num(st.get("mean_sq_norm"))):
+            fail(f"stats of hook {h!r} are not a mean of {d} numbers and a mean_sq_norm")
+    if not isinstance(attrs.get("content_hash"), str):
+        fail(f"content_hash is {_show(attrs.get('content_hash'))}, not a string")
 
 
 def content_hash(attrs: dict) -> str:
@@ -342,8 +352,9 @@ def _record_ok(r: ShardRecord, layout: StoreLayout) -> bool:
     ok = r.index >= 0 and r.start == r.index * s and r.start < r.stop <= r.start + s
     ok = ok and all(_is_int(r.crc32c.get(k)) for k in array_keys(layout))
     sums, sq = r.extra.get("sums"), r.extra.get("sq_norms")
-    ok = ok and isinstance(sums, dict) and isinstance(sq, dict)
-    return ok and all(
+    if not (ok and isinstance(sums, dict) and isinstance(sq, dict)):
+        return False
+    return all(
         isinstance(sums.get(h), list) and len(sums[h]) == d and _is_num(sq.get(h)) for h, d in layout.hooks.items()
     )
 

@@ -48,6 +48,7 @@ class RemoteMirror:
 
     def __init__(self, remote: Remote, root: Path, lock: Lock | None = None):
         self.remote, self.root, self._lock = remote, root, lock
+        self.objects_at_open: dict[str, int] = {}  # the bucket's objects (name -> size) when a writer opened it
 
     @classmethod
     def staged(cls, url: str, rank: int, staging: str | os.PathLike | None) -> RemoteMirror:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +66,9 @@ from saekit.store_format import (
 )
 from saekit.store_upload import RemoteMirror, refuse_truncation
 
+if TYPE_CHECKING:
+    import zarr
+
 # What a creation of a store makes in its directory (beside zarr.json and the marker).
 STORE_ENTRIES = (ACTS, TOKENS, POSITIONS)
 
@@ -110,8 +113,8 @@ def create_store(
         discard_unfinished_creation(root, FORMAT, STORE_ENTRIES)
     non_empty = is_non_empty(root)  # a file was refused above
     attrs = read_attrs(root) if non_empty else None
-    if not _may_create(root, attrs, non_empty, resume, overwrite, rank):
-        writer = _reopen(root, attrs, layout, meta, rank, world_size)
+    if (kept := _to_reopen(root, attrs, non_empty, resume, overwrite, rank)) is not None:
+        writer = _reopen(root, kept, layout, meta, rank, world_size)
     else:
         if non_empty:
             clear_group(root, "replacing a store (--overwrite)")
@@ -136,17 +139,17 @@ def lock_store(root: Path, rank: int = 0) -> Lock | None:
         ) from None
 
 
-def _may_create(where, attrs: dict | None, non_empty: bool, resume: bool, overwrite: bool, rank: int) -> bool:
-    """True: (re)create the store at `where`; False: reopen the one there (resume, or rank > 0).
-    Refuses, in one line, what neither may do."""
+def _to_reopen(where, attrs: dict | None, non_empty: bool, resume: bool, overwrite: bool, rank: int) -> dict | None:
+    """The attributes of the store at `where` to reopen (resume, or rank > 0), or None: (re)create
+    it. Refuses, in one line, what neither may do."""
     if rank > 0:
         if attrs is None:
             raise SaekitError(
                 f"rank {rank}: no store at {where} yet; rank 0 must call create_store first (barrier after it)"
             )
-        return False
+        return attrs
     if not non_empty:
-        return True
+        return None
     if not (resume or overwrite):
         what = "a saekit store" if attrs is not None else "not empty"
         raise SaekitError(
@@ -155,7 +158,7 @@ def _may_create(where, attrs: dict | None, non_empty: bool, resume: bool, overwr
     if attrs is None:
         why = "refusing to delete it" if overwrite else "cannot resume it"
         raise SaekitError(f"{where} is not empty and not a saekit store; {why}, choose a new path")
-    return not resume
+    return attrs if resume else None
 
 
 def _create_remote(
@@ -179,8 +182,8 @@ def _create_remote(
     mirror.pull(objects)
     attrs = read_attrs(mirror.root) if objects else None
     mirror.objects_at_open = objects
-    if not _may_create(url, attrs, bool(objects), resume, overwrite, rank):
-        return _reopen(mirror.root, attrs, layout, meta, rank, world_size, mirror)
+    if (kept := _to_reopen(url, attrs, bool(objects), resume, overwrite, rank)) is not None:
+        return _reopen(mirror.root, kept, layout, meta, rank, world_size, mirror)
     if objects:
         mirror.clear(objects)
         remove_entries(mirror.root, [p.name for p in mirror.root.iterdir()])  # the folder keeps its lock
@@ -329,12 +332,14 @@ class StoreWriter:
         self.rank, self.world_size = rank, world_size
         self._records = root / RECORDS_DIR
         self._group = zarr.open_group(str(root), mode="r+")
-        try:
-            self._arrays = {key: self._group[key] for key in array_keys(layout)}
-        except KeyError as e:
-            raise SaekitError(
-                f"store {root} has no array {e}; it is damaged: re-harvest it with overwrite (--overwrite)"
-            ) from e
+        self._arrays: dict[str, zarr.Array] = {}
+        for key in array_keys(layout):
+            a = self._group.get(key)
+            if not isinstance(a, zarr.Array):
+                raise SaekitError(
+                    f"store {root} has no array '{key}'; it is damaged: re-harvest it with overwrite (--overwrite)"
+                )
+            self._arrays[key] = a
         self._records.mkdir(exist_ok=True)
         done = store_records(root, layout)
         self.damaged = self._drop_damaged({i: r for i, r in done.items() if i not in trusted}, done)
@@ -381,7 +386,7 @@ class StoreWriter:
 
     def _new_buffer(self) -> dict[str, np.ndarray]:
         s = self.layout.shard_rows
-        buf = {f"{ACTS}/{h}": np.zeros((s, d), np.uint16) for h, d in self.layout.hooks.items()}
+        buf: dict[str, np.ndarray] = {f"{ACTS}/{h}": np.zeros((s, d), np.uint16) for h, d in self.layout.hooks.items()}
         buf[TOKENS] = np.zeros(s, np.int32)
         buf[POSITIONS] = np.zeros(s, np.int32)
         return buf
@@ -392,14 +397,14 @@ class StoreWriter:
         if set(acts) != set(hooks):
             raise SaekitError(f"append got hooks {sorted(acts)} but the store has {sorted(hooks)}; pass exactly those")
         out = {}
-        n = None
+        n = -1  # rows in the batch: the first hook's, which every other hook must match
         for h, d in hooks.items():
             x = acts[h]
             if x.ndim != 2 or x.shape[1] != d:
                 raise SaekitError(
                     f"hook {h!r}: rows have shape {tuple(x.shape)} but the store holds [n, {d}]; pass [n, d_model] activations of that hook"
                 )
-            n = x.shape[0] if n is None else n
+            n = x.shape[0] if n < 0 else n
             if x.shape[0] != n:
                 raise SaekitError(
                     f"hook {h!r} has {x.shape[0]} rows but other hooks have {n}; pass the same rows for every hook"
@@ -595,7 +600,7 @@ def extend_store(
         mirror.objects_at_open = mirror.objects()
         mirror.pull(mirror.objects_at_open)
     attrs = read_attrs(root)
-    if not (attrs or {}).get("complete"):
+    if attrs is None or not attrs.get("complete"):
         raise SaekitError(f"{path} is not a complete store, so it cannot be extended; harvest it with --resume")
     stored = check_attrs(path, attrs)
     if stored != layout:

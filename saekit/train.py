@@ -30,7 +30,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -97,7 +97,7 @@ def build_sae(
             with torch.no_grad():  # start the bias at the data mean, as the normalized path does
                 sae.decoder.b_dec.copy_(mean)
     sae.to(device).train()
-    sae.decoder.trainable = cfg.train_decoder
+    sae.decoder.trainable = bool(cfg.train_decoder)  # resolve() made it True/False
     sae.encoder.trainable = cfg.codes != "pursuit"
     if not sae.encoder.trainable:  # the dictionary moves on without it: saved, it says so (reports mark it)
         sae.metadata[ENCODER_STALE] = True
@@ -148,7 +148,7 @@ class Batch(NamedTuple):
 
 def batches(
     store, hook: str, *, stop_row: int, local_batch: int, seed: int, start: Position, rank: int = 0, world_size: int = 1
-) -> Iterator[Batch]:
+) -> Generator[Batch, None, None]:
     """Endless shuffled local batches, each with its store rows and the position after it."""
     epoch, first = start.epoch, start.batch
     while True:
@@ -425,13 +425,27 @@ class _Session:
     def total(self) -> int:
         return self.cfg.tokens // self.cfg.batch_size
 
+    @property
+    def hook(self) -> str:
+        """The hook trained on (resolve() fills the config's from the store)."""
+        if self.cfg.hook is None:
+            raise SaekitError("internal: training started from a config resolve() did not fill; report this")
+        return self.cfg.hook
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics, logged (rank 0; the others return {})."""
         if not self.d.main:
             return {}
         c = self.cfg
         m = evaluate(
-            self.sae, self.store, c.hook, self.store.n_rows - c.eval_rows, self.store.n_rows, c.batch_size, c.codes, c.k
+            self.sae,
+            self.store,
+            self.hook,
+            self.store.n_rows - c.eval_rows,
+            self.store.n_rows,
+            c.batch_size,
+            c.codes,
+            c.k,
         )
         m |= {"eval/dead_pct": 100 * self.firing.compute().frac_dead}
         self.log.log(self.pos.step, self.pos.step * c.batch_size, m)
@@ -468,7 +482,8 @@ def _start(
             if "forward_sync_buffers" in inspect.signature(DDP).parameters
             else "broadcast_buffers"
         )
-        model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{sync: False})
+        no_sync: dict[str, Any] = {sync: False}
+        model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **no_sync)
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr)
     firing = FiringTracker(sae.n_features, window=cfg.dead_tokens, device=d.device)
     pos = load_checkpoint(ckpt, sae, opt, firing) if ckpt is not None else Position()
@@ -505,7 +520,7 @@ def _loop(s: _Session) -> RunResult:
     last_eval = s.evaluate() if s.pos.step == 0 else {}
     data = batches(
         s.store,
-        cfg.hook,
+        s.hook,
         stop_row=s.store.n_rows - cfg.eval_rows,
         local_batch=cfg.batch_size // d.world_size,
         seed=cfg.seed,
@@ -528,7 +543,7 @@ def _loop(s: _Session) -> RunResult:
                 s.log.log(s.pos.step, s.pos.step * cfg.batch_size, {**stats, "train/lr": lr})
                 bar.set_postfix(fvu=f"{stats['train/fvu'] or stats['train/pursuit_fvu']:.4f}")
             if s.pos.step == total and s.sae.arch.calibrates:
-                calibrate_threshold(s.sae, s.store, cfg.hook, s.store.n_rows - cfg.eval_rows, d.device, cfg.seed)
+                calibrate_threshold(s.sae, s.store, s.hook, s.store.n_rows - cfg.eval_rows, d.device, cfg.seed)
             if s.pos.step % cfg.eval_every == 0 or s.pos.step == total:
                 last_eval = s.evaluate()
             if (cfg.checkpoint_every and s.pos.step % cfg.checkpoint_every == 0) or s.pos.step == total:
@@ -599,7 +614,7 @@ def train_step(
     n = len(LOSS_NAMES)
     packed = all_reduce_(torch.cat([torch.stack(losses[:n]).detach().float(), losses.counts.detach().float()]))
     values = (packed[:n] / world_size).tolist()
-    stats = dict(zip(LOSS_NAMES, values))
+    stats: dict[str, float] = dict(zip(LOSS_NAMES, values))
     if not math.isfinite(values[0]):
         opt.zero_grad(set_to_none=True)
         return stats

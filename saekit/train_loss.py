@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from saekit.errors import SaekitError
 from saekit.pursuit import SparseCodes, decode_sparse, gradient_pursuit, to_dense
 from saekit.sae import SparseAutoencoder
 
@@ -107,7 +108,7 @@ def pursuit_decode(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> PursuitDec
 def pursuit_codes(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> SparseCodes:
     """Gradient pursuit's codes of normalized inputs sae_in [b, d] against the current dictionary, no grad."""
     dec = sae.decoder
-    return gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec)
+    return gradient_pursuit(sae_in.detach(), dec.W_dec, k, b_dec=dec.b_dec, dense=False)
 
 
 class Losses(NamedTuple):
@@ -176,6 +177,8 @@ class Objective(nn.Module):
             dense = to_dense(target, self.sae.n_features)
             dist = distill_loss(enc.pre_acts, dense, self.k, self.variance)
             loss = loss + self.distill_coef * dist
+        if counts is None:  # TrainConfig admits only encoder, pursuit and both
+            raise SaekitError(f"internal: --codes {self.codes!r} computes no codes; report this")
         return Losses(loss, fvu, aux, pfvu, dist, counts)
 
 

@@ -97,7 +97,7 @@ def test_an_incomplete_or_missing_source_is_refused(s3_bucket, tmp_path):
     assert Remote(f"{s3_bucket}/x").list() == {}
     with pytest.raises(SaekitError, match="gone does not exist"):
         copy(tmp_path / "gone", tmp_path / "out")
-    with pytest.raises(SaekitError, match="not a saekit activation store.*check the URL and the bucket"):
+    with pytest.raises(SaekitError, match="does not exist.*check the URL and the bucket"):
         copy("s3://no-such-bucket/store", tmp_path / "out")
     with pytest.raises(SaekitError, match="not found.*check the URL and the bucket"):
         copy(make_store(tmp_path / "s"), "s3://no-such-bucket/store")
