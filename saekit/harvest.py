@@ -27,7 +27,7 @@ from tqdm import tqdm
 from saekit.cache_root import Found, cache_root, find, identity_dir, store_path
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import Dist, barrier, broadcast_object, init_dist, on_main, resolve_dtype, shutdown_dist
-from saekit.errors import SaekitError, check_url, local_path
+from saekit.errors import SaekitError, local_path
 from saekit.harvest_loop import (
     Plan,
     StreamEnd,
@@ -37,9 +37,10 @@ from saekit.harvest_loop import (
     todo_shards,
     too_short,
 )
+from saekit.location import location, output_place
 from saekit.models import LoadedModel, load_model
-from saekit.remote import Remote, is_remote
-from saekit.store import StoreLayout, create_store, open_store, read_attrs
+from saekit.store import StoreLayout, create_store, open_store
+from saekit.store_format import location_attrs
 from saekit.store_writer import extend_store
 from saekit.texts import TextSource, load_texts
 
@@ -95,10 +96,8 @@ class HarvestConfig:
         check_non_negative("--batch-size", self.batch_size, "auto")
         check_non_negative("--skip-first-n-tokens", self.skip_first_n_tokens, "keep every position")
         need(not (self.resume and self.overwrite), "pass either --resume or --overwrite, not both")
-        if self.out and not is_remote(self.out):
-            local_path(self.out, why="harvest writes to a local path or to object storage (s3://, gs://, ...)")
-        elif self.out:
-            check_url(self.out, "--out")
+        if self.out:
+            output_place(self.out)
         if self.cache_root:
             cache_root(self.cache_root)  # the URL check, before a model is loaded
         if self.staging:
@@ -140,10 +139,10 @@ def run_loaded(cfg: HarvestConfig, lm: LoadedModel, texts: TextSource) -> Harves
     check_not_empty(plan)
     found = None
     if cfg.out:
-        out = check_url(cfg.out, "--out") if is_remote(cfg.out) else local_path(cfg.out)
+        out = output_place(cfg.out)
     else:
         found = on_main(lambda: _find_in_cache_root(cfg, lm, texts, plan), d.main, share=True)
-        out = found.path if is_remote(found.path) else Path(found.path)
+        out = output_place(found.path)
         if found.action == "reuse":
             if d.main:
                 print(
@@ -172,11 +171,8 @@ def _write(cfg: HarvestConfig, plan: Plan, out: Path | str, found: Found | None,
     if not d.main:
         writer.close()
         return HarvestResult(out, 0, "", rate)
-    attrs = writer.finalize()
-    if is_remote(out):  # the shards were checked as they were uploaded
-        return HarvestResult(out, attrs["n_rows"], attrs["content_hash"], rate)
-    store = open_store(out)
-    return HarvestResult(out, store.n_rows, store.content_hash, rate)
+    attrs = writer.finalize()  # each shard was checked as it was written (and uploaded)
+    return HarvestResult(out, attrs["n_rows"], attrs["content_hash"], rate)
 
 
 def _follow(
@@ -246,17 +242,11 @@ def _already_complete(out: Path | str, meta: dict) -> str | None:
     """The content hash of a finished store at `out` made with these arguments, once every shard
     and the statistics check out; None if there is no finished store there (create_store takes
     it from there); an error if it was made with other arguments or is damaged."""
-    if is_remote(out):
-        if Remote(str(out)).read_bytes("zarr.json") is None:
-            return None
-        store = open_store(out, allow_incomplete=True, check=False)  # refuses damaged or edited attributes
-        if not store.complete:
-            return None
-    else:
-        attrs = read_attrs(out)  # None: nothing there, a file, or not a store
-        if not (attrs or {}).get("complete"):
-            return None
-        store = open_store(out, check=False)  # refuses damaged or edited attributes
+    where = location(out)
+    attrs = location_attrs(where)  # None: nothing there, a file, or not a store
+    if attrs is None or not attrs.get("complete"):
+        return None
+    store = open_store(out, check=False)  # refuses damaged or edited attributes
     if _canonical(store.meta) != _canonical(meta):
         old, new = json.loads(_canonical(store.meta)), json.loads(_canonical(meta))
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -264,7 +254,7 @@ def _already_complete(out: Path | str, meta: dict) -> str | None:
             f"store {out} was written with different metadata (differs in: {', '.join(keys)}); "
             "use the same arguments, a new --out, or --overwrite"
         )
-    if is_remote(out):  # reading every shard back is `saekit verify URL`'s job, not a resume's
+    if where.in_place("zarr.json") is None:  # reading every shard back is `saekit verify URL`'s job
         return store.content_hash
     bad = store.verify()
     if bad:

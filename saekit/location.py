@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from saekit.atomic import read_regular
-from saekit.errors import WRITE_PROBE, SaekitError, is_non_empty, os_error_message, output_dir
+from saekit.errors import WRITE_PROBE, SaekitError, check_url, is_non_empty, local_path, os_error_message, output_dir
 from saekit.remote import Remote, is_remote, local_file
 from saekit.shards import remove_entries
 
@@ -125,14 +125,15 @@ class Local:
         return f.stat().st_size if f.is_file() else None
 
     def list(self, prefix: str = "") -> dict[str, int]:
-        """name -> size of every file below the directory (another process's write probe aside)."""
+        """name -> size of every entry but directories below the directory (another process's
+        write probe aside). A FIFO or a device is listed too, so reading it says what it is."""
         top = self.file(prefix) if prefix else self.root
         if not top.is_dir():
             return {}
         return {
-            p.relative_to(self.root).as_posix(): p.stat().st_size
+            p.relative_to(self.root).as_posix(): (p.stat() if p.exists() else p.lstat()).st_size
             for p in top.rglob("*")
-            if p.is_file() and not p.name.startswith(WRITE_PROBE)
+            if not p.is_dir() and not p.name.startswith(WRITE_PROBE)
         }
 
     def exists(self) -> bool:
@@ -190,3 +191,11 @@ def location(where: str | os.PathLike) -> Local | Remote:
     if where.startswith("file://"):
         return Local(Path(where[len("file://") :]))
     return Remote(where) if is_remote(where) else Local(Path(where))
+
+
+def output_place(where: str | os.PathLike, flag: str = "--out") -> Path | str:
+    """Where a stage that writes to object storage or a local path writes: a checked URL
+    (s3://, gs://, ...) or a local Path. Any other URL (file://, memory://) is one line."""
+    if is_remote(where):
+        return check_url(where, flag)
+    return local_path(where, flag, why="harvest writes to a local path or to object storage (s3://, gs://, ...)")

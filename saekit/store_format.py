@@ -230,6 +230,12 @@ def read_attrs(path: str | os.PathLike) -> dict | None:
     return read_group_attrs(Path(path), FORMAT, what="a saekit store", redo="harvest again")
 
 
+def location_attrs(where: Any) -> dict | None:
+    """`read_attrs` of the store at a `saekit.location.Location` (a directory or a URL)."""
+    data = where.read_bytes("zarr.json")
+    return None if data is None else attrs_of(data, where.url)
+
+
 def attrs_of(data: bytes, where: str) -> dict | None:
     """`read_attrs` for the bytes of a store's zarr.json read elsewhere (object storage at `where`)."""
     return group_attrs(data, where, FORMAT, what="a saekit store", redo="harvest again")

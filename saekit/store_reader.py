@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saekit.atomic import is_regular, read_regular
+from saekit.atomic import is_regular
 from saekit.config import check_positive
 from saekit.errors import SaekitError
+from saekit.location import Local, Location
 from saekit.remote import Remote, is_remote, url_key
 from saekit.shard_cache import BadFile, Prefetcher, ShardCache, ShardFetchError, shard_cache
 from saekit.shards import (
@@ -65,7 +66,6 @@ from saekit.store_format import (
     read_attrs,
     record_sums,
     row_stats,
-    store_records,
 )
 
 FALLBACK_CACHE_BYTES = 512 << 20  # whole shards read through zarr are kept up to this size (at least 2)
@@ -106,15 +106,17 @@ def open_store(
     """
     import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
-    remote = cache = None
+    cache = None
+    where: Location
     if is_remote(path_or_url):
-        remote = Remote(str(path_or_url))
-        root, group, attrs = None, None, _remote_attrs(remote)
-    elif is_url(path_or_url):
+        where = Remote(str(path_or_url))
+        root, group, attrs = None, None, _remote_attrs(where)
+    elif is_url(path_or_url):  # file://: read through zarr, as another writer's store would be
         root, group, attrs = None, *_open_url(path_or_url)
-        remote = Remote(str(path_or_url))
+        where = Remote(str(path_or_url))
     else:
         root, group, attrs = Path(path_or_url), None, _local_attrs(Path(path_or_url))
+        where = Local(root)
     if attrs is None or attrs.get("format") != FORMAT:
         raise SaekitError(f"{path_or_url} is not a saekit activation store; pass the directory that harvest wrote")
     check_attrs(path_or_url, attrs)
@@ -132,7 +134,7 @@ def open_store(
         group = zarr.open_group(str(root), mode="r")
     if is_remote(path_or_url):
         cache = functools.partial(shard_cache, cache_dir, cache_gb)  # made at the first shard read
-    store = ActivationStore(path_or_url, root, group, attrs, check, remote=remote, cache=cache)
+    store = ActivationStore(path_or_url, where, root, group, attrs, check, cache=cache)
     if check:
         store._cache  # noqa: B018 - a bad --cache-dir / --cache-gb fails now, before a stage writes anything
         store.check_files_present()
@@ -197,12 +199,12 @@ class ActivationStore:
     def __init__(
         self,
         path,
+        where: Location,
         root: Path | None,
         group,
         attrs: dict,
         check: bool,
         *,
-        remote: Remote | None = None,
         cache: Callable[[], ShardCache] | None = None,
     ):
         self.path = path
@@ -220,7 +222,7 @@ class ActivationStore:
         self._lock = threading.Lock()
         self._views: dict[tuple[str, int], np.ndarray] = {}  # memory-mapped shards (cheap: kept)
         self._fallback: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # shards read whole through zarr
-        self._remote = remote  # a URL store's folder (to tell a missing shard file from fill values)
+        self._where = where  # its files: listed, sized and read without asking which kind it is
         self._make_cache = cache  # the shard cache of a store in object storage (None: local or file://)
         self._shard_cache = None
         self._in_bucket = cache is not None
@@ -252,23 +254,17 @@ class ActivationStore:
 
     def _records(self) -> dict[int, ShardRecord]:
         """Completion records of an unfinished store (local, or in object storage)."""
-        if self._root is not None:
-            return store_records(self._root, self.layout)
-        if self._in_bucket:
-            return check_records(read_remote_records(self._remote, RECORDS_DIR), self.layout)
-        return {}
+        return check_records(read_remote_records(self._where, RECORDS_DIR), self.layout)
 
     def _array_doc(self, key: str) -> Any:
         """The array's zarr.json, parsed (None where it cannot be read here: missing, not JSON, or a
         file:// store read through zarr)."""
+        if self._root is None and not self._in_bucket:
+            return None  # a file:// store: read through zarr, never memory-mapped
         try:
-            if self._root is not None:
-                return json.loads(read_regular(self._root / key / "zarr.json"))
-            if self._in_bucket:
-                return json.loads(self._remote.read_bytes(f"{key}/zarr.json") or b"null")
-        except (OSError, ValueError):
+            return json.loads(self._where.read_bytes(f"{key}/zarr.json") or b"null")
+        except (OSError, ValueError, SaekitError):
             return None
-        return None
 
     def _is_plain(self, key: str) -> bool:
         """True when the array's shard files can be memory-mapped (saekit's layout, little-endian machine)."""
@@ -309,11 +305,9 @@ class ActivationStore:
 
     def size_on_disk(self) -> int | None:
         """Bytes of all files under a local store or in object storage (None for file:// URLs)."""
-        if self._in_bucket:
-            return sum(self._remote.list().values())
-        if self._root is None:
+        if self._root is None and not self._in_bucket:
             return None
-        return sum(p.stat().st_size for p in self._root.rglob("*") if p.is_file())
+        return sum(self._where.list().values())
 
     # -- shard access ---------------------------------------------------------------------------
 
@@ -400,7 +394,7 @@ class ActivationStore:
             return v
 
         try:
-            return self._cache.get(self._remote, name, self._cache_key, open_checked, (stop - start, want), fresh)
+            return self._cache.get(self._where, name, self._cache_key, open_checked, (stop - start, want), fresh)
         except ShardFetchError as e:
             raise _BadShard(self.path, name, e.what) from None
 
@@ -409,20 +403,17 @@ class ActivationStore:
         storage (one listing); file:// URL stores: no-op, their shards are checked as they are read."""
         if self._root is None and not self._in_bucket:
             return
-        listed = self._remote.list() if self._root is None else None
+        listed = self._where.list()
         for index in sorted(self._shards):
             for key in self._array_keys():
                 name = shard_key(key, 1 + len(array_spec(self.layout, key)[0]), index)
-                size = self._file_size(name) if listed is None else listed.get(name)
+                size = listed.get(name)
                 if not size:
                     raise _BadShard(self.path, name, "missing" if size is None else "empty (0 bytes)")
 
     def _file_size(self, name: str) -> int | None:
         """Bytes of a shard file, None when it is not there."""
-        if self._root is not None:
-            f = self._root / name
-            return f.stat().st_size if f.is_file() else None
-        return self._remote.size(name)
+        return self._where.size(name)
 
     def _read(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of an array as numpy (a view when they sit in one shard)."""
