@@ -52,7 +52,7 @@ def main() -> None:
     except ClickError as e:  # usage: an unknown flag, a value of the wrong type, a missing argument
         if type(e).__name__ != "NoArgsIsHelpError":  # bare `saekit` has printed the help already
             typer.echo(error_line(usage_error_line(e)), err=True)
-        sys.exit(e.exit_code)  # 2 for usage errors, as click says
+        sys.exit(getattr(e, "exit_code", 2))  # 2 for usage errors, as click says
     except SaekitError as e:
         typer.echo(error_line(str(e)), err=True)
         sys.exit(1)

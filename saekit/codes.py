@@ -168,7 +168,15 @@ class CodesStore:
 
     def seconds(self, group: str) -> float:
         """Compute time of `group`'s codes, summed over its shards (every shard must be written)."""
-        return sum(self.record(group, i).extra["seconds"] for i in range(self.n_shards))
+        total = 0.0
+        for i in range(self.n_shards):
+            rec = self.record(group, i)
+            if rec is None:
+                raise SaekitError(
+                    f"codes {self.root}: shard {i} of {group} has no record; rerun `saekit pursue` with --resume"
+                )
+            total += rec.extra["seconds"]
+        return total
 
     def write(self, group: str, index: int, arrays: dict[str, np.ndarray], seconds: float) -> None:
         """Write shard `index` of `group` whole. arrays: key -> [rows of the shard, ...] (unpadded)."""

@@ -167,7 +167,9 @@ class TopN:
         vals = torch.cat([self.values.reshape(-1), value])
         kept, rank = group_top_n(group, pri, self.n)
         g = group[kept]
-        self.priority.fill_(-torch.inf), self.rows.fill_(-1), self.values.zero_()
+        self.priority.fill_(-torch.inf)
+        self.rows.fill_(-1)
+        self.values.zero_()
         self.priority[g, rank], self.rows[g, rank], self.values[g, rank] = pri[kept], rows[kept], vals[kept]
 
 
@@ -371,7 +373,7 @@ def latent_pages(
     with one_thread():  # many tiny reads and ops per context
         for j, i in enumerate(chosen):
             views = [_view(cfg, store, s, names[n], i, rows.start, vocab) for n, s in enumerate(stats)]
-            lg = None
+            lg: Any = None
             if logits is not None:
                 lg = tuple([(vocab.decode(int(t)), float(v)) for t, v in zip(*side)] for side in logits[j])
             pages.append(LatentPage(i, views, lg, near[j]))

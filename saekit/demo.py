@@ -193,6 +193,7 @@ def _stages(cfg: DemoConfig, out: Path) -> DemoResult:
             out=str(out / "store"), tokens=cfg.tokens, device=cfg.device, resume=True, progress=cfg.progress
         )
     ).path
+    store_dir = Path(store_dir)  # the demo writes under a local --out
 
     _stage(cfg, 2, f"train a TopK SAE ({cfg.n_features} latents, k={cfg.k}, {cfg.steps} steps) -> {out / 'train'}")
     trained = train.run(

@@ -68,7 +68,8 @@ def os_error_message(e: OSError, what: str | None = None) -> str:
     """One line for a failed file operation: what it was about, the system's reason, what to do."""
     where = what or (str(e.filename) if e.filename is not None else "a file operation")
     reason = e.strerror or type(e).__name__
-    return f"{where}: {reason}; {_ADVICE.get(e.errno, 'check the path and its file system, then rerun')}"
+    advice = _ADVICE.get(e.errno or 0, "check the path and its file system, then rerun")
+    return f"{where}: {reason}; {advice}"
 
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)

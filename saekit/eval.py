@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -254,14 +255,14 @@ def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: i
     label = lambda name: encoder_label(name, sae, cfg.sae)  # noqa: E731
     out = []
     if from_encoder:
-        for k in encoder_at_ks(sae, {k for _, k in from_encoder}):
+        for k in encoder_at_ks(sae, sorted({int(k) for _, k in from_encoder})):
             out.append(
                 _Row(label(encoder_at_label(k)), k, cfg.sae, computed_encoding(sae, W, b, "encoder", k, cfg.refine))
             )
     for method, k in order:
         g = stored.get((method, k))
         shown = label(method) if method in ENCODER_METHODS else method
-        if g is None:
+        if g is None or codes is None:
             out.append(_Row(shown, k, cfg.sae, computed_encoding(sae, W, b, method, k, cfg.refine)))
         else:
             c = codes.codes(g, rows.start - first, rows.stop - first)
@@ -294,7 +295,7 @@ def _rows(
 
 def _row_name(r: _Row) -> str:
     method = r.method.removesuffix(STALE)
-    return group_name(method, int(r.k)) if method in ALL_METHODS else r.method
+    return group_name(method, int(r.k)) if method in ALL_METHODS and r.k is not None else r.method
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +398,7 @@ def entry_dict(e: EvalEntry) -> dict:
     }
 
 
-def write_report(out: Path, entries: list[EvalEntry], header: dict, gaps: list[GapDecomposition] = ()) -> str:
+def write_report(out: Path, entries: list[EvalEntry], header: dict, gaps: Sequence[GapDecomposition] = ()) -> str:
     """report.json (header, entries, gaps), report.md and delta_ce_vs_l0.png in `out`; returns the
     table (and the gap decomposition's)."""
     report = {"header": header, "entries": [entry_dict(e) for e in entries], "gaps": [g.as_json() for g in gaps]}

@@ -139,7 +139,7 @@ class ReconstructionStats:
                 n_codes,
             ]
         )
-        if self._sums is None:
+        if self._sums is None or self._sum_x is None:
             self._sums, self._sum_x = batch, x.sum(dim=0)
         else:
             self._sums += batch

@@ -58,7 +58,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         flat = p.detach().reshape(-1).to("cpu").contiguous()
         # bf16 has no numpy dtype: hash the raw 2-byte patterns.
         raw = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat
-        h.update(memoryview(raw.numpy()).cast("B"))
+        h.update(raw.numpy().data.cast("B"))
     return h.hexdigest()
 
 

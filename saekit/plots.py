@@ -33,7 +33,7 @@ def plot_against_l0(
     import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     fig, axes = plt.subplots(1, len(ylabels), figsize=(6 * len(ylabels), 4.2), dpi=120, squeeze=False)
-    colors = plt.get_cmap("tab10").colors
+    colors = getattr(plt.get_cmap("tab10"), "colors")  # noqa: B009 - a ListedColormap's; the stubs type only Colormap
     star_colors = ["black", *reversed(colors)]  # never a curve's colour
     for i, (ax, ylabel) in enumerate(zip(axes[0], ylabels)):
         for j, (label, pts) in enumerate(curves.items()):

@@ -360,8 +360,9 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
 
 def entry_gaps(entries: Sequence[Entry]) -> list[GapDecomposition]:
     """The gap decompositions the entries hold: FVU, and with --downstream ΔCE and KL mean."""
-    if entries and all(e.downstream is not None for e in entries):
-        rows = [(e.method, e.k, (e.fvu, e.downstream.delta_ce, e.downstream.kl_mean)) for e in entries]
+    downs = [d for e in entries if (d := e.downstream) is not None]
+    if entries and len(downs) == len(entries):
+        rows = [(e.method, e.k, (e.fvu, d.delta_ce, d.kl_mean)) for e, d in zip(entries, downs)]
         return gap_decompositions(rows, ("FVU", "ΔCE", "KL mean"))
     return gap_decompositions([(e.method, e.k, (e.fvu,)) for e in entries], ("FVU",))
 
@@ -602,7 +603,7 @@ def format_table(entries: Sequence[Entry]) -> str:
         k = "" if e.k is None else (f"{e.k:g}")
         rate = f"{e.n_rows / e.seconds:,.0f}" if e.seconds > 0 else ""
         d = e.downstream
-        cells = f" {d.delta_ce:+.4f} | {d.ce_recovered_zero:.4f} | {d.kl_mean:.4f} |" if spliced else ""
+        cells = f" {d.delta_ce:+.4f} | {d.ce_recovered_zero:.4f} | {d.kl_mean:.4f} |" if spliced and d else ""
         lines.append(
             f"| {e.method} | {k} | {e.l0:.2f} | {e.fvu:.4f} | {e.explained_variance:.4f} | {e.mse:#.4g} | "
             f"{e.cossim:.4f} |{cells} {e.seconds:.2f} | {rate} |"

@@ -69,7 +69,7 @@ __all__ = [
 
 def crc32c_of(a: np.ndarray) -> int:
     """crc32c of an array's bytes (C order): the per-shard checksum."""
-    return crc32c.crc32c(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return crc32c.crc32c(np.ascontiguousarray(a).data.cast("B"))
 
 
 def shard_key(array_key: str, ndim: int, index: int) -> str:
@@ -103,7 +103,7 @@ def write_shard_file(file: Path, rows: np.ndarray, chunk_rows: int) -> None:
     _remove_stale_partials(file)
     tmp = file.with_name(f".{file.name}.{os.getpid()}.partial")
     with open(tmp, "wb") as f:
-        f.write(memoryview(np.ascontiguousarray(rows)).cast("B"))
+        f.write(np.ascontiguousarray(rows).data.cast("B"))
         f.write(tail)
     os.replace(tmp, file)
 

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 
 from saekit.config import check_positive
 from saekit.errors import SaekitError
@@ -79,7 +78,7 @@ def batch_stream(
     prefetch: bool,
     with_rows: bool = False,
     ahead: Callable[[list[Window]], None] | None = None,
-) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, np.ndarray]]:
+) -> Iterator[Any]:
     """Batches bf16 [batch_size, d] cut from the plan's windows, from row `skip` of window `first` on.
 
     read(a, b): rows [a, b) of the array as uint16 [b - a, d] (a memory-map view where possible).
@@ -104,7 +103,7 @@ def batch_stream(
         for j in range(first, len(plan)):
             if ahead is not None:
                 ahead(plan[j + 1 : j + 1 + AHEAD_WINDOWS])
-            blocks = pending.result()
+            blocks = pending.result() if pending is not None else []  # set whenever a window is left
             if j + 1 < len(plan):
                 pending = load(j + 1)  # page in the next window while this one is consumed
             starts = np.cumsum([0] + [len(b) for b in blocks])

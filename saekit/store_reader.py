@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -315,7 +315,7 @@ class ActivationStore:
         s = self.layout.shard_rows
         return index * s, min((index + 1) * s, self.n_rows)
 
-    def _array(self, key: str):
+    def _array(self, key: str) -> Any:
         if self._group is None:  # a remote store's array in another writer's layout
             import zarr  # lazy: see open_store
 
@@ -543,7 +543,7 @@ class ActivationStore:
         """Background downloads of the shards of `key` of a store in object storage (else None)."""
         if not self._in_bucket or not self._plain[key]:
             return None
-        return Prefetcher(lambda i: self._view(key, i), DOWNLOAD_THREADS)
+        return Prefetcher(lambda i: self._view(key, cast(int, i)), DOWNLOAD_THREADS)
 
     # -- integrity -----------------------------------------------------------------------------
 

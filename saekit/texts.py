@@ -14,7 +14,7 @@ import json
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from saekit import embedded
 from saekit.embedded import EMBEDDED
@@ -263,10 +263,10 @@ def _load_saved(path: Path):
 def _disk_source(path: Path, split: str, column: str) -> TextSource:
     import datasets  # lazy: datasets takes seconds to import
 
-    ds = _load_saved(path)
+    ds: Any = _load_saved(path)  # a Dataset, or a DatasetDict of them
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise SaekitError(f"{path} has no split '{split}' (splits: {', '.join(ds)}): pass --split")
+            raise SaekitError(f"{path} has no split '{split}' (splits: {', '.join(map(str, ds))}): pass --split")
         ds = ds[split]
     if column not in ds.column_names:
         raise SaekitError(
@@ -306,7 +306,7 @@ def dataset_source(
     no content fingerprint — the sha256 of its first 16 documents.
     """
     info = getattr(ds, "info", None)
-    name = name or getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "dataset"
+    name = str(name or getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or "dataset")
     config = config or getattr(info, "config_name", None)
     split = split or (str(ds.split) if getattr(ds, "split", None) is not None else None)
     cols = getattr(ds, "column_names", None)

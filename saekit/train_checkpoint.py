@@ -62,7 +62,7 @@ def _write_checkpoint(
     from safetensors.torch import save_file  # lazy: only reading or writing weights needs it
 
     save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
-    names = {p: n for n, p in sae.named_parameters()}
+    names: dict[Any, str] = {p: n for n, p in sae.named_parameters()}
     opt_state = {
         f"{names[p]}/{key}": v.detach().contiguous().cpu() for p, s in opt.state.items() for key, v in s.items()
     }

@@ -144,7 +144,8 @@ class TrainConfig(ShardCacheFields):
         check_non_negative("--d-hidden", self.d_hidden, "a linear encoder")
         check_non_negative("--n-hidden", self.n_hidden, "1 with --d-hidden")
         need(
-            not self.n_hidden or self.d_hidden, f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)"
+            not self.n_hidden or bool(self.d_hidden),
+            f"--n-hidden {self.n_hidden} needs --d-hidden (the MLP's hidden width)",
         )
         need(
             not self.init_encoder or bool(self.from_pretrained),  # None: the default, decided in `resolve`
