@@ -1,7 +1,10 @@
 """Files and directories that appear whole or not at all, go away without leaving a half, and
 are read without ever blocking.
 
-Every swap-into-place saekit does (a checkpoint, an SAE directory, an export) goes through
+Every file that must appear whole (a report, a record, zarr.json, a shard file, a plot, a
+download) is written by `writing` (or `write_atomic`): a temporary name beside it, then one rename,
+so a reader or a resumed writer sees the old file or the new one, never half of one.
+Every swap-into-place of a directory saekit does (a checkpoint, an SAE directory, an export) goes through
 `replace_dir`, and every deletion of a directory whose presence means "complete" goes through
 `discard_dir`, so a kill between any two filesystem operations leaves something a rerun
 recognises: the old directory or the new one in place, never half of one, and leftovers that the
@@ -18,11 +21,35 @@ import re
 import shutil
 import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from saekit.errors import SaekitError, file_kind
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@contextmanager
+def writing(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; when the block ends it is renamed over
+    `path` in one step, and when the block fails it is removed. The temporary name is
+    `.<name>.<pid><suffix>`, so a leftover of a killed writer is recognised by its suffix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` whole (see `writing`)."""
+    with writing(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
 
 
 def _rename_exchange(a: Path, b: Path) -> bool:

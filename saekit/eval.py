@@ -20,7 +20,6 @@ the held-out ones (`saekit.heldout`), never trained on.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from saekit.atomic import write_atomic
 from saekit.codes import encoder_sha256, group_name, open_codes_for
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
@@ -413,9 +413,7 @@ def write_report(out: Path, entries: list[EvalEntry], header: dict, gaps: Sequen
         f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
         f"rows. See docs/eval.md.{' ' + stale if stale else ''}\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n"
     )
-    tmp = out / f".{REPORT_MD}.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / REPORT_MD)
+    write_atomic(out / REPORT_MD, md)
     plot_downstream(
         entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['tokens']} tokens"
     )

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from saekit.atomic import read_regular
+from saekit.atomic import read_regular, writing
 from saekit.errors import WRITE_PROBE, SaekitError, check_url, is_non_empty, local_path, os_error_message, output_dir
 from saekit.remote import Remote, is_remote, local_file
 from saekit.shards import remove_entries
@@ -116,9 +116,8 @@ class Local:
     def write_bytes(self, name: str, data: bytes) -> None:
         f = self.file(name)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}.{os.getpid()}.partial")
-        tmp.write_bytes(data)
-        os.replace(tmp, f)  # a reader sees the old file or the new one, never half of one
+        with writing(f, ".partial") as tmp:  # a reader sees the old file or the new one, never half of one
+            tmp.write_bytes(data)
 
     def size(self, name: str) -> int | None:
         f = self.file(name)
@@ -155,20 +154,16 @@ class Local:
         beside it already (a `.partial` of this process) is renamed without a copy."""
         final = self.file(name)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if local.parent != final.parent or not local.name.endswith(".partial"):
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.{id(local)}.partial")
+        if local.parent == final.parent and local.name.endswith(".partial"):
+            os.replace(local, final)
+            return
+        with writing(final, f".{id(local)}.partial") as tmp:
             shutil.copyfile(local, tmp)
-            local = tmp
-        os.replace(local, final)
 
     def get_file(self, name: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.{id(local)}.partial")
-        try:
+        with writing(local, f".{id(local)}.partial") as tmp:
             shutil.copyfile(self.file(name), tmp)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def in_place(self, name: str) -> Path | None:
         return self.file(name)

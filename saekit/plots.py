@@ -7,9 +7,10 @@ reports need it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from saekit.atomic import writing
 
 Ys = Sequence[float]  # one value per panel
 
@@ -52,7 +53,6 @@ def plot_against_l0(
     else:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
+    with writing(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
-    os.replace(tmp, path)

@@ -34,7 +34,6 @@ are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw ac
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from saekit.atomic import write_atomic
 from saekit.codes import (
     CODES_DIR,
     CODES_FORMAT,
@@ -636,9 +636,7 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict, gaps: Sequen
             "on the whole sequences inside the rows. See docs/eval.md."
         )
     md = f"# saekit pursue report\n\n{head}\n\n{about}\n\n{table}\n\n![FVU against L0]({PLOT})\n"
-    tmp = out / f".{REPORT_MD}.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / REPORT_MD)
+    write_atomic(out / REPORT_MD, md)
     held = "held-out " if header["held out"].startswith("yes") else ""
     title = f"{Path(header['sae']).name} on {header['hook']}, {held}rows {header['store rows']}"
     if "downstream tokens" in header:

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from saekit.atomic import writing
 from saekit.errors import WRITE_PROBE, SaekitError, check_url, one_line, url_scheme
 
 # fsspec's package for each common scheme, for a one-line "install it" message.
@@ -190,13 +191,8 @@ class Remote:
     def get_file(self, name: str, local: Path) -> None:
         """Download one object to `local` atomically (temp file, then rename)."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.{id(local)}.partial")
-        try:
-            with self.errors(f"downloading {self.url}/{name}"):
-                self.fs.get_file(self.path(name), str(tmp))
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with writing(local, f".{id(local)}.partial") as tmp, self.errors(f"downloading {self.url}/{name}"):
+            self.fs.get_file(self.path(name), str(tmp))
 
     def in_place(self, name: str) -> Path | None:
         """None: an object is fetched before it is read (see `saekit.location.Location`)."""

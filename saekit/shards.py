@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import stat
@@ -28,7 +27,7 @@ from typing import Any, NamedTuple
 import crc32c
 import numpy as np
 
-from saekit.atomic import read_regular
+from saekit.atomic import read_regular, write_atomic, writing
 from saekit.errors import SaekitError, file_kind
 
 RECORDS_DIR = ".saekit-shards"
@@ -101,11 +100,9 @@ def write_shard_file(file: Path, rows: np.ndarray, chunk_rows: int) -> None:
     tail += crc32c.crc32c(tail).to_bytes(4, "little")
     file.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(file)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
+    with writing(file, ".partial") as tmp, open(tmp, "wb") as f:
         f.write(np.ascontiguousarray(rows).data.cast("B"))
         f.write(tail)
-    os.replace(tmp, file)
 
 
 def _remove_stale_partials(file: Path) -> None:
@@ -291,9 +288,7 @@ def write_recorded_shard(
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     # write-temp-then-rename: a reader or a resumed writer sees the old file or the new one.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def read_group_attrs(root: Path, fmt: str, *, what: str, redo: str) -> dict | None:

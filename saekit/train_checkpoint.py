@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from saekit.atomic import aside, discard_dir, read_regular, replace_dir
+from saekit.atomic import aside, discard_dir, read_regular, replace_dir, write_atomic
 from saekit.config import check_types
 from saekit.errors import SaekitError, one_line
 from saekit.metrics import FiringTracker
@@ -198,9 +198,7 @@ class MetricsLog:
         if main and self.path.exists():
             # Resuming: drop lines past the checkpoint, so the file reads as one uninterrupted run.
             lines = _lines_until(self.path, keep_until)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, "".join(ln + "\n" for ln in lines))
 
     def log(self, step: int, tokens: int, data: dict[str, float]) -> None:
         if not self.main:

@@ -113,3 +113,21 @@ def test_a_kill_anywhere_in_harvest_overwrite_leaves_a_store_that_overwrite_repl
         store(root, 3.0, overwrite=True)
         st = open_store(root)
         assert st.meta == {"v": 3.0} and st.verify() == [] and float(st.rows("h", 0, 64)[0, 0]) == 3.0
+
+
+def test_a_file_written_atomically_is_the_old_one_or_the_new_one_never_half(tmp_path):
+    """Reports, records, zarr.json, plots and downloads all go through `atomic.writing`: a write
+    that fails midway keeps the old file whole and leaves no temporary file behind."""
+    from saekit.atomic import write_atomic, writing
+
+    report = tmp_path / "report.md"
+    write_atomic(report, "old report\n")
+    with pytest.raises(OSError, match="disk full"):
+        with writing(report) as tmp:
+            tmp.write_text("half of the new rep")
+            raise OSError(28, "disk full")
+    assert report.read_text() == "old report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    write_atomic(report, b"new report\n")
+    assert report.read_bytes() == b"new report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]

@@ -50,3 +50,36 @@ def test_an_error_raised_from_none_is_not_a_full_disk():
 
     assert is_disk_full(raised(False))
     assert not is_disk_full(raised(True))
+
+
+@pytest.mark.parametrize("kind", ["directory", "bucket", "file:// URL"])
+def test_a_directory_and_a_bucket_answer_the_same_questions(kind, tmp_path, request):
+    """`saekit.location`: copy, the reader and harvest hold a Location and never ask which kind."""
+    from saekit.location import location
+
+    where = {
+        "directory": lambda: str(tmp_path / "place"),
+        "bucket": lambda: request.getfixturevalue("s3_bucket") + "/place",
+        "file:// URL": lambda: f"file://{tmp_path / 'place'}",
+    }[kind]()
+    loc = location(where)
+    assert loc.read_bytes("zarr.json") is None and loc.size("zarr.json") is None and loc.list() == {}
+    assert not loc.is_non_empty()
+    with loc.writing("--out", kept="nothing yet", rerun="rerun"):
+        loc.write_bytes("zarr.json", b"{}")
+        loc.write_bytes("acts/h/c/0", b"12345")
+    assert loc.list() == {"zarr.json": 2, "acts/h/c/0": 5} and loc.list("acts") == {"acts/h/c/0": 5}
+    assert loc.read_bytes("acts/h/c/0") == b"12345" and loc.size("acts/h/c/0") == 5 and loc.is_non_empty()
+    loc.get_file("acts/h/c/0", tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == b"12345"
+    loc.put_file(tmp_path / "got", "copy")
+    assert loc.read_bytes("copy") == b"12345"
+    assert loc.contains(location(where + "/acts")) and not location(where + "/acts").contains(loc)
+    if kind != "bucket":  # a name from outside never lands a write outside the directory
+        with pytest.raises(SaekitError, match="lead outside"):
+            loc.write_bytes("../escape", b"x")
+        assert not (tmp_path / "escape").exists()
+    loc.remove(["copy"])
+    assert "copy" not in loc.list()
+    loc.clear()
+    assert loc.list() == {} and not loc.is_non_empty()
