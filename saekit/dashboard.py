@@ -33,9 +33,9 @@ from tqdm import tqdm
 from saekit.codes import group_name, open_codes_for
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import resolve_device
-from saekit.downstream import store_model_spec
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
 from saekit.heldout import sae_held_out
+from saekit.models import store_model_spec
 from saekit.pursuit import SparseCodes
 from saekit.sae import check_sae_fits_hook, encoder_output, load_sae
 from saekit.shard_cache import ShardCacheFields

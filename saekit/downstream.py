@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,7 +45,7 @@ from tqdm import tqdm
 from saekit.devices import device_clock
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
-from saekit.models import LoadedModel, load_model
+from saekit.models import PASS_MODEL, LoadedModel, load_model, store_model_spec
 from saekit.pursuit import ENCODER_METHODS, METHODS, SparseCodes, encode_from, pursuit, reconstruct
 from saekit.sae import encoder_codes
 
@@ -399,7 +398,6 @@ def _recovered(ablation: float, ce: float, clean: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 # What a user of `saekit eval` does about a store whose model cannot be loaded or does not fit.
-PASS_MODEL = "pass the store's model with --model (a transformer-lens name or a checkpoint folder)"
 
 
 class SequenceLayout(NamedTuple):
@@ -462,28 +460,6 @@ def sequence_tokens(store: Any, layout: SequenceLayout, seqs: range) -> Tensor:
     if layout.skip and layout.bos_id is not None:  # sequence_layout refuses a skip without a BOS token
         tokens = torch.cat([torch.full((len(seqs), 1), layout.bos_id, dtype=torch.long), tokens], dim=1)
     return tokens
-
-
-def store_model_spec(store: Any, fix: str = PASS_MODEL) -> str:
-    """What `load_model` needs to load the model the store records, as harvest loaded it; `fix`
-    ends the line when it cannot."""
-    model = store.meta.get("model")
-    model = model if isinstance(model, dict) else {}
-    source, name, path = model.get("source"), model.get("name"), model.get("path")
-    if source == "embedded":
-        return "embedded"
-    if source == "transformer_lens" and isinstance(name, str):
-        return name
-    if source == "hf_local" and isinstance(path, str):
-        if not Path(path).is_dir():
-            raise SaekitError(
-                f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: {fix}"
-            )
-        return path
-    raise SaekitError(
-        f"store {store.path} was harvested from a model saekit cannot load from its record ({source or 'unknown'} "
-        f"{name or ''}): {fix}"
-    )
 
 
 def check_model(lm: LoadedModel, hook: str, layout: SequenceLayout, tokens: Tensor, fix: str = PASS_MODEL) -> None:

@@ -379,3 +379,31 @@ def resolve_hooks(model, names: list[str]) -> list[HookSpec]:
             d *= x
         specs.append(HookSpec(n, d, _hook_layer(n, model.cfg.n_layers)))
     return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# the model a store was harvested with (eval reruns it; the dashboard decodes tokens with it)
+
+PASS_MODEL = "pass the store's model with --model (a transformer-lens name or a checkpoint folder)"
+
+
+def store_model_spec(store: Any, fix: str = PASS_MODEL) -> str:
+    """What `load_model` needs to load the model the store records, as harvest loaded it; `fix`
+    ends the line when it cannot."""
+    model = store.meta.get("model")
+    model = model if isinstance(model, dict) else {}
+    source, name, path = model.get("source"), model.get("name"), model.get("path")
+    if source == "embedded":
+        return "embedded"
+    if source == "transformer_lens" and isinstance(name, str):
+        return name
+    if source == "hf_local" and isinstance(path, str):
+        if not Path(path).is_dir():
+            raise SaekitError(
+                f"store {store.path} was harvested from the checkpoint folder {path}, which is not there: {fix}"
+            )
+        return path
+    raise SaekitError(
+        f"store {store.path} was harvested from a model saekit cannot load from its record ({source or 'unknown'} "
+        f"{name or ''}): {fix}"
+    )
