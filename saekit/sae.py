@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -31,13 +29,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from saekit.architectures import Architecture
-from saekit.atomic import discard_leftovers, is_regular, read_regular, replace_dir
-from saekit.devices import dtype_name, resolve_dtype
-from saekit.errors import SaekitError, file_kind, is_non_empty, one_line
-from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
-
 # the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
+from saekit import sae_lens_io
+from saekit.architectures import Architecture
+from saekit.atomic import is_regular, read_regular
+from saekit.devices import dtype_name, resolve_dtype
+from saekit.errors import SaekitError, file_kind, one_line
+from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
+from saekit.sae_files import ENCODER_STALE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
 from saekit.sae_parts import ACTIVATIONS as ACTIVATIONS
 from saekit.sae_parts import Decoder, Encoder, Normalization, SAEConfig, check_last_dim, normalization_from_stats
 from saekit.sae_parts import Dictionary as Dictionary
@@ -48,8 +47,6 @@ from saekit.sae_parts import topk_activation as topk_activation
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
-SAE_LENS_WEIGHTS = "sae_weights.safetensors"
-SAE_LENS_CONFIG = "cfg.json"
 FORMAT_NAME = "saekit-sae"
 FORMAT_VERSION = 1
 
@@ -324,7 +321,7 @@ class SparseAutoencoder(nn.Module):
         sae.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True)
         return sae.eval()
 
-    # ---- sae-lens (implemented in saekit.sae_lens_io, imported on use: it imports this module) ----
+    # ---- sae-lens (implemented in saekit.sae_lens_io) ----
     @classmethod
     def from_pretrained(
         cls,
@@ -342,9 +339,8 @@ class SparseAutoencoder(nn.Module):
         replaces it with TopK(k). `d_hidden`/`n_hidden` add a zero-initialized MLP path. See
         `from_sae_lens` for how decoder norms are handled. Returns the SAE in eval mode.
         """
-        from saekit import sae_lens_io  # here, not at the top: sae_lens_io imports this module
 
-        return sae_lens_io.load_pretrained(release, sae_id, device, k=k, d_hidden=d_hidden, n_hidden=n_hidden)
+        return sae_lens_io.load_pretrained(cls, release, sae_id, device, k=k, d_hidden=d_hidden, n_hidden=n_hidden)
 
     @classmethod
     def from_sae_lens(
@@ -360,9 +356,8 @@ class SparseAutoencoder(nn.Module):
         ranks latents by the rescaled pre-activations, which can change its selection when row norms
         differ: a warning says so.
         """
-        from saekit import sae_lens_io  # here, not at the top: sae_lens_io imports this module
 
-        return sae_lens_io.from_sae_lens(sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
+        return sae_lens_io.from_sae_lens(cls, sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
 
     def export_sae_lens(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a directory that `sae_lens.SAE.load_from_disk(path)` opens with the same encode and
@@ -371,7 +366,6 @@ class SparseAutoencoder(nn.Module):
         TopK -> sae-lens 'topk'; ReLU -> 'standard'; JumpReLU and Batch-TopK (its inference
         threshold) -> 'jumprelu'. MLP encoders have no sae-lens counterpart.
         """
-        from saekit import sae_lens_io  # here, not at the top: sae_lens_io imports this module
 
         return sae_lens_io.export_sae_lens(self, path, overwrite)
 
@@ -411,43 +405,9 @@ def _decoder_from_encoder(encoder: Encoder) -> Decoder:
     return decoder
 
 
-def publish_dir(path: Path, write: Any, overwrite: bool) -> None:
-    """Write a directory aside with `write(tmp)` and swap it into place (`atomic.replace_dir`):
-    `path` is the old directory or the new one, never half of one; what an interrupted publish
-    left beside it goes first."""
-    if is_non_empty(path) and not overwrite:
-        raise SaekitError(f"{path} already exists and is not empty: choose a new path or pass overwrite=True")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    discard_leftovers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists() and not path.is_dir():
-        path.unlink()
-    replace_dir(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------
 # Files, and the one loader for every kind of SAE
 # --------------------------------------------------------------------------------------------
-
-
-def read_json_object(file: Path, what: str) -> dict:
-    """The JSON object in `file`; anything else is one SaekitError line naming the file."""
-    try:
-        raw = json.loads(read_regular(file))
-    except json.JSONDecodeError as e:
-        raise SaekitError(f"{file} is not valid JSON ({e.msg}, line {e.lineno}): re-save the SAE") from None
-    except ValueError:  # bytes that are not text at all
-        raise SaekitError(f"{file} is not valid JSON (it is not text): re-save the SAE") from None
-    except OSError as e:
-        raise SaekitError(f"cannot read {file}: {e.strerror}") from None
-    if not isinstance(raw, dict):
-        raise SaekitError(f"{file} is not {what} (a JSON object is expected): re-save the SAE")
-    return raw
 
 
 def _read_weights(file: Path, device: Any) -> dict[str, torch.Tensor]:
@@ -584,9 +544,6 @@ def check_encoder_usable(sae: SparseAutoencoder, spec: str | os.PathLike, why: s
         )
 
 
-ENCODER_STALE = "encoder_stale"
-"""Metadata key, True when the SAE's encoder was not trained with its current dictionary:
-`saekit train --codes pursuit` trains only the dictionary and leaves the encoder as it was."""
 STALE = " (stale)"
 """What a report appends to the name of such an encoder's row."""
 _STALE_NOTE = (

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,15 +21,11 @@ from torch import nn
 from saekit.architectures import Architecture, TopK, sae_lens_loadable, sae_lens_native
 from saekit.devices import dtype_name
 from saekit.errors import SaekitError, one_line
-from saekit.sae import (
-    ENCODER_STALE,
-    SAE_LENS_CONFIG,
-    SAE_LENS_WEIGHTS,
-    SparseAutoencoder,
-    publish_dir,
-    read_json_object,
-)
+from saekit.sae_files import ENCODER_STALE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
 from saekit.sae_parts import Decoder, Encoder
+
+if TYPE_CHECKING:  # annotations only: saekit.sae calls this module, never the other way
+    from saekit.sae import SparseAutoencoder
 
 _LIST_RELEASES = (
     'list them with: python -c "from sae_lens.loading.pretrained_saes_directory import '
@@ -54,6 +50,7 @@ _KEPT_METADATA = (
 
 
 def load_pretrained(
+    cls: type[SparseAutoencoder],
     release: str | os.PathLike,
     sae_id: str | None = None,
     device: Any = "cpu",
@@ -63,7 +60,7 @@ def load_pretrained(
 ) -> SparseAutoencoder:
     """`SparseAutoencoder.from_pretrained`: a sae-lens SAE from the hub or a local directory."""
     sl = _load_sae_lens(release, sae_id, str(device))
-    sae = from_sae_lens(sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
+    sae = from_sae_lens(cls, sl, k=k, d_hidden=d_hidden, n_hidden=n_hidden, device=device)
     sae.metadata.setdefault("source", {"release": str(release), "sae_id": sae_id})
     return sae
 
@@ -81,7 +78,12 @@ class _UnitRowWeights(NamedTuple):
 
 
 def from_sae_lens(
-    sl: Any, k: int | None = None, d_hidden: int | None = None, n_hidden: int = 0, device: Any = None
+    cls: type[SparseAutoencoder],
+    sl: Any,
+    k: int | None = None,
+    d_hidden: int | None = None,
+    n_hidden: int = 0,
+    device: Any = None,
 ) -> SparseAutoencoder:
     """`SparseAutoencoder.from_sae_lens`: convert an in-memory sae-lens SAE (see that method)."""
     native = _native_architecture(sl)
@@ -109,9 +111,7 @@ def from_sae_lens(
         encoder.set_rank_scale_(weights.rank)  # it picks its latents as sae-lens does
     meta = getattr(sl.cfg, "metadata", None)
     keep = {key: getattr(meta, key, None) for key in _KEPT_METADATA}
-    sae = SparseAutoencoder(
-        encoder=encoder, decoder=decoder, metadata={key: v for key, v in keep.items() if v is not None}
-    )
+    sae = cls(encoder=encoder, decoder=decoder, metadata={key: v for key, v in keep.items() if v is not None})
     return sae.eval()
 
 
