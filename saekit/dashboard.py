@@ -11,7 +11,7 @@ The histogram bins are global and log-spaced (a quarter octave each, 2^-32 .. 2^
 suffices: no per-latent range is needed before binning. The lower-quantile samples come from a
 uniform sample of each latent's nonzero activations (the `SAMPLES` with the smallest hash of
 (row, latent, seed): independent of the batching), split into quartiles of value.
-Every nonzero the encoder outputs counts (`saekit.sae.encoder_output`): a Batch-TopK encoder at
+Every nonzero the encoder outputs counts (`saekit.encodings.encoder_output`): a Batch-TopK encoder at
 its threshold, a ReLU or a JumpReLU encoder is never cut to a k. The codes of the dashboard's
 rows are kept sparse (each row's nonzeros, one after another) to shade the windows' tokens.
 """
@@ -33,11 +33,12 @@ from tqdm import tqdm
 from saekit.codes import group_name, open_codes_for
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import resolve_device
+from saekit.encodings import encoder_output
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
 from saekit.heldout import sae_held_out
 from saekit.models import store_model_spec
 from saekit.pursuit import SparseCodes
-from saekit.sae import check_sae_fits_hook, encoder_output, load_sae
+from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.shard_cache import ShardCacheFields
 from saekit.store import open_store
 

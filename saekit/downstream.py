@@ -43,11 +43,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saekit.devices import device_clock
+from saekit.encodings import encoder_codes
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
 from saekit.models import PASS_MODEL, LoadedModel, load_model, store_model_spec
 from saekit.pursuit import ENCODER_METHODS, METHODS, SparseCodes, encode_from, pursuit, reconstruct
-from saekit.sae import encoder_codes
 
 CLEAN, ZERO, MEAN = "clean", "zero ablation", "mean ablation"
 # Relative error (||fresh - cached|| / ||cached||) allowed between the model's own activations and

@@ -44,20 +44,14 @@ from saekit.downstream import (
     sequence_layout,
     store_sequences,
 )
+from saekit.encodings import check_encoder_usable, encoder_k
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import sae_held_out
 from saekit.plots import plot_against_l0
 from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS
-from saekit.sae import (
-    STALE,
-    check_encoder_usable,
-    check_sae_fits_hook,
-    encoder_k,
-    encoder_label,
-    load_sae,
-    stale_note,
-)
+from saekit.reports import STALE, encoder_label, stale_note
+from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.shard_cache import ShardCacheFields
 from saekit.shards import write_json_atomic
 from saekit.store import open_store

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from saekit.sae import STALE
+from saekit.reports import STALE
 
 # The four rows of a decomposition, in order.
 ROLES = ("encoder", "refit", "encoder+gp", "gp")

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from saekit.atomic import read_regular
 from saekit.errors import SaekitError
-from saekit.sae import run_config_file
+from saekit.reports import run_config_file
 
 DEFAULT_HELD_OUT = 65536
 """At most this many rows are held out by default (a tenth of the store below that)."""

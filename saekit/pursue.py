@@ -67,6 +67,7 @@ from saekit.downstream import (
     sequence_layout,
     store_sequences,
 )
+from saekit.encodings import check_encoder_usable, encoder_codes, encoder_k
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import HeldOut, sae_held_out
@@ -81,15 +82,8 @@ from saekit.pursuit import (
     pursuit,
     reconstruct,
 )
-from saekit.sae import (
-    check_encoder_usable,
-    check_sae_fits_hook,
-    encoder_codes,
-    encoder_k,
-    encoder_label,
-    load_sae,
-    stale_note,
-)
+from saekit.reports import encoder_label, stale_note
+from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.shard_cache import ShardCacheFields
 from saekit.shards import discard_unfinished_creation, write_json_atomic
 from saekit.store import open_store
@@ -182,7 +176,7 @@ class Entry(NamedTuple):
     method: str
     """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), 'encoder@k<k>' (the SAE's
     encoder's top-k at a --k other than its own), a pursuit method, 'refit' or 'encoder+gp'. An
-    encoder not trained with its dictionary is marked ' (stale)' (`saekit.sae.encoder_stale`), and
+    encoder not trained with its dictionary is marked ' (stale)' (`saekit.reports.encoder_stale`), and
     so are the rows that start from it."""
     k: float | None
     """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None for ReLU/JumpReLU encoders."""

@@ -287,7 +287,7 @@ def refit(
     """The best coefficients on the support of `codes`: nonnegative least squares over its atoms.
 
     x: [..., d]; codes: indices/values [..., k] over the dictionary (an encoder's, e.g.
-    `saekit.sae.encoder_codes`); decoder and b_dec as in `gradient_pursuit`. Returns the same
+    `saekit.encodings.encoder_codes`); decoder and b_dec as in `gradient_pursuit`. Returns the same
     indices with values = argmin_{v >= 0} ||x - b_dec - v @ W_dec[indices]||, where only slots
     with a value > 0 may be nonzero (the support; an unused slot stays 0). Never a larger residual
     than `codes` (a row the refit would not improve keeps its values, so rounding cannot make it
@@ -309,7 +309,7 @@ def refine(
 ) -> SparseCodes:
     """ "encoder+gp": `steps` iterations of gradient pursuit started from `codes`, at their width k.
 
-    x: [..., d]; codes: indices/values [..., k] (an encoder's, e.g. `saekit.sae.encoder_codes`);
+    x: [..., d]; codes: indices/values [..., k] (an encoder's, e.g. `saekit.encodings.encoder_codes`);
     decoder and b_dec as in `gradient_pursuit`. Each iteration, per row: the correlation of the
     residual with every atom (the one [b, d] x [d, n] matmul); the best atom outside the row's k
     slots becomes a (k+1)-th candidate; one exact line-search step along the projected gradient

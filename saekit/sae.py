@@ -32,11 +32,19 @@ from torch import nn
 # the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
 from saekit import sae_lens_io
 from saekit.architectures import Architecture
-from saekit.atomic import is_regular, read_regular
+from saekit.atomic import is_regular
 from saekit.devices import dtype_name, resolve_dtype
+from saekit.encodings import check_encoder_usable as check_encoder_usable
+from saekit.encodings import encoder_codes as encoder_codes
+from saekit.encodings import encoder_k as encoder_k
+from saekit.encodings import encoder_output as encoder_output
 from saekit.errors import SaekitError, file_kind, one_line
-from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
-from saekit.sae_files import ENCODER_STALE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
+from saekit.reports import STALE as STALE
+from saekit.reports import encoder_label as encoder_label
+from saekit.reports import encoder_stale as encoder_stale
+from saekit.reports import stale_note as stale_note
+from saekit.sae_files import ENCODER_STALE as ENCODER_STALE
+from saekit.sae_files import SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
 from saekit.sae_parts import ACTIVATIONS as ACTIVATIONS
 from saekit.sae_parts import Decoder, Encoder, Normalization, SAEConfig, check_last_dim, normalization_from_stats
 from saekit.sae_parts import Dictionary as Dictionary
@@ -469,120 +477,6 @@ def encoder_cost(sae: SparseAutoencoder | SAEConfig) -> float:
     d, n, h = cfg.d_in, cfg.n_features, cfg.d_hidden or 0
     mlp = d * h + (cfg.n_hidden - 1) * h * h + h * n if cfg.n_hidden > 0 else 0
     return 1 + mlp / (d * n) + cfg.n_unroll
-
-
-def encoder_k(sae: SparseAutoencoder) -> float | None:
-    """The k a report shows for an SAE's encoder: TopK's k, Batch-TopK's average; None for ReLU and JumpReLU."""
-    return sae.k if sae.arch.has_k else None
-
-
-@torch.no_grad()
-def encoder_codes(sae: SparseAutoencoder, x: torch.Tensor, k: int) -> SparseCodes:
-    """The SAE encoder's codes of x at k, as SparseCodes over `sae.decoder.raw_dictionary()`.
-
-    x: [..., d_in] raw activations -> indices/values [..., k] (values float32, >= 0): the k
-    largest of the encoder's activated pre-activations, where a TopK encoder is taken at k (its
-    ReLU'd pre-activations), so at its own k these are exactly its codes; other encoders (ReLU,
-    JumpReLU, Batch-TopK's threshold) keep their own activation, capped at k nonzeros; an unrolled
-    encoder (`n_unroll` > 0) is taken at its last refinement step's pre-activations. Codes in
-    the normalized space and in raw units are the same numbers (`raw_dictionary` folds the
-    normalization into the atoms), so `sae.decode(to_dense(codes, n))` equals
-    `reconstruct(codes, *sae.decoder.raw_dictionary())`. Slots beyond the encoder's nonzeros hold 0.
-    """
-    check_last_dim(x, sae.d_in, "inputs", "d_in")
-    rows = x.reshape(-1, sae.d_in)
-    n = rows.shape[0]
-    # Short batches are padded with zero rows, as the pursuits pad short chunks: MKL rounds matmuls
-    # of a few rows differently, and encoder+gp's stored codes must not depend on the batching.
-    if n < MIN_CHUNK_ROWS:
-        rows = torch.cat([rows, rows.new_zeros(MIN_CHUNK_ROWS - n, sae.d_in)])
-    xn = sae.decoder.normalize(rows)
-    if sae.encoder.n_unroll:  # an unrolled encoder: the pre-activations its last refinement step chose from
-        pre = sae.encoder.topk_codes(xn, sae.decoder.b_dec, sae.decoder.W_dec).pre_acts
-    else:
-        pre = sae.encoder.pre_activations(xn, sae.decoder.b_dec)
-    pre = pre[:n]
-    acts = (pre.relu() if sae.arch.fixed_k else sae.encoder.activate(pre)).float()
-    if sae.encoder.rank_scale is None:
-        values, indices = acts.topk(k, dim=-1)
-    else:  # a sae-lens TopK SAE's own ranking (`Encoder.set_rank_scale_`)
-        indices = sae.encoder.rank_key(acts).topk(k, dim=-1).indices
-        values = acts.gather(-1, indices)
-    return SparseCodes(indices.reshape(*x.shape[:-1], k), values.reshape(*x.shape[:-1], k))
-
-
-@torch.no_grad()
-def encoder_output(sae: SparseAutoencoder, x: torch.Tensor) -> SparseCodes:
-    """Everything the SAE's encoder outputs for x (`sae.encode`), as SparseCodes over
-    `sae.decoder.raw_dictionary()`: nothing cut to a k.
-
-    x: [..., d_in] raw activations -> indices/values [..., m] (values float32), m the most
-    nonzeros any row of x has (at least 1), so a Batch-TopK encoder at its threshold, a ReLU or a
-    JumpReLU encoder keeps every nonzero of every row; slots past a row's nonzeros hold 0. Short
-    batches are padded as in `encoder_codes`, so the codes do not depend on the batching.
-    """
-    if sae.arch.fixed_k:  # exactly k per row: its codes at its own k, without a dense detour
-        return encoder_codes(sae, x, sae.encoder.k_per_row)
-    check_last_dim(x, sae.d_in, "inputs", "d_in")
-    rows = x.reshape(-1, sae.d_in)
-    n = rows.shape[0]
-    if n < MIN_CHUNK_ROWS:
-        rows = torch.cat([rows, rows.new_zeros(MIN_CHUNK_ROWS - n, sae.d_in)])
-    dense = sae.encode(rows)[:n].float()
-    m = max(1, int((dense != 0).sum(-1).max())) if n else 1
-    values, indices = dense.topk(m, dim=-1)
-    return SparseCodes(indices.reshape(*x.shape[:-1], m), values.reshape(*x.shape[:-1], m))
-
-
-def check_encoder_usable(sae: SparseAutoencoder, spec: str | os.PathLike, why: str) -> None:
-    """One line when `sae` (given as `spec`) has no encoder to start from: `why` needs one."""
-    enc = getattr(sae, "encoder", None)
-    if enc is None or (enc.mlp is None and not bool(enc.W_enc.any()) and not bool(enc.b_enc.any())):
-        raise SaekitError(
-            f"{why} needs an SAE encoder, but {spec} has only a dictionary (its encoder's weights are all zero): "
-            "pass an SAE with a trained encoder, or drop those methods"
-        )
-
-
-STALE = " (stale)"
-"""What a report appends to the name of such an encoder's row."""
-_STALE_NOTE = (
-    "not trained with its SAE's current dictionary (`saekit train --codes pursuit` trains only the dictionary): "
-    "the row measures a leftover encoder, not an encoder for this dictionary."
-)
-
-
-def encoder_stale(sae: SparseAutoencoder, spec: str | os.PathLike) -> bool:
-    """Whether `sae`'s encoder was not trained with its current dictionary: its metadata says so
-    (`saekit train` records it), or `spec` is a run dir trained with `--codes pursuit` before it did."""
-    if isinstance(sae.metadata, dict) and sae.metadata.get(ENCODER_STALE) is True:
-        return True
-    config = run_config_file(spec)
-    try:
-        saved = json.loads(read_regular(config)) if config is not None else None
-    except (OSError, ValueError):  # a damaged run config says nothing about the encoder
-        saved = None
-    return isinstance(saved, dict) and saved.get("codes") == "pursuit"
-
-
-def encoder_label(name: str, sae: SparseAutoencoder, spec: str | os.PathLike) -> str:
-    """A report's name for the row of `sae`'s encoder: `name`, marked STALE when `encoder_stale`."""
-    return name + (STALE if encoder_stale(sae, spec) else "")
-
-
-def stale_note(methods: list[str]) -> str:
-    """A report's sentence on its rows marked STALE; '' when there are none."""
-    stale = [m for m in methods if m.endswith(STALE)]
-    return f"{', '.join(f'`{m}`' for m in stale)}: {_STALE_NOTE}" if stale else ""
-
-
-def run_config_file(spec: str | os.PathLike) -> Path | None:
-    """The training config.json of the `saekit train` run dir that `spec` names (the run dir or
-    its sae/); None for any other SAE (a saekit or sae-lens SAE dir, a hub id)."""
-    path = Path(os.fspath(spec)).expanduser()
-    run = path if (path / "sae").is_dir() else path.parent if path.name == "sae" else None
-    config = run / "config.json" if run is not None else None  # the training config, beside sae/
-    return config if config is not None and config.is_file() else None
 
 
 def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
