@@ -11,7 +11,7 @@ The histogram bins are global and log-spaced (a quarter octave each, 2^-32 .. 2^
 suffices: no per-latent range is needed before binning. The lower-quantile samples come from a
 uniform sample of each latent's nonzero activations (the `SAMPLES` with the smallest hash of
 (row, latent, seed): independent of the batching), split into quartiles of value.
-Every nonzero the encoder outputs counts (`saekit.encodings.encoder_output`): a Batch-TopK encoder at
+Every nonzero the encoder outputs counts (`saekit.encodings.encode`, the encoder's own output): a Batch-TopK encoder at
 its threshold, a ReLU or a JumpReLU encoder is never cut to a k. The codes of the dashboard's
 rows are kept sparse (each row's nonzeros, one after another) to shade the windows' tokens.
 """
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from saekit.codes import group_name, open_codes_for
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import resolve_device
-from saekit.encodings import encoder_output
+from saekit.encodings import ENCODER, encode
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
 from saekit.heldout import sae_held_out
 from saekit.models import store_model_spec
@@ -433,7 +433,7 @@ def stream_stats(cfg, store, hook, sae, rows: range, codes, device) -> list[Late
     )
     start = rows.start
     for x in store.iter_rows(hook, cfg.batch_size, rows.start, rows.stop):
-        c = encoder_output(sae, x.to(device).float())
+        c = encode(x.to(device).float(), ENCODER, None, sae)
         with one_thread():
             stats[0].add_(SparseCodes(c.indices.cpu(), c.values.cpu()), start)
             if codes:

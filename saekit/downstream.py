@@ -43,11 +43,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saekit.devices import device_clock
-from saekit.encodings import encoder_codes
+from saekit.encodings import encode
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
 from saekit.models import PASS_MODEL, LoadedModel, load_model, store_model_spec
-from saekit.pursuit import ENCODER_METHODS, METHODS, SparseCodes, encode_from, pursuit, reconstruct
+from saekit.pursuit import SparseCodes, reconstruct
 
 CLEAN, ZERO, MEAN = "clean", "zero ablation", "mean ablation"
 # Relative error (||fresh - cached|| / ||cached||) allowed between the model's own activations and
@@ -551,18 +551,14 @@ def codes_encoding(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> Ba
     return encode
 
 
-def computed_encoding(sae: Any, W: Tensor, b: Tensor, method: str, k: int, steps: int) -> BatchEncoding:
-    """An encoding computed batch by batch against the raw-space dictionary (W [n, d], b [d]): a
-    pursuit method; refit or encoder+gp (`steps`) from the SAE's encoder codes at k; or "encoder",
-    those codes themselves (`encoder@k`)."""
+def computed_encoding(sae: Any, W: Tensor, b: Tensor, method: str, k: int | None, steps: int) -> BatchEncoding:
+    """An encoding computed batch by batch (`saekit.encodings.encode`) and decoded against the
+    raw-space dictionary (W [n, d], b [d]): the encoder's own output (method "encoder", k None),
+    its codes at k (`encoder@k`), a pursuit method, or refit / encoder+gp (`steps`) from the
+    encoder's codes at k."""
 
-    def encode(x: Tensor, seqs: range) -> Reconstruction:
-        if method in METHODS:
-            c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
-        else:
-            c = encoder_codes(sae, x, k)
-            if method in ENCODER_METHODS:
-                c = encode_from(x, W, method, c, steps=steps, b_dec=b)
+    def encoded(x: Tensor, seqs: range) -> Reconstruction:
+        c = encode(x, method, k, sae, (W, b), refine=steps)
         return Reconstruction(reconstruct(c, W, b), c.values)
 
-    return encode
+    return encoded

@@ -1,7 +1,15 @@
-"""The one home of the SAE encoder's codes: what the encoder outputs (`encoder_output`), its codes at
-any k (`encoder_codes`, the `encoder` / `encoder@k` encodings and the start of refit and
-encoder+gp), and the k a report shows for it. pursue, eval, the dashboard and training's
-distillation all take an encoder's codes from here; pursuits live in `saekit.pursuit`.
+"""The one home of encodings: `encode(x, method, k, sae)` computes any of them for given rows, as
+SparseCodes over the SAE's raw-space dictionary:
+
+    "encoder", k=None   the encoder's own output (any trained encoder: an SAE's, an MLP encoder's)
+    "encoder", k        its codes at k (`encoder@k`; at its own k, its codes)
+    gp, cgp, mp, omp    a pursuit against the dictionary (`saekit.pursuit.METHODS`)
+    refit, encoder+gp   from the encoder's codes at k (`saekit.pursuit.ENCODER_METHODS`)
+
+pursue, eval (and pursue --downstream), the dashboard and exports call `encode`; `reconstruct`
+turns codes back into activations. Below it: what the encoder outputs (`encoder_output`), its codes
+at any k (`encoder_codes`, also the start of refit and encoder+gp and of training's
+distillation), and the k a report shows for it. The pursuits themselves live in `saekit.pursuit`.
 """
 
 from __future__ import annotations
@@ -12,11 +20,61 @@ from typing import TYPE_CHECKING
 import torch
 
 from saekit.errors import SaekitError
-from saekit.pursuit import MIN_CHUNK_ROWS, SparseCodes
+from saekit.pursuit import ENCODER_METHODS, METHODS, MIN_CHUNK_ROWS, SparseCodes, encode_from, pursuit
+from saekit.pursuit import reconstruct as reconstruct
 from saekit.sae_parts import check_last_dim
 
 if TYPE_CHECKING:  # annotations only
     from saekit.sae import SparseAutoencoder
+
+
+ENCODER = "encoder"
+ENCODINGS = (ENCODER, *METHODS, *ENCODER_METHODS)
+"""Every method `encode` takes."""
+
+
+def raw_dictionary(
+    sae: SparseAutoencoder, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [n, d], b [d]) the SAE's dictionary in raw activation space, float32, detached: what
+    every encoding's codes decode against (`reconstruct(codes, W, b)`)."""
+    W, b = sae.decoder.raw_dictionary()
+    return W.detach().float().to(device), b.detach().float().to(device)
+
+
+@torch.no_grad()
+def encode(
+    x: torch.Tensor,
+    method: str,
+    k: int | None,
+    sae: SparseAutoencoder,
+    dictionary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    refine: int = 0,
+    start: SparseCodes | None = None,
+) -> SparseCodes:
+    """The one way to compute an encoding of rows x [b, d_in] (raw activations) at k.
+
+    method: "encoder" (k=None: everything the encoder outputs, `encoder_output`; else its codes
+    at k, `encoder_codes`), a pursuit method (gp, cgp, mp, omp) against the SAE's dictionary, or
+    refit / encoder+gp (`refine` gp steps), which start from the encoder's codes at k.
+    dictionary: (W, b) from `raw_dictionary(sae)`, when the caller already holds it (pass it
+    batch after batch: it is not recomputed). start: the encoder's codes of x at k, when the
+    caller already has them (pursue times them once for several encodings).
+    Returns SparseCodes [b, k] (the encoder's own output: [b, most nonzeros of any row]) over the
+    raw dictionary: `reconstruct(codes, W, b)` is the reconstruction.
+    """
+    if method == ENCODER:
+        if start is not None:
+            return start
+        return encoder_output(sae, x) if k is None else encoder_codes(sae, x, k)
+    if k is None or method not in ENCODINGS:
+        raise SaekitError(f"unknown encoding {method!r} at k={k}: use one of {', '.join(ENCODINGS)}, each with a k")
+    W, b = dictionary if dictionary is not None else raw_dictionary(sae, x.device)
+    if method in METHODS:
+        return pursuit(x, W, k, method=method, b_dec=b, dense=False)
+    start = start if start is not None else encoder_codes(sae, x, k)
+    return encode_from(x, W, method, start, steps=refine, b_dec=b)
 
 
 def encoder_k(sae: SparseAutoencoder) -> float | None:

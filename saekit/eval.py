@@ -19,7 +19,6 @@ the held-out ones (`saekit.heldout`), never trained on.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from saekit.atomic import write_atomic
 from saekit.codes import encoder_sha256, group_name, open_codes_for
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
@@ -44,20 +42,18 @@ from saekit.downstream import (
     sequence_layout,
     store_sequences,
 )
-from saekit.encodings import check_encoder_usable, encoder_k
+from saekit.encodings import ENCODER, check_encoder_usable, encoder_k, raw_dictionary
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import sae_held_out
-from saekit.plots import plot_against_l0
 from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS
-from saekit.reports import STALE, encoder_label, stale_note
+from saekit.reports import STALE, Column, Plot, Report, encoder_label, fmt, markdown_table, stale_note
 from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.shard_cache import ShardCacheFields
-from saekit.shards import write_json_atomic
 from saekit.store import open_store
 
 ROUND_TRIP = "cache round-trip"
-REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "delta_ce_vs_l0.png"
+PLOT = "delta_ce_vs_l0.png"
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +234,7 @@ def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: i
     before them, with refit or encoder+gp, the encoder's top-k at each of their k but its own."""
     for k in cfg.k:
         check_k(k, sae.n_features, "--k", "the SAE's n_features")
-    W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
+    W, b = raw_dictionary(sae, device)
     stored = {(codes.methods[g], k): g for g, k in codes.groups.items()} if codes is not None else {}
     wanted = {(m, k) for m in cfg.methods for k in cfg.k} | set(stored)
     order = sorted(wanted, key=lambda mk: (ALL_METHODS.index(mk[0]), mk[1]))
@@ -251,7 +247,7 @@ def _pursuit_rows(cfg: EvalConfig, sae: Any, codes: Any, rows: range, per_seq: i
     if from_encoder:
         for k in encoder_at_ks(sae, sorted({int(k) for _, k in from_encoder})):
             out.append(
-                _Row(label(encoder_at_label(k)), k, cfg.sae, computed_encoding(sae, W, b, "encoder", k, cfg.refine))
+                _Row(label(encoder_at_label(k)), k, cfg.sae, computed_encoding(sae, W, b, ENCODER, k, cfg.refine))
             )
     for method, k in order:
         g = stored.get((method, k))
@@ -273,7 +269,7 @@ def _rows(
         _Row(ROUND_TRIP, None, cfg.store, lambda x, s: x),
         _Row(ZERO, None, "", None),
         _Row(MEAN, None, "", None),
-        _Row(encoder_label("encoder", sae, cfg.sae), encoder_k(sae), cfg.sae, lambda x, s: sae(x)),
+        _Row(encoder_label("encoder", sae, cfg.sae), encoder_k(sae), cfg.sae, _own_output(sae, device)),
     ]
     for spec in cfg.encoders:
         enc = load_sae(spec, device)
@@ -281,10 +277,15 @@ def _rows(
         name = f"encoder:{Path(spec).name or spec}"
         if name in {r.method for r in rows}:  # e.g. two runs' sae/ dirs: keep both
             name = f"encoder:{spec}#{len(rows)}"
-        rows.append(_Row(encoder_label(name, enc, spec), encoder_k(enc), spec, lambda x, s, enc=enc: enc(x)))
+        rows.append(_Row(encoder_label(name, enc, spec), encoder_k(enc), spec, _own_output(enc, device)))
     codes = _open_codes(cfg, store, hook, sae)
     rows += _pursuit_rows(cfg, sae, codes, range(seqs.start * per_seq, seqs.stop * per_seq), per_seq, device)
     return rows
+
+
+def _own_output(sae: Any, device: torch.device) -> BatchEncoding:
+    """An encoder's own output, decoded against its own dictionary."""
+    return computed_encoding(sae, *raw_dictionary(sae, device), ENCODER, None, 0)
 
 
 def _row_name(r: _Row) -> str:
@@ -347,39 +348,25 @@ def _run(cfg: EvalConfig, out: Path, device: torch.device, dtype: torch.dtype) -
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if spec.endswith("4f") and v and abs(v) < 5e-4:  # e.g. the cache round-trip's ΔCE: not 0.0000
-        return format(v, spec[:-2] + "1e")
-    return format(v, spec)
-
-
 def format_table(entries: list[EvalEntry]) -> str:
     """The entries as a markdown table."""
-    lines = [
-        "| method | k | L0 | FVU | cossim | CE | ΔCE | CE rec. (zero) | CE rec. (mean) | KL mean | KL p90 | KL p99 | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    m = lambda field, spec: Column(field[0], lambda e: fmt(getattr(e.metrics, field[1]), spec))  # noqa: E731
+    columns = [
+        Column("method", lambda e: e.method, "---"),
+        Column("k", lambda e: fmt(e.k, "g")),
+        m(("L0", "l0"), ".2f"),
+        m(("FVU", "fvu"), ".4f"),
+        m(("cossim", "cossim"), ".4f"),
+        m(("CE", "ce"), ".4f"),
+        m(("ΔCE", "delta_ce"), "+.4f"),
+        m(("CE rec. (zero)", "ce_recovered_zero"), ".4f"),
+        m(("CE rec. (mean)", "ce_recovered_mean"), ".4f"),
+        m(("KL mean", "kl_mean"), ".4f"),
+        m(("KL p90", "kl_p90"), ".4f"),
+        m(("KL p99", "kl_p99"), ".4f"),
+        m(("seconds", "seconds"), ".2f"),
     ]
-    for e in entries:
-        m = e.metrics
-        cells = [
-            e.method,
-            _fmt(e.k, "g"),
-            _fmt(m.l0, ".2f"),
-            _fmt(m.fvu, ".4f"),
-            _fmt(m.cossim, ".4f"),
-            _fmt(m.ce, ".4f"),
-            _fmt(m.delta_ce, "+.4f"),
-            _fmt(m.ce_recovered_zero, ".4f"),
-            _fmt(m.ce_recovered_mean, ".4f"),
-            _fmt(m.kl_mean, ".4f"),
-            _fmt(m.kl_p90, ".4f"),
-            _fmt(m.kl_p99, ".4f"),
-            _fmt(m.seconds, ".2f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(columns, entries)
 
 
 def entry_dict(e: EvalEntry) -> dict:
@@ -395,34 +382,28 @@ def entry_dict(e: EvalEntry) -> dict:
 def write_report(out: Path, entries: list[EvalEntry], header: dict, gaps: Sequence[GapDecomposition] = ()) -> str:
     """report.json (header, entries, gaps), report.md and delta_ce_vs_l0.png in `out`; returns the
     table (and the gap decomposition's)."""
-    report = {"header": header, "entries": [entry_dict(e) for e in entries], "gaps": [g.as_json() for g in gaps]}
-    write_json_atomic(out / REPORT_JSON, report)
-    table = format_table(entries)
-    if gaps:
-        table += "\n\n" + gap_section(gaps)
-    head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     stale = stale_note([e.method for e in entries])
-    md = (
-        f"# saekit eval report\n\n{head}\n\nCE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
-        f"(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
-        f"rows. See docs/eval.md.{' ' + stale if stale else ''}\n\n{table}\n\n![ΔCE and KL against L0]({PLOT})\n"
+    about = (
+        "CE and KL(clean ‖ spliced) are nats per counted token; CE recovered is "
+        "(CE_ablation - CE) / (CE_ablation - CE_clean), a ratio of means. FVU, L0 and cossim are over the spliced "
+        f"rows. See docs/eval.md.{' ' + stale if stale else ''}"
     )
-    write_atomic(out / REPORT_MD, md)
-    plot_downstream(
-        entries, out / PLOT, title=f"{Path(header['sae']).name} on {header['hook']}, {header['tokens']} tokens"
-    )
-    return table
-
-
-def plot_downstream(entries: list[EvalEntry], path: Path, title: str = "") -> None:
-    """ΔCE and mean KL against L0: each pursuit method a curve over k, each encoder a labelled
-    point, the cache round-trip a dashed line (the floor the cache's rounding sets)."""
     labels = ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
-    plot_against_l0(path, labels, *downstream_series(entries), title=title)
+    title = f"{Path(header['sae']).name} on {header['hook']}, {header['tokens']} tokens"
+    report = Report(
+        "eval",
+        header,
+        about,
+        format_table(entries),
+        doc={"header": header, "entries": [entry_dict(e) for e in entries], "gaps": [g.as_json() for g in gaps]},
+        plot=Plot(PLOT, "ΔCE and KL against L0", labels, *downstream_series(entries), title=title),
+        sections=[gap_section(gaps)] if gaps else [],
+    )
+    return report.write(out)
 
 
 def downstream_series(entries: list[EvalEntry]) -> tuple[dict, dict, dict]:
-    """What `plot_downstream` draws: curves (a method over its k's: the pursuits, refit and
+    """What the report's plot draws: curves (a method over its k's: the pursuits, refit and
     encoder+gp), points (each encoder: the SAE's, encoder@k, extra encoders) and levels (the
     cache round-trip), each as label -> (L0, (ΔCE, KL mean))."""
 

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from saekit.atomic import write_atomic
 from saekit.codes import (
     CODES_DIR,
     CODES_FORMAT,
@@ -67,28 +66,25 @@ from saekit.downstream import (
     sequence_layout,
     store_sequences,
 )
-from saekit.encodings import check_encoder_usable, encoder_codes, encoder_k
+from saekit.encodings import ENCODER, check_encoder_usable, encode, encoder_k, raw_dictionary
 from saekit.errors import SaekitError, is_non_empty, output_dir
 from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
 from saekit.heldout import HeldOut, sae_held_out
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
-from saekit.plots import plot_against_l0
 from saekit.pursuit import (
     ALL_METHODS,
     DEFAULT_REFINE,
     ENCODER_METHODS,
     SparseCodes,
-    encode_from,
-    pursuit,
     reconstruct,
 )
-from saekit.reports import encoder_label, stale_note
+from saekit.reports import Column, Plot, Report, encoder_label, markdown_table, stale_note
 from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.shard_cache import ShardCacheFields
-from saekit.shards import discard_unfinished_creation, write_json_atomic
+from saekit.shards import discard_unfinished_creation
 from saekit.store import open_store
 
-REPORT_JSON, REPORT_MD, PLOT = "report.json", "report.md", "fvu_vs_l0.png"
+PLOT = "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
 # store and the SAE are identified by content (so either may move; the SAE's encoder only when
 # refit or encoder+gp start from it), and extra encoders, batch size and device change only the
@@ -319,7 +315,7 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     out.mkdir(parents=True, exist_ok=True)
     codes = _open_or_create(out, identity, groups, len(rows), store.layout)
 
-    W, b = (t.detach().float().to(device) for t in sae.decoder.raw_dictionary())
+    W, b = raw_dictionary(sae, device)
     stats = _Pass(cfg, store, hook, codes, sae, extras, at_k, W, b, device).measure()
     codes.finalize()
     spliced = _downstream(cfg, sequences, sae, extras, at_k, codes, W, b) if sequences is not None else {}
@@ -419,9 +415,12 @@ def _downstream(
         rows.start - codes.start_row,
         rows.stop - codes.start_row,
     )  # code rows count from the first compared row
-    encodings = {"encoder": lambda x, s: sae(x)}
-    encodings |= {name: (lambda x, s, enc=enc: enc(x)) for name, _, enc in extras}
-    encodings |= {encoder_at_label(k): computed_encoding(sae, W, b, "encoder", k, 0) for k in at_k}
+    device = W.device
+    encodings = {"encoder": computed_encoding(sae, W, b, ENCODER, None, 0)}
+    encodings |= {
+        name: computed_encoding(enc, *raw_dictionary(enc, device), ENCODER, None, 0) for name, _, enc in extras
+    }
+    encodings |= {encoder_at_label(k): computed_encoding(sae, W, b, ENCODER, k, 0) for k in at_k}
     encodings |= {g: codes_encoding(codes.codes(g, first, last), W, b, per) for g in codes.groups}
     return sequences.evaluate(encodings, progress=cfg.progress)
 
@@ -460,6 +459,10 @@ class _Pass:
 
     def __post_init__(self) -> None:
         self.encoders = [("encoder", self.sae), *[(name, enc) for name, _, enc in self.extras]]
+        self.dictionaries = {
+            name: (self.W, self.b) if enc is self.sae else raw_dictionary(enc, self.device)
+            for name, enc in self.encoders
+        }
         names = [*(n for n, _ in self.encoders), *map(encoder_at_label, self.at_k), *self.codes.groups]
         self.stats = {name: ReconstructionStats() for name in names}
         self.seconds = dict.fromkeys(self.stats, 0.0)
@@ -514,9 +517,10 @@ class _Pass:
         with torch.no_grad():
             for name, enc in self.encoders:
                 t0 = device_clock(device)
-                res = enc(x)
+                c = encode(x, ENCODER, None, enc)
+                x_hat = reconstruct(c, *self.dictionaries[name])
                 self.seconds[name] += device_clock(device) - t0
-                self.stats[name].update(x, res.reconstruction, res.codes)
+                self.stats[name].update(x, x_hat, c.values)
         starts, start_seconds = _encoder_starts(self.sae, x, self.start_ks, device)
         for k in self.at_k:
             name = encoder_at_label(k)
@@ -525,12 +529,11 @@ class _Pass:
         for g, k in self.codes.groups.items():
             if g in fresh:
                 method = self.codes.methods[g]
-                t0 = device_clock(device)
-                if method in ENCODER_METHODS:  # its time includes the encoder's
-                    c = encode_from(x, W, method, starts[k], steps=self.cfg.refine, b_dec=b)
+                start = starts[k] if method in ENCODER_METHODS else None
+                if start is not None:  # its time includes the encoder's
                     spent[g] += start_seconds[k]
-                else:
-                    c = pursuit(x, W, k, method=method, b_dec=b, dense=False)
+                t0 = device_clock(device)
+                c = encode(x, method, k, self.sae, (W, b), refine=self.cfg.refine, start=start)
                 spent[g] += device_clock(device) - t0
                 fresh[g][f"{g}/indices"][rows] = c.indices.to("cpu", torch.int32).numpy()
                 fresh[g][f"{g}/values"][rows] = c.values.cpu().numpy()
@@ -550,7 +553,7 @@ def _encoder_starts(
     starts, seconds = {}, {}
     for k in ks:
         t0 = device_clock(device)
-        starts[k] = encoder_codes(sae, x, k)
+        starts[k] = encode(x, ENCODER, k, sae)
         seconds[k] = device_clock(device) - t0
     return starts, seconds
 
@@ -587,22 +590,26 @@ def _entry(
 
 def format_table(entries: Sequence[Entry]) -> str:
     """The entries as a markdown table (with --downstream: ΔCE, CE loss recovered against zeros, KL mean)."""
-    spliced = all(e.downstream is not None for e in entries)
-    extra = " ΔCE | CE rec. (zero) | KL mean |" if spliced else ""
-    lines = [
-        f"| method | k | L0 | FVU | explained variance | MSE | cossim |{extra} seconds | rows/s |",
-        "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (extra.count("|") + 2),
+    columns = [
+        Column("method", lambda e: e.method, "---"),
+        Column("k", lambda e: "" if e.k is None else f"{e.k:g}"),
+        Column("L0", lambda e: f"{e.l0:.2f}"),
+        Column("FVU", lambda e: f"{e.fvu:.4f}"),
+        Column("explained variance", lambda e: f"{e.explained_variance:.4f}"),
+        Column("MSE", lambda e: f"{e.mse:#.4g}"),
+        Column("cossim", lambda e: f"{e.cossim:.4f}"),
     ]
-    for e in entries:
-        k = "" if e.k is None else (f"{e.k:g}")
-        rate = f"{e.n_rows / e.seconds:,.0f}" if e.seconds > 0 else ""
-        d = e.downstream
-        cells = f" {d.delta_ce:+.4f} | {d.ce_recovered_zero:.4f} | {d.kl_mean:.4f} |" if spliced and d else ""
-        lines.append(
-            f"| {e.method} | {k} | {e.l0:.2f} | {e.fvu:.4f} | {e.explained_variance:.4f} | {e.mse:#.4g} | "
-            f"{e.cossim:.4f} |{cells} {e.seconds:.2f} | {rate} |"
-        )
-    return "\n".join(lines)
+    if all(e.downstream is not None for e in entries):
+        columns += [
+            Column("ΔCE", lambda e: f"{e.downstream.delta_ce:+.4f}"),
+            Column("CE rec. (zero)", lambda e: f"{e.downstream.ce_recovered_zero:.4f}"),
+            Column("KL mean", lambda e: f"{e.downstream.kl_mean:.4f}"),
+        ]
+    columns += [
+        Column("seconds", lambda e: f"{e.seconds:.2f}"),
+        Column("rows/s", lambda e: f"{e.n_rows / e.seconds:,.0f}" if e.seconds > 0 else ""),
+    ]
+    return markdown_table(columns, entries)
 
 
 def entry_dict(e: Entry, gaps: Sequence[GapDecomposition] = ()) -> dict:
@@ -616,11 +623,6 @@ def entry_dict(e: Entry, gaps: Sequence[GapDecomposition] = ()) -> dict:
 
 def write_report(out: Path, entries: Sequence[Entry], header: dict, gaps: Sequence[GapDecomposition] = ()) -> str:
     """report.json, report.md and fvu_vs_l0.png in `out`; returns the table (and the gap decomposition's)."""
-    write_json_atomic(out / REPORT_JSON, [entry_dict(e, gaps) for e in entries])
-    table = format_table(entries)
-    if gaps:
-        table += "\n\n" + gap_section(gaps)
-    head = "\n".join(f"- {k}: `{v}`" for k, v in header.items())
     about = f"FVU is against the mean of all {header['rows']} rows."
     stale = stale_note([e.method for e in entries])
     about += f" {stale}" if stale else ""
@@ -629,17 +631,23 @@ def write_report(out: Path, entries: Sequence[Entry], header: dict, gaps: Sequen
             " ΔCE, CE rec. (zero) and KL mean are `saekit eval`'s (KL(clean ‖ spliced), nats per counted token), "
             "on the whole sequences inside the rows. See docs/eval.md."
         )
-    md = f"# saekit pursue report\n\n{head}\n\n{about}\n\n{table}\n\n![FVU against L0]({PLOT})\n"
-    write_atomic(out / REPORT_MD, md)
     held = "held-out " if header["held out"].startswith("yes") else ""
     title = f"{Path(header['sae']).name} on {header['hook']}, {held}rows {header['store rows']}"
     if "downstream tokens" in header:
         title += f" (ΔCE and KL: {header['downstream tokens']:,} tokens of their whole sequences)"
-    plot_fvu_vs_l0(entries, out / PLOT, title=title)
-    return table
+    report = Report(
+        "pursue",
+        header,
+        about,
+        format_table(entries),
+        doc=[entry_dict(e, gaps) for e in entries],
+        plot=fvu_vs_l0_plot(entries, title),
+        sections=[gap_section(gaps)] if gaps else [],
+    )
+    return report.write(out)
 
 
-def plot_fvu_vs_l0(entries: Sequence[Entry], path: Path, title: str = "") -> None:
+def fvu_vs_l0_plot(entries: Sequence[Entry], title: str = "") -> Plot:
     """FVU (with --downstream also ΔCE and mean KL) against L0: each encoder a labelled point, each
     pursuit method a curve over k."""
     labels = ["FVU (lower is better)"]
@@ -652,4 +660,4 @@ def plot_fvu_vs_l0(entries: Sequence[Entry], path: Path, title: str = "") -> Non
         if e.codes is not None:
             curves.setdefault(e.method, []).append((e.l0, ys(e)))
     points = {e.method: (e.l0, ys(e)) for e in entries if e.codes is None}
-    plot_against_l0(path, labels, curves, points, title=title)
+    return Plot(PLOT, "FVU against L0", labels, curves, points, title=title)

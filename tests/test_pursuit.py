@@ -603,3 +603,44 @@ def test_refine_never_raises_a_rows_error_from_any_start(clusters):
         assert (errors[-1] <= errors[-2]).all(), f"a row's error grew at step {steps}"
     assert errors[-1].sum() < errors[0].sum()
     assert torch.isfinite(errors[-1]).all() and errors[-1][-2] == 0  # the zero row stays exact
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_encode_of_the_encoder_reconstructs_as_the_sae_does(activation):
+    """pursue, eval and the dashboard measure an encoder through `encode`: its own output, decoded
+    against the raw dictionary, must be the SAE's own forward (codes and reconstruction)."""
+    from saekit.encodings import ENCODER, encode, raw_dictionary
+    from saekit.sae import SparseAutoencoder
+
+    sae, x, _ = _encoder_and_rows()
+    other = SparseAutoencoder(decoder=sae.decoder, activation=activation, k=8)
+    other.encoder.load_state_dict(sae.encoder.state_dict(), strict=False)
+    if activation == "jumprelu":
+        other.encoder.threshold.data.fill_(0.05)
+    other.eval()
+    with torch.no_grad():
+        out = other(x)
+        c = encode(x, ENCODER, None, other)
+        assert torch.equal((to_dense(c, other.n_features) != 0), out.codes != 0)
+        assert int((out.codes != 0).sum()) > 0
+        torch.testing.assert_close(reconstruct(c, *raw_dictionary(other)), out.reconstruction, rtol=1e-4, atol=1e-4)
+
+
+def test_encode_computes_every_encoding_and_refuses_an_unknown_one():
+    from saekit.encodings import ENCODER, ENCODINGS, encode, encoder_codes, raw_dictionary
+
+    sae, x, _ = _encoder_and_rows()
+    W, b = raw_dictionary(sae)
+    fvu = {}
+    for method in ENCODINGS:
+        c = encode(x, method, 8, sae, refine=2)
+        assert c.indices.shape == (x.shape[0], 8), method
+        fvu[method] = float(((x - reconstruct(c, W, b)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    # refit keeps the encoder's support and only refits coefficients; encoder+gp improves on both
+    assert fvu["refit"] <= fvu[ENCODER] + 1e-6 and fvu["encoder+gp"] <= fvu["refit"] + 1e-6, fvu
+    # a caller's own start is used as is (pursue times the encoder once for several encodings)
+    start = encoder_codes(sae, x, 8)
+    again = encode(x, "encoder+gp", 8, sae, (W, b), refine=2, start=start)
+    assert torch.equal(again.indices, encode(x, "encoder+gp", 8, sae, refine=2).indices)
+    with pytest.raises(SaekitError, match="unknown encoding 'lista'"):
+        encode(x, "lista", 8, sae)
