@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -20,22 +19,18 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from saekit.atomic import Busy, Lock
 from saekit.config import check_positive
-from saekit.errors import SaekitError, is_non_empty
+from saekit.errors import SaekitError
 from saekit.remote import is_remote
 from saekit.shards import (
     RECORDS_DIR,
     ShardLayoutError,
     ShardRecord,
-    clear_group,
     crc32c_of,
     create_marked_group,
     create_sharded_array,
-    discard_unfinished_creation,
     map_shard_file,
     record_path,
-    remove_entries,
     write_group_attrs,
     write_json_atomic,
     write_recorded_shard,
@@ -55,7 +50,6 @@ from saekit.store_format import (
     identity,
     is_url,
     leading_records,
-    metadata_files,
     read_attrs,
     record_sums,
     row_stats,
@@ -64,7 +58,7 @@ from saekit.store_format import (
     summary,
     validate_hooks,
 )
-from saekit.store_upload import RemoteMirror, refuse_truncation
+from saekit.store_upload import InPlace, RemoteMirror, publisher
 
 if TYPE_CHECKING:
     import zarr
@@ -103,40 +97,20 @@ def create_store(
     _check_create_args(path, resume, overwrite, rank, world_size, shard_rows, chunk_rows, n_rows)
     layout = StoreLayout(validate_hooks(hooks), int(shard_rows), int(chunk_rows))
     meta = json.loads(canonical_json(meta))  # normalise (tuples -> lists) so resume compares like with like
-    if is_remote(path):
-        return _create_remote(str(path), layout, meta, int(n_rows), resume, overwrite, rank, world_size, staging)
-    root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise SaekitError(f"{root} is a file, not a directory; choose a directory path for the store")
-    lock = lock_store(root, rank)  # before anything is read or removed: another writer may be at work
-    if rank == 0:
-        discard_unfinished_creation(root, FORMAT, STORE_ENTRIES)
-    non_empty = is_non_empty(root)  # a file was refused above
-    attrs = read_attrs(root) if non_empty else None
-    if (kept := _to_reopen(root, attrs, non_empty, resume, overwrite, rank)) is not None:
-        writer = _reopen(root, kept, layout, meta, rank, world_size)
-    else:
-        if non_empty:
-            clear_group(root, "replacing a store (--overwrite)")
-        attrs = _create(root, layout, meta, capacity=int(n_rows))
-        writer = StoreWriter(root, layout, attrs, rank, world_size)
-    return writer.holding(lock)
-
-
-def lock_store(root: Path, rank: int = 0) -> Lock | None:
-    """The store directory `root` (made if need be) locked by rank 0 of the job writing it, for
-    as long as its writer lives: another harvest of the same store is one line, never a second
-    writer of the same shards. Ranks > 0 join a store their rank 0 holds (None: no lock)."""
-    root.mkdir(parents=True, exist_ok=True)
-    if rank > 0:
-        return None
+    place = publisher(path, rank, staging, STORE_ENTRIES, FORMAT)
     try:
-        return Lock(root)
-    except Busy:
-        raise SaekitError(
-            f"another process is writing the store {root} right now (a harvest of the same data?); "
-            "wait for it to finish, then rerun: its store will be reused, or resumed if it was stopped"
-        ) from None
+        non_empty = place.open_existing(rank, layout)
+        attrs = read_attrs(place.root) if non_empty else None
+        if (kept := _to_reopen(place.where, attrs, non_empty, resume, overwrite, rank)) is not None:
+            return _reopen(kept, layout, meta, rank, world_size, place)
+        if non_empty:
+            place.clear_all()
+        attrs = _create(place.root, layout, meta, capacity=int(n_rows))
+        place.push_metadata(layout)
+    except BaseException:
+        place.done()
+        raise
+    return StoreWriter(place.root, layout, attrs, rank, world_size, place)
 
 
 def _to_reopen(where, attrs: dict | None, non_empty: bool, resume: bool, overwrite: bool, rank: int) -> dict | None:
@@ -159,37 +133,6 @@ def _to_reopen(where, attrs: dict | None, non_empty: bool, resume: bool, overwri
         why = "refusing to delete it" if overwrite else "cannot resume it"
         raise SaekitError(f"{where} is not empty and not a saekit store; {why}, choose a new path")
     return attrs if resume else None
-
-
-def _create_remote(
-    url: str,
-    layout: StoreLayout,
-    meta: dict,
-    capacity: int,
-    resume: bool,
-    overwrite: bool,
-    rank: int,
-    world_size: int,
-    staging: str | os.PathLike | None,
-) -> StoreWriter:
-    """`create_store` at a URL: staged locally, published by a RemoteMirror."""
-    mirror = RemoteMirror.staged(url, rank, staging)
-    mirror.remote.check_writable()
-    objects = mirror.objects()
-    if rank == 0 and "zarr.json" not in objects and set(objects) <= set(metadata_files(layout)):
-        mirror.clear(objects)  # a creation killed before its group zarr.json: no rows, nothing to keep
-        objects = {}
-    mirror.pull(objects)
-    attrs = read_attrs(mirror.root) if objects else None
-    mirror.objects_at_open = objects
-    if (kept := _to_reopen(url, attrs, bool(objects), resume, overwrite, rank)) is not None:
-        return _reopen(mirror.root, kept, layout, meta, rank, world_size, mirror)
-    if objects:
-        mirror.clear(objects)
-        remove_entries(mirror.root, [p.name for p in mirror.root.iterdir()])  # the folder keeps its lock
-    attrs = _create(mirror.root, layout, meta, capacity=capacity)
-    mirror.push_metadata(layout)
-    return StoreWriter(mirror.root, layout, attrs, rank, world_size, mirror)
 
 
 def _check_create_args(
@@ -218,10 +161,10 @@ def _check_create_args(
 
 
 def _reopen(
-    root: Path, attrs: dict, layout: StoreLayout, meta: dict, rank: int, world_size: int, mirror=None
+    attrs: dict, layout: StoreLayout, meta: dict, rank: int, world_size: int, place: InPlace | RemoteMirror
 ) -> StoreWriter:
-    """A writer of the unfinished store at `root` (resume, or rank > 0 joining rank 0's store)."""
-    where = mirror.remote.url if mirror else root
+    """A writer of the unfinished store at `place` (resume, or rank > 0 joining rank 0's store)."""
+    where = place.where
     stored = check_attrs(where, attrs)
     if attrs["complete"] and rank > 0:
         raise SaekitError(
@@ -232,7 +175,7 @@ def _reopen(
             f"store {where} is already complete ({attrs['n_rows']} rows); open it to read, or pass overwrite to rebuild"
         )
     _check_matches(where, stored, attrs["meta"], layout, meta)
-    return StoreWriter(root, layout, attrs, rank, world_size, mirror)
+    return StoreWriter(place.root, layout, attrs, rank, world_size, place)
 
 
 def _check_matches(root, stored: StoreLayout, stored_meta: dict, layout: StoreLayout, meta: dict) -> None:
@@ -269,21 +212,19 @@ def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int) -> dict:
     return attrs
 
 
-def _shard_problem(root: Path, layout: StoreLayout, rec: ShardRecord, mirror: RemoteMirror | None = None) -> str | None:
+def _shard_problem(root: Path, layout: StoreLayout, rec: ShardRecord, place: InPlace | RemoteMirror) -> str | None:
     """What is wrong with a finished shard a writer before this one recorded, or None: each
     array's file must be there (a bucket's is fetched into staging, then freed) and its record must
     be its rows' own, the crc32c of every array and the statistics recomputed from the rows. Used
     on resume, so a finished store verifies; readers check through ActivationStore._load."""
     try:
-        fresh = record_from_files(root, layout, rec.index, rec.stop - rec.start, mirror)
+        fresh = record_from_files(root, layout, rec.index, rec.stop - rec.start, place)
     except (FileNotFoundError, SaekitError) as e:
         return f"shard {rec.index}: missing ({e if isinstance(e, SaekitError) else e.filename})"
     except (OSError, ShardLayoutError) as e:
         return f"shard {rec.index}: unreadable ({type(e).__name__})"
     finally:
-        if mirror:
-            for name in shard_files(layout, rec.index).values():
-                (root / name).unlink(missing_ok=True)
+        place.free(shard_files(layout, rec.index).values())
     for key, name in shard_files(layout, rec.index).items():
         if fresh.crc32c[key] != rec.crc32c.get(key):
             return f"{name}: corrupt (checksum mismatch)"
@@ -316,15 +257,15 @@ class StoreWriter:
         attrs: dict,
         rank: int,
         world_size: int,
-        mirror: RemoteMirror | None = None,
+        place: InPlace | RemoteMirror,
         trusted: Collection[int] = (),
         grows: bool = False,
     ):
         import zarr  # lazy: zarr takes about a second to import and `saekit --help` must stay fast
 
         self.path = root  # where the files are written (a staging folder for a URL store)
-        self.mirror = mirror
-        self.where = mirror.remote.url if mirror else root  # the store, as the user named it
+        self.place = place  # where the store is published (in place, or a bucket), and its lock
+        self.where = place.where  # the store, as the user named it
         self.kept: Kept | None = None  # see extend_store
         self._grows = grows  # extending a complete store: its arrays' shape changes only at finalize
         self.layout = layout
@@ -352,12 +293,6 @@ class StoreWriter:
         self._buf = self._new_buffer()
         self._fill = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saekit-stats")
-        self._lock: Lock | None = None
-
-    def holding(self, lock: Lock | None) -> StoreWriter:
-        """This writer, holding `lock` (`lock_store`) until it closes or finalizes."""
-        self._lock = lock
-        return self
 
     def _drop_damaged(self, check: dict[int, ShardRecord], done: dict[int, ShardRecord]) -> list[str]:
         """Check this writer's finished shards in `check` against their records (files there,
@@ -366,13 +301,12 @@ class StoreWriter:
         bad = []
         for i in sorted(j for j in check if j % self.world_size == self.rank):
             problem = None
-            if self.mirror:  # sizes first: a short or missing object is known without a download
-                problem = self.mirror.shard_problem(self.layout, check[i], self.mirror.objects_at_open)
-            problem = problem or _shard_problem(self.path, self.layout, check[i], self.mirror)
+            # a bucket's sizes first: a short or missing object is known without a download
+            problem = self.place.shard_problem(self.layout, check[i], self.place.objects_at_open)
+            problem = problem or _shard_problem(self.path, self.layout, check[i], self.place)
             if problem is not None:
                 record_path(self._records, i).unlink(missing_ok=True)
-                if self.mirror:
-                    self.mirror.drop_record(i)
+                self.place.drop_record(i)
                 del done[i]
                 bad.append(problem)
         return bad
@@ -446,13 +380,7 @@ class StoreWriter:
         rank 0 calls finalize() instead, which does it too."""
         self._flush()
         self._pool.shutdown()
-        if self.mirror:  # everything this writer staged is in the bucket
-            self.mirror.done()
-        self._release()
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
+        self.place.done()  # a bucket's: everything this writer staged is in it
 
     def write_shard(self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
         """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard)."""
@@ -484,8 +412,7 @@ class StoreWriter:
             chunk_rows=self.layout.chunk_rows,
             extra=lambda: record_sums(dict(zip(hooks, stats, strict=True))),
         )
-        if self.mirror:
-            self.mirror.push_shard(self.layout, index)
+        self.place.push_shard(self.layout, index)
 
     def _ensure_capacity(self, rows: int) -> None:
         if rows <= self.capacity or self._grows:  # shard files are saekit's own: the shape is metadata
@@ -507,8 +434,7 @@ class StoreWriter:
         if self.rank != 0:
             raise SaekitError(f"only rank 0 finalizes a store; rank {self.rank} should stop after writing and barrier")
         self._flush()
-        if self.mirror:
-            self.mirror.pull_records()  # the other ranks' shards
+        self.place.pull_records()  # a bucket's: the other ranks' shards
         order = self._finished_shards()
         total = order[-1].stop if order else 0
         if n_rows is not None:
@@ -520,8 +446,7 @@ class StoreWriter:
         if total == 0:
             raise SaekitError(f"store {self.where} has no rows; append rows before finalize")
         order = [r for r in order if r.start < total]
-        if self.mirror:
-            refuse_truncation(self.mirror.remote, order[-1].stop, total)
+        self.place.refuse_truncation(order[-1].stop, total)
         if order[-1].stop > total:  # truncating inside a shard: its checksums and stats change
             order[-1] = self._record_from_disk(order[-1], total)
         for a in self._arrays.values():
@@ -530,13 +455,7 @@ class StoreWriter:
         attrs.update(summary(self.layout, self.meta, order, total))  # format, version and hash with it
         write_group_attrs(self.path, attrs)
         self._pool.shutdown()
-        if self.mirror:  # the group's zarr.json, complete, is the last object written
-            self.mirror.push_metadata(self.layout)
-            self.mirror.done()
-            return attrs
-        # the records now live in the attributes; the directory is not part of the zarr hierarchy.
-        shutil.rmtree(self._records, ignore_errors=True)
-        self._release()
+        self.place.finished(self.layout)  # a bucket's group zarr.json, complete, is the last object written
         return attrs
 
     def _finished_shards(self) -> list[ShardRecord]:
@@ -560,13 +479,13 @@ class StoreWriter:
 
 
 def record_from_files(
-    root: Path, layout: StoreLayout, index: int, n_valid: int, mirror: RemoteMirror | None = None
+    root: Path, layout: StoreLayout, index: int, n_valid: int, place: InPlace | RemoteMirror | None = None
 ) -> ShardRecord:
     """The completion record of shard `index` rebuilt from its files' first `n_valid` rows
     (checksums and statistics, as the writer computed them; a bucket's files are fetched into
     staging where they are not there). Raises ShardLayoutError / OSError / SaekitError."""
     crc, stats = {}, {}
-    for key, v in _shard_arrays(root, layout, index, n_valid, mirror).items():
+    for key, v in _shard_arrays(root, layout, index, n_valid, place).items():
         crc[key] = crc32c_of(v)
         if key.startswith(ACTS + "/"):
             stats[key[len(ACTS) + 1 :]] = row_stats(v)
@@ -593,12 +512,25 @@ def extend_store(
     never recomputed. Nothing of the complete store changes before finalize (not even the arrays'
     shape), which replaces its attributes in one write.
     """
-    mirror = RemoteMirror.staged(str(path), rank, staging) if is_remote(path) else None
-    root = mirror.root if mirror else Path(path)
-    lock = None if mirror else lock_store(root, rank)  # a bucket's: its staging folder's (RemoteMirror)
-    if mirror:
-        mirror.objects_at_open = mirror.objects()
-        mirror.pull(mirror.objects_at_open)
+    place = publisher(path, rank, staging, STORE_ENTRIES, FORMAT)
+    try:
+        return _extend(place, path, layout, n_rows, meta, rank, world_size)
+    except BaseException:
+        place.done()
+        raise
+
+
+def _extend(
+    place: InPlace | RemoteMirror,
+    path: str | os.PathLike,
+    layout: StoreLayout,
+    n_rows: int,
+    meta: dict,
+    rank: int,
+    world_size: int,
+) -> StoreWriter:
+    place.pull_all()
+    root = place.root
     attrs = read_attrs(root)
     if attrs is None or not attrs.get("complete"):
         raise SaekitError(f"{path} is not a complete store, so it cannot be extended; harvest it with --resume")
@@ -614,33 +546,33 @@ def extend_store(
         for i, r in store_records(root, layout).items():
             if r.stop - r.start < layout.shard_rows or r.stop > n_rows:
                 record_path(root / RECORDS_DIR, i).unlink()
-                if mirror:
-                    mirror.drop_record(i)
-        trusted = _adopt_full_shards(root, layout, attrs, mirror)
-    writer = StoreWriter(root, layout, {**attrs, "meta": meta}, rank, world_size, mirror, trusted, grows=True)
-    writer.holding(lock)
+                place.drop_record(i)
+        trusted = _adopt_full_shards(root, layout, attrs, place)
+    writer = StoreWriter(root, layout, {**attrs, "meta": meta}, rank, world_size, place, trusted, grows=True)
     last = attrs["shards"][-1]
     if last["index"] % world_size == rank and last["stop"] - last["start"] < layout.shard_rows:
-        writer.kept = _kept_rows(root, layout, last, mirror)
+        writer.kept = _kept_rows(root, layout, last, place)
     return writer
 
 
-def _shard_arrays(root: Path, layout: StoreLayout, index: int, n_valid: int, mirror) -> dict[str, np.ndarray]:
+def _shard_arrays(
+    root: Path, layout: StoreLayout, index: int, n_valid: int, place: InPlace | RemoteMirror | None
+) -> dict[str, np.ndarray]:
     """array key -> the first `n_valid` rows of shard `index` (a bucket's shard is fetched into staging)."""
     out = {}
     for key, name in shard_files(layout, index).items():
-        if mirror and not (root / name).is_file():
-            mirror.remote.get_file(name, root / name)
+        if place is not None:
+            place.fetch(name)
         row, dtype = array_spec(layout, key)
         out[key] = map_shard_file(root / name, (layout.shard_rows, *row), layout.chunk_rows, dtype, n_valid)
     return out
 
 
-def _kept_rows(root: Path, layout: StoreLayout, shard: dict, mirror) -> Kept | None:
+def _kept_rows(root: Path, layout: StoreLayout, shard: dict, place: InPlace | RemoteMirror) -> Kept | None:
     """The rows of a complete store's partial last shard, checked against its recorded crc32c
     (None when they cannot be read or do not match: then they are computed again)."""
     try:
-        arrays = _shard_arrays(root, layout, shard["index"], shard["stop"] - shard["start"], mirror)
+        arrays = _shard_arrays(root, layout, shard["index"], shard["stop"] - shard["start"], place)
     except (OSError, ShardLayoutError, SaekitError):
         return None
     if any(crc32c_of(v) != shard["crc32c"][key] for key, v in arrays.items()):
@@ -648,7 +580,7 @@ def _kept_rows(root: Path, layout: StoreLayout, shard: dict, mirror) -> Kept | N
     return Kept(shard["index"], {key: np.array(v) for key, v in arrays.items()})
 
 
-def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, mirror) -> set[int]:
+def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, place: InPlace | RemoteMirror) -> set[int]:
     """Write a completion record for each full shard of a complete store that has none, rebuilt
     from its files (a bucket's are fetched into staging, then freed) and checked against the
     store's crc32c. A bucket gets the record too. Returns the shards checked here; a shard
@@ -661,16 +593,13 @@ def _adopt_full_shards(root: Path, layout: StoreLayout, attrs: dict, mirror) -> 
         if s["stop"] - s["start"] != layout.shard_rows or s["index"] in have:
             continue
         try:
-            _shard_arrays(root, layout, s["index"], layout.shard_rows, mirror)
+            _shard_arrays(root, layout, s["index"], layout.shard_rows, place)
             rec = record_from_files(root, layout, s["index"], layout.shard_rows)
         except (OSError, ShardLayoutError, SaekitError):
             continue
         if rec.crc32c == s["crc32c"]:
             write_json_atomic(record_path(records, rec.index), rec.to_json())
             checked.add(rec.index)
-            if mirror:
-                mirror.push_record(rec.index)
-        if mirror:
-            for name in shard_files(layout, s["index"]).values():
-                (root / name).unlink(missing_ok=True)
+            place.push_record(rec.index)
+        place.free(shard_files(layout, s["index"]).values())
     return checked
