@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saekit.dashboard import DashboardConfig, latent_pages, stream_stats  # noqa: E402
-from saekit.dashboard_html import latent_html  # noqa: E402
+from saekit.dashboard.html import latent_html  # noqa: E402
 from saekit.sae import SparseAutoencoder  # noqa: E402
 from saekit.store import create_store, open_store  # noqa: E402
 

@@ -37,12 +37,13 @@ import torch
 
 from saekit import eval as saekit_eval
 from saekit import harvest, pursue, train
-from saekit.downstream import sequence_layout
-from saekit.gap import format_gaps
-from saekit.heldout import sae_held_out
+from saekit.encodings import encoder_codes
+from saekit.evaluate.downstream import sequence_layout
+from saekit.evaluate.gap import format_gaps
+from saekit.evaluate.heldout import sae_held_out
 from saekit.metrics import ReconstructionStats
 from saekit.pursuit import SparseCodes, pursuit, reconstruct, refine, refit
-from saekit.sae import encoder_codes, encoder_cost, load_sae
+from saekit.sae import encoder_cost, load_sae
 from saekit.store import open_store
 
 Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (reconstruction, code values)

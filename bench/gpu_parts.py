@@ -290,7 +290,8 @@ def harvest_embedded(ctx: Ctx, out: Path, device: str, dtype, tokens: int) -> di
 def harvest_timed(ctx: Ctx, lm, hook: str, out: Path, tokens: int) -> dict:
     """Harvest `tokens` rows (the CLI's path: `harvest.run_loaded`, after the model is loaded) and
     a bare forward to the hooked layer over the same sequences and batches, nothing stored."""
-    from saekit import harvest, harvest_loop, texts
+    from saekit import harvest, texts
+    from saekit.harvest import loop as harvest_loop
 
     model, device, corpus = lm.model, str(lm.model.cfg.device), texts.load_texts(None)
     cfg = harvest_config(ctx, out, tokens, hooks=[hook], overwrite=True)
@@ -335,7 +336,7 @@ def compare_stores(a: Path, b: Path, chunk: int = 65536) -> dict:
     store of the same model, texts and ctx_len): ||a - b|| / ||b|| over everything and per row,
     the fraction of bit-equal values, equal token ids, and the content hashes."""
     from saekit.store import open_store
-    from saekit.store_format import content_hash
+    from saekit.store.format import content_hash
 
     A, B = open_store(a), open_store(b)
     n = min(A.n_rows, B.n_rows)

@@ -44,7 +44,7 @@ from harvest import best_interleaved, gpt2_small_random  # noqa: E402
 from saekit import texts  # noqa: E402
 from saekit.harvest import HarvestConfig, run_loaded  # noqa: E402
 from saekit.store import open_store  # noqa: E402
-from saekit.store_copy import CopyConfig, copy_store  # noqa: E402
+from saekit.store.copy import CopyConfig, copy_store  # noqa: E402
 
 
 def bench_harvest(bucket: str, tmp: Path, tokens: int, repeat: int) -> dict:

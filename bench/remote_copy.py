@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saekit.store import create_store  # noqa: E402
-from saekit.store_copy import CopyConfig, copy_store  # noqa: E402
+from saekit.store.copy import CopyConfig, copy_store  # noqa: E402
 
 HOOK = "blocks.8.hook_resid_pre"
 BUCKET = "bench"

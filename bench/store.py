@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import zarr  # imported up front so the write timing excludes it
 
-from saekit.shuffle import shuffle_plan
 from saekit.store import create_store, open_store
-from saekit.store_format import ACTS
+from saekit.store.format import ACTS
+from saekit.store.shuffle import shuffle_plan
 
 HOOK = "blocks.8.hook_resid_pre"
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from saekit import train, train_loss
+from saekit import train
 from saekit.metrics import FiringTracker
 from saekit.sae import SparseAutoencoder
 from saekit.store import create_store, open_store
-from saekit.train_checkpoint import Position
+from saekit.train import loss as train_loss
+from saekit.train.checkpoint import Position
 
 HOOK = "blocks.8.hook_resid_pre"
 

@@ -10,7 +10,7 @@ import typer
 
 from saekit.errors import SaekitError
 from saekit.store import FORMAT_VERSION, InfoConfig, LsConfig, VerifyConfig, list_stores, open_store
-from saekit.store_copy import CopyConfig, copy_store
+from saekit.store.copy import CopyConfig, copy_store
 
 from .commands import Command
 

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from saekit.train import read_run_config, run
-from saekit.train_config import TrainConfig
+from saekit.train.config import TrainConfig
 
 from .commands import Command
 

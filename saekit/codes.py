@@ -8,7 +8,7 @@
         .saekit-creating          marker, only while the empty codes store is being created
 
 Shards are written whole, each followed by its record, and the group is created recognisably, all
-through `saekit.shards` (the activation store's mechanism); a shard without a valid record is
+through `saekit.store.shards` (the activation store's mechanism); a shard without a valid record is
 recomputed on `saekit pursue --resume`. Read the codes back with `open_codes`.
 
 The codes cover N consecutive store rows from `start_row` (an attribute; 0 for codes written
@@ -31,7 +31,7 @@ import torch
 
 from saekit.errors import SaekitError
 from saekit.pursuit import SparseCodes
-from saekit.shards import (
+from saekit.store.shards import (
     RECORDS_DIR,
     ShardRecord,
     crc32c_of,

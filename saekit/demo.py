@@ -34,10 +34,10 @@ from saekit.codes import group_name
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
-from saekit.heldout import held_out_rows, sae_held_out
+from saekit.evaluate.heldout import held_out_rows, sae_held_out
 from saekit.pursue import PursueResult
-from saekit.shards import write_json_atomic
 from saekit.store import open_store
+from saekit.store.shards import write_json_atomic
 
 DEMO_FILE = "demo.json"
 # What decides the demo's outputs: a rerun into the same --out must use the same values.

@@ -15,22 +15,23 @@ distillation), and the k a report shows for it. The pursuits themselves live in 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from saekit.errors import SaekitError
 from saekit.pursuit import ENCODER_METHODS, METHODS, MIN_CHUNK_ROWS, SparseCodes, encode_from, pursuit
 from saekit.pursuit import reconstruct as reconstruct
-from saekit.sae_parts import check_last_dim
+from saekit.sae.parts import check_last_dim
 
 if TYPE_CHECKING:  # annotations only
     from saekit.sae import SparseAutoencoder
 
 
-ENCODER = "encoder"
-ENCODINGS = (ENCODER, *METHODS, *ENCODER_METHODS)
-"""Every method `encode` takes."""
+Encoding = Literal["encoder", "gp", "cgp", "mp", "omp", "refit", "encoder+gp"]
+"""What `encode(method=...)` takes: the encoder, a pursuit (`Method`), or one that starts from the encoder (`EncoderMethod`)."""
+ENCODER: Encoding = "encoder"
+ENCODINGS: tuple[Encoding, ...] = (ENCODER, *METHODS, *ENCODER_METHODS)
 
 
 def raw_dictionary(
@@ -45,7 +46,7 @@ def raw_dictionary(
 @torch.no_grad()
 def encode(
     x: torch.Tensor,
-    method: str,
+    method: Encoding,
     k: int | None,
     sae: SparseAutoencoder,
     dictionary: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -68,13 +69,22 @@ def encode(
         if start is not None:
             return start
         return encoder_output(sae, x) if k is None else encoder_codes(sae, x, k)
-    if k is None or method not in ENCODINGS:
-        raise SaekitError(f"unknown encoding {method!r} at k={k}: use one of {', '.join(ENCODINGS)}, each with a k")
-    W, b = dictionary if dictionary is not None else raw_dictionary(sae, x.device)
-    if method in METHODS:
+    if k is not None and method in METHODS:
+        W, b = dictionary if dictionary is not None else raw_dictionary(sae, x.device)
         return pursuit(x, W, k, method=method, b_dec=b, dense=False)
-    start = start if start is not None else encoder_codes(sae, x, k)
-    return encode_from(x, W, method, start, steps=refine, b_dec=b)
+    if k is not None and method in ENCODER_METHODS:
+        W, b = dictionary if dictionary is not None else raw_dictionary(sae, x.device)
+        start = start if start is not None else encoder_codes(sae, x, k)
+        return encode_from(x, W, method, start, steps=refine, b_dec=b)
+    raise SaekitError(f"unknown encoding {method!r} at k={k}: use one of {', '.join(ENCODINGS)}, each with a k")
+
+
+def as_encoding(name: str) -> Encoding:
+    """`name` (a --method, a codes store's method) as an `Encoding`, or one line naming the choices."""
+    for e in ENCODINGS:
+        if name == e:
+            return e
+    raise SaekitError(f"unknown encoding {name!r}: use one of {', '.join(ENCODINGS)}")
 
 
 def encoder_k(sae: SparseAutoencoder) -> float | None:

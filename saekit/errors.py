@@ -77,7 +77,7 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 
 def url_scheme(path: str | os.PathLike) -> str | None:
     """The scheme of a URL-shaped argument ('s3' for s3://bucket/x, 'file' for file://...), None for a
-    plain path. The one test of "is this a URL" (saekit.remote.is_remote builds on it)."""
+    plain path. The one test of "is this a URL" (saekit.store.remote.is_remote builds on it)."""
     m = _URL.match(os.fspath(path))
     return m.group(1).lower() if m else None
 

@@ -4,7 +4,7 @@
                           └─► pursuit method x k, against the SAE's dictionary ──► codes.zarr + metrics
     --downstream: the whole sequences inside those rows ──► each entry spliced into the model ──► ΔCE, KL
 
-The rows are the SAE's held-out rows by default (`saekit.heldout`: those `saekit train` held out,
+The rows are the SAE's held-out rows by default (`saekit.evaluate.heldout`: those `saekit train` held out,
 never trained on), as quality figures must be: the first --rows of them, or all. --start-row S
 compares N rows from any store row instead (--start-row 0: the store's first rows, as pursue did
 before it had a default). The report's header says which rows, and whether they are held out.
@@ -12,7 +12,7 @@ before it had a default). The report's header says which rows, and whether they 
 Without --downstream the language model is never loaded: rows are read in store order, shard by
 shard. Every entry of the report (the SAE's own encoder, each extra encoder, each pursuit method at
 each k) is measured on exactly the same rows, with FVU against the mean of all of them
-(`ReconstructionStats`). `--downstream` adds what `saekit eval` measures (`saekit.downstream`, the
+(`ReconstructionStats`). `--downstream` adds what `saekit eval` measures (`saekit.evaluate.downstream`, the
 one implementation): each entry's reconstruction (a pursuit's from its stored codes) spliced into
 the store's model on the whole sequences inside those rows (a last, partial sequence is left out).
 
@@ -26,7 +26,7 @@ Output directory:
     OUT/fvu_vs_l0.png             FVU (and with --downstream ΔCE and KL) against L0: encoders as
                                   points, each method as a curve over k
 
-Shards are written whole, each followed by its completion record (`saekit.shards`); a shard
+Shards are written whole, each followed by its completion record (`saekit.store.shards`); a shard
 without a valid record is recomputed on `--resume`, so a killed run continues where it stopped and
 ends with the same bytes. Codes use the raw-space dictionary (`Decoder.raw_dictionary`), so they
 are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw activations.
@@ -55,7 +55,9 @@ from saekit.codes import (
 )
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
-from saekit.downstream import (
+from saekit.encodings import ENCODER, as_encoding, check_encoder_usable, encode, encoder_k, raw_dictionary
+from saekit.errors import SaekitError, is_non_empty, output_dir
+from saekit.evaluate.downstream import (
     CLEAN,
     MEAN,
     ZERO,
@@ -66,10 +68,8 @@ from saekit.downstream import (
     sequence_layout,
     store_sequences,
 )
-from saekit.encodings import ENCODER, check_encoder_usable, encode, encoder_k, raw_dictionary
-from saekit.errors import SaekitError, is_non_empty, output_dir
-from saekit.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
-from saekit.heldout import HeldOut, sae_held_out
+from saekit.evaluate.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
+from saekit.evaluate.heldout import HeldOut, sae_held_out
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursuit import (
     ALL_METHODS,
@@ -80,9 +80,9 @@ from saekit.pursuit import (
 )
 from saekit.reports import Column, Plot, Report, encoder_label, markdown_table, stale_note
 from saekit.sae import check_sae_fits_hook, load_sae
-from saekit.shard_cache import ShardCacheFields
-from saekit.shards import discard_unfinished_creation
 from saekit.store import open_store
+from saekit.store.shard_cache import ShardCacheFields
+from saekit.store.shards import discard_unfinished_creation
 
 PLOT = "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
@@ -198,7 +198,7 @@ class Entry(NamedTuple):
     """The SAE or encoder this entry used (as given on the command line)."""
     downstream: Downstream | None = None
     """With --downstream: CE, ΔCE, CE loss recovered, KL, ... on the whole sequences inside the rows
-    (`saekit.downstream.Downstream`, what `saekit eval` reports); else None."""
+    (`saekit.evaluate.downstream.Downstream`, what `saekit eval` reports); else None."""
 
 
 class PursueResult(NamedTuple):
@@ -215,7 +215,7 @@ class PursueResult(NamedTuple):
     the sequences, tokens and baselines."""
     gaps: list[GapDecomposition]
     """The gap decomposition at each k where the encoder, refit, encoder+gp and gp were all run
-    (FVU; with --downstream also ΔCE and KL mean); empty otherwise (`saekit.gap`)."""
+    (FVU; with --downstream also ΔCE and KL mean); empty otherwise (`saekit.evaluate.gap`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +528,7 @@ class _Pass:
             self.stats[name].update(x, reconstruct(starts[k], W, b), starts[k].values)
         for g, k in self.codes.groups.items():
             if g in fresh:
-                method = self.codes.methods[g]
+                method = as_encoding(self.codes.methods[g])
                 start = starts[k] if method in ENCODER_METHODS else None
                 if start is not None:  # its time includes the encoder's
                     spent[g] += start_seconds[k]

@@ -48,6 +48,7 @@ from saekit.pursuit_loop import (
     METHODS,
     MIN_CHUNK_ROWS,
     STOP_TOLERANCE,
+    Method,
     PursuitTrace,
     SparseCodes,
     _default_chunk_rows,
@@ -72,6 +73,8 @@ __all__ = [  # the one place to import pursuit from (the loop itself is in saeki
     "DEFAULT_REFINE",
     "ENCODER_METHODS",
     "METHODS",
+    "EncoderMethod",
+    "Method",
     "MIN_CHUNK_ROWS",
     "STOP_TOLERANCE",
     "PursuitTrace",
@@ -190,7 +193,7 @@ def pursuit(
     decoder: Any,
     k: int,
     *,
-    method: str = ...,
+    method: Method = ...,
     b_dec: Tensor | None = ...,
     chunk_size: int | None = ...,
     dense: Literal[False],
@@ -201,7 +204,7 @@ def pursuit(
     decoder: Any,
     k: int,
     *,
-    method: str = ...,
+    method: Method = ...,
     b_dec: Tensor | None = ...,
     chunk_size: int | None = ...,
     dense: bool | None = ...,
@@ -211,7 +214,7 @@ def pursuit(
     decoder: Any,
     k: int,
     *,
-    method: str = "gp",
+    method: Method = "gp",
     b_dec: Tensor | None = None,
     chunk_size: int | None = None,
     dense: bool | None = None,
@@ -221,7 +224,9 @@ def pursuit(
 
 
 @torch.no_grad()
-def pursuit_trace(x: Tensor, decoder: Any, k: int, *, method: str = "gp", b_dec: Tensor | None = None) -> PursuitTrace:
+def pursuit_trace(
+    x: Tensor, decoder: Any, k: int, *, method: Method = "gp", b_dec: Tensor | None = None
+) -> PursuitTrace:
     """Run a pursuit on x: [b, d] in one chunk and record the residual norm after every
     iteration (for tests and diagnostics; costs one extra gather per iteration)."""
     W, bias = _dictionary(decoder, b_dec)
@@ -272,7 +277,9 @@ def original_gradient_pursuit(x: Tensor, W_dec: Tensor, k: int, b_dec: Tensor | 
 
 # --- starting from an encoder's codes -------------------------------------------------------
 
-ENCODER_METHODS = ("refit", "encoder+gp")
+EncoderMethod = Literal["refit", "encoder+gp"]
+"""An encoding that starts from an encoder's codes: what `encode_from(method=...)` takes."""
+ENCODER_METHODS: tuple[EncoderMethod, ...] = ("refit", "encoder+gp")
 ALL_METHODS = METHODS + ENCODER_METHODS
 """Encodings that start from an SAE encoder's codes (`encode_from`): `refit` keeps the encoder's
 support and refits its coefficients, `encoder+gp` runs gradient pursuit from the encoder's codes."""
@@ -331,7 +338,7 @@ def refine(
 def encode_from(
     x: Tensor,
     decoder: Any,
-    method: str,
+    method: EncoderMethod,
     start: SparseCodes,
     *,
     steps: int = DEFAULT_REFINE,

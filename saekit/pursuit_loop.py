@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torch import Tensor
 
 from saekit.config import check_k
 from saekit.errors import SaekitError
+
+Method = Literal["gp", "cgp", "mp", "omp"]
+"""A pursuit method: what `pursuit(method=...)` takes (`METHODS`)."""
 
 # Correlations below sqrt(float32 eps) * ||x|| are residual rounding noise, not signal (the same
 # threshold as transformer-lens's gradient pursuit).
@@ -160,7 +163,7 @@ def _pursue_chunk(
     x: Tensor,
     W: Tensor,
     k: int,
-    method: str,
+    method: Method,
     on_step: Callable[[_State, int], None] | None = None,
 ) -> SparseCodes:
     """x: [b, d] float32 centred; W: [n, d] float32 unit rows -> codes over W (unit scale)."""
@@ -283,7 +286,7 @@ def _omp_update_(s: _State, W: Tensor, t: int, sel: _Selection) -> None:
 
 
 _UPDATES = {"gp": _gp_update_, "cgp": _cgp_update_, "mp": _mp_update_, "omp": _omp_update_}
-METHODS = tuple(_UPDATES)
+METHODS: tuple[Method, ...] = ("gp", "cgp", "mp", "omp")
 """Every `--method` of `saekit pursue` and `saekit eval`: the pursuits, then those from the encoder."""
 
 
@@ -423,7 +426,7 @@ def _dictionary(decoder: Any, b_dec: Tensor | None) -> tuple[Tensor, Tensor | No
     return W.detach(), None if b_dec is None else b_dec.detach()
 
 
-def _prepare(x: Tensor, W: Tensor, b_dec: Tensor | None, k: int, method: str) -> tuple[Tensor, tuple[int, ...]]:
+def _prepare(x: Tensor, W: Tensor, b_dec: Tensor | None, k: int, method: Method) -> tuple[Tensor, tuple[int, ...]]:
     """Validate; return x - b_dec as float32 [B, d] on W's device, and x's leading shape."""
     if method not in _UPDATES:
         raise SaekitError(f"unknown pursuit method {method!r}; use one of {', '.join(METHODS)}")
@@ -449,7 +452,7 @@ def _unit_rows(W: Tensor) -> tuple[Tensor, Tensor]:
     return W / _nonzero(norms)[:, None], norms
 
 
-def _default_chunk_rows(n: int, d: int, k: int, method: str) -> int:
+def _default_chunk_rows(n: int, d: int, k: int, method: Method) -> int:
     row_bytes = 4 * n  # the [rows, n] correlation
     if method == "omp":
         row_bytes += 8 * k * (d + k)  # float64 gathered atoms [k, d] and Gram matrix [k, k]
@@ -470,7 +473,7 @@ def _run(
     x: Tensor,
     decoder: Any,
     k: int,
-    method: str,
+    method: Method,
     *,
     b_dec: Tensor | None,
     chunk_size: int | None,

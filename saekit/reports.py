@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from saekit.atomic import read_regular, write_atomic
 from saekit.plots import Ys, plot_against_l0
-from saekit.sae_files import ENCODER_STALE
+from saekit.sae.files import ENCODER_STALE
 
 if TYPE_CHECKING:  # annotations only
     from saekit.sae import SparseAutoencoder

@@ -198,7 +198,7 @@ def _jsonl_source(path: Path, column: str) -> TextSource:
 
 def _parquet_file(path: Path):
     import pyarrow as pa  # lazy: only .parquet and save_to_disk texts need it
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: as pyarrow
 
     try:
         return pq.ParquetFile(path)

@@ -9,13 +9,14 @@ import pytest
 import torch
 from cli_checks import in_process
 
-import saekit.train
+import saekit.train.stage
 from saekit.errors import SaekitError
 from saekit.pursuit import gradient_pursuit
 from saekit.sae import SAEConfig, SparseAutoencoder, encoder_cost, topk_activation
 from saekit.store import open_store
-from saekit.train import TrainConfig, batches, distill_targets, read_run_config, run
-from saekit.train_checkpoint import Position
+from saekit.train import TrainConfig, batches, read_run_config, run
+from saekit.train.checkpoint import Position
+from saekit.train.stage import distill_targets
 
 N_EVAL = 2048
 K = 16
@@ -142,7 +143,7 @@ def test_distillation_moves_the_support_toward_pursuit(dictionary, embedded_stor
     plain = run(cfg(embedded_store, tmp_path / "plain", **common))
     distilled = run(cfg(embedded_store, tmp_path / "distilled", distill=10.0, **common))
     assert gp_overlap(distilled.sae, held_out) > gp_overlap(plain.sae, held_out) + 0.01
-    logged = [m["train/distill"] for m in saekit.train.read_metrics(distilled.out) if "train/distill" in m]
+    logged = [m["train/distill"] for m in saekit.train.stage.read_metrics(distilled.out) if "train/distill" in m]
     assert logged and logged[-1] < logged[0]  # the term is logged, and falls
 
 
@@ -173,7 +174,7 @@ def test_distill_codes_from_pursue_match_pursuit_on_the_fly(
     # the targets, looked up by the rows of a training batch, are pursuit's codes of those rows
     c = cfg(embedded_store, tmp_path / "x", from_pretrained=str(dictionary), distill=1.0, distill_codes=str(codes))
     store, sae = open_store(embedded_store), SparseAutoencoder.load(dictionary / "sae")
-    c = saekit.train.resolve(c, hook=store.resolve_hook(None), d_in=128, n_rows=store.n_rows, pretrained=sae)
+    c = saekit.train.stage.resolve(c, hook=store.resolve_hook(None), d_in=128, n_rows=store.n_rows, pretrained=sae)
     targets = distill_targets(c, store, c.hook, sae)
     b = next(batches(store, c.hook, stop_row=train_rows, local_batch=256, seed=0, start=Position()))
     stored = targets.take(b.rows)
@@ -208,7 +209,7 @@ def test_resume_of_an_unrolled_distilled_run_is_bitwise_identical(dictionary, em
         log_every=5,
     )
     run(cfg(embedded_store, tmp_path / "full", **kw))
-    real, calls = saekit.train.train_step, []
+    real, calls = saekit.train.stage.train_step, []
 
     def crash_at_step_21(*args, **kwargs):
         calls.append(1)
@@ -216,10 +217,10 @@ def test_resume_of_an_unrolled_distilled_run_is_bitwise_identical(dictionary, em
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(saekit.train, "train_step", crash_at_step_21)
+    monkeypatch.setattr(saekit.train.stage, "train_step", crash_at_step_21)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(embedded_store, tmp_path / "cut", **kw))
-    monkeypatch.setattr(saekit.train, "train_step", real)
+    monkeypatch.setattr(saekit.train.stage, "train_step", real)
     # the loss is part of what a run is: resuming without the distillation term is refused
     with pytest.raises(SaekitError, match=r"different settings \(distill: 1.0 -> 0.0\)"):
         run(cfg(embedded_store, tmp_path / "cut", resume=True, **{**kw, "distill": 0.0}))

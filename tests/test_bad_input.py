@@ -295,7 +295,7 @@ def bucket(env: Env) -> str:
 
 def in_bucket(env: Env, store: Path | None = None) -> str:
     """The store (or a damaged copy) uploaded to a new bucket, file by file."""
-    from saekit.remote import Remote
+    from saekit.store.remote import Remote
 
     store = store or env.store
     url = f"{bucket(env)}/store"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from cli_checks import one_error
 
-import saekit.harvest_loop
+import saekit.harvest.loop
 from saekit.errors import SaekitError
 from saekit.harvest import HarvestConfig, run
 from saekit.store import list_stores, open_store
@@ -18,8 +18,8 @@ HOOKS = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
 def forwards(monkeypatch):
     """Counts forward passes of the model (the work a cache root exists to save)."""
     calls = []
-    real = saekit.harvest_loop.forward_acts
-    monkeypatch.setattr(saekit.harvest_loop, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = saekit.harvest.loop.forward_acts
+    monkeypatch.setattr(saekit.harvest.loop, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -88,7 +88,7 @@ def test_remote_cache_root_reuses_and_extends(s3_bucket, tmp_path, forwards, mon
 def stop_after(monkeypatch, batches: int):
     """The next harvest stops (KeyboardInterrupt) after `batches` forward passes, like a Ctrl-C:
     the shards already handed to the writer land, nothing else."""
-    real, calls = saekit.harvest_loop.forward_acts, []
+    real, calls = saekit.harvest.loop.forward_acts, []
 
     def fwd(*a, **k):
         calls.append(1)
@@ -96,7 +96,7 @@ def stop_after(monkeypatch, batches: int):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(saekit.harvest_loop, "forward_acts", fwd)
+    monkeypatch.setattr(saekit.harvest.loop, "forward_acts", fwd)
 
 
 def test_an_extension_copies_the_old_rows_never_recomputes_them(tmp_path, monkeypatch):
@@ -106,9 +106,9 @@ def test_an_extension_copies_the_old_rows_never_recomputes_them(tmp_path, monkey
     first = run(HarvestConfig(tokens=3000, cache_root=root, **SMALL))
     before = open_store(first.path)
     old = {k: v.clone() for k, v in (("acts", before.rows(None, 0, 3000)), ("tok", before.tokens(0, 3000)))}
-    real = saekit.harvest_loop.forward_acts
+    real = saekit.harvest.loop.forward_acts
     monkeypatch.setattr(
-        saekit.harvest_loop,
+        saekit.harvest.loop,
         "forward_acts",
         lambda *a, **k: {h: (x.view(torch.int16) ^ 1).view(torch.bfloat16) for h, x in real(*a, **k).items()},
     )
@@ -174,8 +174,8 @@ def test_a_damaged_sibling_does_not_block_the_cache_root(tmp_path, forwards):
 
 
 def test_remote_extension_keeps_shards_without_records_and_a_stray_probe_is_no_obstacle(s3_bucket, tmp_path, forwards):
-    from saekit.remote import Remote
-    from saekit.store_copy import CopyConfig, copy_store
+    from saekit.store.copy import CopyConfig, copy_store
+    from saekit.store.remote import Remote
 
     local = run(HarvestConfig(tokens=3000, cache_root=str(tmp_path / "local-root"), **SMALL))
     rel = local.path.relative_to(tmp_path / "local-root").as_posix()
@@ -243,14 +243,14 @@ def _second_harvest_during_the_first(monkeypatch, first: HarvestConfig, second: 
     from cli_checks import saekit as cli
 
     other = []
-    forward = saekit.harvest_loop.forward_acts
+    forward = saekit.harvest.loop.forward_acts
 
     def once(*a, **k):
         if not other:
             other.append(cli(*second))
         return forward(*a, **k)
 
-    monkeypatch.setattr(saekit.harvest_loop, "forward_acts", once)
+    monkeypatch.setattr(saekit.harvest.loop, "forward_acts", once)
     return run(first), other[0]
 
 

@@ -16,7 +16,7 @@ from test_cli_store import make_store
 from saekit.cli.main import app
 from saekit.sae import SparseAutoencoder
 from saekit.store import RECORDS_DIR, open_store
-from saekit.train_checkpoint import checkpoint_dir
+from saekit.train.checkpoint import checkpoint_dir
 
 COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)
 

@@ -6,9 +6,9 @@ from cli_checks import digest, in_process, one_error
 from test_cli_store import make_store
 
 from saekit.errors import SaekitError
-from saekit.remote import Remote
 from saekit.store import open_store
-from saekit.store_copy import MARKER, CopyConfig, copy_store
+from saekit.store.copy import MARKER, CopyConfig, copy_store
+from saekit.store.remote import Remote
 
 TOKENS_2 = "tokens/c/2"  # a shard file of make_store's stores (4 shards of 64 rows, 3 arrays: 12 files)
 HOOK_0 = "acts/blocks.3.hook_resid_post/c/0/0"

@@ -12,7 +12,7 @@ from crash_points import kill_points, run_until_killed
 
 from saekit.metrics import FiringTracker
 from saekit.sae import SparseAutoencoder
-from saekit.train_checkpoint import Position, checkpoint_dir, load_checkpoint, save_checkpoint
+from saekit.train.checkpoint import Position, checkpoint_dir, load_checkpoint, save_checkpoint
 
 EXCHANGE = pytest.mark.parametrize("exchange", [True, False], ids=["atomic exchange", "two renames"])
 

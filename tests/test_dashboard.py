@@ -10,10 +10,12 @@ import pytest
 import torch
 from cli_checks import in_process
 
-from saekit.dashboard import DashboardConfig, TopN, group_top_n, run
+from saekit.dashboard import DashboardConfig, run
+from saekit.dashboard.stage import TopN, group_top_n
+from saekit.encodings import encoder_codes
 from saekit.pursue import PursueConfig
 from saekit.pursue import run as pursue
-from saekit.sae import SparseAutoencoder, encoder_codes
+from saekit.sae import SparseAutoencoder
 from saekit.store import open_store
 
 HOOK = "blocks.2.hook_resid_pre"

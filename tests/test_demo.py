@@ -9,8 +9,8 @@ import sys
 import pytest
 from cli_checks import digest, in_process, one_error
 
-import saekit.harvest_loop
-import saekit.train
+import saekit.harvest.loop
+import saekit.train.stage
 from saekit.codes import CodesStore
 from saekit.demo import DemoConfig, run
 from saekit.errors import SaekitError
@@ -49,8 +49,8 @@ def test_demo_runs_end_to_end_and_a_rerun_reuses_every_stage(tmp_path, capsys, m
     def never(*a, **kw):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(saekit.harvest_loop, "forward_acts", never)
-    monkeypatch.setattr(saekit.train, "train_step", never)
+    monkeypatch.setattr(saekit.harvest.loop, "forward_acts", never)
+    monkeypatch.setattr(saekit.train.stage, "train_step", never)
     monkeypatch.setattr(CodesStore, "write", never)
     from saekit.cli.main import main
 

@@ -77,7 +77,8 @@ _CALLER = textwrap.dedent(
         from saekit.harvest import HarvestConfig, run
         run(HarvestConfig(out=out, tokens=2048, shard_rows=1024, chunk_rows=512, device="cpu", progress=False))
     else:
-        from saekit.train import TrainConfig, run
+        from saekit.train import TrainConfig
+        from saekit.train import run
         run(TrainConfig(store=sys.argv[3], out=out, n_features=64, k=4, batch_size=256, tokens=512, eval_rows=256,
                         device="cpu", progress=False))
     print("group kept" if td.is_initialized() else "group destroyed")

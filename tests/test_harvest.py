@@ -16,8 +16,8 @@ import torch
 
 from saekit import models, texts
 from saekit.errors import SaekitError
-from saekit.generator import cached_activation_generator
 from saekit.harvest import HarvestConfig, run
+from saekit.harvest.generator import cached_activation_generator
 from saekit.store import RECORDS_DIR, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +270,7 @@ def flip(f: Path, at: int = 100) -> None:
 
 
 def _child_killed_at_creation(cfg, progress: Path):
-    import saekit.shards as shards
+    import saekit.store.shards as shards
 
     def stuck(*a, **k):  # the store's arrays exist, its attributes do not: the kill lands here
         progress.write_text("1")
@@ -413,14 +413,14 @@ def test_two_rank_torchrun_equals_one_rank(data, tmp_path):
 def test_cached_activation_generator_is_lazy_then_cached(data, tmp_path, monkeypatch):
     import datasets
 
-    import saekit.harvest_loop
+    import saekit.harvest.loop
 
     model = models.load_model(data[1], torch.device("cpu"), torch.float32).model
     docs = [json.loads(line)["text"] for line in open(data[2])]
     ds = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset()  # stands in for a streamed dataset
     calls = []
-    real = saekit.harvest_loop.forward_acts
-    monkeypatch.setattr(saekit.harvest_loop, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = saekit.harvest.loop.forward_acts
+    monkeypatch.setattr(saekit.harvest.loop, "forward_acts", lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(
         hook_name="blocks.1.hook_resid_pre",
         activation_batch_size=100,
@@ -469,13 +469,13 @@ def test_cached_activation_generator_takes_any_run_size(data, tmp_path):
 @pytest.mark.parametrize("first", ["saekit.harvest", "sae_kit.utils"])
 @pytest.mark.slow
 def test_generator_import_paths_named_in_the_docs_work_in_any_order(first):
-    """Its home is saekit.generator (built on saekit.harvest); saekit.harvest and sae_kit.utils
+    """Its home is saekit.harvest.generator (built on saekit.harvest); saekit.harvest and sae_kit.utils
     still give it, whichever module a program imports first."""
     code = (
         f"import {first}\n"
-        "import saekit.generator, sae_kit.utils\n"
+        "import saekit.harvest.generator, sae_kit.utils\n"
         "from saekit.harvest import cached_activation_generator as old\n"
-        "assert old is saekit.generator.cached_activation_generator is sae_kit.utils.cached_activation_generator\n"
+        "assert old is saekit.harvest.generator.cached_activation_generator is sae_kit.utils.cached_activation_generator\n"
     )
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -14,8 +14,8 @@ import pytest
 
 from saekit.errors import SaekitError
 from saekit.harvest import run
-from saekit.remote import Remote
 from saekit.store import open_store
+from saekit.store.remote import Remote
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_harvest import HOOKS, REPO, cfg_for, make_data  # noqa: E402

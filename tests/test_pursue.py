@@ -17,11 +17,13 @@ import torch
 from cli_checks import PAGE, in_process, one_error, tmpfs_bytes
 
 from saekit.codes import CodesStore, open_codes
+from saekit.encodings import encoder_codes
 from saekit.errors import SaekitError
 from saekit.metrics import fvu
 from saekit.pursue import PursueConfig, run
 from saekit.pursuit import METHODS, gradient_pursuit, reconstruct, refine, refit, to_dense
-from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_codes, encoder_stale, load_sae
+from saekit.reports import encoder_stale
+from saekit.sae import ENCODER_STALE, SparseAutoencoder, load_sae
 from saekit.store import create_store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,7 +374,7 @@ def test_temp_files_of_a_failed_shard_write_are_removed_on_resume(tmp_path, stor
 
 
 def _run_killed_while_creating_codes(cfg: PursueConfig, after_attrs: bool) -> None:
-    import saekit.shards as shards
+    import saekit.store.shards as shards
 
     real = shards.write_group_attrs
 

@@ -480,7 +480,7 @@ def _encoder_and_rows(trained: bool = False):
     """A saekit TopK SAE with input normalization (k 8 of 512) and 96 raw rows it encodes: sparse
     mixtures of its atoms plus noise. trained: its encoder first fitted to such rows (a few
     hundred Adam steps), so its codes are good ones rather than a random encoder's."""
-    from saekit.sae import encoder_codes
+    from saekit.encodings import encoder_codes
 
     sae, x = _normalized_sae_and_data()
     x = x.detach()
@@ -547,7 +547,8 @@ def test_refine_starts_at_the_codes_and_its_error_never_grows_with_steps():
 
 
 def test_encoder_codes_are_the_encoders_codes_in_the_raw_dictionarys_units():
-    from saekit.sae import SparseAutoencoder, encoder_codes
+    from saekit.encodings import encoder_codes
+    from saekit.sae import SparseAutoencoder
 
     sae, x, enc = _encoder_and_rows()  # TopK k 8, with input normalization
     W, b = (t.detach() for t in sae.decoder.raw_dictionary())
@@ -568,7 +569,7 @@ def test_encoder_codes_are_the_encoders_codes_in_the_raw_dictionarys_units():
 def test_encoder_codes_do_not_depend_on_how_the_rows_are_batched():
     """encoder+gp's stored codes start from these: a resumed pursue with another --batch-size, or
     a shard's short last batch, must start from the same bits (MKL rounds short matmuls differently)."""
-    from saekit.sae import encoder_codes
+    from saekit.encodings import encoder_codes
 
     sae, x, _ = _encoder_and_rows()
     with torch.no_grad():
@@ -581,7 +582,8 @@ def test_encoder_codes_do_not_depend_on_how_the_rows_are_batched():
 def test_encoder_codes_of_an_unrolled_encoder_are_its_refined_codes():
     """refit / encoder+gp / the decomposition start from what the encoder outputs: for an
     unrolled encoder (`n_unroll`), its codes after the refinement steps, not its first TopK."""
-    from saekit.sae import SparseAutoencoder, encoder_codes
+    from saekit.encodings import encoder_codes
+    from saekit.sae import SparseAutoencoder
 
     sae, x, _ = _encoder_and_rows()
     unrolled = SparseAutoencoder(decoder=sae.decoder, k=sae.k, n_unroll=2)

@@ -1,9 +1,9 @@
-"""Object storage (saekit.remote) against a real S3 endpoint on localhost (moto's server)."""
+"""Object storage (saekit.store.remote) against a real S3 endpoint on localhost (moto's server)."""
 
 import pytest
 
 from saekit.errors import SaekitError
-from saekit.remote import Remote
+from saekit.store.remote import Remote
 
 
 def test_remote_round_trip(s3_bucket, tmp_path):
@@ -54,8 +54,8 @@ def test_an_error_raised_from_none_is_not_a_full_disk():
 
 @pytest.mark.parametrize("kind", ["directory", "bucket", "file:// URL"])
 def test_a_directory_and_a_bucket_answer_the_same_questions(kind, tmp_path, request):
-    """`saekit.location`: copy, the reader and harvest hold a Location and never ask which kind."""
-    from saekit.location import location
+    """`saekit.store.location`: copy, the reader and harvest hold a Location and never ask which kind."""
+    from saekit.store.location import location
 
     where = {
         "directory": lambda: str(tmp_path / "place"),

@@ -1,4 +1,4 @@
-"""Reading a store from object storage through the local shard cache (saekit.shard_cache), against
+"""Reading a store from object storage through the local shard cache (saekit.store.shard_cache), against
 a real S3 endpoint on localhost (moto's server): the same bytes as the local store, the same
 training and pursuit results, damage in the bucket or in the cache never used, the size bound kept.
 
@@ -20,9 +20,9 @@ from cli_checks import in_process, one_error, saekit
 from test_cli_store import HOOK, META, make_store
 
 from saekit.errors import SaekitError
-from saekit.remote import Remote
 from saekit.store import create_store, open_store, shuffle_plan
-from saekit.store_format import shard_files
+from saekit.store.format import shard_files
+from saekit.store.remote import Remote
 
 
 def upload(local: Path, url: str) -> str:

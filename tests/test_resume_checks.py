@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from saekit.shards import RECORDS_DIR
 from saekit.store import create_store, open_store
+from saekit.store.shards import RECORDS_DIR
 
 HOOKS = {"h": 8}
 N, SHARD = 128, 32

@@ -7,12 +7,7 @@ import sae_lens  # noqa: E402
 import torch
 
 from saekit.errors import SaekitError  # noqa: E402
-from saekit.sae import (  # noqa: E402
-    Decoder,
-    Encoder,
-    SparseAutoencoder,
-    topk_activation,
-)
+from saekit.sae import Decoder, Encoder, SparseAutoencoder, topk_activation  # noqa: E402
 
 D_IN, D_SAE, K = 32, 128, 8
 
@@ -142,7 +137,7 @@ def test_topk_with_uneven_decoder_norms_encodes_as_sae_lens_does(tmp_path, resca
     pre-activations (or, with rescale_acts_by_decoder_norm, by pre-activation x row norm). saekit
     keeps unit-norm atoms, yet its encoder picks the same latents for every row and reconstructs
     what sae-lens does, through a save and load and an export back to sae-lens."""
-    from saekit.sae import encoder_codes
+    from saekit.encodings import encoder_codes
 
     cfg = sae_lens.TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, rescale_acts_by_decoder_norm=rescaled)
     sl = sae_lens.TopKSAE(cfg)

@@ -170,7 +170,7 @@ CHILD_WRITER = """
 import sys, time, torch
 sys.path.insert(0, sys.argv[3])
 from test_store import rows_with_ids, HOOK, META, SHARD, CHUNK
-import saekit.shards as shards
+import saekit.store.shards as shards
 import saekit.store as store
 
 path, progress = sys.argv[1], sys.argv[2]
@@ -561,7 +561,7 @@ def test_an_empty_shard_file_is_an_error_even_unchecked(tmp_path):
 def test_reads_through_zarr_check_each_shard_and_keep_few_in_memory(tmp_path, monkeypatch, layout):
     import zarr
 
-    import saekit.store_reader as store_reader
+    import saekit.store.reader as store_reader
 
     x = rows_with_ids(300)
     write_store(tmp_path / "s", x)
@@ -725,7 +725,7 @@ CHILD_CREATE = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
 from test_store import HOOK, META, SHARD, CHUNK
-import saekit.shards as shards
+import saekit.store.shards as shards
 import saekit.store as store
 
 path, progress = sys.argv[1], sys.argv[2]

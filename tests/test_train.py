@@ -13,12 +13,13 @@ import pytest
 import torch
 from cli_checks import PAGE, digest, in_process, one_error, tmpfs_bytes
 
-import saekit.train
-import saekit.train_loss
+import saekit.train.loss
+import saekit.train.stage
 from saekit.errors import SaekitError
 from saekit.sae import SparseAutoencoder
 from saekit.store import create_store, open_store
-from saekit.train import TrainConfig, read_metrics, read_run_config, run
+from saekit.train import read_run_config, run
+from saekit.train.stage import TrainConfig, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 N_EVAL = 2048
@@ -151,7 +152,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(embedded_store, tmp
     run(cfg(embedded_store, tmp_path / "full", **kw))
     assert any(m.get("train/auxk", 0) > 0 for m in read_metrics(tmp_path / "full"))  # AuxK state matters
 
-    real, calls = saekit.train.train_step, []
+    real, calls = saekit.train.stage.train_step, []
 
     def crash_at_step_31(*args, **kwargs):
         calls.append(1)
@@ -159,10 +160,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(embedded_store, tmp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(saekit.train, "train_step", crash_at_step_31)
+    monkeypatch.setattr(saekit.train.stage, "train_step", crash_at_step_31)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(embedded_store, tmp_path / "cut", **kw))
-    monkeypatch.setattr(saekit.train, "train_step", real)
+    monkeypatch.setattr(saekit.train.stage, "train_step", real)
     assert json.loads((tmp_path / "cut/checkpoint/state.json").read_text())["position"]["step"] == 20
 
     with pytest.raises(SaekitError, match="already exists.*--resume"):
@@ -182,7 +183,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(embedded_store, tmp
 
 DDP_SCRIPT = """
 import hashlib, json, os, sys
-from saekit.train import TrainConfig, run
+from saekit.train import TrainConfig
+from saekit.train import run
 res = run(TrainConfig(**json.loads(sys.argv[1])))
 digest = hashlib.sha256(res.sae.decoder.W_dec.detach().numpy().tobytes()).hexdigest()
 open(os.path.join(sys.argv[2], "rank" + os.environ["RANK"]), "w").write(digest)
@@ -272,14 +274,14 @@ def test_k_above_n_features_is_refused(sae_run, embedded_store, tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(embedded_store, tmp_path, monkeypatch):
-    real, calls = saekit.train_loss.encode_decode, []
+    real, calls = saekit.train.loss.encode_decode, []
 
     def poisoned_at_step_13(sae, sae_in):
         calls.append(1)
         out = real(sae, sae_in)
         return out._replace(sae_out=out.sae_out * float("nan")) if len(calls) == 13 else out
 
-    monkeypatch.setattr(saekit.train_loss, "encode_decode", poisoned_at_step_13)
+    monkeypatch.setattr(saekit.train.loss, "encode_decode", poisoned_at_step_13)
     out = tmp_path / "run"
     with pytest.raises(SaekitError, match=r"loss became nan at step 13.*checkpoint \(step 10\)") as e:
         run(cfg(embedded_store, out, n_features=256, tokens=256 * 30, checkpoint_every=5))
@@ -324,9 +326,9 @@ def test_sparse_topk_decode_matches_the_dense_reference(monkeypatch):
     dead[::3] = True  # AuxK active too
 
     def loss_and_grads(dense: bool):
-        monkeypatch.setattr(saekit.train_loss, "DENSE_DECODE", dense)
+        monkeypatch.setattr(saekit.train.loss, "DENSE_DECODE", dense)
         sae.zero_grad()
-        losses = saekit.train_loss.Objective(sae, "encoder", k=4, k_aux=8, auxk_coef=1 / 32, variance=16.0)(x, dead)
+        losses = saekit.train.loss.Objective(sae, "encoder", k=4, k_aux=8, auxk_coef=1 / 32, variance=16.0)(x, dead)
         losses.loss.backward()
         return losses, [p.grad.clone() for p in sae.parameters()]
 
@@ -339,7 +341,7 @@ def test_sparse_topk_decode_matches_the_dense_reference(monkeypatch):
 
 
 def test_lr_warms_up_then_decays_to_zero():
-    lrs = [saekit.train.lr_at(s, 100, 1.0, warmup_frac=0.1, decay_frac=0.2) for s in range(100)]
+    lrs = [saekit.train.stage.lr_at(s, 100, 1.0, warmup_frac=0.1, decay_frac=0.2) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == lrs[50] == 1.0
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and 0 < lrs[-1] <= 0.05
@@ -546,14 +548,16 @@ def test_eval_cossim_is_the_raw_space_cosine_similarity(sae_run, embedded_store)
 
 
 def test_calibration_rows_are_a_seeded_sample_spread_over_the_training_rows():
-    rows = saekit.train.calibration_rows(100_000, n_features=4096, seed=0)
+    rows = saekit.train.stage.calibration_rows(100_000, n_features=4096, seed=0)
     assert len(rows) == len(np.unique(rows)) == 2**24 // 4096
     assert rows.min() >= 0 and rows.max() < 100_000  # never a held-out row
     tenths = np.histogram(rows, bins=10, range=(0, 100_000))[0]
     assert tenths.min() > 0.8 * len(rows) / 10  # every tenth of the training rows is sampled
-    assert np.array_equal(rows, saekit.train.calibration_rows(100_000, n_features=4096, seed=0))
-    assert not np.array_equal(rows, saekit.train.calibration_rows(100_000, n_features=4096, seed=1))
-    assert len(saekit.train.calibration_rows(300, n_features=4096, seed=0)) == 300  # fewer rows than asked: all of them
+    assert np.array_equal(rows, saekit.train.stage.calibration_rows(100_000, n_features=4096, seed=0))
+    assert not np.array_equal(rows, saekit.train.stage.calibration_rows(100_000, n_features=4096, seed=1))
+    assert (
+        len(saekit.train.stage.calibration_rows(300, n_features=4096, seed=0)) == 300
+    )  # fewer rows than asked: all of them
 
 
 def test_batch_topk_threshold_keeps_k_per_token_over_all_the_training_rows(tmp_path):

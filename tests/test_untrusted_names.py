@@ -10,7 +10,7 @@ from test_cli_store import make_store
 
 from saekit.errors import SaekitError
 from saekit.store import create_store, open_store
-from saekit.store_copy import CopyConfig, copy_store
+from saekit.store.copy import CopyConfig, copy_store
 
 
 def _plant(url: str, targets: list) -> None:
@@ -116,7 +116,7 @@ def test_copy_never_follows_a_symlink_in_the_source(s3_bucket, tmp_path):
     src = make_store(tmp_path / "src")
     secret = tmp_path / "secret.txt"
     secret.write_text("the lab's credentials")
-    from saekit.shards import RECORDS_DIR
+    from saekit.store.shards import RECORDS_DIR
 
     records = src / RECORDS_DIR
     records.mkdir(exist_ok=True)

@@ -12,18 +12,16 @@ Layout of a store (see docs/cache.md):
 
 This module is the store's public face; the work lives in:
 
-    saekit.store_format   names, layout, bf16 encoding, attribute checks, content hash, statistics
-    saekit.store_writer   create_store, StoreWriter: whole shards, resume, several ranks
-    saekit.store_reader   open_store, ActivationStore: memory-mapped reads, checks, verify;
+    saekit.store.format   names, layout, bf16 encoding, attribute checks, content hash, statistics
+    saekit.store.writer   create_store, StoreWriter: whole shards, resume, several ranks
+    saekit.store.reader   open_store, ActivationStore: memory-mapped reads, checks, verify;
                           InfoConfig, VerifyConfig, LsConfig (what `saekit info` / `verify` / `ls` take), list_stores
-    saekit.shuffle        shuffle_plan and the shuffled batch stream
-    saekit.shards         what both saekit stores share: shard files, completion records,
+    saekit.store.shuffle        shuffle_plan and the shuffled batch stream
+    saekit.store.shards         what both saekit stores share: shard files, completion records,
                           atomic attributes, recognisable creation
 """
 
-from saekit.shards import RECORDS_DIR, write_json_atomic
-from saekit.shuffle import Window, shuffle_plan
-from saekit.store_format import (
+from saekit.store.format import (
     ACTS,
     FORMAT_VERSION,
     HookStats,
@@ -33,9 +31,11 @@ from saekit.store_format import (
     content_hash,
     read_attrs,
 )
-from saekit.store_listing import InfoConfig, LsConfig, VerifyConfig, list_stores
-from saekit.store_reader import ActivationStore, open_store
-from saekit.store_writer import StoreWriter, create_store
+from saekit.store.listing import InfoConfig, LsConfig, VerifyConfig, list_stores
+from saekit.store.reader import ActivationStore, open_store
+from saekit.store.shards import RECORDS_DIR, write_json_atomic
+from saekit.store.shuffle import Window, shuffle_plan
+from saekit.store.writer import StoreWriter, create_store
 
 __all__ = [
     "ACTS",

@@ -1,6 +1,6 @@
 """Writing an activation store: `create_store` and `StoreWriter` (whole shards, resume, several ranks).
 
-Writers fill whole shards (one file write per shard, `saekit.shards`) and, after a shard's data,
+Writers fill whole shards (one file write per shard, `saekit.store.shards`) and, after a shard's data,
 atomically write a small JSON record with its checksums and statistics. A shard without a record
 is redone on resume, so a killed writer never leaves a shard that looks complete. Rank r of w
 writers owns shards i with i % w == r, so separate processes never touch the same file.
@@ -21,21 +21,7 @@ import torch
 
 from saekit.config import check_positive
 from saekit.errors import SaekitError
-from saekit.remote import is_remote
-from saekit.shards import (
-    RECORDS_DIR,
-    ShardLayoutError,
-    ShardRecord,
-    crc32c_of,
-    create_marked_group,
-    create_sharded_array,
-    map_shard_file,
-    record_path,
-    write_group_attrs,
-    write_json_atomic,
-    write_recorded_shard,
-)
-from saekit.store_format import (
+from saekit.store.format import (
     ACTS,
     BF16_ATTRS,
     FORMAT,
@@ -58,7 +44,21 @@ from saekit.store_format import (
     summary,
     validate_hooks,
 )
-from saekit.store_upload import InPlace, RemoteMirror, publisher
+from saekit.store.remote import is_remote
+from saekit.store.shards import (
+    RECORDS_DIR,
+    ShardLayoutError,
+    ShardRecord,
+    crc32c_of,
+    create_marked_group,
+    create_sharded_array,
+    map_shard_file,
+    record_path,
+    write_group_attrs,
+    write_json_atomic,
+    write_recorded_shard,
+)
+from saekit.store.upload import InPlace, RemoteMirror, publisher
 
 if TYPE_CHECKING:
     import zarr
@@ -92,7 +92,7 @@ def create_store(
     creates the store and the other ranks join it afterwards (the caller barriers between).
 
     At a URL (s3://, gs://, ...) the store is staged in a local folder (`staging`, default
-    `store_upload.default_staging()`) and published piece by piece: see `saekit.store_upload`.
+    `saekit.store.upload.default_staging()`) and published piece by piece: see `saekit.store.upload`.
     """
     _check_create_args(path, resume, overwrite, rank, world_size, shard_rows, chunk_rows, n_rows)
     layout = StoreLayout(validate_hooks(hooks), int(shard_rows), int(chunk_rows))
@@ -504,7 +504,7 @@ def extend_store(
     staging: str | os.PathLike | None = None,
 ) -> StoreWriter:
     """A writer that grows the COMPLETE store at `path` to `n_rows` rows under the metadata `meta`
-    (the caller has checked that its rows are the same as the store's: see saekit.cache_root).
+    (the caller has checked that its rows are the same as the store's: see saekit.store.cache_root).
 
     Its full shards are kept (their records rebuilt from the files, each checked against the
     store's crc32c; a bad one is redone). Its last, partial shard is rewritten with more rows: its

@@ -43,7 +43,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saekit.devices import device_clock
-from saekit.encodings import encode
+from saekit.encodings import Encoding, encode
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
 from saekit.models import PASS_MODEL, LoadedModel, load_model, store_model_spec
@@ -551,7 +551,7 @@ def codes_encoding(codes: SparseCodes, W: Tensor, b: Tensor, per_seq: int) -> Ba
     return encode
 
 
-def computed_encoding(sae: Any, W: Tensor, b: Tensor, method: str, k: int | None, steps: int) -> BatchEncoding:
+def computed_encoding(sae: Any, W: Tensor, b: Tensor, method: Encoding, k: int | None, steps: int) -> BatchEncoding:
     """An encoding computed batch by batch (`saekit.encodings.encode`) and decoded against the
     raw-space dictionary (W [n, d], b [d]): the encoder's own output (method "encoder", k None),
     its codes at k (`encoder@k`), a pursuit method, or refit / encoder+gp (`steps`) from the

@@ -1,6 +1,6 @@
 """`saekit copy SRC DST`: copy a complete activation store between local disk and object storage.
 
-SRC and DST are each a local directory or an fsspec URL (s3://, gs://, ...; see `saekit.remote`).
+SRC and DST are each a local directory or an fsspec URL (s3://, gs://, ...; see `saekit.store.remote`).
 Whole files move, many shard files at once, and every shard file is checked against the crc32c
 the store records for its valid rows: a local source before it is sent (a damaged store is never
 published), a download after it lands (fetched again up to twice, then an error). The order is
@@ -29,10 +29,7 @@ from tqdm import tqdm
 
 from saekit.config import check_positive, need
 from saekit.errors import SaekitError
-from saekit.location import Location, location
-from saekit.remote import each_parallel
-from saekit.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, record_path
-from saekit.store_format import (
+from saekit.store.format import (
     StoreLayout,
     array_spec,
     attrs_of,
@@ -41,6 +38,9 @@ from saekit.store_format import (
     metadata_files,
     shard_files,
 )
+from saekit.store.location import Location, location
+from saekit.store.remote import each_parallel
+from saekit.store.shards import RECORDS_DIR, ShardLayoutError, crc32c_of, map_shard_file, record_path
 
 MARKER = ".saekit-copying"  # at DST from a copy's first write to its last: the source's content hash
 TRIES = 3  # downloads of a shard file before a checksum mismatch is an error

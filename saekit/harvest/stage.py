@@ -2,7 +2,7 @@
 
 `run` loads the texts and the model, finds the store (`--out`, or the cache root: reuse, extend,
 resume or new), opens it on rank 0 (the other ranks join it), and drives the main loop
-(`saekit.harvest_loop.forward_to_shards`: forward -> assemble -> write) over the shards this rank
+(`saekit.harvest.loop.forward_to_shards`: forward -> assemble -> write) over the shards this rank
 owns. Rank r of w computes the sequences whose rows fall in the shards it owns (shard j with
 j % w == r) and writes only those shards; a sequence that straddles two ranks' shards is run by
 both (each keeps its own rows). A shard on disk whose completion record still matches its rows
@@ -24,11 +24,10 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from saekit.cache_root import Found, cache_root, find, identity_dir, store_path
 from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import Dist, barrier, broadcast_object, init_dist, on_main, resolve_dtype, shutdown_dist
 from saekit.errors import SaekitError, local_path
-from saekit.harvest_loop import (
+from saekit.harvest.loop import (
     Plan,
     StreamEnd,
     check_not_empty,
@@ -37,11 +36,12 @@ from saekit.harvest_loop import (
     todo_shards,
     too_short,
 )
-from saekit.location import location, output_place
 from saekit.models import LoadedModel, load_model
 from saekit.store import StoreLayout, create_store, open_store
-from saekit.store_format import location_attrs
-from saekit.store_writer import extend_store
+from saekit.store.cache_root import Found, cache_root, find, identity_dir, store_path
+from saekit.store.format import location_attrs
+from saekit.store.location import location, output_place
+from saekit.store.writer import extend_store
 from saekit.texts import TextSource, load_texts
 
 
@@ -308,14 +308,3 @@ def _harvest_shards(plan: Plan, writer, out: Path | str, rank: int, world: int, 
                 file=sys.stderr,
             )
     return rows / elapsed if elapsed > 0 else 0.0
-
-
-def __getattr__(name: str):
-    # `from saekit.harvest import cached_activation_generator`, the original API's import path
-    # before it moved, keeps working. Its home, saekit.generator, builds on this module, so
-    # importing it at the top would be circular.
-    if name == "cached_activation_generator":
-        from saekit.generator import cached_activation_generator  # lazy: saekit.generator builds on this module
-
-        return cached_activation_generator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@ Batch-TopK, ReLU, JumpReLU), input normalization, the `Encoder` and the `Decoder
 
 Shapes: `x` is `[..., d_in]`, codes are dense `[..., n_features]` in the parameters' dtype.
 The dictionary lives in a normalized space `x_n = (x - input_mean) * input_scale`; both buffers
-sit on the `Decoder` (see saekit/sae.py's docstring).
+sit on the `Decoder` (see saekit/sae/model.py's docstring).
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from saekit.architectures import ACTIVATIONS as ACTIVATIONS
-from saekit.architectures import architecture
-from saekit.architectures import batch_topk_activation as batch_topk_activation
-from saekit.architectures import jumprelu_activation as jumprelu_activation
-from saekit.architectures import topk_activation as topk_activation
 from saekit.config import check_non_negative
 from saekit.devices import dtype_name, resolve_dtype
 from saekit.errors import SaekitError
 from saekit.pursuit import decode_sparse
+from saekit.sae.architectures import ACTIVATIONS as ACTIVATIONS
+from saekit.sae.architectures import architecture
+from saekit.sae.architectures import batch_topk_activation as batch_topk_activation
+from saekit.sae.architectures import jumprelu_activation as jumprelu_activation
+from saekit.sae.architectures import topk_activation as topk_activation
 
 # --------------------------------------------------------------------------------------------
 # Config and return types

@@ -204,7 +204,7 @@ def _parse_record(text: str) -> ShardRecord | None:
         return None
     if not isinstance(doc, dict):
         return None
-    if "crc" in doc and "crc32c" not in doc:  # activation-store records written before saekit.shards
+    if "crc" in doc and "crc32c" not in doc:  # activation-store records written before saekit.store.shards
         doc["crc32c"] = doc.pop("crc")
     base = [doc.pop(k, None) for k in ("index", "start", "stop", "crc32c")]
     if not (all(type(v) is int for v in base[:3]) and isinstance(base[3], dict)):  # JSON ints, not bools
@@ -233,8 +233,8 @@ def read_records(records: Path) -> dict[int, ShardRecord]:
 
 
 def read_remote_records(remote: Any, records: str) -> dict[int, ShardRecord]:
-    """`read_records` of the folder `records` of a `saekit.remote.Remote` (one listing, one read each)."""
-    from saekit.remote import each_parallel  # lazy: only remote stores need it
+    """`read_records` of the folder `records` of a `saekit.store.remote.Remote` (one listing, one read each)."""
+    from saekit.store.remote import each_parallel  # lazy: only remote stores need it
 
     names = [n for n in remote.list(records) if n.count("/") == records.count("/") + 1]
     raw = each_parallel(remote.read_bytes, names, threads=8)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from saekit.errors import SaekitError, check_url, url_scheme
-from saekit.remote import Remote, is_remote
-from saekit.store_format import attrs_of, canonical_json, check_attrs, read_attrs
+from saekit.store.format import attrs_of, canonical_json, check_attrs, read_attrs
+from saekit.store.remote import Remote, is_remote
 
 DEFAULT_ROOT = "cache"
 # Metadata that does not decide a row's bytes: how many rows, which hooks (matched separately),

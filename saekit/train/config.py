@@ -8,11 +8,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from saekit.architectures import TRAINABLE, architecture
 from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, need
-from saekit.heldout import held_out_rows
+from saekit.evaluate.heldout import held_out_rows
 from saekit.sae import SparseAutoencoder
-from saekit.shard_cache import ShardCacheFields
+from saekit.sae.architectures import TRAINABLE, architecture
+from saekit.store.shard_cache import ShardCacheFields
 
 CODES = ("encoder", "pursuit", "both")
 MAX_UNROLL = 8

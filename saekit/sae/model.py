@@ -10,9 +10,9 @@ new encoder keeps them) and are the identity unless `set_input_normalization` se
 cache's statistics. `SparseAutoencoder.encode` takes raw activations and `decode` returns raw
 activations; `Decoder.raw_dictionary()` gives the equivalent raw-space atoms for pursuit code.
 
-The parts (config, activations, normalization, `Encoder`, `Decoder`) live in `saekit.sae_parts`
+The parts (config, activations, normalization, `Encoder`, `Decoder`) live in `saekit.sae.parts`
 and are importable from here. Loading sae-lens SAEs (`from_pretrained`, `from_sae_lens`) and exporting to sae-lens
-(`export_sae_lens`) are methods here, implemented in `saekit.sae_lens_io`. `load_sae(spec)` at the
+(`export_sae_lens`) are methods here, implemented in `saekit.sae.lens_io`. `load_sae(spec)` at the
 bottom is the one loader for every kind of SAE (run dir, saekit dir, sae-lens dir or release).
 """
 
@@ -29,29 +29,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-# the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
-from saekit import sae_lens_io
-from saekit.architectures import Architecture
 from saekit.atomic import is_regular
 from saekit.devices import dtype_name, resolve_dtype
-from saekit.encodings import check_encoder_usable as check_encoder_usable
-from saekit.encodings import encoder_codes as encoder_codes
-from saekit.encodings import encoder_k as encoder_k
-from saekit.encodings import encoder_output as encoder_output
 from saekit.errors import SaekitError, file_kind, one_line
-from saekit.reports import STALE as STALE
-from saekit.reports import encoder_label as encoder_label
-from saekit.reports import encoder_stale as encoder_stale
-from saekit.reports import stale_note as stale_note
-from saekit.sae_files import ENCODER_STALE as ENCODER_STALE
-from saekit.sae_files import SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
-from saekit.sae_parts import ACTIVATIONS as ACTIVATIONS
-from saekit.sae_parts import Decoder, Encoder, Normalization, SAEConfig, check_last_dim, normalization_from_stats
-from saekit.sae_parts import Dictionary as Dictionary
-from saekit.sae_parts import EncoderOutput as EncoderOutput
-from saekit.sae_parts import batch_topk_activation as batch_topk_activation
-from saekit.sae_parts import jumprelu_activation as jumprelu_activation
-from saekit.sae_parts import topk_activation as topk_activation
+
+# the parts' public names, importable from here as well (`from saekit.sae import Decoder, ...`)
+from saekit.sae import lens_io as sae_lens_io
+from saekit.sae.architectures import Architecture
+from saekit.sae.files import ENCODER_STALE as ENCODER_STALE
+from saekit.sae.files import SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
+from saekit.sae.parts import ACTIVATIONS as ACTIVATIONS
+from saekit.sae.parts import Decoder, Encoder, Normalization, SAEConfig, check_last_dim, normalization_from_stats
+from saekit.sae.parts import Dictionary as Dictionary
+from saekit.sae.parts import EncoderOutput as EncoderOutput
+from saekit.sae.parts import batch_topk_activation as batch_topk_activation
+from saekit.sae.parts import jumprelu_activation as jumprelu_activation
+from saekit.sae.parts import topk_activation as topk_activation
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
@@ -179,7 +172,7 @@ class SparseAutoencoder(nn.Module):
 
     @property
     def arch(self) -> Architecture:
-        """What its activation is and allows (`saekit.architectures`)."""
+        """What its activation is and allows (`saekit.sae.architectures`)."""
         return self.encoder.arch
 
     @property
@@ -329,7 +322,7 @@ class SparseAutoencoder(nn.Module):
         sae.load_state_dict({k: v for k, v in state.items() if k in expected}, assign=True)
         return sae.eval()
 
-    # ---- sae-lens (implemented in saekit.sae_lens_io) ----
+    # ---- sae-lens (implemented in saekit.sae.lens_io) ----
     @classmethod
     def from_pretrained(
         cls,

@@ -1,5 +1,5 @@
 """Harvest's main loop: forward -> assemble -> write, shared by `saekit.harvest.run` and the
-original API's `saekit.generator`.
+original API's `saekit.harvest.generator`.
 
     texts -> tokens -> packed [ctx_len] sequences -> model (only up to the last hooked layer)
           -> hook activations [b, ctx_len - skip, d] as bf16 -> whole shards -> a store writer
@@ -29,8 +29,8 @@ from saekit import __version__
 from saekit.devices import dtype_name
 from saekit.errors import SaekitError, is_disk_full
 from saekit.models import HookSpec, LoadedModel, default_hook, resolve_hooks, stop_layer
-from saekit.store_format import ACTS, POSITIONS, TOKENS, bits_to_bf16
-from saekit.store_writer import Kept
+from saekit.store.format import ACTS, POSITIONS, TOKENS, bits_to_bf16
+from saekit.store.writer import Kept
 from saekit.texts import TextSource, model_packing, sequences
 
 DEFAULT_CTX_LEN = 128  # the context length of the widely used GPT-2 small residual SAEs
@@ -332,7 +332,7 @@ def _tokenizer_sha(tok) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The main loop: forward -> assemble -> write, shared by `run` and saekit.generator
+# The main loop: forward -> assemble -> write, shared by `run` and saekit.harvest.generator
 # ---------------------------------------------------------------------------------------------
 
 

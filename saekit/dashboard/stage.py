@@ -5,7 +5,7 @@
       -> per latent, for each encoding: nonzero count, max, a histogram, a bounded top-N of rows
          and a uniform sample of its nonzero activations (no [rows, n_features] matrix)
       -> windows of tokens around each chosen row, decoded with the store's model's tokenizer
-      -> index.html and latent_<i>.html (`saekit.dashboard_html`)
+      -> index.html and latent_<i>.html (`saekit.dashboard.html`)
 
 The histogram bins are global and log-spaced (a quarter octave each, 2^-32 .. 2^32), so one pass
 suffices: no per-latent range is needed before binning. The lower-quantile samples come from a
@@ -35,12 +35,12 @@ from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.encodings import ENCODER, encode
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
-from saekit.heldout import sae_held_out
+from saekit.evaluate.heldout import sae_held_out
 from saekit.models import store_model_spec
 from saekit.pursuit import SparseCodes
 from saekit.sae import check_sae_fits_hook, load_sae
-from saekit.shard_cache import ShardCacheFields
 from saekit.store import open_store
+from saekit.store.shard_cache import ShardCacheFields
 
 BINS = 256
 BINS_PER_OCTAVE = 4
@@ -342,7 +342,7 @@ def run(cfg: DashboardConfig) -> DashboardResult:
 
 
 def _run(cfg: DashboardConfig, out: Path, device: torch.device) -> DashboardResult:
-    from saekit.dashboard_html import write_site  # lazy: only writing the site needs it
+    from saekit.dashboard.html import write_site  # lazy: only writing the site needs it
 
     store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
     hook = store.resolve_hook(cfg.hook)

@@ -1,6 +1,6 @@
 """What an activation store is: its names, layout, bf16 encoding, attributes, content hash and statistics.
 
-The writer (`saekit.store_writer`) and the reader (`saekit.store_reader`) both build on this
+The writer (`saekit.store.writer`) and the reader (`saekit.store.reader`) both build on this
 module; see `saekit.store` for the layout of a store on disk.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from saekit.errors import SaekitError, url_scheme
-from saekit.shards import RECORDS_DIR, ShardRecord, group_attrs, read_group_attrs, read_records, shard_key
+from saekit.store.shards import RECORDS_DIR, ShardRecord, group_attrs, read_group_attrs, read_records, shard_key
 
 FORMAT = "saekit-activation-store"
 FORMAT_VERSION = 2  # 2: the content hash covers the statistics too (format 1 stores are still read)
@@ -231,7 +231,7 @@ def read_attrs(path: str | os.PathLike) -> dict | None:
 
 
 def location_attrs(where: Any) -> dict | None:
-    """`read_attrs` of the store at a `saekit.location.Location` (a directory or a URL)."""
+    """`read_attrs` of the store at a `saekit.store.location.Location` (a directory or a URL)."""
     data = where.read_bytes("zarr.json")
     return None if data is None else attrs_of(data, where.url)
 

@@ -1,6 +1,6 @@
 """The local shard cache: remote stores' shard files, downloaded whole, checked and memory-mapped.
 
-A reader of a store in object storage (`saekit.remote`) fetches each shard file it touches into
+A reader of a store in object storage (`saekit.store.remote`) fetches each shard file it touches into
 
     <cache dir>/<store key>/<shard file path>      e.g. ~/.cache/saekit/shards/3a10d7f89b31c2e0/acts/h/c/4/0
 
@@ -41,7 +41,7 @@ import numpy as np
 
 from saekit.config import check_positive, need
 from saekit.errors import SaekitError, local_path, os_error_message
-from saekit.remote import local_file
+from saekit.store.remote import local_file
 
 ENV_DIR, ENV_GB = "SAEKIT_SHARD_CACHE", "SAEKIT_SHARD_CACHE_GB"
 DEFAULT_GB = 32.0
@@ -169,7 +169,7 @@ class ShardCache:
         check: Hashable,
         fresh: bool = False,
     ) -> np.ndarray:
-        """The object `name` of `remote` (a `saekit.remote.Remote`) as `open_checked` maps it:
+        """The object `name` of `remote` (a `saekit.store.remote.Remote`) as `open_checked` maps it:
         from the cache when a good copy is there, else downloaded. `check` names what
         `open_checked` checks (e.g. rows and crc32c): a mapping checked against something else is
         not reused (a store being written may redo a shard). `fresh`: download it again whatever

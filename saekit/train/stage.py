@@ -8,13 +8,13 @@ One loop, three things it can train, each set by a small part:
   the skip-connection init), optionally distilled toward gradient pursuit's codes (`--distill`,
   the codes computed each step or read from a `saekit pursue` codes store, `--distill-codes`);
 - the dictionary itself under nonlinear codes (`--codes pursuit|both`, or an MLP encoder with the
-  decoder training): `Objective` (in `saekit.train_loss`) decides where the codes come from — the
+  decoder training): `Objective` (in `saekit.train.loss`) decides where the codes come from — the
   encoder (MSE + AuxK), gradient pursuit against the current dictionary (codes without grad, MSE
   step on the decoder), or both.
 
 Shared by all: shuffled batches from the store, Adam with linear warm-up and decay, unit-norm
 decoder rows, dead-latent tracking, held-out evaluation, checkpoints that resume bit for bit on
-the CPU (`saekit.train_checkpoint`), and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
+the CPU (`saekit.train.checkpoint`), and DDP under torchrun. The language model is never loaded: the store is memory-mapped.
 
 Losses are in the dictionary's normalized space and divided by the training rows' total variance
 there, so `train/fvu` reads as a fraction of variance unexplained whatever the activations' scale.
@@ -43,15 +43,15 @@ from saekit.atomic import read_regular
 from saekit.codes import group_name, open_codes_for
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
-from saekit.heldout import TRAINED_ON, training_record
+from saekit.evaluate.heldout import TRAINED_ON, training_record
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import SparseCodes, to_dense
 from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_cost, load_sae
-from saekit.shards import write_json_atomic
-from saekit.shuffle import shuffle_plan
 from saekit.store import open_store
-from saekit.store_format import HookStats
-from saekit.train_checkpoint import (
+from saekit.store.format import HookStats
+from saekit.store.shards import write_json_atomic
+from saekit.store.shuffle import shuffle_plan
+from saekit.train.checkpoint import (
     CKPT,
     MetricsLog,
     Position,
@@ -60,8 +60,8 @@ from saekit.train_checkpoint import (
     read_metrics,
     save_checkpoint,
 )
-from saekit.train_config import RUN_IDENTITY, TrainConfig, lr_at, resolve
-from saekit.train_loss import Losses, Objective, normalized_variance, pursuit_decode
+from saekit.train.config import RUN_IDENTITY, TrainConfig, lr_at, resolve
+from saekit.train.loss import Losses, Objective, normalized_variance, pursuit_decode
 
 # --------------------------------------------------------------------------------------------
 # What is trained

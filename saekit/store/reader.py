@@ -2,8 +2,8 @@
 
 Readers memory-map each shard file after validating zarr's shard index (contiguous C-order inner
 chunks, no compression) and fall back to zarr reads of whole shards (a small cache) when that check
-fails or the store is a file:// URL. A store in object storage (s3://, gs://, ...; `saekit.remote`)
-is read the same way from the local shard cache (`saekit.shard_cache`), which downloads each shard
+fails or the store is a file:// URL. A store in object storage (s3://, gs://, ...; `saekit.store.remote`)
+is read the same way from the local shard cache (`saekit.store.shard_cache`), which downloads each shard
 file whole; its shuffled and sequential readers download the next shards ahead. Every path checks a
 shard's crc32c against its record the first time it is touched, and a missing shard file is an
 error, never zeros. The content hash covers the attributes (format 2: statistics included);
@@ -30,22 +30,7 @@ from tqdm import tqdm
 from saekit.atomic import is_regular
 from saekit.config import check_positive
 from saekit.errors import SaekitError
-from saekit.location import Local, Location
-from saekit.remote import Remote, is_remote, url_key
-from saekit.shard_cache import BadFile, Prefetcher, ShardCache, ShardFetchError, shard_cache
-from saekit.shards import (
-    CREATING,
-    RECORDS_DIR,
-    ShardLayoutError,
-    ShardRecord,
-    crc32c_of,
-    is_plain_sharded,
-    map_shard_file,
-    read_remote_records,
-    shard_key,
-)
-from saekit.shuffle import batch_stream, shuffle_plan, skip_windows
-from saekit.store_format import (
+from saekit.store.format import (
     ACTS,
     FORMAT,
     POSITIONS,
@@ -67,6 +52,21 @@ from saekit.store_format import (
     record_sums,
     row_stats,
 )
+from saekit.store.location import Local, Location
+from saekit.store.remote import Remote, is_remote, url_key
+from saekit.store.shard_cache import BadFile, Prefetcher, ShardCache, ShardFetchError, shard_cache
+from saekit.store.shards import (
+    CREATING,
+    RECORDS_DIR,
+    ShardLayoutError,
+    ShardRecord,
+    crc32c_of,
+    is_plain_sharded,
+    map_shard_file,
+    read_remote_records,
+    shard_key,
+)
+from saekit.store.shuffle import batch_stream, shuffle_plan, skip_windows
 
 FALLBACK_CACHE_BYTES = 512 << 20  # whole shards read through zarr are kept up to this size (at least 2)
 # a remote store's sequential reader downloads this many shards ahead (shuffled: shuffle.AHEAD_WINDOWS)
@@ -95,7 +95,7 @@ def open_store(
 ) -> ActivationStore:
     """Open a store for reading: a local directory (memory-mapped), a store in object storage
     (s3://, gs://, ...: shard files downloaded into the local shard cache at `cache_dir`, bounded
-    to `cache_gb` GiB, and memory-mapped; see `saekit.shard_cache`) or a file:// URL (zarr reads).
+    to `cache_gb` GiB, and memory-mapped; see `saekit.store.shard_cache`) or a file:// URL (zarr reads).
 
     The attributes are checked (types, and the content hash recomputed from them: no data read)
     before anything uses them. allow_incomplete: read the complete shards of a store still being
@@ -513,7 +513,7 @@ class ActivationStore:
         the batch's membership is what is random). The next window is paged in by a background
         thread. `start_batch` skips that many batches without reading them (resume). The last
         batch may be short unless `drop_last`. `with_rows` yields (batch, int64 [batch_size] store
-        row of each of its rows) instead, the same batches. See `saekit.shuffle`.
+        row of each of its rows) instead, the same batches. See `saekit.store.shuffle`.
         """
         key = f"{ACTS}/{self.resolve_hook(hook)}"
         check_positive("batch_size", batch_size)

@@ -61,7 +61,7 @@ def url_key(url: str) -> str:
 
 
 class Remote:
-    """A folder at an fsspec URL (a `saekit.location.Location`). Names are '/'-separated paths relative to it."""
+    """A folder at an fsspec URL (a `saekit.store.location.Location`). Names are '/'-separated paths relative to it."""
 
     hint = "check the URL and the bucket"  # what to check when nothing is found here
 
@@ -195,7 +195,7 @@ class Remote:
             self.fs.get_file(self.path(name), str(tmp))
 
     def in_place(self, name: str) -> Path | None:
-        """None: an object is fetched before it is read (see `saekit.location.Location`)."""
+        """None: an object is fetched before it is read (see `saekit.store.location.Location`)."""
         return None
 
     def writing(self, flag: str, kept: str, rerun: str) -> AbstractContextManager[object]:

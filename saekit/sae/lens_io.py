@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from saekit.architectures import Architecture, TopK, sae_lens_loadable, sae_lens_native
 from saekit.devices import dtype_name
 from saekit.errors import SaekitError, one_line
-from saekit.sae_files import ENCODER_STALE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
-from saekit.sae_parts import Decoder, Encoder
+from saekit.sae.architectures import Architecture, TopK, sae_lens_loadable, sae_lens_native
+from saekit.sae.files import ENCODER_STALE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS, publish_dir, read_json_object
+from saekit.sae.parts import Decoder, Encoder
 
 if TYPE_CHECKING:  # annotations only: saekit.sae calls this module, never the other way
     from saekit.sae import SparseAutoencoder
@@ -40,7 +40,7 @@ _KEPT_METADATA = (
     "prepend_bos",
     ENCODER_STALE,
     "store_hash",
-    "trained_on",  # saekit.heldout.TRAINED_ON: the rows that trained it travel with the export
+    "trained_on",  # saekit.evaluate.heldout.TRAINED_ON: the rows that trained it travel with the export
 )
 
 
@@ -382,7 +382,8 @@ def _check_sae_lens_weights(folder: Path, cfg: dict) -> None:
 
 
 def _hub_error(release: str, sae_id: str | None, e: Exception) -> SaekitError:
-    try:  # lazy: only a failed hub download needs it
+    try:
+        # lazy: only a failed hub download needs it
         from huggingface_hub.errors import (
             GatedRepoError,
             LocalEntryNotFoundError,

@@ -1,5 +1,5 @@
 """The files of an SAE directory, shared by saekit's own format (`saekit.sae`) and the sae-lens
-conversions (`saekit.sae_lens_io`): their names, the metadata key of a stale encoder, reading a JSON
+conversions (`saekit.sae.lens_io`): their names, the metadata key of a stale encoder, reading a JSON
 object, and publishing a directory whole."""
 
 from __future__ import annotations

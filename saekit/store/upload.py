@@ -15,7 +15,7 @@ as soon as it is final:
 so a reader of the bucket never sees a shard without its data, nor a complete store with a shard
 missing. `--resume` rebuilds the staging folder from the bucket (metadata and records; no shard
 data); the writer then proves each recorded shard against its record (sizes here, then its rows'
-crc32c and statistics, `store_writer._shard_problem`); ranks under torchrun each stage in
+crc32c and statistics, `saekit.store.writer._shard_problem`); ranks under torchrun each stage in
 their own folder and write disjoint shards, as they do locally.
 """
 
@@ -30,8 +30,9 @@ import numpy as np
 
 from saekit.atomic import Busy, Lock
 from saekit.errors import SaekitError, is_non_empty
-from saekit.remote import Remote, is_remote, local_file, url_key
-from saekit.shards import (
+from saekit.store.format import StoreLayout, array_spec, is_metadata_name, metadata_files, shard_files
+from saekit.store.remote import Remote, is_remote, local_file, url_key
+from saekit.store.shards import (
     RECORDS_DIR,
     ShardRecord,
     clear_group,
@@ -40,7 +41,6 @@ from saekit.shards import (
     record_path,
     remove_entries,
 )
-from saekit.store_format import StoreLayout, array_spec, is_metadata_name, metadata_files, shard_files
 
 
 def default_staging() -> Path:
@@ -230,7 +230,7 @@ class RemoteMirror:
 
     def shard_problem(self, layout: StoreLayout, rec: ShardRecord, objects: dict[str, int]) -> str | None:
         """What is wrong with a recorded shard in the bucket (an object missing or of the wrong
-        size), or None: the check that needs no download, made first (`store_writer._shard_problem`
+        size), or None: the check that needs no download, made first (`saekit.store.writer._shard_problem`
         then proves the rows)."""
         for key, name in shard_files(layout, rec.index).items():
             size = objects.get(name)

@@ -1,7 +1,7 @@
 """The original sae-kit API, `cached_activation_generator`, backed by saekit activation stores.
 
 It cuts the packed token stream into runs of whole sequences and harvests each run lazily into
-its own store with harvest's main loop (`saekit.harvest_loop.forward_to_shards`), handing every row to
+its own store with harvest's main loop (`saekit.harvest.loop.forward_to_shards`), handing every row to
 the consumer as soon as it is computed; a finished run is read back instead.
 """
 
@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saekit.cache_root import DEFAULT_ROOT
 from saekit.errors import SaekitError
-from saekit.harvest_loop import (
+from saekit.harvest.loop import (
     ActBatch,
     Plan,
     RowLayout,
@@ -32,6 +31,7 @@ from saekit.harvest_loop import (
 )
 from saekit.models import LoadedModel, describe_model
 from saekit.store import create_store, open_store, read_attrs
+from saekit.store.cache_root import DEFAULT_ROOT
 from saekit.texts import TextSource, dataset_source, load_texts, sequences
 
 

@@ -1,7 +1,7 @@
 """Where a store lives: one small interface for a local directory and an fsspec URL.
 
 A `Location` is a folder of whole files named by '/'-separated paths. `Local` is a directory on
-this machine (a path, or a `file://` URL); `saekit.remote.Remote` is a folder at an fsspec URL
+this machine (a path, or a `file://` URL); `saekit.store.remote.Remote` is a folder at an fsspec URL
 (s3://, gs://, hf://, ...). Both answer the same questions (read, write, list, size, remove,
 put and get a whole file, writable?, inside another?), so a caller that moves files holds a
 `Location` and never asks which kind it has. `location(where)` picks one.
@@ -20,8 +20,8 @@ from typing import Protocol
 
 from saekit.atomic import read_regular, writing
 from saekit.errors import WRITE_PROBE, SaekitError, check_url, is_non_empty, local_path, os_error_message, output_dir
-from saekit.remote import Remote, is_remote, local_file
-from saekit.shards import remove_entries
+from saekit.store.remote import Remote, is_remote, local_file
+from saekit.store.shards import remove_entries
 
 
 class Location(Protocol):

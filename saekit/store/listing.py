@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 from saekit.config import need
 from saekit.errors import SaekitError, local_path
-from saekit.remote import Remote, is_remote
-from saekit.shard_cache import ShardCacheFields
-from saekit.store_format import attrs_of, read_attrs
-from saekit.store_reader import ActivationStore, open_store
+from saekit.store.format import attrs_of, read_attrs
+from saekit.store.reader import ActivationStore, open_store
+from saekit.store.remote import Remote, is_remote
+from saekit.store.shard_cache import ShardCacheFields
 
 # --------------------------------------------------------------------------------------------
 # What `saekit info` and `saekit verify` take (one flag per field)

@@ -18,7 +18,7 @@ import numpy as np
 
 from saekit.config import check_positive
 from saekit.errors import SaekitError
-from saekit.store_format import bits_to_bf16
+from saekit.store.format import bits_to_bf16
 
 AHEAD_WINDOWS = 2  # windows whose shards `batch_stream`'s `ahead` asks for beyond the one being read
 

@@ -1,0 +1,8 @@
+"""What pursue and eval share to measure encodings, and the held-out rule every stage keeps.
+
+    downstream.py  CE / KL: splicing reconstructions into the model
+    gap.py         the gap decomposition (encoder -> refit -> gp)
+    heldout.py     the held-out rows (the last rows of a store, never trained on)
+
+Nothing is imported here: a stage imports the part it needs.
+"""
