@@ -3,7 +3,7 @@
     downstream.py  CE / KL: splicing reconstructions into the model
     gap.py         the gap decomposition (encoder -> refit -> gp)
     heldout.py     the held-out rows (the last rows of a store, never trained on)
-recovery.py    ground-truth recovery on synthetic activations (MCC, support F1, shrinkage)
+    recovery.py    ground-truth recovery on synthetic activations (MCC, support F1, shrinkage)
 
 Nothing is imported here: a stage imports the part it needs.
 """
