@@ -12,6 +12,7 @@ ends with the same content hash; a finished store is verified before it is repor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -22,6 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+from safetensors.torch import save
 from tqdm import tqdm
 
 from saekit.config import check_non_negative, check_positive, need
@@ -36,6 +39,7 @@ from saekit.harvest.loop import (
     todo_shards,
     too_short,
 )
+from saekit.harvest.synthetic import HOOK, PREFIX, SyntheticSource, is_synthetic, synthetic_config, true_codes
 from saekit.models import LoadedModel, load_model
 from saekit.store import StoreLayout, create_store, open_store
 from saekit.store.cache_root import Found, cache_root, find, identity_dir, store_path
@@ -50,7 +54,7 @@ class HarvestConfig:
     """What to harvest and where. 0/None means "pick a sensible default"."""
 
     model: str | None = None
-    """transformer-lens model name ('gpt2-small'), a local HF checkpoint folder, or 'embedded' (None: the default)."""
+    """transformer-lens model name ('gpt2-small'), a local HF checkpoint folder, 'embedded' (None: the default), or synthetic activations with ground truth: 'synthetic:cpu', 'synthetic:synthsaebench-16k' or 'synthetic:CONFIG.json' (a sae-lens SyntheticModelConfig)."""
     hooks: list[str] = field(default_factory=list, metadata={"flag": "--hook"})
     """Hook names to cache, all in one forward pass; repeat --hook for several. Empty: `blocks.{n_layers // 2}.hook_resid_pre`."""
     dataset: str | None = None
@@ -89,6 +93,8 @@ class HarvestConfig:
     """Without --out: the shared cache root (a folder or a URL) where a store of the same model, data, context and hooks is reused, extended or created (default: $SAEKIT_CACHE, else ./cache)."""
     staging: str | None = None
     """Local folder where a harvest to a URL keeps each shard until it is uploaded (default: $SAEKIT_STAGING or ~/.cache/saekit/staging)."""
+    seed: int | None = None
+    """Synthetic models only: the seed of the draw (another dictionary and other rows of the same configuration). None: the model's own (the presets': 42)."""
 
     def __post_init__(self):
         check_positive("--tokens", self.tokens)
@@ -102,6 +108,10 @@ class HarvestConfig:
             cache_root(self.cache_root)  # the URL check, before a model is loaded
         if self.staging:
             local_path(self.staging, "--staging")
+        if is_synthetic(self.model):
+            synthetic_config(self.model or "", self.seed)  # a bad preset or config is one line, now
+        else:
+            need(self.seed is None, "--seed picks the draw of a synthetic model (--model synthetic:...); drop it")
 
 
 class HarvestResult(NamedTuple):
@@ -124,6 +134,8 @@ def run(cfg: HarvestConfig) -> HarvestResult:
     """Harvest per `cfg` into a store; under torchrun every rank calls this (rank 0 finalizes)."""
     d = init_dist(cfg.device)
     try:
+        if is_synthetic(cfg.model):
+            return _run_synthetic(cfg, d)
         # texts first: a bad dataset fails in a second, not after a possibly minutes-long model load
         texts = load_texts(cfg.dataset, config=cfg.dataset_config, split=cfg.split, text_column=cfg.text_column)
         lm = load_model(cfg.model, d.device, resolve_dtype(cfg.dtype, d.device, what="--dtype"))
@@ -159,7 +171,7 @@ def _write(cfg: HarvestConfig, plan: Plan, out: Path | str, found: Found | None,
     store_at = _opener(cfg, out, plan, found, d.world_size)
     # Rank 0 creates (or checks) the store; the others join after it, and all learn of its errors
     # (the broadcast is a collective, so it also orders creation before joining).
-    opened = on_main(lambda: _open_on_main(cfg, out, plan, store_at, found), d.main)
+    opened = on_main(lambda: _open_on_main(cfg, out, plan.meta, store_at, found), d.main)
     done_hash = broadcast_object(opened.done_hash if opened else None)
     if done_hash is not None:
         if d.main:
@@ -207,9 +219,9 @@ class _Opened(NamedTuple):
     writer: Any  # a StoreWriter, or None when done_hash is set
 
 
-def _open_on_main(cfg: HarvestConfig, out, plan: Plan, store_at: Callable[..., Any], found: Found | None) -> _Opened:
+def _open_on_main(cfg: HarvestConfig, out, meta: dict, store_at: Callable[..., Any], found: Found | None) -> _Opened:
     """Rank 0: the store's content hash when --resume finds it complete, else its writer."""
-    done_hash = _already_complete(out, plan.meta) if cfg.resume else None
+    done_hash = _already_complete(out, meta) if cfg.resume else None
     if done_hash is not None:
         return _Opened(done_hash, None)
     if found is not None and found.action == "extend":
@@ -263,6 +275,77 @@ def _already_complete(out: Path | str, meta: dict) -> str | None:
             f"store {out} is complete but damaged: {bad[0]}{more}; re-harvest it with --overwrite, or restore the file from a copy"
         )
     return store.content_hash
+
+
+def _run_synthetic(cfg: HarvestConfig, d: Dist) -> HarvestResult:
+    """A synthetic store: sae-lens's model drawn shard by shard, with its ground truth."""
+    config = synthetic_config(cfg.model or "", cfg.seed)
+    source = SyntheticSource(config, cfg.model or "")  # every rank builds the same model from its seed
+    width = source.truth_width()
+    features = save({"features": source.features, "bias": source.bias})
+    about = {"config": config, "n_features": source.n_features, "truth_width": width}
+    meta = {
+        "model": cfg.model,
+        "synthetic": {**about, "features_sha256": hashlib.sha256(features).hexdigest()},
+        "hooks": {HOOK: source.d_model},
+        "tokens": "none: synthetic rows have no token ids",
+    }
+    found = None
+    if cfg.out:
+        out = output_place(cfg.out)
+    else:
+        rel = identity_dir("synthetic", (cfg.model or "").removeprefix(PREFIX).rsplit("/", 1)[-1], meta)
+        found = on_main(lambda: find(cache_root(cfg.cache_root), rel, [HOOK], cfg.tokens, meta), d.main, share=True)
+        out = output_place(found.path)
+        if found.action == "reuse":
+            return HarvestResult(out, found.n_rows, found.content_hash if d.main else "", 0.0)
+        if found.action == "extend":
+            raise SaekitError(f"{found.path} holds fewer rows of this synthetic model; pass --out NEW, or --overwrite")
+        cfg = replace(cfg, resume=found.action == "resume")
+    store_at = partial(
+        create_store,
+        out,
+        {HOOK: source.d_model},
+        n_rows=cfg.tokens,
+        meta=meta,
+        shard_rows=cfg.shard_rows,
+        chunk_rows=cfg.chunk_rows,
+        world_size=d.world_size,
+        staging=cfg.staging,
+        truth=width,
+        truth_features=features,
+    )
+    opened = on_main(lambda: _open_on_main(cfg, out, meta, store_at, None), d.main)
+    done_hash = broadcast_object(opened.done_hash if opened else None)
+    if done_hash is not None:
+        return HarvestResult(out, open_store(out, check=False).n_rows, done_hash if d.main else "", 0.0)
+    writer = opened.writer if opened else store_at(rank=d.rank)
+    rate = _draw_shards(source, writer, cfg, d)
+    barrier()
+    if not d.main:
+        writer.close()
+        return HarvestResult(out, 0, "", rate)
+    attrs = writer.finalize()
+    return HarvestResult(out, attrs["n_rows"], attrs["content_hash"], rate)
+
+
+def _draw_shards(source: SyntheticSource, writer: Any, cfg: HarvestConfig, d: Dist) -> float:
+    """This rank's shards not yet written, drawn and written whole; returns rows per second."""
+    s = cfg.shard_rows
+    todo = [i for i in range(d.rank, -(-cfg.tokens // s), d.world_size) if not writer.shard_done(i)]
+    t0, rows = time.perf_counter(), 0
+    bar = tqdm(total=cfg.tokens, unit="row", unit_scale=True, desc="harvest", disable=not (cfg.progress and d.main))
+    bar.update(cfg.tokens - sum(min(s, cfg.tokens - i * s) for i in todo))
+    with closing(bar):
+        for i in todo:
+            n = min(s, cfg.tokens - i * s)
+            x, feats = source.draw(i, n)
+            truth = true_codes(feats, writer.layout.truth, i * s)
+            writer.write_shard(i, {HOOK: x}, np.full(n, -1, np.int32), np.zeros(n, np.int32), truth=truth)
+            rows += n
+            bar.update(n)
+    elapsed = time.perf_counter() - t0
+    return rows / elapsed if elapsed > 0 else 0.0
 
 
 def _canonical(obj) -> str:

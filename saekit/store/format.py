@@ -25,6 +25,12 @@ FORMAT_VERSION = 2  # 2: the content hash covers the statistics too (format 1 st
 ACTS = "acts"
 TOKENS = "tokens"
 POSITIONS = "positions"
+TRUTH = "truth"
+TRUTH_INDICES, TRUTH_VALUES = f"{TRUTH}/indices", f"{TRUTH}/values"
+"""A synthetic store's true codes of every row: [n, truth] feature indices and activations."""
+TRUTH_FEATURES = f"{TRUTH}/features.safetensors"
+"""A synthetic store's true feature directions (`features` [n_features, d], `bias` [d]); its
+sha256 is in the store's meta (`meta["synthetic"]["features_sha256"]`), so the content hash covers it."""
 # The attributes the content hash covers, by format version.
 HASHED = ("format", "format_version", "meta", "hooks", "shard_rows", "chunk_rows", "n_rows", "shards")
 HASHED_SINCE_2 = ("stats",)
@@ -44,6 +50,7 @@ class StoreLayout(NamedTuple):
     hooks: dict[str, int]  # hook -> d_model, in store order
     shard_rows: int
     chunk_rows: int
+    truth: int = 0  # slots per row of the true codes (a synthetic store); 0: no ground truth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,13 +158,18 @@ def validate_hooks(hooks: dict[str, int]) -> dict[str, int]:
 
 
 def array_keys(layout: StoreLayout) -> list[str]:
-    return [f"{ACTS}/{h}" for h in layout.hooks] + [TOKENS, POSITIONS]
+    truth = [TRUTH_INDICES, TRUTH_VALUES] if layout.truth else []
+    return [f"{ACTS}/{h}" for h in layout.hooks] + [TOKENS, POSITIONS] + truth
 
 
 def array_spec(layout: StoreLayout, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """(row shape, stored dtype) of one array of the store."""
     if key.startswith(ACTS + "/"):
         return (layout.hooks[key[len(ACTS) + 1 :]],), np.dtype(np.uint16)
+    if key == TRUTH_INDICES:
+        return (layout.truth,), np.dtype(np.int32)
+    if key == TRUTH_VALUES:
+        return (layout.truth,), np.dtype(np.float32)
     return (), np.dtype(np.int32)
 
 
@@ -170,7 +182,8 @@ def metadata_files(layout: StoreLayout) -> list[str]:
     """The zarr.json files of a store, the group's last: a copy or upload that writes them in
     this order after every shard makes the store visible (and complete) only at its last write."""
     arrays = [f"{key}/zarr.json" for key in array_keys(layout)]
-    return arrays + [f"{ACTS}/zarr.json", "zarr.json"]
+    truth = [f"{TRUTH}/zarr.json", TRUTH_FEATURES] if layout.truth else []
+    return arrays + [f"{ACTS}/zarr.json", *truth, "zarr.json"]
 
 
 def array_meta_problem(layout: StoreLayout, key: str, doc: Any, n_rows: int | None) -> str | None:
@@ -203,13 +216,16 @@ def is_metadata_name(name: str) -> bool:
     or one array's (`acts/<hook>/zarr.json` for a valid hook name, tokens', positions')."""
     if name in ("zarr.json", f"{ACTS}/zarr.json", f"{TOKENS}/zarr.json", f"{POSITIONS}/zarr.json"):
         return True
+    if name in (f"{TRUTH}/zarr.json", f"{TRUTH_INDICES}/zarr.json", f"{TRUTH_VALUES}/zarr.json", TRUTH_FEATURES):
+        return True
     head, _, tail = name.rpartition("/")
     return tail == "zarr.json" and head.startswith(ACTS + "/") and hook_name_ok(head[len(ACTS) + 1 :])
 
 
 def identity(layout: StoreLayout, meta: dict) -> dict:
-    """What a store is (format, provenance, layout): the part of its attributes fixed at creation."""
-    return {
+    """What a store is (format, provenance, layout): the part of its attributes fixed at creation.
+    A store with ground truth has `truth` (its slots per row) too; others have no such key."""
+    out = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "meta": meta,
@@ -217,6 +233,7 @@ def identity(layout: StoreLayout, meta: dict) -> dict:
         "shard_rows": layout.shard_rows,
         "chunk_rows": layout.chunk_rows,
     }
+    return {**out, "truth": layout.truth} if layout.truth else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +304,10 @@ def check_attrs(where: Any, attrs: dict) -> StoreLayout:
         fail(f"meta is {_show(attrs.get('meta'))}, not a map")
     if not isinstance(attrs.get("complete"), bool):
         fail(f"complete is {_show(attrs.get('complete'))}, not true/false")
-    layout = StoreLayout(dict(hooks), s, c)
+    truth = attrs.get("truth", 0)
+    if not (_is_int(truth) and 0 <= truth <= 2**16):
+        fail(f"truth is {_show(truth)}, not the number of true-code slots per row")
+    layout = StoreLayout(dict(hooks), s, c, truth)
     if attrs["complete"]:
         _check_summary(attrs, layout, fail)
     return layout
@@ -329,7 +349,7 @@ def content_hash(attrs: dict) -> str:
 
     No timestamps, ranks or resume history go in: equal content gives an equal hash.
     """
-    keys = HASHED + (HASHED_SINCE_2 if attrs["format_version"] >= 2 else ())
+    keys = HASHED + (HASHED_SINCE_2 if attrs["format_version"] >= 2 else ()) + (("truth",) if "truth" in attrs else ())
     # NaN statistics (from NaN rows) are kept as JSON's NaN; format 1 never hashed any.
     doc = json.dumps({k: attrs[k] for k in keys}, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()

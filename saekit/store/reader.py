@@ -13,6 +13,7 @@ open_store recomputes it, so edited attributes are refused before any reader use
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -35,6 +36,9 @@ from saekit.store.format import (
     FORMAT,
     POSITIONS,
     TOKENS,
+    TRUTH_FEATURES,
+    TRUTH_INDICES,
+    TRUTH_VALUES,
     HookStats,
     StoreLayout,
     array_keys,
@@ -210,7 +214,7 @@ class ActivationStore:
         self.path = path
         self.meta: dict = attrs["meta"]
         self.layout = StoreLayout(
-            dict(attrs["hooks"]), attrs["shard_rows"], attrs["chunk_rows"]
+            dict(attrs["hooks"]), attrs["shard_rows"], attrs["chunk_rows"], attrs.get("truth", 0)
         )  # checked by open_store
         self.hooks: list[str] = list(self.layout.hooks)
         self.complete: bool = attrs["complete"]
@@ -451,6 +455,41 @@ class ActivationStore:
         """Position in the sequence of rows [start, stop): int32 [n]."""
         return torch.from_numpy(self._read(POSITIONS, start, stop))
 
+    # -- ground truth (a synthetic store) ------------------------------------------------------
+
+    @property
+    def has_truth(self) -> bool:
+        """Whether the store keeps ground truth: each row's true code and the true features."""
+        return self.layout.truth > 0
+
+    def _need_truth(self) -> None:
+        if not self.has_truth:
+            raise SaekitError(
+                f"store {self.path} has no ground truth (only a synthetic store has): "
+                "harvest one with --model synthetic:cpu to measure recovery"
+            )
+
+    def truth_codes(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The true codes of rows [start, stop): (feature indices int64, activations float32), each
+        [n, truth slots]; a slot holding activation 0 is free."""
+        self._need_truth()
+        indices = torch.from_numpy(np.asarray(self._read(TRUTH_INDICES, start, stop))).long()
+        return indices, torch.from_numpy(np.array(self._read(TRUTH_VALUES, start, stop)))
+
+    def truth_features(self) -> dict[str, torch.Tensor]:
+        """The true feature directions (`features` [n_features, d]) and `bias` [d], checked against
+        the sha256 the store's meta holds (so its content hash covers them)."""
+        self._need_truth()
+        from safetensors.torch import load  # lazy: only ground-truth reports read it
+
+        data = self._where.read_bytes(TRUTH_FEATURES)
+        problem = _features_problem(data, self.meta)
+        if problem is not None:
+            raise SaekitError(
+                f"store {self.path}: its true features ({TRUTH_FEATURES}) are {problem}; restore them from a copy or harvest again"
+            )
+        return load(cast(bytes, data))
+
     def take(self, hook: str | None, idx) -> torch.Tensor:
         """Rows at `idx` (any order, repeats allowed) as bf16 [len(idx), d]."""
         key = f"{ACTS}/{self.resolve_hook(hook)}"
@@ -570,6 +609,8 @@ class ActivationStore:
             problems, rec = self._verify_shard(i)
             bad += problems
             recs.append(rec)
+        if self.has_truth and (problem := _features_problem(self._where.read_bytes(TRUTH_FEATURES), self.meta)):
+            bad.append(f"{TRUTH_FEATURES}: {problem}")
         if recs and not bad:
             got = combined_stats(self.layout, recs, self.n_rows)
             for h in self.hooks:
@@ -599,6 +640,18 @@ class ActivationStore:
         if rec is None:
             return problems, None
         return problems, ShardRecord(i, rec["start"], rec["stop"], rec["crc32c"], record_sums(stats))
+
+
+def _features_problem(data: bytes | None, meta: dict) -> str | None:
+    """What is wrong with a synthetic store's true-features file, or None."""
+    if data is None:
+        return "missing"
+    want = (meta.get("synthetic") or {}).get("features_sha256") if isinstance(meta.get("synthetic"), dict) else None
+    if not isinstance(want, str):
+        return "not described by the store's meta (no features_sha256)"
+    if hashlib.sha256(data).hexdigest() != want:
+        return "damaged (their sha256 is not the one the store recorded)"
+    return None
 
 
 def _closing(stream: Iterator, pre: Prefetcher) -> Iterator:

@@ -14,11 +14,12 @@ import sys
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
+from saekit.atomic import write_atomic
 from saekit.config import check_positive
 from saekit.errors import SaekitError
 from saekit.store.format import (
@@ -27,6 +28,10 @@ from saekit.store.format import (
     FORMAT,
     POSITIONS,
     TOKENS,
+    TRUTH,
+    TRUTH_FEATURES,
+    TRUTH_INDICES,
+    TRUTH_VALUES,
     StoreLayout,
     array_keys,
     array_spec,
@@ -64,7 +69,7 @@ if TYPE_CHECKING:
     import zarr
 
 # What a creation of a store makes in its directory (beside zarr.json and the marker).
-STORE_ENTRIES = (ACTS, TOKENS, POSITIONS)
+STORE_ENTRIES = (ACTS, TOKENS, POSITIONS, TRUTH)
 
 
 def create_store(
@@ -80,6 +85,8 @@ def create_store(
     rank: int = 0,
     world_size: int = 1,
     staging: str | os.PathLike | None = None,
+    truth: int = 0,
+    truth_features: bytes = b"",
 ) -> StoreWriter:
     """Create (or resume) a store at a local `path` or an fsspec URL and return its writer.
 
@@ -93,9 +100,15 @@ def create_store(
 
     At a URL (s3://, gs://, ...) the store is staged in a local folder (`staging`, default
     `saekit.store.upload.default_staging()`) and published piece by piece: see `saekit.store.upload`.
+
+    A store with ground truth (a synthetic one) has `truth` slots of true codes per row (written
+    with each shard: `write_shard(..., truth=codes)`) and `truth_features`, the safetensors bytes of
+    its true feature directions, whose sha256 its meta holds (`meta["synthetic"]["features_sha256"]`).
     """
     _check_create_args(path, resume, overwrite, rank, world_size, shard_rows, chunk_rows, n_rows)
-    layout = StoreLayout(validate_hooks(hooks), int(shard_rows), int(chunk_rows))
+    layout = StoreLayout(validate_hooks(hooks), int(shard_rows), int(chunk_rows), int(truth))
+    if truth and not truth_features:
+        raise SaekitError("a store with ground truth needs its true features (truth_features)")
     meta = json.loads(canonical_json(meta))  # normalise (tuples -> lists) so resume compares like with like
     place = publisher(path, rank, staging, STORE_ENTRIES, FORMAT)
     try:
@@ -105,7 +118,7 @@ def create_store(
             return _reopen(kept, layout, meta, rank, world_size, place)
         if non_empty:
             place.clear_all()
-        attrs = _create(place.root, layout, meta, capacity=int(n_rows))
+        attrs = _create(place.root, layout, meta, capacity=int(n_rows), truth_features=truth_features)
         place.push_metadata(layout)
     except BaseException:
         place.done()
@@ -191,7 +204,7 @@ def _check_matches(root, stored: StoreLayout, stored_meta: dict, layout: StoreLa
         )
 
 
-def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int) -> dict:
+def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int, truth_features: bytes = b"") -> dict:
     """An empty store at `root` with room for `capacity` rows; returns its attributes."""
     attrs = {**identity(layout, meta), "complete": False, "n_rows": None}
     sharding = {"shard_rows": layout.shard_rows, "chunk_rows": layout.chunk_rows}
@@ -206,6 +219,13 @@ def _create(root: Path, layout: StoreLayout, meta: dict, capacity: int) -> dict:
             create_sharded_array(
                 group, name, (capacity,), "int32", **sharding, attrs={"description": f"{what} of every row"}
             )
+        if layout.truth:  # a synthetic store's ground truth: every row's true code, the true features
+            truth = group.create_group(TRUTH)
+            for key, dtype, what in ((TRUTH_INDICES, "int32", "feature"), (TRUTH_VALUES, "float32", "activation")):
+                about = {"description": f"true {what} of each of the row's active features (slot value 0: free)"}
+                name = key.split("/", 1)[1]
+                create_sharded_array(truth, name, (capacity, layout.truth), dtype, **sharding, attrs=about)
+            write_atomic(root / TRUTH_FEATURES, truth_features)
 
     note = "saekit is creating a store here; if no harvest is running, rerun it with --resume\n"
     create_marked_group(root, attrs, build, note)
@@ -353,6 +373,8 @@ class StoreWriter:
 
     def append(self, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
         """Add rows. acts: hook -> [n, d_model] floats (stored as bf16); tokens, positions: [n] ints."""
+        if self.layout.truth:
+            raise SaekitError("a store with ground truth is written shard by shard: write_shard(..., truth=codes)")
         data, n = self._convert(acts, tokens, positions)
         s = self.layout.shard_rows
         pos = 0
@@ -382,16 +404,36 @@ class StoreWriter:
         self._pool.shutdown()
         self.place.done()  # a bucket's: everything this writer staged is in it
 
-    def write_shard(self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions) -> None:
-        """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard)."""
+    def write_shard(
+        self, index: int, acts: dict[str, torch.Tensor | np.ndarray], tokens, positions, truth: Any = None
+    ) -> None:
+        """Write shard `index` whole (its rows: at most shard_rows; fewer only for the store's last shard).
+        truth: with ground truth, the rows' true codes (`.indices`, `.values` [n, layout.truth])."""
         if index % self.world_size != self.rank:
             raise SaekitError(
                 f"shard {index} belongs to rank {index % self.world_size}, not rank {self.rank} of {self.world_size}"
             )
         data, n = self._convert(acts, tokens, positions)
+        data.update(self._truth(truth, n))
         if not 0 < n <= self.layout.shard_rows:
             raise SaekitError(f"a shard holds 1..{self.layout.shard_rows} rows, got {n}; split the rows into shards")
         self._write(index, data, n)
+
+    def _truth(self, truth: Any, n: int) -> dict[str, np.ndarray]:
+        """The true-code arrays of n rows, checked against the layout ({} without ground truth)."""
+        w = self.layout.truth
+        if (truth is None) != (w == 0):
+            what = "has no ground truth" if w == 0 else f"keeps {w} true-code slots per row"
+            raise SaekitError(f"the store {what}: pass truth= exactly when it does")
+        if truth is None:
+            return {}
+        out = {}
+        for key, v, dtype in ((TRUTH_INDICES, truth.indices, np.int32), (TRUTH_VALUES, truth.values, np.float32)):
+            v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            if v.shape != (n, w):
+                raise SaekitError(f"{key} has shape {v.shape}, not [{n}, {w}]: one row of {w} slots per row")
+            out[key] = v.astype(dtype)
+        return out
 
     def shard_done(self, index: int) -> bool:
         """True when shard `index` has a completion record (full or partial) on disk."""
