@@ -34,7 +34,6 @@ are in the SAE's own units: `sae.decode(to_dense(codes, n))` reconstructs raw ac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -68,9 +67,11 @@ from saekit.evaluate.downstream import (
     sequence_layout,
     store_sequences,
 )
-from saekit.evaluate.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
+from saekit.evaluate.gap import encoder_at_ks, encoder_at_label
 from saekit.evaluate.heldout import HeldOut, sae_held_out
+from saekit.evaluate.recovery import DictionaryRecovery, Recovery, RecoveryStats, TruthRows
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
+from saekit.pursue.report import Entry, PursueResult, entry_gaps, write_report
 from saekit.pursuit import (
     ALL_METHODS,
     DEFAULT_REFINE,
@@ -78,13 +79,12 @@ from saekit.pursuit import (
     SparseCodes,
     reconstruct,
 )
-from saekit.reports import Column, Plot, Report, encoder_label, markdown_table, stale_note
+from saekit.reports import encoder_label
 from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.store import open_store
 from saekit.store.shard_cache import ShardCacheFields
 from saekit.store.shards import discard_unfinished_creation
 
-PLOT = "fvu_vs_l0.png"
 # What decides the codes' bytes; --resume refuses to mix runs that differ in any of them. The
 # store and the SAE are identified by content (so either may move; the SAE's encoder only when
 # refit or encoder+gp start from it), and extra encoders, batch size and device change only the
@@ -164,58 +164,6 @@ class PursueConfig(ShardCacheFields):
         if self.start_row is not None:
             need(self.start_row >= 0, f"--start-row {self.start_row} must be >= 0 (leave it out: the held-out rows)")
         check_positive("--batch-size", self.batch_size)
-
-
-class Entry(NamedTuple):
-    """One line of the report: one way of encoding, measured on the run's rows."""
-
-    method: str
-    """'encoder' (the SAE's own), 'encoder:<name>' (an extra encoder), 'encoder@k<k>' (the SAE's
-    encoder's top-k at a --k other than its own), a pursuit method, 'refit' or 'encoder+gp'. An
-    encoder not trained with its dictionary is marked ' (stale)' (`saekit.reports.encoder_stale`), and
-    so are the rows that start from it."""
-    k: float | None
-    """Pursuit k; an encoder's TopK k (Batch-TopK: its average); None for ReLU/JumpReLU encoders."""
-    l0: float
-    """Mean nonzero codes per row."""
-    fvu: float
-    """Fraction of variance unexplained, against the mean of all evaluated rows."""
-    explained_variance: float
-    """1 - fvu."""
-    mse: float
-    """Mean over rows of ||x - x_hat||^2 (raw activation space)."""
-    cossim: float
-    """Mean cosine similarity of each row and its reconstruction."""
-    l2_ratio: float
-    """Mean ||x_hat|| / ||x||."""
-    seconds: float
-    """Time spent computing the codes (pursuit or encoder forward), summed over shards."""
-    n_rows: int
-    """Rows evaluated."""
-    codes: str | None
-    """Group in codes.zarr holding the codes (pursuit entries), else None."""
-    source: str
-    """The SAE or encoder this entry used (as given on the command line)."""
-    downstream: Downstream | None = None
-    """With --downstream: CE, ΔCE, CE loss recovered, KL, ... on the whole sequences inside the rows
-    (`saekit.evaluate.downstream.Downstream`, what `saekit eval` reports); else None."""
-
-
-class PursueResult(NamedTuple):
-    """What `run` returns."""
-
-    out: Path
-    """The output directory."""
-    entries: list[Entry]
-    """The report's entries (also in report.json)."""
-    table: str
-    """The report table (markdown, also in report.md)."""
-    header: dict
-    """What was compared: store, hook, rows (how many, which, whether held out), SAE; with --downstream
-    the sequences, tokens and baselines."""
-    gaps: list[GapDecomposition]
-    """The gap decomposition at each k where the encoder, refit, encoder+gp and gp were all run
-    (FVU; with --downstream also ΔCE and KL mean); empty otherwise (`saekit.evaluate.gap`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,15 +296,6 @@ def _run(cfg: PursueConfig, device: torch.device) -> PursueResult:
     return PursueResult(out, entries, table, header, gaps)
 
 
-def entry_gaps(entries: Sequence[Entry]) -> list[GapDecomposition]:
-    """The gap decompositions the entries hold: FVU, and with --downstream ΔCE and KL mean."""
-    downs = [d for e in entries if (d := e.downstream) is not None]
-    if entries and len(downs) == len(entries):
-        rows = [(e.method, e.k, (e.fvu, d.delta_ce, d.kl_mean)) for e, d in zip(entries, downs)]
-        return gap_decompositions(rows, ("FVU", "ΔCE", "KL mean"))
-    return gap_decompositions([(e.method, e.k, (e.fvu,)) for e in entries], ("FVU",))
-
-
 def compared_rows(cfg: PursueConfig, n_rows: int, held: HeldOut) -> range:
     """The store rows pursue compares: the first --rows of the held-out rows (all of them by
     default), or --rows from --start-row (every row from there by default)."""
@@ -439,6 +378,7 @@ def _downstream_header(sequences: StoreSequences, spliced: dict[str, Downstream]
 class _Measured(NamedTuple):
     metrics: ReconstructionMetrics
     seconds: float
+    recovery: Recovery | None = None
 
 
 @dataclass
@@ -466,6 +406,14 @@ class _Pass:
         names = [*(n for n, _ in self.encoders), *map(encoder_at_label, self.at_k), *self.codes.groups]
         self.stats = {name: ReconstructionStats() for name in names}
         self.seconds = dict.fromkeys(self.stats, 0.0)
+        # on a store with ground truth: each entry's codes against the true ones, through its dictionary
+        self.recovery: dict[str, tuple[RecoveryStats, DictionaryRecovery]] = {}
+        if self.store.has_truth:
+            truth = TruthRows(self.store.truth_features()["features"])
+            for name in self.stats:
+                W = self.dictionaries[name][0] if name in self.dictionaries else self.W
+                matching, found = truth.of(W)
+                self.recovery[name] = (RecoveryStats(matching), found)
         # the ks whose encoder codes some row needs: an encoder@k row, or a refit / encoder+gp group
         groups = self.codes.groups
         self.start_ks = sorted(
@@ -488,7 +436,8 @@ class _Pass:
                 self._shard(i, bar)
         finally:
             bar.close()
-        return {name: _Measured(s.compute(), self.seconds[name]) for name, s in self.stats.items()}
+        found = {name: Recovery.of(d, r.compute()) for name, (r, d) in self.recovery.items()}
+        return {name: _Measured(s.compute(), self.seconds[name], found.get(name)) for name, s in self.stats.items()}
 
     def _shard(self, i: int, bar: Any) -> None:
         """Shard i of the codes: its missing groups computed and written, every entry measured."""
@@ -502,15 +451,29 @@ class _Pass:
         fresh = {g: _empty_shard(g, stop - start, codes.groups[g]) for g in todo}
         spent = dict.fromkeys(todo, 0.0)
         x_shard = self.store.rows(self.hook, row0 + start, row0 + stop)
+        truth = self.store.truth_codes(row0 + start, row0 + stop) if self.recovery else None
         for b0 in range(0, stop - start, self.cfg.batch_size):
             b1 = min(b0 + self.cfg.batch_size, stop - start)
             x = x_shard[b0:b1].to(self.device).float()
-            self._batch(x, slice(b0, b1), {**done, **fresh}, fresh, spent)
+            t = SparseCodes(truth[0][b0:b1].to(self.device), truth[1][b0:b1].to(self.device)) if truth else None
+            self._batch(x, slice(b0, b1), {**done, **fresh}, fresh, spent, t)
             bar.update(b1 - b0)
         for g in todo:
             codes.write(g, i, fresh[g], spent[g])
 
-    def _batch(self, x: torch.Tensor, rows: slice, arrays: dict, fresh: dict, spent: dict[str, float]) -> None:
+    def _recover(self, name: str, codes: SparseCodes, truth: SparseCodes | None) -> None:
+        if truth is not None:
+            self.recovery[name][0].update(codes, truth)
+
+    def _batch(
+        self,
+        x: torch.Tensor,
+        rows: slice,
+        arrays: dict,
+        fresh: dict,
+        spent: dict[str, float],
+        truth: SparseCodes | None,
+    ) -> None:
         """Rows `rows` of the shard (x [b, d] on the device): each encoder, each encoder@k, and each
         group, computed into `fresh` where the shard has none yet, then measured from `arrays`."""
         device, W, b = self.device, self.W, self.b
@@ -521,11 +484,13 @@ class _Pass:
                 x_hat = reconstruct(c, *self.dictionaries[name])
                 self.seconds[name] += device_clock(device) - t0
                 self.stats[name].update(x, x_hat, c.values)
+                self._recover(name, c, truth)
         starts, start_seconds = _encoder_starts(self.sae, x, self.start_ks, device)
         for k in self.at_k:
             name = encoder_at_label(k)
             self.seconds[name] += start_seconds[k]
             self.stats[name].update(x, reconstruct(starts[k], W, b), starts[k].values)
+            self._recover(name, starts[k], truth)
         for g, k in self.codes.groups.items():
             if g in fresh:
                 method = as_encoding(self.codes.methods[g])
@@ -544,6 +509,7 @@ class _Pass:
                 torch.from_numpy(arrays[g][f"{g}/values"][rows]).to(device),
             )
             self.stats[g].update(x, reconstruct(c, W, b), c.values)
+            self._recover(g, c, truth)
 
 
 def _encoder_starts(
@@ -580,84 +546,5 @@ def _entry(
         codes,
         source,
         downstream,
+        m.recovery,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def format_table(entries: Sequence[Entry]) -> str:
-    """The entries as a markdown table (with --downstream: ΔCE, CE loss recovered against zeros, KL mean)."""
-    columns = [
-        Column("method", lambda e: e.method, "---"),
-        Column("k", lambda e: "" if e.k is None else f"{e.k:g}"),
-        Column("L0", lambda e: f"{e.l0:.2f}"),
-        Column("FVU", lambda e: f"{e.fvu:.4f}"),
-        Column("explained variance", lambda e: f"{e.explained_variance:.4f}"),
-        Column("MSE", lambda e: f"{e.mse:#.4g}"),
-        Column("cossim", lambda e: f"{e.cossim:.4f}"),
-    ]
-    if all(e.downstream is not None for e in entries):
-        columns += [
-            Column("ΔCE", lambda e: f"{e.downstream.delta_ce:+.4f}"),
-            Column("CE rec. (zero)", lambda e: f"{e.downstream.ce_recovered_zero:.4f}"),
-            Column("KL mean", lambda e: f"{e.downstream.kl_mean:.4f}"),
-        ]
-    columns += [
-        Column("seconds", lambda e: f"{e.seconds:.2f}"),
-        Column("rows/s", lambda e: f"{e.n_rows / e.seconds:,.0f}" if e.seconds > 0 else ""),
-    ]
-    return markdown_table(columns, entries)
-
-
-def entry_dict(e: Entry, gaps: Sequence[GapDecomposition] = ()) -> dict:
-    """One report.json entry: every Entry field, `downstream` as a dict of every Downstream field (or
-    null), and `gap`: on gp's entry at a k with a gap decomposition, its decompositions (one per
-    metric, every GapDecomposition field), else null."""
-    mine = [g.as_json() for g in gaps if e.method == "gp" and e.k == g.k]
-    downstream = e.downstream.as_json() if e.downstream is not None else None
-    return {**e._asdict(), "downstream": downstream, "gap": mine or None}
-
-
-def write_report(out: Path, entries: Sequence[Entry], header: dict, gaps: Sequence[GapDecomposition] = ()) -> str:
-    """report.json, report.md and fvu_vs_l0.png in `out`; returns the table (and the gap decomposition's)."""
-    about = f"FVU is against the mean of all {header['rows']} rows."
-    stale = stale_note([e.method for e in entries])
-    about += f" {stale}" if stale else ""
-    if "downstream tokens" in header:
-        about += (
-            " ΔCE, CE rec. (zero) and KL mean are `saekit eval`'s (KL(clean ‖ spliced), nats per counted token), "
-            "on the whole sequences inside the rows. See docs/eval.md."
-        )
-    held = "held-out " if header["held out"].startswith("yes") else ""
-    title = f"{Path(header['sae']).name} on {header['hook']}, {held}rows {header['store rows']}"
-    if "downstream tokens" in header:
-        title += f" (ΔCE and KL: {header['downstream tokens']:,} tokens of their whole sequences)"
-    report = Report(
-        "pursue",
-        header,
-        about,
-        format_table(entries),
-        doc=[entry_dict(e, gaps) for e in entries],
-        plot=fvu_vs_l0_plot(entries, title),
-        sections=[gap_section(gaps)] if gaps else [],
-    )
-    return report.write(out)
-
-
-def fvu_vs_l0_plot(entries: Sequence[Entry], title: str = "") -> Plot:
-    """FVU (with --downstream also ΔCE and mean KL) against L0: each encoder a labelled point, each
-    pursuit method a curve over k."""
-    labels = ["FVU (lower is better)"]
-    ys = lambda e: (e.fvu,)
-    if all(e.downstream is not None for e in entries):
-        labels += ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
-        ys = lambda e: (e.fvu, e.downstream.delta_ce, e.downstream.kl_mean)
-    curves: dict[str, list] = {}
-    for e in entries:
-        if e.codes is not None:
-            curves.setdefault(e.method, []).append((e.l0, ys(e)))
-    points = {e.method: (e.l0, ys(e)) for e in entries if e.codes is None}
-    return Plot(PLOT, "FVU against L0", labels, curves, points, title=title)
