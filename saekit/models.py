@@ -387,6 +387,15 @@ def resolve_hooks(model, names: list[str]) -> list[HookSpec]:
 PASS_MODEL = "pass the store's model with --model (a transformer-lens name or a checkpoint folder)"
 
 
+def check_has_tokens(store: Any, what: str) -> None:
+    """One line when `store` holds synthetic activations: no token ids, no language model, so `what`."""
+    if isinstance(store.meta.get("synthetic"), dict):
+        raise SaekitError(
+            f"store {store.path} holds synthetic activations (sae-lens's SyntheticModel): it has no token ids and no "
+            f"language model, so {what}; `saekit pursue` measures its ground-truth recovery instead"
+        )
+
+
 def store_model_spec(store: Any, fix: str = PASS_MODEL) -> str:
     """What `load_model` needs to load the model the store records, as harvest loaded it; `fix`
     ends the line when it cannot."""

@@ -231,3 +231,14 @@ def test_an_activation_store_reports_no_recovery(embedded_store, tmp_path):
         )
     )
     assert all(e.recovery is None for e in res.entries) and "Ground truth" not in res.table
+
+
+@pytest.mark.parametrize("command", ["eval", "dashboard", "pursue --downstream"])
+def test_commands_that_need_token_ids_say_so_in_one_line(command, tiny_store, tmp_path, capsys, monkeypatch):
+    _, store = tiny_store
+    sae = _true_sae(store, tmp_path / "sae")
+    args = [*command.split(), "--store", store, "--sae", sae, "--out", tmp_path / "out"]
+    if command.startswith("pursue"):
+        args += ["--k", "4", "--method", "gp"]
+    code, _, err = in_process(capsys, monkeypatch, *args)
+    one_error(code, err, "synthetic activations", "no token ids")

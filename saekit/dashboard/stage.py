@@ -36,7 +36,7 @@ from saekit.devices import resolve_device
 from saekit.encodings import ENCODER, encode
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
 from saekit.evaluate.heldout import sae_held_out
-from saekit.models import store_model_spec
+from saekit.models import check_has_tokens, store_model_spec
 from saekit.pursuit import SparseCodes
 from saekit.sae import check_sae_fits_hook, load_sae
 from saekit.store import open_store
@@ -345,6 +345,7 @@ def _run(cfg: DashboardConfig, out: Path, device: torch.device) -> DashboardResu
     from saekit.dashboard.html import write_site  # lazy: only writing the site needs it
 
     store = open_store(cfg.store, cache_dir=cfg.cache_dir, cache_gb=cfg.cache_gb)
+    check_has_tokens(store, "the dashboard has no token contexts to show")
     hook = store.resolve_hook(cfg.hook)
     sae = load_sae(cfg.sae, device)
     check_sae_fits_hook(sae, cfg.sae, store.d_model(hook), hook)

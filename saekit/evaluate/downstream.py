@@ -46,7 +46,7 @@ from saekit.devices import device_clock
 from saekit.encodings import Encoding, encode
 from saekit.errors import SaekitError
 from saekit.metrics import ReconstructionStats
-from saekit.models import PASS_MODEL, LoadedModel, load_model, store_model_spec
+from saekit.models import PASS_MODEL, LoadedModel, check_has_tokens, load_model, store_model_spec
 from saekit.pursuit import SparseCodes, reconstruct
 
 CLEAN, ZERO, MEAN = "clean", "zero ablation", "mean ablation"
@@ -426,6 +426,7 @@ class SequenceLayout(NamedTuple):
 
 def sequence_layout(store: Any) -> SequenceLayout:
     """The store's sequences, when its token ids rebuild them exactly; else one line saying why not."""
+    check_has_tokens(store, "CE and KL cannot be measured on it")
     meta = store.meta
     ctx, skip, bos = meta.get("ctx_len"), meta.get("skip_first_n_tokens"), meta.get("bos_id")
     if not (_is_int(ctx) and _is_int(skip) and 0 <= skip < ctx) or not (bos is None or _is_int(bos)):
