@@ -171,7 +171,15 @@ def _popen(*args) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C in a terminal reaches a process whose SIGINT is the default; a test suite started
+        # in the background (`cmd &` in a script, nohup) runs with SIGINT ignored, which a child
+        # would inherit, and the command would never see the Ctrl-C this test sends
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _said_interrupted(code: int, err: str, what: str) -> None:
