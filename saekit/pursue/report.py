@@ -152,7 +152,7 @@ def fvu_vs_l0_plot(entries: Sequence[Entry], title: str = "") -> Plot:
         labels += ["ΔCE, nats per token (lower is better)", "KL(clean ‖ spliced), mean (lower is better)"]
         ys = lambda e: (e.fvu, e.downstream.delta_ce, e.downstream.kl_mean)
     if entries and all(e.recovery is not None for e in entries):
-        labels += ["support F1 against the true features (higher is better)"]
+        labels += ["support F1 vs the truth (higher is better)"]
         ys = lambda e, before=ys: (*before(e), e.recovery.f1)
     curves: dict[str, list] = {}
     for e in entries:
