@@ -38,9 +38,9 @@ import torch
 from saekit import eval as saekit_eval
 from saekit import harvest, pursue, train
 from saekit.encodings import encoder_codes
-from saekit.evaluate.downstream import sequence_layout
-from saekit.evaluate.gap import format_gaps
-from saekit.evaluate.heldout import sae_held_out
+from saekit.measure.downstream import sequence_layout
+from saekit.measure.gap import format_gaps
+from saekit.measure.heldout import sae_held_out
 from saekit.metrics import ReconstructionStats
 from saekit.pursuit import SparseCodes, pursuit, reconstruct, refine, refit
 from saekit.sae import encoder_cost, load_sae

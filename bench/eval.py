@@ -9,7 +9,7 @@ TopK SAE (k 32, 8 x d_model latents; random weights: speed does not depend on th
             three full forward passes) and the per-token means that
             `get_downstream_reconstruction_metrics` takes of them. The SAE is the saekit one
             exported to sae-lens format and loaded by sae-lens.
-  saekit    `saekit.evaluate.downstream.downstream_metrics` on the same numbers (SAELens's convention,
+  saekit    `saekit.measure.downstream.downstream_metrics` on the same numbers (SAELens's convention,
             splice_from=0): the clean pass once, the SAE and the zero ablation from the hook on
             (`start_at_layer`), sharing the clean logits.
   forward   one full forward pass (logits) over the same batches.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harvest import best_interleaved, load  # noqa: E402  (bench/harvest.py: the same models and hooks)
 
 from saekit import texts  # noqa: E402
-from saekit.evaluate.downstream import CLEAN, ZERO, downstream_metrics  # noqa: E402
+from saekit.measure.downstream import CLEAN, ZERO, downstream_metrics  # noqa: E402
 from saekit.sae import SparseAutoencoder  # noqa: E402
 
 

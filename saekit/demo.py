@@ -34,7 +34,7 @@ from saekit.codes import group_name
 from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.errors import SaekitError, is_non_empty, output_dir
-from saekit.evaluate.heldout import held_out_rows, sae_held_out
+from saekit.measure.heldout import held_out_rows, sae_held_out
 from saekit.pursue import PursueResult
 from saekit.store import open_store
 from saekit.store.shards import write_json_atomic

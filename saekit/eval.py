@@ -12,9 +12,9 @@ rounding alone costs), zeros ("zero ablation") and the store's mean row ("mean a
 
 The measurement itself (splicing, CE, KL, the clean run and the ablations, the conventions) and
 its path on a store (sequences rebuilt from the store's token ids, the model loaded as the store
-records it and checked against the cached rows) are `saekit.evaluate.downstream`, shared with `saekit
+records it and checked against the cached rows) are `saekit.measure.downstream`, shared with `saekit
 pursue --downstream`; this module chooses what to measure it on. By default the sequences are
-the held-out ones (`saekit.evaluate.heldout`), never trained on.
+the held-out ones (`saekit.measure.heldout`), never trained on.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import dtype_name, resolve_device, resolve_dtype
 from saekit.encodings import ENCODER, as_encoding, check_encoder_usable, encoder_k, raw_dictionary
 from saekit.errors import SaekitError, is_non_empty, output_dir
-from saekit.evaluate.downstream import (
+from saekit.measure.downstream import (
     CLEAN,
     MEAN,
     ZERO,
@@ -44,8 +44,8 @@ from saekit.evaluate.downstream import (
     sequence_layout,
     store_sequences,
 )
-from saekit.evaluate.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
-from saekit.evaluate.heldout import sae_held_out
+from saekit.measure.gap import GapDecomposition, encoder_at_ks, encoder_at_label, gap_decompositions, gap_section
+from saekit.measure.heldout import sae_held_out
 from saekit.pursuit import ALL_METHODS, DEFAULT_REFINE, ENCODER_METHODS
 from saekit.reports import STALE, Column, Plot, Report, encoder_label, fmt, markdown_table, stale_note
 from saekit.sae import check_sae_fits_hook, load_sae
@@ -130,7 +130,7 @@ class EvalEntry(NamedTuple):
     """The SAE, encoder or codes (OUT:group) this row used; the store for the cache round-trip; ''
     for the clean row and the ablations."""
     metrics: Downstream
-    """CE, ΔCE, CE loss recovered, KL, FVU, L0, ... of this row (`saekit.evaluate.downstream.Downstream`)."""
+    """CE, ΔCE, CE loss recovered, KL, FVU, L0, ... of this row (`saekit.measure.downstream.Downstream`)."""
 
 
 class EvalResult(NamedTuple):
@@ -146,7 +146,7 @@ class EvalResult(NamedTuple):
     """What was evaluated: store, hook, model, sequences, tokens counted, positions spliced."""
     gaps: list[GapDecomposition]
     """The gap decomposition in FVU, ΔCE and KL mean at each k where the encoder, refit, encoder+gp
-    and gp were all evaluated; empty otherwise (`saekit.evaluate.gap`)."""
+    and gp were all evaluated; empty otherwise (`saekit.measure.gap`)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`saekit eval` and `saekit.evaluate.downstream` on the embedded default's cache: splicing the clean
+"""`saekit eval` and `saekit.measure.downstream` on the embedded default's cache: splicing the clean
 activations is exact, the ablations are what they say, the `start_at_layer` path equals a full
 forward, SAELens's own evaluation code agrees, and every encoding is compared in one report."""
 
@@ -12,7 +12,7 @@ from cli_checks import in_process, one_error
 from saekit.codes import open_codes
 from saekit.errors import SaekitError
 from saekit.eval import EvalConfig, downstream_series, run
-from saekit.evaluate.downstream import CLEAN, ZERO, downstream_metrics, sequence_layout, sequence_tokens
+from saekit.measure.downstream import CLEAN, ZERO, downstream_metrics, sequence_layout, sequence_tokens
 from saekit.models import load_model
 from saekit.sae import SparseAutoencoder
 from saekit.store import open_store

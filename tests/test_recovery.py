@@ -1,4 +1,4 @@
-"""Ground-truth recovery (saekit.evaluate.recovery) on sae-lens's own synthetic model: the figures
+"""Ground-truth recovery (saekit.measure.recovery) on sae-lens's own synthetic model: the figures
 equal a brute-force computation, the true dictionary scores 1, and OMP at the true support size
 finds the true features of noise-free rows."""
 
@@ -10,7 +10,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from saekit.errors import SaekitError
-from saekit.evaluate.recovery import RecoveryStats, dictionary_recovery, match
+from saekit.measure.recovery import RecoveryStats, dictionary_recovery, match
 from saekit.pursuit import SparseCodes, pursuit
 
 F, D = 96, 48

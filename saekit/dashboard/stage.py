@@ -35,7 +35,7 @@ from saekit.config import check_non_negative, check_positive, need
 from saekit.devices import resolve_device
 from saekit.encodings import ENCODER, encode
 from saekit.errors import SaekitError, is_non_empty, one_line, output_dir
-from saekit.evaluate.heldout import sae_held_out
+from saekit.measure.heldout import sae_held_out
 from saekit.models import check_has_tokens, store_model_spec
 from saekit.pursuit import SparseCodes
 from saekit.sae import check_sae_fits_hook, load_sae

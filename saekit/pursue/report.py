@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from saekit.evaluate.downstream import Downstream
-from saekit.evaluate.gap import GapDecomposition, gap_decompositions, gap_section
-from saekit.evaluate.recovery import Recovery, recovery_section
+from saekit.measure.downstream import Downstream
+from saekit.measure.gap import GapDecomposition, gap_decompositions, gap_section
+from saekit.measure.recovery import Recovery, recovery_section
 from saekit.reports import Column, Plot, Report, markdown_table, stale_note
 
 PLOT = "fvu_vs_l0.png"
@@ -48,11 +48,11 @@ class Entry(NamedTuple):
     """The SAE or encoder this entry used (as given on the command line)."""
     downstream: Downstream | None = None
     """With --downstream: CE, ΔCE, CE loss recovered, KL, ... on the whole sequences inside the rows
-    (`saekit.evaluate.downstream.Downstream`, what `saekit eval` reports); else None."""
+    (`saekit.measure.downstream.Downstream`, what `saekit eval` reports); else None."""
     recovery: Recovery | None = None
     """On a store with ground truth (a synthetic one): the dictionary's MCC, uniqueness and share of
     true features found, and the codes' support precision, recall and F1, magnitude correlation and
-    shrinkage (`saekit.evaluate.recovery`); else None."""
+    shrinkage (`saekit.measure.recovery`); else None."""
 
 
 class PursueResult(NamedTuple):
@@ -69,7 +69,7 @@ class PursueResult(NamedTuple):
     the sequences, tokens and baselines."""
     gaps: list[GapDecomposition]
     """The gap decomposition at each k where the encoder, refit, encoder+gp and gp were all run
-    (FVU; with --downstream also ΔCE and KL mean); empty otherwise (`saekit.evaluate.gap`)."""
+    (FVU; with --downstream also ΔCE and KL mean); empty otherwise (`saekit.measure.gap`)."""
 
 
 def entry_gaps(entries: Sequence[Entry]) -> list[GapDecomposition]:

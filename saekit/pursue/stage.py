@@ -4,7 +4,7 @@
                           └─► pursuit method x k, against the SAE's dictionary ──► codes.zarr + metrics
     --downstream: the whole sequences inside those rows ──► each entry spliced into the model ──► ΔCE, KL
 
-The rows are the SAE's held-out rows by default (`saekit.evaluate.heldout`: those `saekit train` held out,
+The rows are the SAE's held-out rows by default (`saekit.measure.heldout`: those `saekit train` held out,
 never trained on), as quality figures must be: the first --rows of them, or all. --start-row S
 compares N rows from any store row instead (--start-row 0: the store's first rows, as pursue did
 before it had a default). The report's header says which rows, and whether they are held out.
@@ -12,7 +12,7 @@ before it had a default). The report's header says which rows, and whether they 
 Without --downstream the language model is never loaded: rows are read in store order, shard by
 shard. Every entry of the report (the SAE's own encoder, each extra encoder, each pursuit method at
 each k) is measured on exactly the same rows, with FVU against the mean of all of them
-(`ReconstructionStats`). `--downstream` adds what `saekit eval` measures (`saekit.evaluate.downstream`, the
+(`ReconstructionStats`). `--downstream` adds what `saekit eval` measures (`saekit.measure.downstream`, the
 one implementation): each entry's reconstruction (a pursuit's from its stored codes) spliced into
 the store's model on the whole sequences inside those rows (a last, partial sequence is left out).
 
@@ -56,7 +56,7 @@ from saekit.config import check_k, check_non_negative, check_positive, need
 from saekit.devices import device_clock, resolve_device
 from saekit.encodings import ENCODER, as_encoding, check_encoder_usable, encode, encoder_k, raw_dictionary
 from saekit.errors import SaekitError, is_non_empty, output_dir
-from saekit.evaluate.downstream import (
+from saekit.measure.downstream import (
     CLEAN,
     MEAN,
     ZERO,
@@ -67,9 +67,9 @@ from saekit.evaluate.downstream import (
     sequence_layout,
     store_sequences,
 )
-from saekit.evaluate.gap import encoder_at_ks, encoder_at_label
-from saekit.evaluate.heldout import HeldOut, sae_held_out
-from saekit.evaluate.recovery import DictionaryRecovery, Recovery, RecoveryStats, TruthRows
+from saekit.measure.gap import encoder_at_ks, encoder_at_label
+from saekit.measure.heldout import HeldOut, sae_held_out
+from saekit.measure.recovery import DictionaryRecovery, Recovery, RecoveryStats, TruthRows
 from saekit.metrics import ReconstructionMetrics, ReconstructionStats
 from saekit.pursue.report import Entry, PursueResult, entry_gaps, write_report
 from saekit.pursuit import (

@@ -40,7 +40,7 @@ _KEPT_METADATA = (
     "prepend_bos",
     ENCODER_STALE,
     "store_hash",
-    "trained_on",  # saekit.evaluate.heldout.TRAINED_ON: the rows that trained it travel with the export
+    "trained_on",  # saekit.measure.heldout.TRAINED_ON: the rows that trained it travel with the export
 )
 
 

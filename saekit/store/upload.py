@@ -118,19 +118,19 @@ class InPlace:
         """Shard files stay: they are the store."""
 
     def pull_records(self) -> None:
-        pass
+        """Every rank's records are in the directory already."""
 
     def push_metadata(self, layout: StoreLayout) -> None:
-        pass
+        """The metadata is written where it lives."""
 
     def push_shard(self, layout: StoreLayout, index: int) -> None:
-        pass
+        """The shard and its record are written where they live."""
 
     def push_record(self, index: int) -> None:
-        pass
+        """The record is written where it lives."""
 
     def drop_record(self, index: int) -> None:
-        pass
+        """The writer has removed the record from the directory itself."""
 
     def refuse_truncation(self, stop: int, total: int) -> None:
         """A local store can be cut inside a shard: its last shard is rewritten."""

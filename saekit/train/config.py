@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from saekit.config import check_dict, check_fraction, check_k, check_non_negative, check_positive, need
-from saekit.evaluate.heldout import held_out_rows
+from saekit.measure.heldout import held_out_rows
 from saekit.sae import SparseAutoencoder
 from saekit.sae.architectures import TRAINABLE, architecture
 from saekit.store.shard_cache import ShardCacheFields

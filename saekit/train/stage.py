@@ -43,7 +43,7 @@ from saekit.atomic import read_regular
 from saekit.codes import group_name, open_codes_for
 from saekit.devices import Dist, all_reduce_, barrier, init_dist, shutdown_dist
 from saekit.errors import SaekitError, is_non_empty, one_line, os_error_message, output_dir
-from saekit.evaluate.heldout import TRAINED_ON, training_record
+from saekit.measure.heldout import TRAINED_ON, training_record
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import SparseCodes, to_dense
 from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_cost, load_sae
