@@ -25,7 +25,7 @@ import io
 import json
 import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -215,12 +215,3 @@ def _quiet():
                 os.environ.pop("TQDM_DISABLE", None)
             else:
                 os.environ["TQDM_DISABLE"] = old
-
-
-class Truth(NamedTuple):
-    """The ground truth a synthetic store keeps beside its rows."""
-
-    features: torch.Tensor
-    """[n_features, d_model] float32: the true feature directions."""
-    bias: torch.Tensor
-    """[d_model] float32: added to every row."""

@@ -71,10 +71,9 @@ class InPlace:
     `RemoteMirror` that uploads or downloads does nothing here. The directory is locked by rank 0
     of the job writing it, for as long as its writer lives."""
 
-    objects_at_open: dict[str, int] = {}
-
     def __init__(self, root: Path, lock: Lock | None, entries: Collection[str], fmt: str):
         self.root, self._lock, self._entries, self._fmt = root, lock, entries, fmt
+        self.objects_at_open: dict[str, int] = {}  # a bucket's listing; a directory has none to keep
         self.where: str | Path = root  # the store, as the user named it
 
     @classmethod
