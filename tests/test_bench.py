@@ -32,6 +32,7 @@ TINY = {
     "pursuit.py": ["--small", "--repeats", "1"],
     "eval.py": ["--models", "embedded", "--sequences", "4", "--batch-size", "2", "--repeat", "1"],
     "encoders.py": ["--tiny"],
+    "truth.py": ["--tiny", "--work", "truth"],
     "dictionaries.py": ["--tiny"],
     "remote_copy.py": ["--mb", "2", "--d", "64", "--shard-rows", "1024", "--repeat", "1", "--threads", "4"],
     "remote.py": ["--quick"],
@@ -61,6 +62,7 @@ RATIO_LINE = {
     "dashboard.py": "dashboard/bare time:",
     "remote_copy.py": "saekit/plain throughput",
     "remote.py": "cold ÷ local =",
+    "truth.py": "Cross-check: sae-lens's TopK SAE",
 }
 
 
