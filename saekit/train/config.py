@@ -4,6 +4,7 @@ before anything is built from it; and the learning-rate schedule.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,6 +27,7 @@ RUN_IDENTITY = (
     "n_features",
     "k",
     "activation",
+    "matryoshka",
     "d_hidden",
     "n_hidden",
     "unroll",
@@ -77,6 +79,8 @@ class TrainConfig(ShardCacheFields):
     """With --from-pretrained: start the encoder from that SAE's encoder (an MLP path starts at zero, so training starts at that SAE); --no-init-encoder starts from the decoder's transpose. Default: yes with --from-pretrained."""
     train_decoder: bool | None = None
     """Train the dictionary too; default: yes for a new SAE or pursuit codes, frozen for --from-pretrained with encoder codes."""
+    matryoshka: str = ""
+    """Matryoshka groups (Bussmann et al. 2025): sizes of nested latent groups, comma-separated, summing to n_features (64,128,320); each prefix's reconstruction loss is added. With --activation batchtopk."""
     codes: str = "encoder"
     """Codes the loss decodes: 'encoder', 'pursuit' (gradient pursuit against the current dictionary; trains only the dictionary) or 'both'."""
     normalize: bool = True
@@ -141,6 +145,7 @@ class TrainConfig(ShardCacheFields):
         need(not (self.n_features and self.expansion_factor), "pass --n-features or --expansion-factor, not both")
         if self.n_features:  # else known once the store (or the pretrained dictionary) is open: `resolve`
             check_k(self.k, self.n_features, "--k", "--n-features")
+        self._check_matryoshka()
         check_non_negative("--d-hidden", self.d_hidden, "a linear encoder")
         check_non_negative("--n-hidden", self.n_hidden, "1 with --d-hidden")
         need(
@@ -157,6 +162,18 @@ class TrainConfig(ShardCacheFields):
         )
         self._check_amortised()
         self._check_budget()
+
+    def _check_matryoshka(self) -> None:
+        if not self.matryoshka:
+            return
+        groups = matryoshka_groups(self.matryoshka)
+        need(
+            architecture(self.activation).name == "batchtopk",
+            f"--matryoshka trains a Matryoshka Batch-TopK SAE: add --activation batchtopk (not {self.activation})",
+        )
+        need(self.codes == "encoder", "--matryoshka is a loss on the encoder's codes: drop --codes")
+        if self.n_features:
+            check_groups_sum(groups, self.n_features)
 
     def _check_amortised(self) -> None:
         """The refinement steps and distillation."""
@@ -211,6 +228,8 @@ def resolve(
     result, and it is saved as config.json."""
     n_features = _n_features(cfg, hook, d_in, pretrained)
     check_k(cfg.k, n_features, "--k", "n_features")
+    if cfg.matryoshka:
+        check_groups_sum(matryoshka_groups(cfg.matryoshka), n_features)
     held = held_out_rows(n_rows, cfg.eval_rows)
     eval_rows, train_rows = len(held), held.start
     need(
@@ -243,6 +262,34 @@ def resolve(
         eval_rows=eval_rows,
         eval_every=cfg.eval_every or max(1, steps // 10),
         resume=False,  # how a run was started is not part of what it is
+    )
+
+
+def matryoshka_groups(text: str) -> tuple[int, ...]:
+    """'64,128,320' -> (64, 128, 320): the sizes of the nested groups, each a positive whole number."""
+    parts = [p.strip() for p in text.split(",")]
+    need(
+        all(p.isdigit() and int(p) > 0 for p in parts),
+        f"--matryoshka {text!r}: give the group sizes as positive whole numbers separated by commas, e.g. 64,128,320",
+    )
+    return tuple(int(p) for p in parts)
+
+
+def matryoshka_prefixes(text: str) -> tuple[int, ...]:
+    """The widths of the inner prefixes whose losses are added: the running sums of the groups but
+    the last (the whole dictionary, whose loss is the main one); () without --matryoshka."""
+    if not text:
+        return ()
+    widths = list(itertools.accumulate(matryoshka_groups(text)))
+    return tuple(widths[:-1])
+
+
+def check_groups_sum(groups: tuple[int, ...], n_features: int) -> None:
+    need(
+        sum(groups) == n_features,
+        f"--matryoshka groups sum to {sum(groups)}, not n_features {n_features}: make the last group {n_features - sum(groups[:-1])}"
+        if n_features > sum(groups[:-1])
+        else f"--matryoshka groups sum to {sum(groups)}, not n_features {n_features}: make them add up to it",
     )
 
 

@@ -33,6 +33,7 @@ class Encoded(NamedTuple):
     sae_out: Tensor  # [b, d] reconstruction in the normalized space
     pre_acts: Tensor  # [b, n] pre-activations (AuxK picks dead latents from them)
     counts: Tensor  # [n] tokens on which each latent fired
+    codes: Tensor | None  # [b, n] dense codes where the path computed them (not TopK's sparse one)
 
 
 def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
@@ -41,9 +42,24 @@ def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
     if enc.arch.fixed_k and not DENSE_DECODE:
         indices, values, pre = enc.topk_codes(sae_in, dec.b_dec, dec.W_dec)
         counts = firing_counts(indices, values, dec.n_features, pre.dtype)
-        return Encoded(decode_sparse(indices, values, dec.W_dec, dec.b_dec), pre, counts)
+        return Encoded(decode_sparse(indices, values, dec.W_dec, dec.b_dec), pre, counts, None)
     codes, pre = enc(sae_in, dec.b_dec, dec.W_dec)  # Batch-TopK also updates its inference threshold here
-    return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype))
+    return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype), codes)
+
+
+def matryoshka_sse(codes: Tensor, W_dec: Tensor, b_dec: Tensor, sae_in: Tensor, prefixes: tuple[int, ...]) -> Tensor:
+    """The summed squared errors of the nested prefixes' reconstructions (Matryoshka SAEs,
+    Bussmann et al. 2025): prefix w decodes latents [0, w) alone, so the first latents must
+    reconstruct on their own. Each prefix adds its group to the last one's reconstruction.
+
+    codes: [b, n] dense; W_dec: [n, d]; b_dec, sae_in: [b, d]; prefixes: increasing widths < n -> scalar.
+    """
+    total, decoded, start = sae_in.new_zeros(()), b_dec, 0
+    for width in prefixes:
+        decoded = decoded + codes[:, start:width] @ W_dec[start:width]
+        total = total + (decoded - sae_in).pow(2).sum()
+        start = width
+    return total
 
 
 def auxk_loss(pre_acts: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:
@@ -114,11 +130,12 @@ def pursuit_codes(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> SparseCodes
 class Losses(NamedTuple):
     """One batch's losses (scalars) and firing counts."""
 
-    loss: Tensor  # what backward() sees: fvu + auxk_coef * auxk + pursuit_fvu + distill_coef * distill
+    loss: Tensor  # what backward() sees: fvu + matryoshka + auxk_coef * auxk + pursuit_fvu + distill_coef * distill
     fvu: Tensor  # encoder codes: squared error / total variance (0 with codes='pursuit')
     auxk: Tensor
     pursuit_fvu: Tensor  # pursuit codes' fvu (0 with codes='encoder')
     distill: Tensor  # `distill_loss` (0 without distillation)
+    matryoshka: Tensor  # the inner prefixes' summed FVUs (0 without --matryoshka); the outer one is fvu
     counts: Tensor  # [n] tokens on which each latent fired (encoder codes, else pursuit codes)
 
 
@@ -129,6 +146,7 @@ class Objective(nn.Module):
     the summed squared error by batch * variance makes the loss an FVU. distill_coef > 0 adds
     `distill_loss` toward gradient pursuit's codes at k: the batch's `target` codes when given
     (read from a `saekit pursue` store), else computed here against the current dictionary.
+    `prefixes` (Matryoshka) adds each inner prefix's FVU (`matryoshka_sse`).
     """
 
     def __init__(
@@ -140,8 +158,10 @@ class Objective(nn.Module):
         auxk_coef: float,
         variance: float,
         distill_coef: float = 0.0,
+        prefixes: tuple[int, ...] = (),
     ):
         super().__init__()
+        self.prefixes = prefixes
         self.sae = sae
         self.codes, self.k, self.k_aux, self.auxk_coef, self.variance = codes, k, k_aux, auxk_coef, variance
         self.distill_coef = distill_coef
@@ -154,14 +174,23 @@ class Objective(nn.Module):
         [b, k'] pursuit codes of x's rows for distillation (None: computed when distilling)."""
         sae_in = self.sae.decoder.normalize(x)
         zero = sae_in.new_zeros(())
-        loss, fvu, aux, pfvu, dist, counts, pc = zero, zero, zero, zero, zero, None, None
+        loss, fvu, aux, pfvu, dist, mat, counts, pc = zero, zero, zero, zero, zero, zero, None, None
         if self.codes != "pursuit":
             enc = encode_decode(self.sae, sae_in)
             fvu = self._fvu(enc.sae_out, sae_in)
+            if self.prefixes:
+                if enc.codes is None:  # TrainConfig admits --matryoshka only with batchtopk
+                    raise SaekitError("internal: Matryoshka needs dense codes; report this")
+                dec = self.sae.decoder
+                mat = matryoshka_sse(enc.codes, dec.W_dec, dec.b_dec, sae_in, self.prefixes)
+                mat = mat / (sae_in.shape[0] * self.variance)
+                fvu_all = fvu + mat
+            else:
+                fvu_all = fvu
             if self.auxk_coef > 0:
                 residual = (sae_in - enc.sae_out).detach()
                 aux = auxk_loss(enc.pre_acts, dead, residual, self.sae.decoder.W_dec, self.k_aux)
-            loss, counts = fvu + self.auxk_coef * aux, enc.counts
+            loss, counts = fvu_all + self.auxk_coef * aux, enc.counts
         if self.codes != "encoder":
             pc = pursuit_decode(self.sae, sae_in, self.k)
             pfvu = self._fvu(pc.sae_out, sae_in)
@@ -179,7 +208,7 @@ class Objective(nn.Module):
             loss = loss + self.distill_coef * dist
         if counts is None:  # TrainConfig admits only encoder, pursuit and both
             raise SaekitError(f"internal: --codes {self.codes!r} computes no codes; report this")
-        return Losses(loss, fvu, aux, pfvu, dist, counts)
+        return Losses(loss, fvu, aux, pfvu, dist, mat, counts)
 
 
 def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:

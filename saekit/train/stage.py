@@ -60,7 +60,7 @@ from saekit.train.checkpoint import (
     read_metrics,
     save_checkpoint,
 )
-from saekit.train.config import RUN_IDENTITY, TrainConfig, lr_at, resolve
+from saekit.train.config import RUN_IDENTITY, TrainConfig, lr_at, matryoshka_groups, matryoshka_prefixes, resolve
 from saekit.train.loss import Losses, Objective, normalized_variance, pursuit_decode
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +379,8 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
     sae.metadata.update(_provenance(store, hook))
     stop = store.n_rows - cfg.eval_rows  # it trains on rows [0, stop): the record travels with the SAE
     sae.metadata[TRAINED_ON] = training_record(store, hook, stop, pretrained, cfg.from_pretrained or "")
+    if cfg.matryoshka:  # which latents are the nested prefixes: readers of a Matryoshka SAE need them
+        sae.metadata["matryoshka_groups"] = list(matryoshka_groups(cfg.matryoshka))
     targets = distill_targets(cfg, store, hook, sae)
     session = _start(cfg, sae, store, d, normalized_variance(sae, stats.mean, stats.mean_sq_norm), targets)
     return _loop(session)
@@ -471,7 +473,8 @@ def _start(
         _check_same_run(out, cfg, store.content_hash)
     ckpt = None if fresh else checkpoint_dir(out)
 
-    model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance, cfg.distill)
+    prefixes = matryoshka_prefixes(cfg.matryoshka)
+    model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance, cfg.distill, prefixes)
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: only DDP training needs it
 
@@ -587,7 +590,7 @@ def _non_finite_message(loss: float, s: _Session) -> str:
     return f"loss became {loss} at step {s.pos.step + 1}; stopped before applying it, {where}: lower --lr and --resume"
 
 
-LOSS_NAMES = ("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu", "train/distill")
+LOSS_NAMES = ("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu", "train/distill", "train/matryoshka")
 """The metrics.jsonl names of `Losses`' scalar fields, in order."""
 
 
