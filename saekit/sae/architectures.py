@@ -35,6 +35,8 @@ class Architecture(ABC):
     """It keeps a threshold that training estimates and fixes after the last step (Batch-TopK)."""
     trainable: bool = False
     """`saekit train --activation NAME` trains it."""
+    learns_threshold: bool = False
+    """Its threshold is a parameter that training learns (JumpReLU), not a buffer."""
     sae_lens_loads: tuple[str, ...] = ()
     """The sae-lens architectures (cfg.json `architecture`) loaded as this one."""
     sae_lens_exports: str = ""
@@ -140,7 +142,7 @@ class ReLU(Architecture):
 
 
 class JumpReLU(Architecture):
-    name = "jumprelu"
+    name, trainable, learns_threshold = "jumprelu", True, True
     sae_lens_loads, sae_lens_exports = ("jumprelu",), "jumprelu"
 
     def activate(self, pre, k, threshold, training):

@@ -337,7 +337,7 @@ class Encoder(nn.Module):
     `unroll_bias` [T, n_features] at 0. T = 0 registers neither: the encoder is exactly as before.
     """
 
-    threshold: torch.Tensor  # buffers (registered in `_build`)
+    threshold: torch.Tensor  # a buffer, or JumpReLU's parameter (registered in `_build`)
     rank_scale: torch.Tensor | None
     k: float | None
     d_hidden: int | None
@@ -398,8 +398,11 @@ class Encoder(nn.Module):
         nn.init.kaiming_uniform_(W)
         self.W_enc = nn.Parameter(W)
         self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype, device=device))
-        fill = self.arch.initial_threshold()
-        self.register_buffer("threshold", torch.full((n_features,), fill, dtype=dtype, device=device))
+        threshold = torch.full((n_features,), self.arch.initial_threshold(), dtype=dtype, device=device)
+        if self.arch.learns_threshold:  # trained with the weights (saekit.train.jumprelu)
+            self.threshold = nn.Parameter(threshold)
+        else:
+            self.register_buffer("threshold", threshold)
         self.mlp = (
             _mlp_path(d_in, n_features, cfg.d_hidden, cfg.n_hidden, dtype, device)
             if cfg.n_hidden > 0 and cfg.d_hidden

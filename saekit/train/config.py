@@ -14,6 +14,7 @@ from saekit.measure.heldout import held_out_rows
 from saekit.sae import SparseAutoencoder
 from saekit.sae.architectures import TRAINABLE, architecture
 from saekit.store.shard_cache import ShardCacheFields
+from saekit.train.jumprelu import DEFAULT_L0_COEF, SPARSITY_LOSSES, JumpReLUTraining
 
 CODES = ("encoder", "pursuit", "both")
 MAX_UNROLL = 8
@@ -28,6 +29,13 @@ RUN_IDENTITY = (
     "k",
     "activation",
     "matryoshka",
+    "sparsity_loss",
+    "l0_coef",
+    "bandwidth",
+    "tanh_scale",
+    "pre_act_coef",
+    "ste_to_input",
+    "threshold_init",
     "d_hidden",
     "n_hidden",
     "unroll",
@@ -81,6 +89,22 @@ class TrainConfig(ShardCacheFields):
     """Train the dictionary too; default: yes for a new SAE or pursuit codes, frozen for --from-pretrained with encoder codes."""
     matryoshka: str = ""
     """Matryoshka groups (Bussmann et al. 2025): sizes of nested latent groups, comma-separated, summing to n_features (64,128,320); each prefix's reconstruction loss is added. With --activation batchtopk."""
+    sparsity_loss: str = ""
+    """JumpReLU: 'step' (DeepMind's L0), 'tanh' (Anthropic's) or 'quadratic' (Gemma Scope 2's, pulling each row's L0 toward --k); default quadratic."""
+    l0_coef: float = 0.0
+    """JumpReLU: weight of the sparsity loss, in sae-lens's units; 0: the default of --sparsity-loss (see docs/train.md)."""
+    l0_warmup_frac: float = 0.0
+    """JumpReLU: fraction of the steps over which the sparsity weight rises linearly from 0."""
+    bandwidth: float = 0.05
+    """JumpReLU: width of the straight-through estimators' kernel (in normalized pre-activation units)."""
+    tanh_scale: float = 4.0
+    """JumpReLU with --sparsity-loss tanh: the scale inside the tanh."""
+    pre_act_coef: float = 0.0
+    """JumpReLU: weight of Anthropic's pre-activation loss on dead latents, in sae-lens's units (3e-6 in Anthropic's setup); 0 turns it off."""
+    ste_to_input: bool | None = None
+    """JumpReLU: the estimators' gradient also reaches the encoder, not only the thresholds (Anthropic's setup); default: on, but off with --sparsity-loss step (DeepMind's)."""
+    threshold_init: float = 0.0
+    """JumpReLU: every threshold's starting value; 0: the value at which a training row starts with about --k active latents."""
     codes: str = "encoder"
     """Codes the loss decodes: 'encoder', 'pursuit' (gradient pursuit against the current dictionary; trains only the dictionary) or 'both'."""
     normalize: bool = True
@@ -146,6 +170,7 @@ class TrainConfig(ShardCacheFields):
         if self.n_features:  # else known once the store (or the pretrained dictionary) is open: `resolve`
             check_k(self.k, self.n_features, "--k", "--n-features")
         self._check_matryoshka()
+        self._check_jumprelu()
         check_non_negative("--d-hidden", self.d_hidden, "a linear encoder")
         check_non_negative("--n-hidden", self.n_hidden, "1 with --d-hidden")
         need(
@@ -174,6 +199,29 @@ class TrainConfig(ShardCacheFields):
         need(self.codes == "encoder", "--matryoshka is a loss on the encoder's codes: drop --codes")
         if self.n_features:
             check_groups_sum(groups, self.n_features)
+
+    def _check_jumprelu(self) -> None:
+        jumprelu = architecture(self.activation).learns_threshold
+        need(
+            jumprelu or not (self.sparsity_loss or self.l0_coef or self.pre_act_coef or self.ste_to_input is not None),
+            "--sparsity-loss, --l0-coef, --pre-act-coef and --ste-to-input train a JumpReLU SAE: add --activation jumprelu",
+        )
+        need(
+            not self.sparsity_loss or self.sparsity_loss in SPARSITY_LOSSES,
+            f"--sparsity-loss {self.sparsity_loss!r}: use one of {', '.join(SPARSITY_LOSSES)}",
+        )
+        check_non_negative("--l0-coef", self.l0_coef, "the default of --sparsity-loss")
+        check_fraction("--l0-warmup-frac", self.l0_warmup_frac)
+        need(
+            self.bandwidth > 0, f"--bandwidth {self.bandwidth} must be > 0 (the estimators divide by it; 0.05 is usual)"
+        )
+        check_positive("--tanh-scale", self.tanh_scale)
+        check_non_negative("--pre-act-coef", self.pre_act_coef, "off")
+        check_non_negative("--threshold-init", self.threshold_init, "the value that starts at L0 --k")
+        need(
+            not jumprelu or self.codes == "encoder",
+            "--activation jumprelu trains the encoder's thresholds: drop --codes",
+        )
 
     def _check_amortised(self) -> None:
         """The refinement steps and distillation."""
@@ -262,6 +310,22 @@ def resolve(
         eval_rows=eval_rows,
         eval_every=cfg.eval_every or max(1, steps // 10),
         resume=False,  # how a run was started is not part of what it is
+    )
+
+
+def jumprelu_training(cfg: TrainConfig) -> JumpReLUTraining | None:
+    """The JumpReLU loss settings of a resolved config; None for another activation."""
+    if not architecture(cfg.activation).learns_threshold:
+        return None
+    mode = cfg.sparsity_loss or "quadratic"
+    return JumpReLUTraining(
+        mode=mode,
+        bandwidth=cfg.bandwidth,
+        l0_coef=cfg.l0_coef or DEFAULT_L0_COEF[mode],
+        target_l0=float(cfg.k),
+        tanh_scale=cfg.tanh_scale,
+        pre_act_coef=cfg.pre_act_coef,
+        ste_to_input=mode != "step" if cfg.ste_to_input is None else cfg.ste_to_input,
     )
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from saekit.errors import SaekitError
 from saekit.pursuit import SparseCodes, decode_sparse, gradient_pursuit, to_dense
 from saekit.sae import SparseAutoencoder
+from saekit.train.jumprelu import JumpReLUTraining, jumprelu_codes, pre_act_loss, sparsity_loss
 
 # Set SAEKIT_DENSE_DECODE=1 to decode TopK codes with a dense [b, n] @ [n, d] matmul instead of
 # gathering the k chosen atoms (the eager reference path; same math, slower for k << n).
@@ -44,6 +45,17 @@ def encode_decode(sae: SparseAutoencoder, sae_in: Tensor) -> Encoded:
         counts = firing_counts(indices, values, dec.n_features, pre.dtype)
         return Encoded(decode_sparse(indices, values, dec.W_dec, dec.b_dec), pre, counts, None)
     codes, pre = enc(sae_in, dec.b_dec, dec.W_dec)  # Batch-TopK also updates its inference threshold here
+    return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype), codes)
+
+
+def jumprelu_encode_decode(sae: SparseAutoencoder, sae_in: Tensor, spec: JumpReLUTraining) -> Encoded:
+    """A JumpReLU SAE's codes of normalized inputs [b, d], with the straight-through estimators'
+    gradient to its thresholds (`saekit.train.jumprelu`), and their reconstruction."""
+    enc, dec = sae.encoder, sae.decoder
+    with torch.no_grad():  # thresholds stay >= 0 (sae-lens projects them so); a clamp in the graph would pin them at 0
+        enc.threshold.clamp_(min=0.0)
+    pre = enc.pre_activations(sae_in, dec.b_dec)
+    codes = jumprelu_codes(pre, enc.threshold, spec)
     return Encoded(dec.decode_normalized(codes), pre, (codes > 0).sum(0).to(pre.dtype), codes)
 
 
@@ -130,12 +142,13 @@ def pursuit_codes(sae: SparseAutoencoder, sae_in: Tensor, k: int) -> SparseCodes
 class Losses(NamedTuple):
     """One batch's losses (scalars) and firing counts."""
 
-    loss: Tensor  # what backward() sees: fvu + matryoshka + auxk_coef * auxk + pursuit_fvu + distill_coef * distill
+    loss: Tensor  # fvu + matryoshka + sparsity + auxk_coef * auxk + pursuit_fvu + distill_coef * distill
     fvu: Tensor  # encoder codes: squared error / total variance (0 with codes='pursuit')
     auxk: Tensor
     pursuit_fvu: Tensor  # pursuit codes' fvu (0 with codes='encoder')
     distill: Tensor  # `distill_loss` (0 without distillation)
     matryoshka: Tensor  # the inner prefixes' summed FVUs (0 without --matryoshka); the outer one is fvu
+    sparsity: Tensor  # JumpReLU: the weighted sparsity and pre-activation losses over the variance (else 0)
     counts: Tensor  # [n] tokens on which each latent fired (encoder codes, else pursuit codes)
 
 
@@ -146,7 +159,9 @@ class Objective(nn.Module):
     the summed squared error by batch * variance makes the loss an FVU. distill_coef > 0 adds
     `distill_loss` toward gradient pursuit's codes at k: the batch's `target` codes when given
     (read from a `saekit pursue` store), else computed here against the current dictionary.
-    `prefixes` (Matryoshka) adds each inner prefix's FVU (`matryoshka_sse`).
+    `prefixes` (Matryoshka) adds each inner prefix's FVU (`matryoshka_sse`). `jumprelu` trains a
+    JumpReLU SAE's thresholds and adds its sparsity loss (weighted by forward's `l0_coef`, which
+    the loop warms up) instead of AuxK.
     """
 
     def __init__(
@@ -159,9 +174,10 @@ class Objective(nn.Module):
         variance: float,
         distill_coef: float = 0.0,
         prefixes: tuple[int, ...] = (),
+        jumprelu: JumpReLUTraining | None = None,
     ):
         super().__init__()
-        self.prefixes = prefixes
+        self.prefixes, self.jumprelu = prefixes, jumprelu
         self.sae = sae
         self.codes, self.k, self.k_aux, self.auxk_coef, self.variance = codes, k, k_aux, auxk_coef, variance
         self.distill_coef = distill_coef
@@ -169,13 +185,21 @@ class Objective(nn.Module):
     def _fvu(self, sae_out: Tensor, sae_in: Tensor) -> Tensor:
         return (sae_out - sae_in).pow(2).sum() / (sae_in.shape[0] * self.variance)
 
-    def forward(self, x: Tensor, dead: Tensor, target: SparseCodes | None = None) -> Losses:
+    def forward(
+        self, x: Tensor, dead: Tensor, target: SparseCodes | None = None, l0_coef: float | None = None
+    ) -> Losses:
         """x: [b, d] raw activations; dead: [n] bool latents for AuxK; target: indices/values
-        [b, k'] pursuit codes of x's rows for distillation (None: computed when distilling)."""
+        [b, k'] pursuit codes of x's rows for distillation (None: computed when distilling);
+        l0_coef: JumpReLU's sparsity weight at this step (None: its full value)."""
         sae_in = self.sae.decoder.normalize(x)
         zero = sae_in.new_zeros(())
-        loss, fvu, aux, pfvu, dist, mat, counts, pc = zero, zero, zero, zero, zero, zero, None, None
-        if self.codes != "pursuit":
+        loss, fvu, aux, pfvu, dist, mat, spars, counts, pc = zero, zero, zero, zero, zero, zero, zero, None, None
+        if self.jumprelu is not None:
+            enc = jumprelu_encode_decode(self.sae, sae_in, self.jumprelu)
+            fvu = self._fvu(enc.sae_out, sae_in)
+            spars = self._sparsity(enc, dead, self.jumprelu.l0_coef if l0_coef is None else l0_coef)
+            loss, counts = fvu + spars, enc.counts
+        elif self.codes != "pursuit":
             enc = encode_decode(self.sae, sae_in)
             fvu = self._fvu(enc.sae_out, sae_in)
             if self.prefixes:
@@ -208,7 +232,16 @@ class Objective(nn.Module):
             loss = loss + self.distill_coef * dist
         if counts is None:  # TrainConfig admits only encoder, pursuit and both
             raise SaekitError(f"internal: --codes {self.codes!r} computes no codes; report this")
-        return Losses(loss, fvu, aux, pfvu, dist, mat, counts)
+        return Losses(loss, fvu, aux, pfvu, dist, mat, spars, counts)
+
+    def _sparsity(self, enc: Encoded, dead: Tensor, l0_coef: float) -> Tensor:
+        """JumpReLU's sparsity and pre-activation losses, in sae-lens's units over the variance."""
+        assert self.jumprelu is not None and enc.codes is not None
+        spec, threshold, W_dec = self.jumprelu, self.sae.encoder.threshold, self.sae.decoder.W_dec
+        term = l0_coef * sparsity_loss(enc.pre_acts, enc.codes, threshold, W_dec, spec)
+        if spec.pre_act_coef > 0:
+            term = term + spec.pre_act_coef * pre_act_loss(enc.pre_acts, threshold, dead, W_dec)
+        return term / self.variance
 
 
 def normalized_variance(sae: SparseAutoencoder, mean: Tensor, mean_sq_norm: float) -> float:

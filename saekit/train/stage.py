@@ -47,6 +47,7 @@ from saekit.measure.heldout import TRAINED_ON, training_record
 from saekit.metrics import FiringTracker, ReconstructionStats
 from saekit.pursuit import SparseCodes, to_dense
 from saekit.sae import ENCODER_STALE, SparseAutoencoder, encoder_cost, load_sae
+from saekit.sae.architectures import architecture
 from saekit.store import open_store
 from saekit.store.format import HookStats
 from saekit.store.shards import write_json_atomic
@@ -60,7 +61,16 @@ from saekit.train.checkpoint import (
     read_metrics,
     save_checkpoint,
 )
-from saekit.train.config import RUN_IDENTITY, TrainConfig, lr_at, matryoshka_groups, matryoshka_prefixes, resolve
+from saekit.train.config import (
+    RUN_IDENTITY,
+    TrainConfig,
+    jumprelu_training,
+    lr_at,
+    matryoshka_groups,
+    matryoshka_prefixes,
+    resolve,
+)
+from saekit.train.jumprelu import l0_coef_at, start_thresholds_
 from saekit.train.loss import Losses, Objective, normalized_variance, pursuit_decode
 
 # --------------------------------------------------------------------------------------------
@@ -85,12 +95,19 @@ def build_sae(
     or the pretrained encoder with --init-encoder; any MLP path starts at zero) over its decoder.
     """
     mlp = {"d_hidden": cfg.d_hidden or None, "n_hidden": cfg.n_hidden, "n_unroll": cfg.unroll}
+    arch = architecture(cfg.activation)
+    k = cfg.k if arch.has_k else None  # JumpReLU's --k is its target L0, not a k of the SAE
     if pretrained is not None:
-        sae = SparseAutoencoder(decoder=pretrained.decoder, k=cfg.k, activation=cfg.activation, **mlp)
+        sae = SparseAutoencoder(decoder=pretrained.decoder, k=k, activation=cfg.activation, **mlp)
+    else:
+        sae = SparseAutoencoder(d_in=d_in, n_features=cfg.n_features, k=k, activation=cfg.activation, **mlp)
+    if arch.learns_threshold:
+        with torch.no_grad():
+            sae.encoder.threshold.fill_(cfg.threshold_init)
+    if pretrained is not None:
         if cfg.init_encoder:
             _copy_matching_(sae.encoder, pretrained.encoder)
     else:
-        sae = SparseAutoencoder(d_in=d_in, n_features=cfg.n_features, k=cfg.k, activation=cfg.activation, **mlp)
         if cfg.normalize:
             sae.set_input_normalization(mean, mean_sq_norm)
         else:
@@ -378,6 +395,9 @@ def _run(cfg: TrainConfig, d: Dist) -> RunResult:
     )
     sae.metadata.update(_provenance(store, hook))
     stop = store.n_rows - cfg.eval_rows  # it trains on rows [0, stop): the record travels with the SAE
+    if sae.arch.learns_threshold and not cfg.threshold_init and not cfg.init_encoder:
+        x = store.take(hook, calibration_rows(stop, sae.n_features, cfg.seed)).to(d.device, sae.dtype)
+        start_thresholds_(sae.encoder, sae.decoder.normalize(x), sae.decoder.b_dec, cfg.k)
     sae.metadata[TRAINED_ON] = training_record(store, hook, stop, pretrained, cfg.from_pretrained or "")
     if cfg.matryoshka:  # which latents are the nested prefixes: readers of a Matryoshka SAE need them
         sae.metadata["matryoshka_groups"] = list(matryoshka_groups(cfg.matryoshka))
@@ -428,6 +448,12 @@ class _Session:
         return self.cfg.tokens // self.cfg.batch_size
 
     @property
+    def l0_coef(self) -> float:
+        """JumpReLU's full sparsity weight (0 for another activation)."""
+        spec = jumprelu_training(self.cfg)
+        return spec.l0_coef if spec is not None else 0.0
+
+    @property
     def hook(self) -> str:
         """The hook trained on (resolve() fills the config's from the store)."""
         if self.cfg.hook is None:
@@ -474,7 +500,9 @@ def _start(
     ckpt = None if fresh else checkpoint_dir(out)
 
     prefixes = matryoshka_prefixes(cfg.matryoshka)
-    model: nn.Module = Objective(sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance, cfg.distill, prefixes)
+    model: nn.Module = Objective(
+        sae, cfg.codes, cfg.k, cfg.k_aux, cfg.auxk_coef, variance, cfg.distill, prefixes, jumprelu_training(cfg)
+    )
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP  # lazy: only DDP training needs it
 
@@ -537,7 +565,8 @@ def _loop(s: _Session) -> RunResult:
             lr = lr_at(s.pos.step, total, cfg.lr, cfg.warmup_frac, cfg.decay_frac)
             target = s.targets.take(rows) if s.targets is not None else None
             x = x.to(d.device, non_blocking=True)
-            stats = train_step(s.model, s.sae, s.opt, s.firing, x, lr, d.world_size, target)
+            l0 = l0_coef_at(s.pos.step, s.l0_coef, int(total * cfg.l0_warmup_frac)) if s.l0_coef else None
+            stats = train_step(s.model, s.sae, s.opt, s.firing, x, lr, d.world_size, target, l0)
             if not all(math.isfinite(v) for v in stats.values()):
                 raise SaekitError(_non_finite_message(stats["train/loss"], s))
             s.pos = after._replace(step=s.pos.step + 1)
@@ -590,7 +619,15 @@ def _non_finite_message(loss: float, s: _Session) -> str:
     return f"loss became {loss} at step {s.pos.step + 1}; stopped before applying it, {where}: lower --lr and --resume"
 
 
-LOSS_NAMES = ("train/loss", "train/fvu", "train/auxk", "train/pursuit_fvu", "train/distill", "train/matryoshka")
+LOSS_NAMES = (
+    "train/loss",
+    "train/fvu",
+    "train/auxk",
+    "train/pursuit_fvu",
+    "train/distill",
+    "train/matryoshka",
+    "train/sparsity",
+)
 """The metrics.jsonl names of `Losses`' scalar fields, in order."""
 
 
@@ -603,15 +640,17 @@ def train_step(
     lr: float,
     world_size: int = 1,
     target: SparseCodes | None = None,
+    l0_coef: float | None = None,
 ) -> dict[str, float]:
     """One optimizer step on local batch x [b, d]; returns the batch's losses averaged over ranks.
-    target: indices/values [b, k] pursuit codes of x's rows to distill from (None: computed, if distilling).
+    target: indices/values [b, k] pursuit codes of x's rows to distill from (None: computed, if distilling);
+    l0_coef: JumpReLU's sparsity weight at this step (None: its full value).
 
     A non-finite loss returns before the optimizer step, so the weights stay the last good ones.
     """
     for g in opt.param_groups:
         g["lr"] = lr
-    losses: Losses = model(x, firing.dead_mask(), target)
+    losses: Losses = model(x, firing.dead_mask(), target, l0_coef)
     losses.loss.backward()  # DDP averages the gradients over ranks here
     # One all-reduce carries the losses for logging and the firing counts for dead latents.
     n = len(LOSS_NAMES)
