@@ -63,7 +63,9 @@ def test_loss_and_gradients_equal_sae_lens_jumprelu(mode, ste, pre_act):
     x = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
     dead = torch.arange(N) % 5 == 0
     out = theirs.training_forward_pass(
-        TrainStepInput(sae_in=x, coefficients={"l0": 0.3}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+        TrainStepInput(
+            sae_in=x, coefficients={"l0": 0.3}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+        )
     )
     out.loss.backward()
     # variance 1: saekit's terms are then sae-lens's (summed over d, a mean over the batch)
