@@ -9,6 +9,9 @@ Prints tokens/s and two ratios, each against a baseline measured in the same run
 1. step: saekit's `train_step` (TopK SAE, AuxK, decoder-norm constraint, Adam, dead-latent
    tracking) / sae-lens's `TopKTrainingSAE` step as its own trainer runs it (training_forward_pass,
    backward, clip_grad_norm_, Adam, firing bookkeeping), same shapes, same batches from RAM. Target >= 1.0.
+   `--arch matryoshka` (Batch-TopK, groups n/8, n/4, rest) and `--arch jumprelu` (quadratic
+   sparsity loss at L0 k) compare against sae-lens's MatryoshkaBatchTopKTrainingSAE and
+   JumpReLUTrainingSAE the same way.
 2. data: saekit's step fed by the trainer's own shuffled reader from a store on disk / fed by
    slices of an in-memory tensor. Target >= 0.9.
 
@@ -19,6 +22,7 @@ noisy shared machine affects both sides of a ratio alike.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -33,8 +37,15 @@ from saekit.sae import SparseAutoencoder
 from saekit.store import create_store, open_store
 from saekit.train import loss as train_loss
 from saekit.train.checkpoint import Position
+from saekit.train.config import matryoshka_prefixes
+from saekit.train.jumprelu import JumpReLUTraining
 
 HOOK = "blocks.8.hook_resid_pre"
+
+
+def GROUPS(n: int) -> list[int]:
+    """The Matryoshka groups of --arch matryoshka: n/8, n/4 and the rest (n=512: 64,128,320)."""
+    return [n // 8, n // 4, n - n // 8 - n // 4]
 
 
 def make_store(path: Path, rows: int, d: int, seed: int = 0) -> None:
@@ -49,14 +60,23 @@ def make_store(path: Path, rows: int, d: int, seed: int = 0) -> None:
 
 
 class SaekitStep:
-    """saekit's training step, exactly as `saekit train` runs it (one rank)."""
+    """saekit's training step, exactly as `saekit train` runs it (one rank), for --arch."""
 
-    def __init__(self, d: int, n: int, k: int, mean: torch.Tensor, msn: float, device: torch.device):
+    def __init__(
+        self, d: int, n: int, k: int, mean: torch.Tensor, msn: float, device: torch.device, arch: str = "topk"
+    ):
         torch.manual_seed(0)
-        self.sae = SparseAutoencoder(d_in=d, n_features=n, k=k).to(device).train()
+        activation = {"topk": "topk", "matryoshka": "batchtopk", "jumprelu": "jumprelu"}[arch]
+        self.sae = (
+            SparseAutoencoder(d_in=d, n_features=n, k=None if arch == "jumprelu" else k, activation=activation)
+            .to(device)
+            .train()
+        )
         self.sae.set_input_normalization(mean, msn)
         var = train_loss.normalized_variance(self.sae, mean, msn)
-        self.model = train_loss.Objective(self.sae, "encoder", k, d // 2, 1 / 32, var)
+        prefixes = matryoshka_prefixes(",".join(map(str, GROUPS(n)))) if arch == "matryoshka" else ()
+        spec = JumpReLUTraining("quadratic", 0.05, 1.0, float(k), 4.0, 0.0, True) if arch == "jumprelu" else None
+        self.model = train_loss.Objective(self.sae, "encoder", k, d // 2, 1 / 32, var, 0.0, prefixes, spec)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4)
         self.firing = FiringTracker(n, window=10_000_000, device=device)
 
@@ -65,15 +85,37 @@ class SaekitStep:
 
 
 class SaeLensStep:
-    """sae-lens's TopKTrainingSAE step as sae_lens.training.sae_trainer.SAETrainer._train_step runs it."""
+    """sae-lens's own training SAE for --arch (TopKTrainingSAE, MatryoshkaBatchTopKTrainingSAE,
+    JumpReLUTrainingSAE), stepped as sae_lens.training.sae_trainer.SAETrainer._train_step runs it."""
 
-    def __init__(self, d: int, n: int, k: int, device: torch.device):
+    def __init__(self, d: int, n: int, k: int, device: torch.device, arch: str = "topk"):
         from sae_lens.saes.sae import TrainStepInput
-        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
         torch.manual_seed(0)
         self.Input = TrainStepInput
-        self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, device=str(device), dtype="float32"))
+        common = dict(d_in=d, d_sae=n, device=str(device), dtype="float32")
+        if arch == "topk":
+            from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+            self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+        elif arch == "matryoshka":
+            from sae_lens.saes.matryoshka_batchtopk_sae import (
+                MatryoshkaBatchTopKTrainingSAE,
+                MatryoshkaBatchTopKTrainingSAEConfig,
+            )
+
+            widths = list(itertools.accumulate(GROUPS(n)))
+            self.sae = MatryoshkaBatchTopKTrainingSAE(
+                MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=widths, **common)
+            )
+        else:
+            from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+            cfg = JumpReLUTrainingSAEConfig(
+                jumprelu_sparsity_loss_mode="quadratic", target_l0=float(k), jumprelu_ste_to_input=True, **common
+            )
+            self.sae = JumpReLUTrainingSAE(cfg)
+        self.coefficients = {"l0": 1.0} if arch == "jumprelu" else {}
         self.sae.train()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4)
         self.since_fired = torch.zeros(n, device=device)
@@ -85,7 +127,7 @@ class SaeLensStep:
         out = self.sae.training_forward_pass(
             step_input=self.Input(
                 sae_in=x.float(),
-                coefficients={},
+                coefficients=self.coefficients,
                 dead_neuron_mask=dead,
                 n_training_steps=self.step,
                 is_logging_step=False,
@@ -135,6 +177,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rows", type=int, default=131072, help="rows in the temporary store")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--arch", default="topk", choices=["topk", "matryoshka", "jumprelu"], help="the architecture of both steps"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     a = p.parse_args()
     if a.threads:
@@ -146,15 +191,15 @@ def main() -> None:
         store = open_store(Path(tmp) / "store")
         stats = store.stats(HOOK)
         ram = store.rows(HOOK, 0, a.rows).clone()  # the same rows, in memory (bf16, as read from disk)
-        ours = SaekitStep(a.d_in, a.n_features, a.k, stats.mean, stats.mean_sq_norm, device)
-        theirs = SaeLensStep(a.d_in, a.n_features, a.k, device)
+        ours = SaekitStep(a.d_in, a.n_features, a.k, stats.mean, stats.mean_sq_norm, device, a.arch)
+        theirs = SaeLensStep(a.d_in, a.n_features, a.k, device, a.arch)
         disk = train.batches(store, HOOK, stop_row=a.rows, local_batch=a.batch, seed=0, start=Position())
         disk_x = (b.x for b in disk)
         ram_x = ram_batches(ram, a.batch)
         ram_f32 = (x.float() for x in ram_batches(ram, a.batch))
         runs = {
             "saekit step, batches from RAM": (ours, ram_x),
-            "sae-lens TopKTrainingSAE step, batches from RAM": (theirs, ram_f32),
+            f"sae-lens {type(theirs.sae).__name__} step, batches from RAM": (theirs, ram_f32),
             "saekit step, shuffled batches from the store": (ours, disk_x),
         }
         for step, data in runs.values():  # warm-up: allocations, page cache, lazy imports
@@ -167,7 +212,7 @@ def main() -> None:
 
     med = {name: statistics.median(v) for name, v in results.items()}
     print(
-        f"shapes: d_in {a.d_in}, n_features {a.n_features}, k {a.k}, batch {a.batch}; device {device}, "
+        f"{a.arch}; shapes: d_in {a.d_in}, n_features {a.n_features}, k {a.k}, batch {a.batch}; device {device}, "
         f"threads {torch.get_num_threads()}; {a.steps} steps x {a.rounds} rounds (median)"
     )
     for name, v in med.items():

@@ -4,6 +4,7 @@
     gap.py         the gap decomposition (encoder -> refit -> gp)
     heldout.py     the held-out rows (the last rows of a store, never trained on)
     recovery.py    ground-truth recovery on synthetic activations (MCC, support F1, shrinkage)
+    noise.py       a figure over seeds: mean ± 95% CI, and "within noise"
 
 Nothing is imported here: a stage imports the part it needs.
 """

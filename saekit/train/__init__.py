@@ -2,7 +2,8 @@
 
 stage.py       run: build the SAE, the loop, held-out evaluation, the run directory
 config.py      TrainConfig and resolve ("0 means auto" filled once)
-loss.py        the loss of a batch
+loss.py        the loss of a batch (Matryoshka prefixes included)
+jumprelu.py    JumpReLU training: straight-through estimators and sparsity losses
 checkpoint.py  the resumable state
 """
 
