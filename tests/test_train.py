@@ -649,3 +649,36 @@ def test_a_full_disk_is_one_line_and_resume_finishes_the_same_run(
     code, _, err = in_process(capsys, monkeypatch, "train", "--out", out, "--resume")
     assert code == 0, err
     assert _result(out) == _result(full_run)
+
+
+def test_an_unfinished_run_is_named_as_one_with_its_checkpoint_and_resume(
+    embedded_store, tmp_path, capsys, monkeypatch
+):
+    """pursue (or eval, or anything that loads an SAE) given a run that was stopped before its end
+    says that the run has not finished, the step of its last checkpoint and `--resume`; not that
+    a weights file is missing."""
+    real, calls = saekit.train.stage.train_step, []
+
+    def stop_at_step_15(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(saekit.train.stage, "train_step", stop_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(embedded_store, tmp_path / "cut", tokens=256 * 30, checkpoint_every=10))
+    monkeypatch.setattr(saekit.train.stage, "train_step", real)
+    args = ["pursue", "--store", embedded_store, "--sae", tmp_path / "cut", "--k", "4", "--out", tmp_path / "p"]
+    code, _, err = in_process(capsys, monkeypatch, *args)
+    one_error(code, err, "has not finished (its last checkpoint is step 10 of 30)", "--resume")
+    with pytest.raises(SaekitError, match=r"has not finished .*--resume"):
+        SparseAutoencoder.load(tmp_path / "cut")  # the raw loader, pointed at the run dir, says so too
+
+
+def test_the_raw_loader_pointed_at_a_finished_run_names_its_sae_folder(sae_run):
+    with pytest.raises(SaekitError, match=r"is a training run directory: load .*/sae \(load_sae takes"):
+        SparseAutoencoder.load(sae_run.out)
+    from saekit.sae import load_sae
+
+    assert load_sae(sae_run.out).n_features == 512

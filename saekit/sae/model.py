@@ -299,6 +299,12 @@ class SparseAutoencoder(nn.Module):
             raise SaekitError(
                 f"{path} is not a saved saekit SAE (needs {CONFIG_FILE} and {WEIGHTS_FILE}): check the path"
             )
+        if (path / "run.json").is_file():  # a training run's config.json is its training config
+            unfinished = _unfinished_run(path)
+            raise SaekitError(
+                unfinished
+                or f"{path} is a training run directory: load {path / 'sae'} (load_sae takes the run directory)"
+            )
         if not weights_file.is_file():
             raise SaekitError(
                 f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}: the weights file is missing; copy it next to {CONFIG_FILE} or re-save the SAE"
@@ -472,7 +478,28 @@ def encoder_cost(sae: SparseAutoencoder | SAEConfig) -> float:
     return 1 + mlp / (d * n) + cfg.n_unroll
 
 
+def _unfinished_run(path: Path) -> str | None:
+    """One line when `path` is a `saekit train` run directory with no final SAE yet (its run.json
+    and config.json are there, its sae/ is not); None otherwise. The step of its last checkpoint
+    is read from checkpoint/state.json where that can be read."""
+    if not (path / "run.json").is_file() or (path / "sae").exists():
+        return None
+    try:
+        steps = int(json.loads((path / "run.json").read_text())["steps"])
+        done = int(json.loads((path / "checkpoint" / "state.json").read_text())["position"]["step"])
+        where = f"its last checkpoint is step {done} of {steps}"
+    except (OSError, ValueError, KeyError, TypeError):
+        where = "it has no checkpoint yet"
+    return (
+        f"{path} is a training run that has not finished ({where}): "
+        f"finish it with `saekit train --out {path} --resume`, or pass a finished run"
+    )
+
+
 def _load_sae_dir(path: Path, device: Any) -> SparseAutoencoder:
+    unfinished = _unfinished_run(path)
+    if unfinished:
+        raise SaekitError(unfinished)
     if (path / "sae").is_dir():
         path = path / "sae"  # a training run directory (its own config.json is the training config)
     _refuse_non_regular(path, (CONFIG_FILE, WEIGHTS_FILE, SAE_LENS_CONFIG, SAE_LENS_WEIGHTS))
