@@ -13,7 +13,9 @@ mean true L0 by default):
     pursuit-dict  `saekit train --from-pretrained <topk> --codes pursuit --tokens <--pursuit-tokens>`:
                   the TopK dictionary trained on under gradient-pursuit codes (a step costs about
                   30 encoder steps on a CPU, so it refines the TopK dictionary rather than start
-                  afresh); its paired baseline is the TopK dictionary it started from
+                  afresh)
+    topk-more     the control: the TopK SAE trained on for the same rows under its own encoder's
+                  codes (`--from-pretrained <topk> --init-encoder --train-decoder`)
     sae-lens      the cross-check: sae-lens's own TopK SAE and trainer (`SAETrainer`, as
                   `sae_lens.synthetic.train_toy_sae` sets it up) on the same training rows and
                   budget; its MCC by sae-lens's `mean_correlation_coefficient`
@@ -176,60 +178,21 @@ def run_seed(a: argparse.Namespace, seed: int) -> dict:
     )
     sae_dirs: dict[str, Path] = {}
     for name, flags in DICTIONARIES.items():
-        run = w / name
-        secs[name] = step(
-            w / f".{name}",
-            run,
-            f"seed {seed}: train {name}",
-            lambda run=run, flags=flags: saekit(
-                "train",
-                "--store",
-                store,
-                "--out",
-                run,
-                "--n-features",
-                a.n_features,
-                "--k",
-                a.k,
-                "--tokens",
-                a.tokens,
-                "--batch-size",
-                a.batch_size,
-                "--lr",
-                a.lr,
-                "--seed",
-                seed,
-                *flags,
-            ),
-        )
-        sae_dirs[name] = run
-    run = sae_dirs["pursuit-dict"] = w / "pursuit-dict"
-    secs["pursuit-dict"] = step(
-        w / ".pursuit-dict",
-        run,
-        f"seed {seed}: train the TopK dictionary on under pursuit codes",
-        lambda: saekit(
-            "train",
-            "--store",
-            store,
-            "--out",
-            run,
-            "--from-pretrained",
-            w / "topk",
-            "--codes",
-            "pursuit",
-            "--k",
-            a.k,
-            "--tokens",
-            a.pursuit_tokens,
-            "--batch-size",
-            a.batch_size,
-            "--lr",
-            a.lr,
-            "--seed",
-            seed,
-        ),
-    )
+        run = sae_dirs[name] = w / name
+        args = ["--store", store, "--out", run, "--n-features", a.n_features, "--k", a.k, "--seed", seed]
+        args += ["--tokens", a.tokens, "--batch-size", a.batch_size, "--lr", a.lr, *flags]
+        secs[name] = step(w / f".{name}", run, f"seed {seed}: train {name}", lambda args=args: saekit("train", *args))
+    # Both go on from the TopK SAE for the same rows, one under pursuit codes, one under its own
+    # encoder's: the second is the control, so a difference is the codes', not the extra training.
+    more = ["--codes", "encoder", "--init-encoder", "--train-decoder"]
+    for name, flags, what in (
+        ("pursuit-dict", ["--codes", "pursuit"], "train the TopK dictionary on under pursuit codes"),
+        ("topk-more", more, "train the TopK SAE on as it was (the control)"),
+    ):
+        run = sae_dirs[name] = w / name
+        args = ["--store", store, "--out", run, "--from-pretrained", w / "topk", "--k", a.k, "--seed", seed]
+        args += ["--tokens", a.pursuit_tokens, "--batch-size", a.batch_size, "--lr", a.lr, *flags]
+        secs[name] = step(w / f".{name}", run, f"seed {seed}: {what}", lambda args=args: saekit("train", *args))
     sae_dirs["sae-lens"] = w / "sae-lens"
     secs["sae-lens"] = step(
         w / ".sae-lens",
@@ -303,6 +266,13 @@ def aggregate(per_seed: list[dict], methods: list[str]) -> tuple[list[dict], lis
             lines.append(f"| {d} | {label} | " + " | ".join(cells + extra) + " |")
     lines += ["", "Dictionaries against saekit's TopK SAE (paired by seed; F1 of gp codes at k on each):", ""]
     for d in dicts:
+        if d == "pursuit-dict" and "topk-more" in dicts:
+            dm = Estimate.of([s[d]["encoder"]["mcc"] - s["topk-more"]["encoder"]["mcc"] for s in per_seed])
+            dg = Estimate.of([s[d][methods[0]]["f1"] - s["topk-more"][methods[0]]["f1"] for s in per_seed])
+            lines.append(
+                f"- pursuit-dict against topk-more (the same extra rows): ΔMCC {dm.fmt_difference()}; "
+                f"Δ{methods[0]} F1 {dg.fmt_difference()}"
+            )
         if d != "topk":
             dm = Estimate.of([s[d]["encoder"]["mcc"] - s["topk"]["encoder"]["mcc"] for s in per_seed])
             dg = Estimate.of([s[d][methods[0]]["f1"] - s["topk"][methods[0]]["f1"] for s in per_seed])
