@@ -193,28 +193,10 @@ class Objective(nn.Module):
         l0_coef: JumpReLU's sparsity weight at this step (None: its full value)."""
         sae_in = self.sae.decoder.normalize(x)
         zero = sae_in.new_zeros(())
-        loss, fvu, aux, pfvu, dist, mat, spars, counts, pc = zero, zero, zero, zero, zero, zero, zero, None, None
-        if self.jumprelu is not None:
-            enc = jumprelu_encode_decode(self.sae, sae_in, self.jumprelu)
-            fvu = self._fvu(enc.sae_out, sae_in)
-            spars = self._sparsity(enc, dead, self.jumprelu.l0_coef if l0_coef is None else l0_coef)
-            loss, counts = fvu + spars, enc.counts
-        elif self.codes != "pursuit":
-            enc = encode_decode(self.sae, sae_in)
-            fvu = self._fvu(enc.sae_out, sae_in)
-            if self.prefixes:
-                if enc.codes is None:  # TrainConfig admits --matryoshka only with batchtopk
-                    raise SaekitError("internal: Matryoshka needs dense codes; report this")
-                dec = self.sae.decoder
-                mat = matryoshka_sse(enc.codes, dec.W_dec, dec.b_dec, sae_in, self.prefixes)
-                mat = mat / (sae_in.shape[0] * self.variance)
-                fvu_all = fvu + mat
-            else:
-                fvu_all = fvu
-            if self.auxk_coef > 0:
-                residual = (sae_in - enc.sae_out).detach()
-                aux = auxk_loss(enc.pre_acts, dead, residual, self.sae.decoder.W_dec, self.k_aux)
-            loss, counts = fvu_all + self.auxk_coef * aux, enc.counts
+        loss, fvu, aux, pfvu, dist, mat, spars, counts, pc, enc = (zero,) * 7 + (None, None, None)
+        if self.jumprelu is not None or self.codes != "pursuit":
+            enc, fvu, aux, mat, spars = self._encoder_terms(sae_in, dead, l0_coef)
+            loss, counts = fvu + mat + spars + self.auxk_coef * aux, enc.counts
         if self.codes != "encoder":
             pc = pursuit_decode(self.sae, sae_in, self.k)
             pfvu = self._fvu(pc.sae_out, sae_in)
@@ -228,11 +210,36 @@ class Objective(nn.Module):
             # [b, n] copy per step would cost far more than the sparse one.
             target = SparseCodes(target.indices.to(sae_in.device), target.values.to(sae_in.device))
             dense = to_dense(target, self.sae.n_features)
+            assert enc is not None  # TrainConfig refuses --distill with --codes pursuit
             dist = distill_loss(enc.pre_acts, dense, self.k, self.variance)
             loss = loss + self.distill_coef * dist
         if counts is None:  # TrainConfig admits only encoder, pursuit and both
             raise SaekitError(f"internal: --codes {self.codes!r} computes no codes; report this")
         return Losses(loss, fvu, aux, pfvu, dist, mat, spars, counts)
+
+    def _encoder_terms(
+        self, sae_in: Tensor, dead: Tensor, l0_coef: float | None
+    ) -> tuple[Encoded, Tensor, Tensor, Tensor, Tensor]:
+        """The encoder's codes of normalized inputs and their terms: (encoded, fvu, auxk,
+        matryoshka, sparsity); a term the SAE does not have is 0."""
+        zero = sae_in.new_zeros(())
+        dec = self.sae.decoder
+        if self.jumprelu is not None:  # its sparsity loss, not AuxK, keeps latents alive
+            enc = jumprelu_encode_decode(self.sae, sae_in, self.jumprelu)
+            spars = self._sparsity(enc, dead, self.jumprelu.l0_coef if l0_coef is None else l0_coef)
+            return enc, self._fvu(enc.sae_out, sae_in), zero, zero, spars
+        enc = encode_decode(self.sae, sae_in)
+        mat = aux = zero
+        if self.prefixes:
+            if enc.codes is None:  # TrainConfig admits --matryoshka only with batchtopk
+                raise SaekitError("internal: Matryoshka needs dense codes; report this")
+            mat = matryoshka_sse(enc.codes, dec.W_dec, dec.b_dec, sae_in, self.prefixes) / (
+                sae_in.shape[0] * self.variance
+            )
+        if self.auxk_coef > 0:
+            residual = (sae_in - enc.sae_out).detach()
+            aux = auxk_loss(enc.pre_acts, dead, residual, dec.W_dec, self.k_aux)
+        return enc, self._fvu(enc.sae_out, sae_in), aux, mat, zero
 
     def _sparsity(self, enc: Encoded, dead: Tensor, l0_coef: float) -> Tensor:
         """JumpReLU's sparsity and pre-activation losses, in sae-lens's units over the variance."""
