@@ -105,3 +105,19 @@ def run_until_killed(fn: Callable[[], None], n: int, exchange: bool = True) -> b
     except Died:
         return True
     return False
+
+
+def stop_training_at_step(monkeypatch, n: int) -> None:
+    """Make `saekit train`'s n-th optimizer step raise KeyboardInterrupt (Ctrl-C there) instead of
+    running; the steps before it run for real. `monkeypatch.undo()` or a new patch restores it."""
+    import saekit.train.stage
+
+    real, calls = saekit.train.stage.train_step, []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(saekit.train.stage, "train_step", stop)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from cli_checks import in_process, one_error
+from crash_points import stop_training_at_step
 
 from saekit.sae import SparseAutoencoder
 from saekit.train import run
@@ -146,15 +147,8 @@ def test_a_killed_jumprelu_run_resumes_bitwise(embedded_store, tmp_path, monkeyp
 
     kw = dict(tokens=256 * 30, checkpoint_every=10, l0_warmup_frac=0.5, sparsity_loss="tanh", pre_act_coef=1e-3)
     run(cfg(embedded_store, tmp_path / "full", **kw))
-    real, calls = saekit.train.stage.train_step, []
-
-    def crash_at_step_15(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 15:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(saekit.train.stage, "train_step", crash_at_step_15)
+    real = saekit.train.stage.train_step
+    stop_training_at_step(monkeypatch, 15)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(embedded_store, tmp_path / "cut", **kw))
     monkeypatch.setattr(saekit.train.stage, "train_step", real)

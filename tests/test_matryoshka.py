@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from cli_checks import in_process, one_error
+from crash_points import stop_training_at_step
 
 import saekit.train.stage
 from saekit.errors import SaekitError
@@ -107,15 +108,8 @@ def test_matryoshka_trains_resumes_exactly_and_exports_to_sae_lens(embedded_stor
     with torch.no_grad():
         torch.testing.assert_close(sl(x), sae(x).reconstruction, rtol=1e-3, atol=1e-3 * float(x.norm(dim=1).mean()))
 
-    real, calls = saekit.train.stage.train_step, []
-
-    def crash_at_step_15(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 15:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(saekit.train.stage, "train_step", crash_at_step_15)
+    real = saekit.train.stage.train_step
+    stop_training_at_step(monkeypatch, 15)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(embedded_store, tmp_path / "cut"))
     monkeypatch.setattr(saekit.train.stage, "train_step", real)

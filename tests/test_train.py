@@ -657,15 +657,10 @@ def test_an_unfinished_run_is_named_as_one_with_its_checkpoint_and_resume(
     """pursue (or eval, or anything that loads an SAE) given a run that was stopped before its end
     says that the run has not finished, the step of its last checkpoint and `--resume`; not that
     a weights file is missing."""
-    real, calls = saekit.train.stage.train_step, []
+    from crash_points import stop_training_at_step
 
-    def stop_at_step_15(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 15:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(saekit.train.stage, "train_step", stop_at_step_15)
+    real = saekit.train.stage.train_step
+    stop_training_at_step(monkeypatch, 15)
     with pytest.raises(KeyboardInterrupt):
         run(cfg(embedded_store, tmp_path / "cut", tokens=256 * 30, checkpoint_every=10))
     monkeypatch.setattr(saekit.train.stage, "train_step", real)
